@@ -1,0 +1,111 @@
+// Package apikey generates, checks and hashes API keys. Keys are never
+// stored in clear: a store holds only Hash(secret, key).
+//
+// Generated keys look like am_live_<random>_<checksum>, where random is 32
+// base62 characters (190 bits) and checksum is the base62 CRC-32 of
+// "am_live_<random>", so a mistyped key is rejected without a store lookup.
+// Keys written in a configuration may be any string of MinLength or more
+// characters.
+package apikey
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"hash/crc32"
+	"strings"
+)
+
+// Prefix starts every generated key.
+const Prefix = "am_live_"
+
+// MinLength is the shortest key accepted at all.
+const MinLength = 20
+
+const (
+	randomLen   = 32
+	checksumLen = 6
+	base62      = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+
+// ErrMalformed is returned for a key that cannot be valid.
+var ErrMalformed = errors.New("malformed API key")
+
+// Generate returns a new random key.
+func Generate() string {
+	var b strings.Builder
+	b.Grow(len(Prefix) + randomLen + 1 + checksumLen)
+	b.WriteString(Prefix)
+	// Rejection sampling keeps every base62 character equally likely.
+	buf := make([]byte, 64)
+	for n := 0; n < randomLen; {
+		_, _ = rand.Read(buf) // crypto/rand.Read never fails (Go 1.24+)
+		for _, c := range buf {
+			if c < 248 && n < randomLen { // 248 = 4*62
+				b.WriteByte(base62[c%62])
+				n++
+			}
+		}
+	}
+	body := b.String()
+	return body + "_" + checksum(body)
+}
+
+// Check rejects keys that are too short, and generated-looking keys whose
+// checksum does not match, without any store lookup.
+func Check(key string) error {
+	if len(key) < MinLength {
+		return ErrMalformed
+	}
+	if !strings.HasPrefix(key, Prefix) {
+		return nil
+	}
+	body, sum, ok := cutLast(key, '_')
+	if !ok || len(body) != len(Prefix)+randomLen || !hmac.Equal([]byte(sum), []byte(checksum(body))) {
+		return ErrMalformed
+	}
+	return nil
+}
+
+// Hash returns the hex HMAC-SHA256 of key under secret: the only form in
+// which a key is stored.
+func Hash(secret []byte, key string) string {
+	m := hmac.New(sha256.New, secret)
+	m.Write([]byte(key))
+	return hex.EncodeToString(m.Sum(nil))
+}
+
+// ID derives a key's public identifier from its hash.
+func ID(hash string) string {
+	return "key_" + hash[:16]
+}
+
+// DisplayPrefix is the part of a key shown to humans when listing keys:
+// the generated prefix plus four characters, or the first four characters
+// of a configured key.
+func DisplayPrefix(key string) string {
+	if strings.HasPrefix(key, Prefix) {
+		return key[:len(Prefix)+4] + "…"
+	}
+	return key[:4] + "…"
+}
+
+func checksum(body string) string {
+	v := crc32.ChecksumIEEE([]byte(body))
+	out := make([]byte, checksumLen)
+	for i := checksumLen - 1; i >= 0; i-- {
+		out[i] = base62[v%62]
+		v /= 62
+	}
+	return string(out)
+}
+
+func cutLast(s string, sep byte) (before, after string, ok bool) {
+	i := strings.LastIndexByte(s, sep)
+	if i < 0 {
+		return s, "", false
+	}
+	return s[:i], s[i+1:], true
+}

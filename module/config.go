@@ -1,0 +1,114 @@
+package module
+
+import (
+	"github.com/caddyserver/caddy/v2"
+)
+
+// Tier is a named plan: what it costs, what it includes, how fast its
+// customers may call, and which endpoints they may reach.
+type Tier struct {
+	// Name identifies the tier (e.g. "free", "pro"). Unique.
+	Name string `json:"name"`
+	// Price is the tier's flat base price. Nil means free (price 0).
+	Price *Price `json:"price,omitempty"`
+	// Included is the number of cost units included per billing period.
+	// Parsed and stored; enforced by quotas.
+	Included *Included `json:"included,omitempty"`
+	// Rate is the tier's rate limit. Nil means no rate limit.
+	Rate *Rate `json:"rate,omitempty"`
+	// Endpoints are the path patterns (Caddy path-matcher syntax) this tier
+	// may call. Empty means every path.
+	Endpoints []string `json:"endpoints,omitempty"`
+	// Exclude are path patterns this tier may not call, even when they
+	// match Endpoints.
+	Exclude []string `json:"exclude,omitempty"`
+	// Support is the support level shown to customers (e.g. "email").
+	Support string `json:"support,omitempty"`
+	// SLA is the availability commitment, as written (e.g. "99.9%").
+	SLA string `json:"sla,omitempty"`
+	// OnStoreError decides admission when the store cannot be reached:
+	// "local" (default) decides with in-process rate-limit state, "allow"
+	// admits without limiting, "deny" answers 503.
+	OnStoreError string `json:"on_store_error,omitempty"`
+}
+
+// Price is an exact amount of money per interval.
+type Price struct {
+	// Custom marks a negotiated price ("price custom"); AmountMicros is then
+	// zero.
+	Custom bool `json:"custom,omitempty"`
+	// AmountMicros is the amount in millionths of the currency unit
+	// (49.00 USD = 49000000).
+	AmountMicros int64 `json:"amount_micros,omitempty"`
+	// Interval is the billing interval: "month" or "year". Empty for a free
+	// or custom price.
+	Interval string `json:"interval,omitempty"`
+}
+
+// Included is an allowance of cost units per billing period.
+type Included struct {
+	// Units is the number of cost units included.
+	Units int64 `json:"units"`
+	// Interval is the period the units renew over; "month".
+	Interval string `json:"interval"`
+}
+
+// Rate is a GCRA rate limit: Limit units per Window, in bursts of at most
+// Burst units.
+type Rate struct {
+	// Limit is the number of cost units per Window.
+	Limit int64 `json:"limit"`
+	// Window is the duration Limit applies to (1s, 1m, 1h or 24h when
+	// written in a Caddyfile).
+	Window caddy.Duration `json:"window"`
+	// Burst is the largest number of units admitted at once. Default: Limit.
+	Burst int64 `json:"burst,omitempty"`
+}
+
+// CustomerConfig declares a customer in the configuration. Declared
+// customers are upserted into the store at start.
+type CustomerConfig struct {
+	// ID is the customer's identifier.
+	ID string `json:"id"`
+	// Tier is the customer's tier. When the configuration changes it, the
+	// stored tier follows; a tier changed at runtime (admin API, billing)
+	// is kept while the configuration keeps declaring the same tier.
+	Tier string `json:"tier"`
+	// StripeCustomerID is the customer's Stripe id (cus_…).
+	StripeCustomerID string `json:"stripe_customer_id,omitempty"`
+	// Email is where usage notifications go.
+	Email string `json:"email,omitempty"`
+	// Anchor is the billing anchor date, YYYY-MM-DD. Default: the day the
+	// customer was first stored.
+	Anchor string `json:"anchor,omitempty"`
+}
+
+// KeyConfig declares an API key in the configuration. Use a placeholder such
+// as {env.PRO_KEY} so the key never appears in the config itself.
+type KeyConfig struct {
+	// Key is the API key (at least 20 characters once placeholders are
+	// replaced). Only its keyed hash is stored.
+	Key string `json:"key"`
+	// Customer is the id of the customer the key belongs to.
+	Customer string `json:"customer"`
+}
+
+// Cost assigns a cost in units to requests whose path matches Path.
+type Cost struct {
+	// Path is a path pattern (Caddy path-matcher syntax).
+	Path string `json:"path"`
+	// Units is what a matching request costs; 0 means neither limited nor
+	// counted.
+	Units int64 `json:"units"`
+}
+
+// KeySource names where the handler looks for the API key. Exactly one
+// field is set.
+type KeySource struct {
+	// Header is a request header holding the key as its whole value.
+	Header string `json:"header,omitempty"`
+	// Query is a URL query parameter holding the key.
+	Query string `json:"query,omitempty"`
+	// Bearer takes the key from "Authorization: Bearer <key>".
+	Bearer bool `json:"bearer,omitempty"`
+}

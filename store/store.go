@@ -1,0 +1,123 @@
+// Package store defines where api_monetize keeps its durable state
+// (customers, API keys, the key secret) and its shared rate-limit state, and
+// the contract every implementation meets. Two implementations exist:
+// redisstore (shared by several Caddy instances) and boltstore (embedded,
+// one process, the default).
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/apimonetize/caddy-api-monetize/limiter"
+)
+
+// ErrNotFound is returned when a customer or key does not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrUnavailable wraps errors caused by the store being unreachable, slow or
+// failing (timeouts, connection errors, an open circuit breaker). Callers
+// apply their on_store_error policy when errors.Is(err, ErrUnavailable).
+var ErrUnavailable = errors.New("store unavailable")
+
+// Customer is an API consumer. Limits and usage belong to the customer: all
+// of a customer's keys share them.
+type Customer struct {
+	// ID is the customer's stable identifier (e.g. "acme").
+	ID string `json:"id"`
+	// Tier is the name of the customer's current tier.
+	Tier string `json:"tier"`
+	// ConfigTier is the tier the Caddyfile last declared for this customer;
+	// empty for customers created through the admin API. A runtime tier
+	// change (admin API, billing) survives reloads until the configuration
+	// declares a different tier.
+	ConfigTier string `json:"config_tier,omitempty"`
+	// StripeCustomerID is the customer's Stripe id (cus_…), if billed.
+	StripeCustomerID string `json:"stripe_customer_id,omitempty"`
+	// Email is where usage notifications go.
+	Email string `json:"email,omitempty"`
+	// Anchor is the billing anchor date (start of the first period).
+	Anchor time.Time `json:"anchor"`
+	// CreatedAt is when the customer was first stored.
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// Key is a stored API key. The key itself is never stored: only its keyed
+// hash (HMAC-SHA256 with the key secret) and a short display prefix.
+type Key struct {
+	// ID is the key's public identifier, derived from its hash.
+	ID string `json:"id"`
+	// Hash is the hex HMAC-SHA256 of the key; the lookup index.
+	Hash string `json:"hash"`
+	// CustomerID is the owner of the key.
+	CustomerID string `json:"customer_id"`
+	// Prefix is the start of the key, for humans to recognise it.
+	Prefix string `json:"prefix"`
+	// CreatedAt is when the key was first stored.
+	CreatedAt time.Time `json:"created_at"`
+	// RevokedAt is when the key was revoked; zero while the key is active.
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// Active reports whether the key may still be used.
+func (k Key) Active() bool { return k.RevokedAt.IsZero() }
+
+// Admission asks to admit Cost units for Subject under Rate.
+type Admission struct {
+	// Subject identifies whose limit is spent (the customer id).
+	Subject string
+	// Rate is the policy to apply.
+	Rate limiter.Policy
+	// Cost is the number of units; zero only reports the current state.
+	Cost int64
+}
+
+// Store is the persistence contract shared by every backend. All methods are
+// safe for concurrent use. Methods return ErrNotFound for missing records and
+// errors wrapping ErrUnavailable when the backend cannot be reached.
+type Store interface {
+	// KeySecret returns the secret used to hash API keys when none is
+	// configured. The first call in the store's lifetime stores candidate;
+	// later calls (from any instance) return the stored secret, so all
+	// instances agree.
+	KeySecret(ctx context.Context, candidate []byte) ([]byte, error)
+
+	// UpsertConfigCustomer stores a customer declared in the configuration.
+	// A new customer is created as given. For an existing one, contact
+	// fields (Email, StripeCustomerID, Anchor when set) are updated, and
+	// Tier is replaced only when c.ConfigTier differs from the stored
+	// ConfigTier (the configuration changed); otherwise a runtime tier change
+	// is kept. CreatedAt is kept.
+	UpsertConfigCustomer(ctx context.Context, c Customer) (Customer, error)
+	// CreateCustomer stores a new customer; it fails if the id exists.
+	CreateCustomer(ctx context.Context, c Customer) error
+	// GetCustomer returns one customer.
+	GetCustomer(ctx context.Context, id string) (Customer, error)
+	// ListCustomers returns all customers ordered by id.
+	ListCustomers(ctx context.Context) ([]Customer, error)
+	// SetTier changes a customer's tier and returns the updated customer.
+	SetTier(ctx context.Context, id, tier string) (Customer, error)
+
+	// PutKey stores a key. Storing a hash that exists updates its owner but
+	// keeps its CreatedAt and its revocation: a revoked key stays revoked.
+	PutKey(ctx context.Context, k Key) (Key, error)
+	// KeyByHash looks a key up by its hash.
+	KeyByHash(ctx context.Context, hash string) (Key, error)
+	// ListKeys returns a customer's keys ordered by creation time.
+	ListKeys(ctx context.Context, customerID string) ([]Key, error)
+	// RevokeKey marks a key revoked and returns it; revoking twice keeps the
+	// first revocation time.
+	RevokeKey(ctx context.Context, keyID string) (Key, error)
+
+	// Admit applies one rate-limit decision atomically.
+	Admit(ctx context.Context, a Admission) (limiter.Decision, error)
+
+	// Watch calls onChange after any customer or key changes, in this
+	// process or (for shared stores) in another one, until ctx is done. It
+	// blocks; run it in a goroutine.
+	Watch(ctx context.Context, onChange func()) error
+
+	// Close releases the store's resources.
+	Close() error
+}
