@@ -5,13 +5,18 @@
 // The only state per subject is the theoretical arrival time (TAT): the
 // instant, in microseconds since the Unix epoch, at which the subject's
 // bucket would be full again. A denied request never moves the TAT, so it
-// consumes nothing.
+// consumes nothing, and a TAT at or before now is equivalent to no TAT.
 package limiter
 
 import "time"
 
+// MaxBurstSpan is the longest time, in microseconds, a policy's full burst may
+// take to be restored (Interval times BurstUnits): about 142 years. It keeps
+// every sum and every Duration in Decide within int64.
+const MaxBurstSpan = 1 << 52
+
 // Policy is a GCRA rate-limit policy: Limit units per Period, with bursts of
-// up to Burst units (Burst defaults to Limit when zero).
+// up to Burst units (Burst defaults to Limit when zero or negative).
 type Policy struct {
 	// Limit is how many units are admitted per Period.
 	Limit int64
@@ -22,11 +27,10 @@ type Policy struct {
 }
 
 // Interval is the emission interval in microseconds: the time one unit takes
-// to be restored. It is rounded up, so a policy never admits more than Limit
-// units per Period.
+// to be restored. It is rounded up, so the sustained rate never exceeds Limit
+// units per Period. The policy must be Valid.
 func (p Policy) Interval() int64 {
-	period := p.Period.Microseconds()
-	return (period + p.Limit - 1) / p.Limit
+	return (p.Period.Microseconds()-1)/p.Limit + 1
 }
 
 // BurstUnits is the effective burst: Burst, or Limit when Burst is unset.
@@ -37,9 +41,12 @@ func (p Policy) BurstUnits() int64 {
 	return p.Limit
 }
 
-// Valid reports whether the policy can admit anything at all.
+// Valid reports whether the policy can admit anything at all: a positive
+// Limit, a Period of at least a microsecond, and a burst span no longer than
+// MaxBurstSpan.
 func (p Policy) Valid() bool {
-	return p.Limit > 0 && p.Period >= time.Microsecond
+	return p.Limit > 0 && p.Period >= time.Microsecond &&
+		p.BurstUnits() <= MaxBurstSpan/p.Interval()
 }
 
 // Decision is the outcome of one GCRA evaluation.
@@ -49,44 +56,54 @@ type Decision struct {
 	// Remaining is how many units could still be admitted right now, after
 	// this decision.
 	Remaining int64
-	// RetryAfter is, when denied, how long to wait until the same cost would
-	// be admitted. It is zero when allowed. When the cost exceeds the burst it
-	// can never be admitted; see CostExceedsBurst.
+	// RetryAfter is, when denied, exactly how long to wait until the same
+	// cost would be admitted (if nothing else is admitted meanwhile). It is
+	// zero when allowed, and zero when CostExceedsBurst.
 	RetryAfter time.Duration
 	// ResetAfter is how long until the bucket is full again (Remaining equal
 	// to the burst) if nothing else is admitted.
 	ResetAfter time.Duration
-	// CostExceedsBurst reports that the cost is larger than the burst, so no
-	// amount of waiting admits it.
+	// CostExceedsBurst reports that the cost is larger than the burst (or the
+	// policy is not Valid), so no amount of waiting admits it.
 	CostExceedsBurst bool
 }
 
 // Decide evaluates cost units against the policy for a subject whose stored
 // TAT is tat (zero when unknown), at now (microseconds since the epoch). It
-// returns the TAT to store (unchanged when denied or when cost is zero) and
-// the decision. A zero cost only reports the current state.
+// returns the TAT to store and the decision. The returned TAT equals tat
+// unless cost units were admitted. A cost of zero or less only reports the
+// current state and is always Allowed. An invalid policy admits nothing and
+// reports CostExceedsBurst for any positive cost.
 func (p Policy) Decide(tat, now, cost int64) (int64, Decision) {
-	interval := p.Interval()
-	burstSpan := interval * p.BurstUnits()
-	if tat < now {
-		tat = now
+	if !p.Valid() {
+		return tat, Decision{CostExceedsBurst: cost > 0}
 	}
-	newTAT := tat + interval*cost
+	interval := p.Interval()
+	burst := p.BurstUnits()
+	burstSpan := interval * burst
+	base := max(tat, now) // a TAT in the past is a full bucket
+	// Units admissible now: k such that base + k*interval - burstSpan <= now.
+	// It is negative only when tat was stored under a larger burst.
+	avail := max(0, (now+burstSpan-base)/interval)
+	reset := usec(base - now)
+	switch {
+	case cost <= 0:
+		return tat, Decision{Allowed: true, Remaining: avail, ResetAfter: reset}
+	case cost > burst:
+		return tat, Decision{Remaining: avail, ResetAfter: reset, CostExceedsBurst: true}
+	}
+	newTAT := base + interval*cost
 	allowAt := newTAT - burstSpan
 	if now < allowAt {
-		d := Decision{
-			Remaining:  max(0, (now-(tat-burstSpan))/interval),
-			RetryAfter: time.Duration(allowAt-now) * time.Microsecond,
-			ResetAfter: time.Duration(tat-now) * time.Microsecond,
-		}
-		if cost > p.BurstUnits() {
-			d.CostExceedsBurst = true
-		}
-		return tat, d
+		return tat, Decision{Remaining: avail, RetryAfter: usec(allowAt - now), ResetAfter: reset}
 	}
 	return newTAT, Decision{
 		Allowed:    true,
 		Remaining:  (now - allowAt) / interval,
-		ResetAfter: time.Duration(newTAT-now) * time.Microsecond,
+		ResetAfter: usec(newTAT - now),
 	}
+}
+
+func usec(us int64) time.Duration {
+	return time.Duration(us) * time.Microsecond
 }

@@ -6,19 +6,37 @@ import (
 )
 
 // Local is an in-process GCRA limiter holding one TAT per subject. It is safe
-// for concurrent use. Subjects whose bucket is full again are forgotten, so
-// memory stays bounded by the number of subjects active within their reset
-// time.
+// for concurrent use. A subject whose TAT is at or before now has a full
+// bucket, which is the same as not being stored, so such entries are
+// forgotten: every shard sweeps itself after a number of writes at least as
+// large as its size after the previous sweep. The sweep is amortized O(1)
+// per write and keeps each shard within about twice its live entries (plus
+// a small constant), with no background goroutine. Callers should take now
+// from one clock: a sweep forgets subjects as of its own now, so a request
+// evaluated at an earlier now may find a bucket fuller than it was then.
 type Local struct {
 	seed   maphash.Seed
 	shards [localShards]localShard
 }
 
-const localShards = 64
+const (
+	localShards = 64
+	// minSweepWrites is the fewest writes to a shard between two sweeps.
+	minSweepWrites = 128
+)
 
 type localShard struct {
 	mu   sync.Mutex
 	tats map[string]int64
+	// writes counts stores since the last sweep; the next sweep runs when
+	// it reaches sweepAt.
+	writes, sweepAt int
+	// peak is the largest size since the map was last allocated; a sweep
+	// that leaves far fewer entries reallocates it, since Go maps do not
+	// shrink.
+	peak int
+	// Keeps neighbouring shards' mutexes on different cache lines.
+	_ [64]byte
 }
 
 // NewLocal returns an empty in-process limiter.
@@ -26,20 +44,57 @@ func NewLocal() *Local {
 	l := &Local{seed: maphash.MakeSeed()}
 	for i := range l.shards {
 		l.shards[i].tats = make(map[string]int64)
+		l.shards[i].sweepAt = minSweepWrites
 	}
 	return l
 }
 
 // Admit decides cost units for subject under p at now (microseconds since
-// the epoch), storing the new TAT when admitted.
+// the epoch), storing the new TAT when admitted. See Policy.Decide.
 func (l *Local) Admit(subject string, p Policy, cost, now int64) Decision {
 	s := &l.shards[maphash.String(l.seed, subject)%localShards]
 	s.mu.Lock()
 	tat := s.tats[subject]
 	newTAT, d := p.Decide(tat, now, cost)
-	if newTAT != tat && newTAT > now {
+	if newTAT != tat {
 		s.tats[subject] = newTAT
+		s.peak = max(s.peak, len(s.tats))
+		if s.writes++; s.writes >= s.sweepAt {
+			s.sweep(now)
+		}
 	}
 	s.mu.Unlock()
 	return d
+}
+
+// Len returns the number of subjects currently stored, including expired
+// ones not yet swept.
+func (l *Local) Len() int {
+	n := 0
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		n += len(s.tats)
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// sweep forgets the shard's subjects whose bucket is full at now. The caller
+// holds s.mu.
+func (s *localShard) sweep(now int64) {
+	for k, tat := range s.tats {
+		if tat <= now {
+			delete(s.tats, k)
+		}
+	}
+	if n := len(s.tats); s.peak > 4*n && s.peak > 4*minSweepWrites {
+		m := make(map[string]int64, n)
+		for k, tat := range s.tats {
+			m[k] = tat
+		}
+		s.tats, s.peak = m, n
+	}
+	s.writes = 0
+	s.sweepAt = max(minSweepWrites, len(s.tats))
 }
