@@ -5,7 +5,9 @@
 // base62 characters (190 bits) and checksum is the base62 CRC-32 of
 // "am_live_<random>", so a mistyped key is rejected without a store lookup.
 // Keys written in a configuration may be any string of MinLength or more
-// characters.
+// characters, except that a key starting with Prefix, or having a generated
+// key's shape (GeneratedLength characters with '_' before the last six), must
+// carry a valid checksum.
 package apikey
 
 import (
@@ -16,6 +18,7 @@ import (
 	"errors"
 	"hash/crc32"
 	"strings"
+	"unicode/utf8"
 )
 
 // Prefix starts every generated key.
@@ -23,6 +26,9 @@ const Prefix = "am_live_"
 
 // MinLength is the shortest key accepted at all.
 const MinLength = 20
+
+// GeneratedLength is the length of every key Generate returns.
+const GeneratedLength = len(Prefix) + randomLen + 1 + checksumLen
 
 const (
 	randomLen   = 32
@@ -36,7 +42,7 @@ var ErrMalformed = errors.New("malformed API key")
 // Generate returns a new random key.
 func Generate() string {
 	var b strings.Builder
-	b.Grow(len(Prefix) + randomLen + 1 + checksumLen)
+	b.Grow(GeneratedLength)
 	b.WriteString(Prefix)
 	// Rejection sampling keeps every base62 character equally likely.
 	buf := make([]byte, 64)
@@ -54,12 +60,16 @@ func Generate() string {
 }
 
 // Check rejects keys that are too short, and generated-looking keys whose
-// checksum does not match, without any store lookup.
+// checksum does not match, without any store lookup. A key is
+// generated-looking if it starts with Prefix or has GeneratedLength
+// characters with '_' before the last six, so that changing any one
+// character of a generated key, including its prefix, is detected.
 func Check(key string) error {
 	if len(key) < MinLength {
 		return ErrMalformed
 	}
-	if !strings.HasPrefix(key, Prefix) {
+	shaped := len(key) == GeneratedLength && key[GeneratedLength-checksumLen-1] == '_'
+	if !shaped && !strings.HasPrefix(key, Prefix) {
 		return nil
 	}
 	body, sum, ok := cutLast(key, '_')
@@ -83,13 +93,22 @@ func ID(hash string) string {
 }
 
 // DisplayPrefix is the part of a key shown to humans when listing keys:
-// the generated prefix plus four characters, or the first four characters
-// of a configured key.
+// Prefix plus the next four bytes of a key starting with Prefix, or the
+// first four bytes of another key, followed by "…". A key shorter than
+// MinLength is not valid and shows as "…" alone. The cut never splits a
+// UTF-8 character, so it may show fewer bytes.
 func DisplayPrefix(key string) string {
-	if strings.HasPrefix(key, Prefix) {
-		return key[:len(Prefix)+4] + "…"
+	if len(key) < MinLength {
+		return "…"
 	}
-	return key[:4] + "…"
+	n := 4
+	if strings.HasPrefix(key, Prefix) {
+		n += len(Prefix)
+	}
+	for n > 0 && !utf8.RuneStart(key[n]) {
+		n--
+	}
+	return key[:n] + "…"
 }
 
 func checksum(body string) string {
