@@ -425,11 +425,12 @@ func testKeys(t *testing.T, open func(t *testing.T) store.Store) {
 		mustCreate(t, s, customer("acme", "free"))
 		mustCreate(t, s, customer("globex", "free"))
 		mustCreate(t, s, customer("initech", "free"))
-		k1, k2, k3 := key("acme", 1), key("acme", 2), key("acme", 3)
-		k1.CreatedAt, k2.CreatedAt, k3.CreatedAt = base.Add(time.Second), base.Add(2*time.Second), base.Add(3*time.Second)
-		// Stored out of creation order and with ids out of creation order.
-		k1.ID, k2.ID, k3.ID = "key_c", "key_a", "key_b"
-		for _, k := range []store.Key{k2, k3, key("globex", 4), k1} {
+		// first, second and third in creation order; neither their hashes,
+		// their ids nor the order they are stored in follow it.
+		first, second, third := key("acme", 2), key("acme", 3), key("acme", 1)
+		first.CreatedAt, second.CreatedAt, third.CreatedAt = base.Add(time.Second), base.Add(2*time.Second), base.Add(3*time.Second)
+		first.ID, second.ID, third.ID = "key_c", "key_a", "key_b"
+		for _, k := range []store.Key{second, third, key("globex", 4), first} {
 			mustPut(t, s, k)
 		}
 		keys, err := s.ListKeys(t.Context(), "acme")
@@ -439,7 +440,7 @@ func testKeys(t *testing.T, open func(t *testing.T) store.Store) {
 		if len(keys) != 3 {
 			t.Fatalf("ListKeys returned %d keys, want 3: %+v", len(keys), keys)
 		}
-		for i, want := range []store.Key{k1, k2, k3} {
+		for i, want := range []store.Key{first, second, third} {
 			checkKey(t, fmt.Sprintf("ListKeys[%d]", i), keys[i], want)
 		}
 		checkKeyIDs(t, s, "initech")
