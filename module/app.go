@@ -1,10 +1,22 @@
 // Package module holds the api_monetize Caddy modules: the app (shared
-// state, store, background loops), the HTTP handler that enforces keys,
-// tiers and rate limits, the admin API, and their Caddyfile parsing.
+// state, store, background work), the HTTP handler that enforces keys, tiers
+// and rate limits, the admin API, and their Caddyfile parsing.
 package module
 
 import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"time"
+
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/apimonetize/caddy-api-monetize/apikey"
+	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
 func init() {
@@ -13,12 +25,15 @@ func init() {
 
 // App is the api_monetize app. It owns the store, the tier catalog and the
 // customer/key registry shared by every api_monetize handler, and runs the
-// background loops.
+// background work. Configure it with the api_monetize global option.
 type App struct {
 	// Redis is the URL of a Redis server shared by every Caddy instance
 	// (redis://[user:password@]host:port/db, rediss:// for TLS). Empty means
 	// the embedded store in Caddy's data directory.
 	Redis string `json:"redis,omitempty"`
+	// RedisPrefix is prepended to every Redis key, so several deployments
+	// can share one Redis. Default: "am:".
+	RedisPrefix string `json:"redis_prefix,omitempty"`
 	// StorePath is the embedded store's file. Default:
 	// <Caddy data dir>/api_monetize/store.db.
 	StorePath string `json:"store_path,omitempty"`
@@ -27,14 +42,36 @@ type App struct {
 	StoreTimeout caddy.Duration `json:"store_timeout,omitempty"`
 	// KeySecret is the HMAC secret API keys are hashed with; use a
 	// placeholder such as {env.API_MONETIZE_KEY_SECRET}. When empty, a
-	// secret is generated once and kept in the store.
+	// secret is generated once and kept in the store, so every instance
+	// sharing the store agrees.
 	KeySecret string `json:"key_secret,omitempty"`
-	// Tiers are the plans customers can be on.
+	// AdminAPI is "read_only" (default) or "read_write". The admin API on
+	// Caddy's admin endpoint only creates customers, changes tiers, issues
+	// and revokes keys when this is "read_write".
+	AdminAPI string `json:"admin_api,omitempty"`
+	// UpgradeURL is where 403 and 429 responses tell callers to upgrade
+	// their plan.
+	UpgradeURL string `json:"upgrade_url,omitempty"`
+	// Tiers are the plans customers can be on, in the order they are
+	// offered.
 	Tiers []Tier `json:"tiers,omitempty"`
 	// Customers are upserted into the store at start.
 	Customers []CustomerConfig `json:"customers,omitempty"`
 	// Keys are upserted into the store at start.
 	Keys []KeyConfig `json:"keys,omitempty"`
+
+	tiers      []*tierRuntime
+	tierByName map[string]*tierRuntime
+	shared     *shared
+	sharedKey  string
+	keySecret  []byte // configured secret, nil when the store keeps one
+	timeout    time.Duration
+	logger     *zap.Logger
+
+	ready     chan struct{} // closed when Start has upserted the configuration
+	bgCancel  context.CancelFunc
+	bgWG      sync.WaitGroup
+	startOnce sync.Once
 }
 
 // CaddyModule returns the Caddy module information.
@@ -44,3 +81,228 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 		New: func() caddy.Module { return new(App) },
 	}
 }
+
+// Provision compiles the tiers and obtains the shared store. It does no I/O:
+// the store is opened lazily, so `caddy validate` touches nothing.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	a.ready = make(chan struct{})
+	a.timeout = time.Duration(a.StoreTimeout)
+	if a.timeout <= 0 {
+		a.timeout = 100 * time.Millisecond
+	}
+	repl := caddy.NewReplacer()
+	if a.KeySecret != "" {
+		secret := repl.ReplaceAll(a.KeySecret, "")
+		if len(secret) < 16 {
+			return fmt.Errorf("key_secret must be at least 16 characters once placeholders are replaced (got %d); unset it to let the store generate one", len(secret))
+		}
+		a.keySecret = []byte(secret)
+	}
+	switch a.AdminAPI {
+	case "", "read_only", "read_write":
+	default:
+		return fmt.Errorf("admin_api: expected read_only or read_write, got %q", a.AdminAPI)
+	}
+	if err := a.compileTiers(); err != nil {
+		return err
+	}
+	if err := a.checkCustomers(repl); err != nil {
+		return err
+	}
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
+
+	redisURL := repl.ReplaceAll(a.Redis, "")
+	path := repl.ReplaceAll(a.StorePath, "")
+	if redisURL == "" && path == "" {
+		path = filepath.Join(caddy.AppDataDir(), "api_monetize", "store.db")
+	}
+	key, open := storeOpener(redisURL, repl.ReplaceAll(a.RedisPrefix, ""), path, a.timeout)
+	val, _, err := sharedPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newShared(open), nil
+	})
+	if err != nil {
+		return err
+	}
+	a.sharedKey = key
+	a.shared = val.(*shared)
+	return nil
+}
+
+// checkCustomers validates declared customers and keys, resolving key
+// placeholders.
+func (a *App) checkCustomers(repl *caddy.Replacer) error {
+	customers := make(map[string]bool, len(a.Customers))
+	for _, c := range a.Customers {
+		if _, ok := a.tierByName[c.Tier]; !ok {
+			return fmt.Errorf("customer %q: unknown tier %q", c.ID, c.Tier)
+		}
+		if c.Anchor != "" {
+			if _, err := time.Parse(time.DateOnly, c.Anchor); err != nil {
+				return fmt.Errorf("customer %q: anchor must be YYYY-MM-DD: %v", c.ID, err)
+			}
+		}
+		customers[c.ID] = true
+	}
+	for i, k := range a.Keys {
+		if !customers[k.Customer] {
+			return fmt.Errorf("key #%d: unknown customer %q", i+1, k.Customer)
+		}
+		key := repl.ReplaceAll(k.Key, "")
+		if err := apikey.Check(key); err != nil {
+			return fmt.Errorf("key #%d of customer %q: must be at least %d characters once placeholders are replaced (is its environment variable set?), and a key starting with %q must carry a valid checksum",
+				i+1, k.Customer, apikey.MinLength, apikey.Prefix)
+		}
+	}
+	return nil
+}
+
+// Start opens the store if needed, starts the shared change watcher, and
+// upserts the configured customers and keys. When the store cannot be
+// reached, Caddy still starts: handlers apply on_store_error, and the
+// upsert is retried in the background until it succeeds.
+func (a *App) Start() error {
+	bg, cancel := context.WithCancel(context.Background())
+	a.bgCancel = cancel
+	if err := a.shared.start(a.logger); err != nil {
+		cancel()
+		return err
+	}
+	err := a.syncConfig(bg)
+	close(a.ready)
+	if err == nil {
+		return nil
+	}
+	a.logger.Error("could not store the configured customers and keys; retrying in the background", zap.Error(err))
+	a.bgWG.Add(1)
+	go func() {
+		defer a.bgWG.Done()
+		defer recoverLog(a.logger)
+		backoff := 100 * time.Millisecond
+		for {
+			select {
+			case <-bg.Done():
+				return
+			case <-time.After(backoff):
+			}
+			if err := a.syncConfig(bg); err == nil {
+				a.logger.Info("stored the configured customers and keys")
+				return
+			}
+			backoff = min(2*backoff, 10*time.Second)
+		}
+	}()
+	return nil
+}
+
+// Stop stops the app's background work and waits for it.
+func (a *App) Stop() error {
+	if a.bgCancel != nil {
+		a.bgCancel()
+	}
+	a.bgWG.Wait()
+	return nil
+}
+
+// Cleanup releases the shared store reference. It is safe to call on a
+// partially provisioned app.
+func (a *App) Cleanup() error {
+	if a == nil || a.sharedKey == "" {
+		return nil
+	}
+	_, err := sharedPool.Delete(a.sharedKey)
+	a.sharedKey = ""
+	return err
+}
+
+// syncConfig upserts declared customers and keys into the store.
+func (a *App) syncConfig(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	st, err := a.shared.open()
+	if err != nil {
+		return err
+	}
+	secret, err := a.secret(ctx)
+	if err != nil {
+		return err
+	}
+	now := time.Now().UTC()
+	for _, c := range a.Customers {
+		anchor := time.Time{}
+		if c.Anchor != "" {
+			anchor, _ = time.Parse(time.DateOnly, c.Anchor) // checked in Provision
+		}
+		_, err := st.UpsertConfigCustomer(ctx, store.Customer{
+			ID: c.ID, Tier: c.Tier, ConfigTier: c.Tier,
+			StripeCustomerID: c.StripeCustomerID, Email: c.Email,
+			Anchor: anchor, CreatedAt: now,
+		})
+		if err != nil {
+			return fmt.Errorf("storing customer %q: %w", c.ID, err)
+		}
+	}
+	repl := caddy.NewReplacer()
+	for _, k := range a.Keys {
+		key := repl.ReplaceAll(k.Key, "")
+		hash := apikey.Hash(secret, key)
+		if _, err := st.PutKey(ctx, store.Key{
+			ID: apikey.ID(hash), Hash: hash, CustomerID: k.Customer,
+			Prefix: apikey.DisplayPrefix(key), CreatedAt: now,
+		}); err != nil {
+			return fmt.Errorf("storing a key of customer %q: %w", k.Customer, err)
+		}
+	}
+	a.shared.registry.invalidate()
+	return nil
+}
+
+// secret returns the HMAC secret keys are hashed with.
+func (a *App) secret(ctx context.Context) ([]byte, error) {
+	if a.keySecret != nil {
+		return a.keySecret, nil
+	}
+	return a.shared.storedSecret(ctx)
+}
+
+// store returns the opened store.
+func (a *App) store() (store.Store, error) { return a.shared.open() }
+
+// waitReady blocks until Start has stored the configuration, at most d. On
+// a reload the new handlers may run before the new app started.
+func (a *App) waitReady(d time.Duration) {
+	select {
+	case <-a.ready:
+		return
+	default:
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-a.ready:
+	case <-t.C:
+	}
+}
+
+func newSecret() []byte {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b) // never fails since Go 1.24
+	return b
+}
+
+func recoverLog(logger *zap.Logger) {
+	if r := recover(); r != nil {
+		logger.Error("background task panicked", zap.Any("panic", r), zap.Stack("stack"))
+	}
+}
+
+var errNotReady = errors.New("api_monetize is starting")
+
+// Interface guards
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+)

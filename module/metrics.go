@@ -1,0 +1,93 @@
+package module
+
+import (
+	"errors"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Decisions recorded by caddy_api_monetize_requests_total.
+const (
+	decisionAllowed      = "allowed"
+	decisionRateLimited  = "rate_limited"
+	decisionForbidden    = "forbidden"
+	decisionUnauthorized = "unauthorized"
+	// decisionDegraded: admitted while the store was unavailable
+	// (on_store_error local or allow).
+	decisionDegraded = "degraded_allowed"
+	// decisionUnavailable: answered 503 because the store was unavailable.
+	decisionUnavailable = "store_unavailable"
+)
+
+// metrics are created once per process and registered into every config's
+// registry, so series continue across reloads. Labels are bounded: tier
+// and decision, never key or customer.
+type metrics struct {
+	requests    *prometheus.CounterVec
+	units       *prometheus.CounterVec
+	storeErrors *prometheus.CounterVec
+}
+
+var (
+	globalMetrics     *metrics
+	globalMetricsOnce sync.Once
+)
+
+func getMetrics() *metrics {
+	globalMetricsOnce.Do(func() {
+		const ns, sub = "caddy", "api_monetize"
+		globalMetrics = &metrics{
+			requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "requests_total",
+				Help: "Requests seen by the api_monetize handler, by tier and decision.",
+			}, []string{"tier", "decision"}),
+			units: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "admitted_units_total",
+				Help: "Cost units admitted by the rate limiter, by tier.",
+			}, []string{"tier"}),
+			storeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "store_errors_total",
+				Help: "Store calls that failed while serving requests, by operation.",
+			}, []string{"operation"}),
+		}
+	})
+	return globalMetrics
+}
+
+// registerMetrics registers the process-wide collectors into reg (a new
+// registry per config load). A nil registry is tolerated.
+func registerMetrics(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
+	}
+	m := getMetrics()
+	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors} {
+		if err := reg.Register(c); err != nil {
+			var already prometheus.AlreadyRegisteredError
+			if !errors.As(err, &already) {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// tierMetrics are one tier's counters, resolved once so the request path
+// does no label lookups.
+type tierMetrics struct {
+	allowed, rateLimited, forbidden, degraded, unavailable prometheus.Counter
+	units                                                  prometheus.Counter
+}
+
+func newTierMetrics(tier string) tierMetrics {
+	m := getMetrics()
+	return tierMetrics{
+		allowed:     m.requests.WithLabelValues(tier, decisionAllowed),
+		rateLimited: m.requests.WithLabelValues(tier, decisionRateLimited),
+		forbidden:   m.requests.WithLabelValues(tier, decisionForbidden),
+		degraded:    m.requests.WithLabelValues(tier, decisionDegraded),
+		unavailable: m.requests.WithLabelValues(tier, decisionUnavailable),
+		units:       m.units.WithLabelValues(tier),
+	}
+}

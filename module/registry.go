@@ -1,0 +1,86 @@
+package module
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// registry caches key lookups (key hash -> key and customer) so that an
+// allowed request does not need a store round trip to authenticate. Every
+// change to customers or keys, seen through Store.Watch or made by this
+// process, empties it; entries also expire, as a backstop.
+type registry struct {
+	mu      sync.RWMutex
+	entries map[string]regEntry
+	gen     uint64
+}
+
+// regEntry is a cached lookup. found is false for a hash with no active key,
+// so unknown keys don't reach the store on every request.
+type regEntry struct {
+	key      store.Key
+	customer store.Customer
+	found    bool
+	expires  time.Time
+}
+
+const (
+	registryTTL         = time.Minute
+	registryNegativeTTL = 5 * time.Second
+	registryMaxEntries  = 100_000
+)
+
+func newRegistry() *registry {
+	return &registry{entries: make(map[string]regEntry)}
+}
+
+// lookup returns the active key with this hash and its customer. found is
+// false when no active key has this hash.
+func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now time.Time) (regEntry, error) {
+	r.mu.RLock()
+	e, ok := r.entries[hash]
+	gen := r.gen
+	r.mu.RUnlock()
+	if ok && now.Before(e.expires) {
+		return e, nil
+	}
+
+	e = regEntry{expires: now.Add(registryNegativeTTL)}
+	k, err := st.KeyByHash(ctx, hash)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+	case err != nil:
+		return regEntry{}, err
+	case k.Active():
+		c, err := st.GetCustomer(ctx, k.CustomerID)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+		case err != nil:
+			return regEntry{}, err
+		default:
+			e = regEntry{key: k, customer: c, found: true, expires: now.Add(registryTTL)}
+		}
+	}
+
+	r.mu.Lock()
+	if r.gen == gen { // nothing changed while we were reading
+		if len(r.entries) >= registryMaxEntries {
+			r.entries = make(map[string]regEntry)
+		}
+		r.entries[hash] = e
+	}
+	r.mu.Unlock()
+	return e, nil
+}
+
+// invalidate forgets every cached lookup.
+func (r *registry) invalidate() {
+	r.mu.Lock()
+	r.gen++
+	clear(r.entries)
+	r.mu.Unlock()
+}

@@ -1,0 +1,138 @@
+package module
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/apimonetize/caddy-api-monetize/limiter"
+	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/store/boltstore"
+	"github.com/apimonetize/caddy-api-monetize/store/redisstore"
+)
+
+// sharedPool holds one shared value per configured store, so the store
+// client, the key cache and in-process rate-limit state survive config
+// reloads: the new config's app finds the value the old one used.
+var sharedPool = caddy.NewUsagePool()
+
+// opener opens a store.
+type opener func() (store.Store, error)
+
+// storeOpener returns the pool key identifying a store configuration and a
+// function that opens it.
+func storeOpener(redisURL, prefix, path string, timeout time.Duration) (string, opener) {
+	if redisURL != "" {
+		return fmt.Sprintf("redis|%s|%s|%s", redisURL, prefix, timeout), func() (store.Store, error) {
+			return redisstore.New(redisstore.Options{URL: redisURL, KeyPrefix: prefix, OpTimeout: timeout})
+		}
+	}
+	return "bolt|" + path, func() (store.Store, error) {
+		return boltstore.Open(path)
+	}
+}
+
+// shared is the per-process state behind one store configuration.
+type shared struct {
+	openFn   opener
+	openMu   sync.Mutex
+	st       atomic.Pointer[storeBox]
+	registry *registry
+	// local decides rate limits in process when the store is unavailable
+	// and a tier's on_store_error is "local".
+	local *limiter.Local
+
+	secretMu sync.Mutex
+	secret   []byte
+
+	watchOnce sync.Once
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+}
+
+type storeBox struct{ store.Store }
+
+func newShared(open opener) *shared {
+	return &shared{openFn: open, registry: newRegistry(), local: limiter.NewLocal()}
+}
+
+// open returns the store, opening it on first use.
+func (s *shared) open() (store.Store, error) {
+	if b := s.st.Load(); b != nil {
+		return b.Store, nil
+	}
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	if b := s.st.Load(); b != nil {
+		return b.Store, nil
+	}
+	st, err := s.openFn()
+	if err != nil {
+		return nil, fmt.Errorf("opening the api_monetize store: %w", err)
+	}
+	s.st.Store(&storeBox{st})
+	return st, nil
+}
+
+// start opens the store and starts the change watcher that keeps every
+// process's key cache fresh. Only the first call starts it; it runs until
+// the last config using this store is gone.
+func (s *shared) start(logger *zap.Logger) error {
+	st, err := s.open()
+	if err != nil {
+		return err
+	}
+	s.watchOnce.Do(func() {
+		ctx, cancel := context.WithCancel(context.Background())
+		s.cancel = cancel
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer recoverLog(logger)
+			if err := st.Watch(ctx, s.registry.invalidate); err != nil && ctx.Err() == nil {
+				logger.Error("watching the store for changes stopped", zap.Error(err))
+			}
+		}()
+	})
+	return nil
+}
+
+// storedSecret returns the key secret kept in the store, generating it on
+// first use.
+func (s *shared) storedSecret(ctx context.Context) ([]byte, error) {
+	s.secretMu.Lock()
+	defer s.secretMu.Unlock()
+	if s.secret != nil {
+		return s.secret, nil
+	}
+	st, err := s.open()
+	if err != nil {
+		return nil, err
+	}
+	secret, err := st.KeySecret(ctx, newSecret())
+	if err != nil {
+		return nil, fmt.Errorf("reading the key secret from the store: %w", err)
+	}
+	s.secret = secret
+	return secret, nil
+}
+
+// Destruct stops the watcher and closes the store when the last config
+// using it is unloaded.
+func (s *shared) Destruct() error {
+	if s.cancel != nil {
+		s.cancel()
+	}
+	s.wg.Wait()
+	if b := s.st.Load(); b != nil {
+		return b.Close()
+	}
+	return nil
+}
+
+var _ caddy.Destructor = (*shared)(nil)
