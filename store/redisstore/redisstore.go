@@ -1,0 +1,679 @@
+// Package redisstore is the store.Store on Redis, shared by several Caddy
+// instances: customers, API key hashes, the key secret and the GCRA
+// rate-limit state live in one Redis (6.2 or later), and changes are
+// announced on a pub/sub channel.
+//
+// Every call is bounded by Options.OpTimeout (dial, socket reads and writes
+// and the whole call), failures trip a circuit breaker, and both timeouts
+// and an open breaker produce errors wrapping store.ErrUnavailable, so a
+// request never waits on Redis for longer than OpTimeout.
+//
+// Keys, under Options.KeyPrefix (P):
+//
+//	P{<subject>}:rl        GCRA TAT, integer µs since the epoch (PX = time to full + 1ms)
+//	Psecret                the key secret
+//	Pcust:<id>             customer JSON
+//	Pcustomers             sorted set of customer ids (score 0: ordered by id)
+//	Pkey:<hash>            key JSON
+//	Pkeyid:<id>            key id -> key hash
+//	Pcustkeys:{<customer>} sorted set of a customer's key hashes, scored by creation µs
+//	Pchanges               pub/sub channel: one message per customer or key change
+//
+// Only the rate-limit key is needed on the request path; it is hash-tagged
+// per subject. The metadata operations touch several keys in one
+// transaction and assume they live on one node.
+package redisstore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// Defaults for Options.
+const (
+	// DefaultKeyPrefix is the default Options.KeyPrefix.
+	DefaultKeyPrefix = "am:"
+	// DefaultOpTimeout is the default Options.OpTimeout.
+	DefaultOpTimeout = 100 * time.Millisecond
+	// DefaultBreakerFailures is the default Options.BreakerFailures.
+	DefaultBreakerFailures = 5
+	// DefaultBreakerCooldown is the default Options.BreakerCooldown.
+	DefaultBreakerCooldown = time.Second
+)
+
+// Options configures New.
+type Options struct {
+	// URL locates Redis: redis://[user:password@]host[:port][/db] or
+	// rediss:// for TLS, as parsed by go-redis's ParseURL. Timeout and
+	// retry parameters in the URL are overridden by OpTimeout.
+	URL string
+	// KeyPrefix starts every Redis key and the change channel
+	// (DefaultKeyPrefix when empty).
+	KeyPrefix string
+	// OpTimeout bounds every call, including connecting, reading and
+	// writing (DefaultOpTimeout when zero). Commands are not retried: a
+	// rate-limit script that timed out may have run.
+	OpTimeout time.Duration
+	// BreakerFailures is how many consecutive failed calls open the circuit
+	// breaker (DefaultBreakerFailures when zero).
+	BreakerFailures int
+	// BreakerCooldown is how long the open breaker fails calls at once
+	// before letting one probe through (DefaultBreakerCooldown when zero).
+	BreakerCooldown time.Duration
+
+	// dial replaces the network dialer (tests count connection attempts).
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Store is a store.Store on Redis. It is safe for concurrent use.
+type Store struct {
+	client    *redis.Client
+	prefix    string
+	opTimeout time.Duration
+	breaker   *breaker
+
+	// life is cancelled by Close, ending every Watch.
+	life      context.Context
+	end       context.CancelFunc
+	closeOnce sync.Once
+	closeErr  error
+}
+
+var _ store.Store = (*Store)(nil)
+
+// New returns a Store for o. It does no I/O: the first call connects.
+func New(o Options) (*Store, error) {
+	if o.URL == "" {
+		return nil, errors.New("redisstore: no Redis URL")
+	}
+	ro, err := redis.ParseURL(o.URL)
+	if err != nil {
+		// The URL may hold a password: never repeat it.
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			err = uerr.Err
+		}
+		return nil, fmt.Errorf("redisstore: invalid Redis URL: %w", err)
+	}
+	if o.KeyPrefix == "" {
+		o.KeyPrefix = DefaultKeyPrefix
+	}
+	if o.OpTimeout == 0 {
+		o.OpTimeout = DefaultOpTimeout
+	}
+	if o.BreakerFailures == 0 {
+		o.BreakerFailures = DefaultBreakerFailures
+	}
+	if o.BreakerCooldown == 0 {
+		o.BreakerCooldown = DefaultBreakerCooldown
+	}
+	if o.OpTimeout < 0 || o.BreakerFailures < 0 || o.BreakerFailures > math.MaxInt32 || o.BreakerCooldown < 0 {
+		return nil, errors.New("redisstore: negative timeout or cooldown, or breaker threshold out of range")
+	}
+
+	ro.DialTimeout = o.OpTimeout
+	ro.ReadTimeout = o.OpTimeout
+	ro.WriteTimeout = o.OpTimeout
+	ro.PoolTimeout = o.OpTimeout
+	ro.ContextTimeoutEnabled = true
+	// A retried rate-limit script could be spent twice, and a retry would
+	// not fit in the time budget anyway.
+	ro.MaxRetries = -1
+	ro.DialerRetries = 1
+	// Keep the connection handshake to HELLO (and AUTH/SELECT when set).
+	ro.DisableIdentity = true
+	ro.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+	if o.dial != nil {
+		ro.Dialer = o.dial
+	}
+	life, end := context.WithCancel(context.Background())
+	return &Store{
+		client:    redis.NewClient(ro),
+		prefix:    o.KeyPrefix,
+		opTimeout: o.OpTimeout,
+		breaker:   newBreaker(o.BreakerFailures, o.BreakerCooldown),
+		life:      life,
+		end:       end,
+	}, nil
+}
+
+// Close implements store.Store: it ends every Watch and closes the Redis
+// client. Closing again does nothing.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		s.end()
+		s.closeErr = s.client.Close()
+	})
+	return s.closeErr
+}
+
+func (s *Store) rateKey(subject string) string { return s.prefix + "{" + subject + "}:rl" }
+func (s *Store) secretKey() string             { return s.prefix + "secret" }
+func (s *Store) custKey(id string) string      { return s.prefix + "cust:" + id }
+func (s *Store) customersKey() string          { return s.prefix + "customers" }
+func (s *Store) keyKey(hash string) string     { return s.prefix + "key:" + hash }
+func (s *Store) keyIDKey(id string) string     { return s.prefix + "keyid:" + id }
+func (s *Store) custKeysKey(id string) string  { return s.prefix + "custkeys:{" + id + "}" }
+func (s *Store) changesChannel() string        { return s.prefix + "changes" }
+
+// permanent marks errors raised by the store's own checks (a missing
+// record, a conflicting id, a corrupt value). They say nothing about
+// whether Redis is available.
+type permanent struct{ error }
+
+func (p permanent) Unwrap() error { return p.error }
+
+func notFound(kind, id string) error {
+	return permanent{fmt.Errorf("redisstore: %s %q: %w", kind, id, store.ErrNotFound)}
+}
+
+func decode(kind, id string, data []byte, v any) error {
+	if err := json.Unmarshal(data, v); err != nil {
+		return permanent{fmt.Errorf("redisstore: corrupt %s %q: %w", kind, id, err)}
+	}
+	return nil
+}
+
+// now is the time the store records for CreatedAt and RevokedAt: UTC,
+// without a monotonic reading, so it equals what is read back.
+func now() time.Time { return time.Now().UTC().Round(0) }
+
+// call runs op under the circuit breaker with a context bounded by
+// OpTimeout, and classifies its error (see finish).
+func (s *Store) call(ctx context.Context, op func(ctx context.Context) error) error {
+	probe, err := s.breaker.allow()
+	if err != nil {
+		return err
+	}
+	octx, cancel := context.WithTimeout(ctx, s.opTimeout)
+	err = op(octx)
+	cancel()
+	return s.finish(ctx, probe, err)
+}
+
+// finish reports a call's outcome to the breaker and returns its error:
+// unchanged for the store's own errors, wrapping store.ErrUnavailable when
+// Redis was unreachable, slow or refused service.
+func (s *Store) finish(ctx context.Context, probe bool, err error) error {
+	var p permanent
+	switch {
+	case err == nil:
+		s.breaker.done(probe, healthy)
+		return nil
+	case errors.As(err, &p):
+		s.breaker.done(probe, healthy)
+		return err
+	case ctx.Err() != nil:
+		// The caller gave up (or its deadline was shorter than ours).
+		s.breaker.done(probe, unknown)
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
+		}
+		return fmt.Errorf("redisstore: %w", err)
+	case isReply(err) && !unavailableReply(err):
+		s.breaker.done(probe, healthy)
+		return fmt.Errorf("redisstore: %w", err)
+	default:
+		s.breaker.done(probe, failed)
+		return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
+	}
+}
+
+// isReply reports whether err is an error reply from Redis (as opposed to a
+// connection, timeout or client error).
+func isReply(err error) bool {
+	var r redis.Error
+	return errors.As(err, &r)
+}
+
+// unavailableReplies are error-reply prefixes meaning Redis cannot serve
+// now (loading, failing over, out of memory, busy with a script, refusing
+// clients or credentials).
+var unavailableReplies = []string{
+	"LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY",
+	"OOM", "NOAUTH", "WRONGPASS", "NOPERM", "NOREPLICAS", "ERR max number of clients",
+}
+
+func unavailableReply(err error) bool {
+	msg := err.Error()
+	for _, prefix := range unavailableReplies {
+		if strings.HasPrefix(msg, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// watchRetry runs fn under WATCH keys, re-running it when another client
+// changed a watched key before EXEC, until ctx ends.
+func (s *Store) watchRetry(ctx context.Context, fn func(tx *redis.Tx) error, keys ...string) error {
+	for {
+		err := s.client.Watch(ctx, fn, keys...)
+		if !errors.Is(err, redis.TxFailedErr) || ctx.Err() != nil {
+			return err
+		}
+	}
+}
+
+// keySecretScript stores ARGV[1] under KEYS[1] unless a secret is there,
+// and returns the stored secret.
+var keySecretScript = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+`)
+
+// KeySecret implements store.Store: the first candidate stored by any
+// instance wins.
+func (s *Store) KeySecret(ctx context.Context, candidate []byte) ([]byte, error) {
+	if len(candidate) == 0 {
+		return nil, errors.New("redisstore: empty key secret candidate")
+	}
+	var secret []byte
+	err := s.call(ctx, func(ctx context.Context) error {
+		v, err := keySecretScript.Run(ctx, s.client, []string{s.secretKey()}, candidate).Text()
+		secret = []byte(v)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return secret, nil
+}
+
+// createCustomerScript stores a customer unless its id exists, indexes it
+// and announces the change. KEYS: customer, index. ARGV: JSON, id, channel.
+var createCustomerScript = redis.NewScript(`
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'customer')
+return 1
+`)
+
+// CreateCustomer implements store.Store.
+func (s *Store) CreateCustomer(ctx context.Context, c store.Customer) error {
+	if c.ID == "" {
+		return errors.New("redisstore: empty customer id")
+	}
+	if c.CreatedAt.IsZero() {
+		c.CreatedAt = now()
+	}
+	data, err := json.Marshal(c)
+	if err != nil {
+		return err
+	}
+	return s.call(ctx, func(ctx context.Context) error {
+		created, err := createCustomerScript.Run(ctx, s.client,
+			[]string{s.custKey(c.ID), s.customersKey()}, data, c.ID, s.changesChannel()).Int()
+		if err == nil && created == 0 {
+			err = permanent{fmt.Errorf("redisstore: customer %q already exists", c.ID)}
+		}
+		return err
+	})
+}
+
+// UpsertConfigCustomer implements store.Store. A reload that changes
+// nothing writes and announces nothing.
+func (s *Store) UpsertConfigCustomer(ctx context.Context, c store.Customer) (store.Customer, error) {
+	if c.ID == "" {
+		return store.Customer{}, errors.New("redisstore: empty customer id")
+	}
+	key := s.custKey(c.ID)
+	var result store.Customer
+	err := s.call(ctx, func(ctx context.Context) error {
+		return s.watchRetry(ctx, func(tx *redis.Tx) error {
+			old, err := tx.Get(ctx, key).Bytes()
+			if errors.Is(err, redis.Nil) {
+				result = c
+				if result.CreatedAt.IsZero() {
+					result.CreatedAt = now()
+				}
+				data, err := json.Marshal(result)
+				if err != nil {
+					return permanent{err}
+				}
+				_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
+					p.Set(ctx, key, data, 0)
+					p.ZAdd(ctx, s.customersKey(), redis.Z{Member: c.ID})
+					p.Publish(ctx, s.changesChannel(), "customer")
+					return nil
+				})
+				return err
+			}
+			if err != nil {
+				return err
+			}
+			var cur store.Customer
+			if err := decode("customer", c.ID, old, &cur); err != nil {
+				return err
+			}
+			cur.Email = c.Email
+			cur.StripeCustomerID = c.StripeCustomerID
+			if !c.Anchor.IsZero() {
+				cur.Anchor = c.Anchor
+			}
+			if c.ConfigTier != cur.ConfigTier {
+				cur.Tier = c.Tier
+				cur.ConfigTier = c.ConfigTier
+			}
+			result = cur
+			data, err := json.Marshal(cur)
+			if err != nil {
+				return permanent{err}
+			}
+			if string(data) == string(old) {
+				return nil
+			}
+			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Set(ctx, key, data, 0)
+				p.Publish(ctx, s.changesChannel(), "customer")
+				return nil
+			})
+			return err
+		}, key)
+	})
+	if err != nil {
+		return store.Customer{}, err
+	}
+	return result, nil
+}
+
+// GetCustomer implements store.Store.
+func (s *Store) GetCustomer(ctx context.Context, id string) (store.Customer, error) {
+	var c store.Customer
+	err := s.call(ctx, func(ctx context.Context) error {
+		data, err := s.client.Get(ctx, s.custKey(id)).Bytes()
+		if errors.Is(err, redis.Nil) {
+			return notFound("customer", id)
+		}
+		if err != nil {
+			return err
+		}
+		return decode("customer", id, data, &c)
+	})
+	if err != nil {
+		return store.Customer{}, err
+	}
+	return c, nil
+}
+
+// ListCustomers implements store.Store.
+func (s *Store) ListCustomers(ctx context.Context) ([]store.Customer, error) {
+	var list []store.Customer
+	err := s.call(ctx, func(ctx context.Context) error {
+		ids, err := s.client.ZRange(ctx, s.customersKey(), 0, -1).Result()
+		if err != nil {
+			return err
+		}
+		values, err := s.getAll(ctx, ids, s.custKey)
+		if err != nil {
+			return err
+		}
+		list = make([]store.Customer, 0, len(ids))
+		for i, data := range values {
+			if data == nil {
+				continue // removed between the two reads
+			}
+			var c store.Customer
+			if err := decode("customer", ids[i], data, &c); err != nil {
+				return err
+			}
+			list = append(list, c)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return list, nil
+}
+
+// getAll reads the values of key(id) for every id in one round trip; a
+// missing value is nil.
+func (s *Store) getAll(ctx context.Context, ids []string, key func(string) string) ([][]byte, error) {
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	cmds := make([]*redis.StringCmd, len(ids))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, id := range ids {
+			cmds[i] = p.Get(ctx, key(id))
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, err
+	}
+	values := make([][]byte, len(ids))
+	for i, cmd := range cmds {
+		data, err := cmd.Bytes()
+		switch {
+		case errors.Is(err, redis.Nil):
+		case err != nil:
+			return nil, err
+		default:
+			values[i] = data
+		}
+	}
+	return values, nil
+}
+
+// SetTier implements store.Store.
+func (s *Store) SetTier(ctx context.Context, id, tier string) (store.Customer, error) {
+	key := s.custKey(id)
+	var c store.Customer
+	err := s.call(ctx, func(ctx context.Context) error {
+		return s.watchRetry(ctx, func(tx *redis.Tx) error {
+			old, err := tx.Get(ctx, key).Bytes()
+			if errors.Is(err, redis.Nil) {
+				return notFound("customer", id)
+			}
+			if err != nil {
+				return err
+			}
+			c = store.Customer{}
+			if err := decode("customer", id, old, &c); err != nil {
+				return err
+			}
+			c.Tier = tier
+			data, err := json.Marshal(c)
+			if err != nil {
+				return permanent{err}
+			}
+			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Set(ctx, key, data, 0)
+				p.Publish(ctx, s.changesChannel(), "customer")
+				return nil
+			})
+			return err
+		}, key)
+	})
+	if err != nil {
+		return store.Customer{}, err
+	}
+	return c, nil
+}
+
+// PutKey implements store.Store.
+func (s *Store) PutKey(ctx context.Context, k store.Key) (store.Key, error) {
+	if k.ID == "" || k.Hash == "" || k.CustomerID == "" {
+		return store.Key{}, errors.New("redisstore: key needs an id, a hash and a customer id")
+	}
+	in := k
+	keyKey, idKey := s.keyKey(k.Hash), s.keyIDKey(k.ID)
+	err := s.call(ctx, func(ctx context.Context) error {
+		return s.watchRetry(ctx, func(tx *redis.Tx) error {
+			k = in
+			var oldHash, oldKey *redis.StringCmd
+			_, err := tx.Pipelined(ctx, func(p redis.Pipeliner) error {
+				oldHash = p.Get(ctx, idKey)
+				oldKey = p.Get(ctx, keyKey)
+				return nil
+			})
+			if err != nil && !errors.Is(err, redis.Nil) {
+				return err
+			}
+			switch h, err := oldHash.Result(); {
+			case err == nil && h != k.Hash:
+				return permanent{fmt.Errorf("redisstore: key id %q already belongs to another key", k.ID)}
+			case err != nil && !errors.Is(err, redis.Nil):
+				return err
+			}
+			var old *store.Key
+			switch data, err := oldKey.Bytes(); {
+			case err == nil:
+				old = new(store.Key)
+				if err := decode("key", k.Hash, data, old); err != nil {
+					return err
+				}
+				k.CreatedAt = old.CreatedAt
+				k.RevokedAt = old.RevokedAt
+			case errors.Is(err, redis.Nil):
+				if k.CreatedAt.IsZero() {
+					k.CreatedAt = now()
+				}
+			default:
+				return err
+			}
+			data, err := json.Marshal(k)
+			if err != nil {
+				return permanent{err}
+			}
+			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Set(ctx, keyKey, data, 0)
+				p.Set(ctx, idKey, k.Hash, 0)
+				if old != nil && old.ID != k.ID {
+					p.Del(ctx, s.keyIDKey(old.ID))
+				}
+				if old != nil && old.CustomerID != k.CustomerID {
+					p.ZRem(ctx, s.custKeysKey(old.CustomerID), k.Hash)
+				}
+				p.ZAdd(ctx, s.custKeysKey(k.CustomerID), redis.Z{Score: float64(k.CreatedAt.UnixMicro()), Member: k.Hash})
+				p.Publish(ctx, s.changesChannel(), "key")
+				return nil
+			})
+			return err
+		}, keyKey, idKey)
+	})
+	if err != nil {
+		return store.Key{}, err
+	}
+	return k, nil
+}
+
+// KeyByHash implements store.Store.
+func (s *Store) KeyByHash(ctx context.Context, hash string) (store.Key, error) {
+	var k store.Key
+	err := s.call(ctx, func(ctx context.Context) error {
+		data, err := s.client.Get(ctx, s.keyKey(hash)).Bytes()
+		if errors.Is(err, redis.Nil) {
+			return notFound("key", hash)
+		}
+		if err != nil {
+			return err
+		}
+		return decode("key", hash, data, &k)
+	})
+	if err != nil {
+		return store.Key{}, err
+	}
+	return k, nil
+}
+
+// ListKeys implements store.Store: a customer's keys ordered by creation
+// time, then id. An unknown customer has no keys.
+func (s *Store) ListKeys(ctx context.Context, customerID string) ([]store.Key, error) {
+	var list []store.Key
+	err := s.call(ctx, func(ctx context.Context) error {
+		hashes, err := s.client.ZRange(ctx, s.custKeysKey(customerID), 0, -1).Result()
+		if err != nil {
+			return err
+		}
+		values, err := s.getAll(ctx, hashes, s.keyKey)
+		if err != nil {
+			return err
+		}
+		list = make([]store.Key, 0, len(hashes))
+		for i, data := range values {
+			if data == nil {
+				continue
+			}
+			var k store.Key
+			if err := decode("key", hashes[i], data, &k); err != nil {
+				return err
+			}
+			list = append(list, k)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	slices.SortFunc(list, func(a, b store.Key) int {
+		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+	return list, nil
+}
+
+// RevokeKey implements store.Store. Revoking a revoked key changes nothing.
+func (s *Store) RevokeKey(ctx context.Context, keyID string) (store.Key, error) {
+	var k store.Key
+	err := s.call(ctx, func(ctx context.Context) error {
+		hash, err := s.client.Get(ctx, s.keyIDKey(keyID)).Result()
+		if errors.Is(err, redis.Nil) {
+			return notFound("key", keyID)
+		}
+		if err != nil {
+			return err
+		}
+		key := s.keyKey(hash)
+		return s.watchRetry(ctx, func(tx *redis.Tx) error {
+			data, err := tx.Get(ctx, key).Bytes()
+			if errors.Is(err, redis.Nil) {
+				return notFound("key", keyID)
+			}
+			if err != nil {
+				return err
+			}
+			k = store.Key{}
+			if err := decode("key", hash, data, &k); err != nil {
+				return err
+			}
+			if !k.RevokedAt.IsZero() {
+				return nil
+			}
+			k.RevokedAt = now()
+			if data, err = json.Marshal(k); err != nil {
+				return permanent{err}
+			}
+			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Set(ctx, key, data, 0)
+				p.Publish(ctx, s.changesChannel(), "key")
+				return nil
+			})
+			return err
+		}, key)
+	})
+	if err != nil {
+		return store.Key{}, err
+	}
+	return k, nil
+}

@@ -1,0 +1,103 @@
+package redisstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Watch timings. They bound background work, not requests.
+const (
+	// watchSubscribeTimeout bounds subscribing and its confirmation.
+	watchSubscribeTimeout = 5 * time.Second
+	// watchPingInterval is how long a silent subscription waits before
+	// pinging; a second silent interval means the connection is dead.
+	watchPingInterval = 15 * time.Second
+	// Backoff between re-subscription attempts.
+	watchMinBackoff = 100 * time.Millisecond
+	watchMaxBackoff = 5 * time.Second
+)
+
+// Watch implements store.Store. It subscribes to the change channel, on
+// which every instance sharing the Redis announces its changes, and calls
+// onChange for each message. It also calls onChange after every successful
+// (re-)subscription, since changes may have been missed while it was not
+// subscribed. After a connection error it re-subscribes with exponential
+// backoff. It returns nil when ctx is done or the Store is closed.
+func (s *Store) Watch(ctx context.Context, onChange func()) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(s.life, cancel)
+	defer stop()
+
+	backoff := watchMinBackoff
+	for {
+		if s.watchOnce(ctx, onChange) {
+			backoff = watchMinBackoff
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+		backoff = min(2*backoff, watchMaxBackoff)
+	}
+}
+
+// watchOnce subscribes and delivers changes until the subscription fails or
+// ctx is done. It reports whether the subscription was established.
+func (s *Store) watchOnce(ctx context.Context, onChange func()) (subscribed bool) {
+	ps := s.client.Subscribe(ctx)
+	defer ps.Close()
+	// Reading does not watch ctx; closing the subscription interrupts it.
+	stop := context.AfterFunc(ctx, func() { _ = ps.Close() })
+	defer stop()
+
+	if err := s.subscribe(ctx, ps); err != nil {
+		return false
+	}
+	onChange()
+	pinged := false
+	for {
+		msg, err := ps.ReceiveTimeout(ctx, watchPingInterval)
+		if err != nil {
+			var ne net.Error
+			if pinged || !errors.As(err, &ne) || !ne.Timeout() {
+				return true
+			}
+			if ps.Ping(ctx) != nil {
+				return true
+			}
+			pinged = true
+			continue
+		}
+		pinged = false
+		if _, ok := msg.(*redis.Message); ok {
+			onChange()
+		}
+	}
+}
+
+// subscribe subscribes ps to the change channel and waits for Redis to
+// confirm.
+func (s *Store) subscribe(ctx context.Context, ps *redis.PubSub) error {
+	sctx, cancel := context.WithTimeout(ctx, watchSubscribeTimeout)
+	defer cancel()
+	if err := ps.Subscribe(sctx, s.changesChannel()); err != nil {
+		return err
+	}
+	msg, err := ps.ReceiveTimeout(sctx, watchSubscribeTimeout)
+	if err != nil {
+		return err
+	}
+	if sub, ok := msg.(*redis.Subscription); !ok || sub.Kind != "subscribe" {
+		return fmt.Errorf("redisstore: unexpected reply %v to SUBSCRIBE", msg)
+	}
+	return nil
+}
