@@ -107,3 +107,21 @@ func (p Policy) Decide(tat, now, cost int64) (int64, Decision) {
 func usec(us int64) time.Duration {
 	return time.Duration(us) * time.Microsecond
 }
+
+// Rescale converts a TAT stored under the emission interval from into this
+// policy's interval, so that a rate change (a tier upgrade, a reload)
+// carries over the units still owed rather than the time: 4 units spent
+// under 10/min are still 4 units spent under 100/min. Owed units are
+// rounded up and capped at one full burst. A TAT in the past, an unknown
+// interval (0) or an unchanged one is returned as is.
+func (p Policy) Rescale(tat, now, from int64) int64 {
+	to := p.Interval()
+	if tat <= now || from <= 0 || from == to || !p.Valid() {
+		return tat
+	}
+	owed := (tat - now + from - 1) / from
+	if burst := p.BurstUnits(); owed > burst {
+		owed = burst
+	}
+	return now + owed*to
+}

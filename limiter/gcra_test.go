@@ -244,3 +244,26 @@ func TestPolicyHelpers(t *testing.T) {
 		}
 	}
 }
+
+func TestRescaleKeepsOwedUnits(t *testing.T) {
+	const now = 1_000_000_000_000
+	free := Policy{Limit: 10, Period: time.Minute} // 6 s per unit
+	pro := Policy{Limit: 100, Period: time.Minute} // 0.6 s per unit
+	tiny := Policy{Limit: 2, Period: time.Minute}  // 30 s per unit, burst 2
+	owed4 := int64(now + 4*6_000_000)              // 4 units owed under free
+	if got, want := pro.Rescale(owed4, now, free.Interval()), int64(now+4*600_000); got != want {
+		t.Errorf("upgrade: TAT %d, want %d (4 units at the pro interval)", got, want)
+	}
+	if got, want := tiny.Rescale(owed4, now, free.Interval()), int64(now+2*30_000_000); got != want {
+		t.Errorf("downgrade: TAT %d, want %d (capped at a full burst)", got, want)
+	}
+	// A partly restored unit still counts as owed (rounded up).
+	if got, want := pro.Rescale(now+1, now, free.Interval()), int64(now+600_000); got != want {
+		t.Errorf("partial unit: TAT %d, want %d", got, want)
+	}
+	for _, tc := range []struct{ tat, from int64 }{{now - 5, free.Interval()}, {owed4, 0}, {owed4, pro.Interval()}} {
+		if got := pro.Rescale(tc.tat, now, tc.from); got != tc.tat {
+			t.Errorf("Rescale(%d, from %d) = %d, want unchanged", tc.tat, tc.from, got)
+		}
+	}
+}

@@ -25,9 +25,15 @@ const (
 	minSweepWrites = 128
 )
 
+// localState is a subject's TAT and the emission interval it was stored
+// under, so a rate change can rescale it (see Policy.Rescale).
+type localState struct {
+	tat, interval int64
+}
+
 type localShard struct {
 	mu   sync.Mutex
-	tats map[string]int64
+	tats map[string]localState
 	// writes counts stores since the last sweep; the next sweep runs when
 	// it reaches sweepAt.
 	writes, sweepAt int
@@ -43,7 +49,7 @@ type localShard struct {
 func NewLocal() *Local {
 	l := &Local{seed: maphash.MakeSeed()}
 	for i := range l.shards {
-		l.shards[i].tats = make(map[string]int64)
+		l.shards[i].tats = make(map[string]localState)
 		l.shards[i].sweepAt = minSweepWrites
 	}
 	return l
@@ -54,10 +60,11 @@ func NewLocal() *Local {
 func (l *Local) Admit(subject string, p Policy, cost, now int64) Decision {
 	s := &l.shards[maphash.String(l.seed, subject)%localShards]
 	s.mu.Lock()
-	tat := s.tats[subject]
+	st := s.tats[subject]
+	tat := p.Rescale(st.tat, now, st.interval)
 	newTAT, d := p.Decide(tat, now, cost)
 	if newTAT != tat {
-		s.tats[subject] = newTAT
+		s.tats[subject] = localState{tat: newTAT, interval: p.Interval()}
 		s.peak = max(s.peak, len(s.tats))
 		if s.writes++; s.writes >= s.sweepAt {
 			s.sweep(now)
@@ -83,15 +90,15 @@ func (l *Local) Len() int {
 // sweep forgets the shard's subjects whose bucket is full at now. The caller
 // holds s.mu.
 func (s *localShard) sweep(now int64) {
-	for k, tat := range s.tats {
-		if tat <= now {
+	for k, st := range s.tats {
+		if st.tat <= now {
 			delete(s.tats, k)
 		}
 	}
 	if n := len(s.tats); s.peak > 4*n && s.peak > 4*minSweepWrites {
-		m := make(map[string]int64, n)
-		for k, tat := range s.tats {
-			m[k] = tat
+		m := make(map[string]localState, n)
+		for k, st := range s.tats {
+			m[k] = st
 		}
 		s.tats, s.peak = m, n
 	}

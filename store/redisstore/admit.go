@@ -14,7 +14,9 @@ import (
 // admitScript is limiter.Policy.Decide run atomically in Redis, with the
 // Redis server's clock.
 //
-// KEYS[1] holds the TAT in integer microseconds since the epoch. ARGV:
+// KEYS[1] holds "<TAT>,<interval>": the TAT in integer microseconds since
+// the epoch and the emission interval it was stored under, so that a rate
+// change rescales it like limiter.Policy.Rescale. ARGV:
 // interval (µs), burst (units), cost (units). It returns {allowed (0/1),
 // remaining, retry_after_us, reset_after_us, cost_exceeds_burst (0/1),
 // now_us}.
@@ -46,8 +48,20 @@ local function idiv(a, b)
 end
 
 local d = 0
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat and tat > now then d = tat - now end
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local tat, from = string.match(stored, '^(%d+),(%d+)$')
+  tat, from = tonumber(tat), tonumber(from)
+  if tat and tat > now then
+    d = tat - now
+    if from ~= interval and from > 0 then
+      -- a changed rate carries over the units owed, not the time
+      local owed = idiv(d + from - 1, from)
+      if owed > burst then owed = burst end
+      d = owed * interval
+    end
+  end
+end
 local avail = 0
 if span > d then avail = idiv(span - d, interval) end
 
@@ -55,7 +69,7 @@ if cost <= 0 then return {1, avail, 0, d, 0, now} end
 if cost > burst then return {0, avail, 0, d, 1, now} end
 local nd = d + interval * cost
 if nd > span then return {0, avail, nd - span, d, 0, now} end
-redis.call('SET', KEYS[1], string.format('%d', now + nd), 'PX', string.format('%d', idiv(nd, 1000) + 1))
+redis.call('SET', KEYS[1], string.format('%d,%d', now + nd, interval), 'PX', string.format('%d', idiv(nd, 1000) + 1))
 return {1, idiv(span - nd, interval), 0, nd, 0, now}
 `)
 

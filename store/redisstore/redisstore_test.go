@@ -115,22 +115,25 @@ func TestContractShared(t *testing.T) {
 	})
 }
 
-// readTAT returns the stored TAT of subject under prefix, 0 when none. The
-// key name is spelled out to pin the documented layout.
-func readTAT(t *testing.T, c *redis.Client, prefix, subject string) int64 {
+// readTAT returns the stored TAT of subject under prefix and the interval
+// it was stored under, zeros when none. The key name is spelled out to pin
+// the documented layout.
+func readTAT(t *testing.T, c *redis.Client, prefix, subject string) (tat, interval int64) {
 	t.Helper()
 	v, err := c.Get(context.Background(), prefix+"{"+subject+"}:rl").Result()
 	if errors.Is(err, redis.Nil) {
-		return 0
+		return 0, 0
 	}
 	if err != nil {
 		t.Fatalf("GET TAT: %v", err)
 	}
-	tat, err := strconv.ParseInt(v, 10, 64)
-	if err != nil {
-		t.Fatalf("stored TAT %q is not a decimal integer: %v", v, err)
+	a, b, ok := strings.Cut(v, ",")
+	tat, err1 := strconv.ParseInt(a, 10, 64)
+	interval, err2 := strconv.ParseInt(b, 10, 64)
+	if !ok || err1 != nil || err2 != nil {
+		t.Fatalf("stored rate state %q is not <TAT>,<interval>", v)
 	}
-	return tat
+	return tat, interval
 }
 
 // TestAdmitMatchesDecide replays a sequence of admissions, with policies
@@ -178,7 +181,7 @@ func TestAdmitMatchesDecide(t *testing.T) {
 func checkStep(t *testing.T, c *redis.Client, s *Store, prefix, subject string, p limiter.Policy, cost int64, step int) {
 	t.Helper()
 	ctx := context.Background()
-	before := readTAT(t, c, prefix, subject)
+	before, beforeInterval := readTAT(t, c, prefix, subject)
 	got, now, err := s.admit(ctx, store.Admission{Subject: subject, Rate: p, Cost: cost})
 	if err != nil {
 		t.Fatalf("step %d: Admit: %v", step, err)
@@ -186,21 +189,22 @@ func checkStep(t *testing.T, c *redis.Client, s *Store, prefix, subject string, 
 	if now <= 0 || now >= 1<<53 {
 		t.Fatalf("step %d: script time %d µs is outside (0, 2^53)", step, now)
 	}
-	wantTAT, want := p.Decide(before, now, cost)
+	rescaled := p.Rescale(before, now, beforeInterval)
+	wantTAT, want := p.Decide(rescaled, now, cost)
 	if got != want {
 		t.Fatalf("step %d: policy %+v, subject %s, TAT %d, now %d, cost %d:\n got  %+v\n want %+v",
 			step, p, subject, before, now, cost, got, want)
 	}
 	t.Logf("step %d: %s cost %d -> %+v", step, subject, cost, got)
-	after := readTAT(t, c, prefix, subject)
-	if wantTAT == before {
+	after, afterInterval := readTAT(t, c, prefix, subject)
+	if wantTAT == rescaled {
 		if after != before {
 			t.Fatalf("step %d: decision %+v changed the stored TAT from %d to %d", step, got, before, after)
 		}
 		return
 	}
-	if after != wantTAT {
-		t.Fatalf("step %d: stored TAT %d, want %d", step, after, wantTAT)
+	if after != wantTAT || afterInterval != p.Interval() {
+		t.Fatalf("step %d: stored TAT %d under interval %d, want %d under %d", step, after, afterInterval, wantTAT, p.Interval())
 	}
 	if wantTAT >= 1<<53 {
 		t.Fatalf("step %d: TAT %d is not exact in a Lua double", step, wantTAT)

@@ -605,6 +605,17 @@ func testAdmit(t *testing.T, open func(t *testing.T) store.Store) {
 		admitWant(t, s, "globex", p, 1, true, 9)
 		admitWant(t, s, "acme", p, 1, false, 0)
 	})
+	t.Run("RateChangeCarriesOverUnits", func(t *testing.T) {
+		// A tier change keeps the units spent, not the time owed: 4 units
+		// under 10/hour are 4 units under 20/hour and under 100/hour.
+		s := open(t)
+		admitWant(t, s, "acme", hourly(10, 10), 4, true, 6)
+		admitWant(t, s, "acme", hourly(20, 20), 1, true, 15)
+		admitWant(t, s, "acme", hourly(100, 100), 1, true, 94)
+		// A downgrade keeps them too, capped at a full burst.
+		admitWant(t, s, "acme", hourly(5, 5), 0, true, 0)
+		admitWant(t, s, "acme", hourly(5, 5), 1, false, 0)
+	})
 }
 
 func testWatch(t *testing.T, open func(t *testing.T) store.Store) {
