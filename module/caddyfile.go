@@ -1,0 +1,832 @@
+package module
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"math"
+	"net/mail"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/apimonetize/caddy-api-monetize/apikey"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("api_monetize", parseApp)
+	httpcaddyfile.RegisterHandlerDirective("api_monetize", parseHandler)
+	httpcaddyfile.RegisterDirectiveOrder("api_monetize", httpcaddyfile.Before, "basic_auth")
+}
+
+// parseApp sets up the api_monetize app from the global option of the same
+// name. See (*App).UnmarshalCaddyfile for the syntax.
+func parseApp(d *caddyfile.Dispenser, existing any) (any, error) {
+	if existing != nil {
+		d.Next()
+		return nil, d.Err("the api_monetize global option is given twice; put all of its settings in one block")
+	}
+	app := new(App)
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{Name: "api_monetize", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// parseHandler sets up the api_monetize handler from the directive of the
+// same name. See (*Handler).UnmarshalCaddyfile for the syntax.
+func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	if h.Option("api_monetize") == nil {
+		h.Next() // the directive, for the error's position
+		return nil, h.Err("the api_monetize directive needs the api_monetize global option, which declares tiers, customers and keys: add it to the global options block { ... } at the top of the Caddyfile")
+	}
+	handler := new(Handler)
+	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return handler, nil
+}
+
+// UnmarshalCaddyfile sets up the app from the api_monetize global option:
+//
+//	api_monetize {
+//		redis         <url>        # redis://[user:password@]host:port/db; omit for the embedded store
+//		redis_prefix  <prefix>     # only with redis
+//		store_path    <file>       # embedded store file; not with redis
+//		store_timeout <duration>
+//		key_secret    <secret>     # use a placeholder: {env.API_MONETIZE_KEY_SECRET}
+//		admin_api     read_only | read_write
+//		upgrade_url   <url>
+//
+//		tier <name> {
+//			price          0 | custom | <amount>/<month|year>   # exact decimal, at most 6 decimals
+//			included       <units>/month
+//			rate           <units>/<s|sec|second|m|min|minute|h|hour|d|day> [burst <units>]
+//			endpoints      <path pattern>...    # repeatable
+//			exclude        <path pattern>...    # repeatable
+//			support        <word>
+//			sla            <percent>%           # as written, e.g. 99.9%
+//			on_store_error local | allow | deny
+//		}
+//
+//		customer <id> tier <tier> [stripe <cus_id>] [email <address>] [anchor <YYYY-MM-DD>]
+//		key      <key> <customer id>   # use a placeholder: {env.ACME_KEY}
+//	}
+//
+// A zero price ("price 0", "price 0.00/month") leaves Tier.Price nil: the tier
+// is free. Tiers, customers and keys may be written in any order; every tier
+// a customer names and every customer a key names must be declared somewhere
+// in the block.
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume option name
+	if d.NextArg() {
+		return d.Errf("api_monetize takes no arguments on its first line, got '%s'; its settings go in a { } block", d.Val())
+	}
+	p := appParser{
+		app:       a,
+		start:     d.Token(),
+		seen:      make(map[string]caddyfile.Token),
+		tiers:     make(map[string]caddyfile.Token),
+		customers: make(map[string]caddyfile.Token),
+		keys:      make(map[string]caddyfile.Token),
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if err := p.option(d); err != nil {
+			return err
+		}
+	}
+	return p.check()
+}
+
+// appParser holds what parsing the global block has seen so far, with the
+// token of each declaration so that errors found after parsing can still
+// name the offending line.
+type appParser struct {
+	app   *App
+	start caddyfile.Token            // the api_monetize token
+	seen  map[string]caddyfile.Token // single-use options
+	// tiers, customers and keys map names (keys: the key as written) to
+	// their declarations.
+	tiers     map[string]caddyfile.Token
+	customers map[string]caddyfile.Token
+	keys      map[string]caddyfile.Token
+	// customerTiers and keyCustomers are the references checked once the
+	// whole block is read, with the token to blame.
+	customerTiers []reference
+	keyCustomers  []reference
+}
+
+// reference is a name used on a line, to check it is declared.
+type reference struct {
+	name string
+	tok  caddyfile.Token
+}
+
+// option parses one line (or tier block) of the global block; the cursor is
+// on the option name.
+func (p *appParser) option(d *caddyfile.Dispenser) error {
+	a := p.app
+	switch name := d.Val(); name {
+	case "redis":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if err := checkRedisURL(v); err != nil {
+			return d.Err(err.Error())
+		}
+		a.Redis = v
+	case "redis_prefix":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if v == "" {
+			return d.Err("redis_prefix: expected a non-empty prefix such as am:")
+		}
+		a.RedisPrefix = v
+	case "store_path":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		a.StorePath = v
+	case "store_timeout":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		dur, err := caddy.ParseDuration(v)
+		if err != nil || dur <= 0 {
+			return d.Errf("store_timeout: expected a positive duration such as 100ms or 2s, got '%s'", v)
+		}
+		a.StoreTimeout = caddy.Duration(dur)
+	case "key_secret":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		// The secret itself is never echoed.
+		if !hasPlaceholder(v) && len(v) < minKeySecretLen {
+			return d.Errf("key_secret: a literal secret must be at least %d characters; better, use a placeholder such as {env.API_MONETIZE_KEY_SECRET}", minKeySecretLen)
+		}
+		a.KeySecret = v
+	case "admin_api":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if v != "read_only" && v != "read_write" {
+			return d.Errf("admin_api: expected read_only or read_write, got '%s'", v)
+		}
+		a.AdminAPI = v
+	case "upgrade_url":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if err := checkUpgradeURL(v); err != nil {
+			return d.Errf("upgrade_url '%s': %v", v, err)
+		}
+		a.UpgradeURL = v
+	case "tier":
+		return p.tier(d)
+	case "customer":
+		return p.customer(d)
+	case "key":
+		return p.key(d)
+	// Later global options (currency, over_quota, period, thresholds,
+	// stripe, notify, ...) go here.
+	default:
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, key_secret, admin_api, upgrade_url, tier, customer, key", name)
+	}
+	return nil
+}
+
+// minKeySecretLen is the shortest literal key_secret accepted; the app
+// applies the same bound once placeholders are replaced.
+const minKeySecretLen = 16
+
+// tier parses `tier <name> { ... }`.
+func (p *appParser) tier(d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.Err("tier: expected a name, as in 'tier pro { ... }'")
+	}
+	name, tok := d.Val(), d.Token()
+	if err := checkName(name); err != nil {
+		return d.Errf("tier '%s': %v", name, err)
+	}
+	if d.NextArg() {
+		return d.Errf("tier %s: unexpected '%s'; a tier's settings go in a { } block", name, d.Val())
+	}
+	if prev, dup := p.tiers[name]; dup {
+		return d.Errf("tier '%s' is defined twice (first at %s)", name, position(prev))
+	}
+	p.tiers[name] = tok
+
+	t := Tier{Name: name}
+	seen := make(map[string]caddyfile.Token)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if err := tierOption(d, &t, seen); err != nil {
+			return err
+		}
+	}
+	p.app.Tiers = append(p.app.Tiers, t)
+	return nil
+}
+
+// tierOption parses one line of a tier block; the cursor is on the option
+// name.
+func tierOption(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token) error {
+	opt := d.Val()
+	switch opt {
+	case "endpoints", "exclude":
+		args, err := lineArgs(d)
+		if err != nil {
+			return err
+		}
+		if len(args) == 0 {
+			return d.Errf("%s: expected at least one path pattern, such as /v1/*", opt)
+		}
+		for _, pat := range args {
+			if err := checkPathPattern(pat); err != nil {
+				return d.Errf("%s: %v", opt, err)
+			}
+		}
+		if opt == "endpoints" {
+			t.Endpoints = append(t.Endpoints, args...)
+		} else {
+			t.Exclude = append(t.Exclude, args...)
+		}
+		return nil
+	}
+
+	if err := once(d, seen); err != nil {
+		return fmt.Errorf("tier %s: %w", t.Name, err)
+	}
+	switch opt {
+	case "price":
+		v, err := oneArg(d)
+		if err != nil {
+			return err
+		}
+		price, err := parsePrice(v)
+		if err != nil {
+			return d.Errf("price '%s': %v", v, err)
+		}
+		t.Price = price
+	case "included":
+		v, err := oneArg(d)
+		if err != nil {
+			return err
+		}
+		inc, err := parseIncluded(v)
+		if err != nil {
+			return d.Errf("included '%s': %v", v, err)
+		}
+		t.Included = inc
+	case "rate":
+		args, err := lineArgs(d)
+		if err != nil {
+			return err
+		}
+		rate, err := parseRate(args)
+		if err != nil {
+			return d.Errf("rate '%s': %v", strings.Join(args, " "), err)
+		}
+		t.Rate = rate
+	case "support":
+		v, err := oneArg(d)
+		if err != nil {
+			return err
+		}
+		t.Support = v
+	case "sla":
+		v, err := oneArg(d)
+		if err != nil {
+			return err
+		}
+		if err := checkSLA(v); err != nil {
+			return d.Errf("sla '%s': %v", v, err)
+		}
+		t.SLA = v
+	case "on_store_error":
+		v, err := oneArg(d)
+		if err != nil {
+			return err
+		}
+		switch v {
+		case storeErrorLocal, storeErrorAllow, storeErrorDeny:
+		default:
+			return d.Errf("on_store_error: expected local, allow or deny, got '%s'", v)
+		}
+		t.OnStoreError = v
+	// Later tier options (overage price, currency, thresholds, ...) go here.
+	default:
+		return d.Errf("tier %s: unrecognized option '%s'; expected one of price, included, rate, endpoints, exclude, support, sla, on_store_error", t.Name, opt)
+	}
+	return nil
+}
+
+// customer parses `customer <id> tier <tier> [stripe <cus_id>] [email
+// <address>] [anchor <YYYY-MM-DD>]`, options in any order.
+func (p *appParser) customer(d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.Err("customer: expected an id, as in 'customer acme tier pro'")
+	}
+	id, tok := d.Val(), d.Token()
+	if err := checkName(id); err != nil {
+		return d.Errf("customer '%s': %v", id, err)
+	}
+	if prev, dup := p.customers[id]; dup {
+		return d.Errf("customer '%s' is declared twice (first at %s)", id, position(prev))
+	}
+	p.customers[id] = tok
+
+	c := CustomerConfig{ID: id}
+	seen := make(map[string]caddyfile.Token)
+	for d.NextArg() {
+		opt := d.Val()
+		if err := once(d, seen); err != nil {
+			return fmt.Errorf("customer %s: %w", id, err)
+		}
+		if !d.NextArg() {
+			return d.Errf("customer %s: '%s' needs a value", id, opt)
+		}
+		v := d.Val()
+		switch opt {
+		case "tier":
+			c.Tier = v
+			p.customerTiers = append(p.customerTiers, reference{name: v, tok: d.Token()})
+		case "stripe":
+			if !strings.HasPrefix(v, "cus_") || len(v) == len("cus_") {
+				return d.Errf("customer %s: stripe expects a Stripe customer id such as cus_NffrFeUfNV2Hib, got '%s'", id, v)
+			}
+			c.StripeCustomerID = v
+		case "email":
+			if addr, err := mail.ParseAddress(v); err != nil || addr.Address != v {
+				return d.Errf("customer %s: email expects a plain address such as billing@example.com, got '%s'", id, v)
+			}
+			c.Email = v
+		case "anchor":
+			if _, err := time.Parse(time.DateOnly, v); err != nil {
+				return d.Errf("customer %s: anchor expects a date written YYYY-MM-DD, got '%s'", id, v)
+			}
+			c.Anchor = v
+		// Later customer options go here.
+		default:
+			return d.Errf("customer %s: unrecognized option '%s'; expected tier, stripe, email or anchor", id, opt)
+		}
+	}
+	if err := noBlock(d, "customer"); err != nil {
+		return err
+	}
+	if c.Tier == "" {
+		return d.Errf("customer %s: missing 'tier <name>', as in 'customer %s tier pro'", id, id)
+	}
+	p.app.Customers = append(p.app.Customers, c)
+	return nil
+}
+
+// key parses `key <key> <customer>`. The key is never echoed in errors.
+func (p *appParser) key(d *caddyfile.Dispenser) error {
+	args, err := lineArgs(d)
+	if err != nil {
+		return err
+	}
+	if len(args) != 2 {
+		return d.Errf("key: expected 'key <key> <customer id>' (2 arguments), got %d", len(args))
+	}
+	key, customer := args[0], args[1]
+	if !hasPlaceholder(key) {
+		if err := apikey.Check(key); err != nil {
+			return d.Errf("key of customer %s: not a usable API key: it needs at least %d characters, and one starting with %s must carry a valid checksum; better, use a placeholder such as {env.ACME_KEY}", customer, apikey.MinLength, apikey.Prefix)
+		}
+	}
+	if prev, dup := p.keys[key]; dup {
+		return d.Errf("key of customer %s: the same key is declared twice (first at %s)", customer, position(prev))
+	}
+	p.keys[key] = d.Token()
+	p.keyCustomers = append(p.keyCustomers, reference{name: customer, tok: d.Token()})
+	p.app.Keys = append(p.app.Keys, KeyConfig{Key: key, Customer: customer})
+	return nil
+}
+
+// check verifies the references between tiers, customers and keys once the
+// whole block is read.
+func (p *appParser) check() error {
+	if len(p.tiers) == 0 {
+		return errAt(p.start, "api_monetize: no tier defined; add at least one 'tier <name> { ... }'")
+	}
+	if tok, ok := p.seen["store_path"]; ok && p.app.Redis != "" {
+		return errAt(tok, "store_path sets the embedded store's file, but redis is set: remove one of them")
+	}
+	if tok, ok := p.seen["redis_prefix"]; ok && p.app.Redis == "" {
+		return errAt(tok, "redis_prefix applies only to a Redis store: add 'redis <url>' or remove it")
+	}
+	for _, r := range p.customerTiers {
+		if _, ok := p.tiers[r.name]; !ok {
+			return errAt(r.tok, "unknown tier '%s'; declared tiers: %s", r.name, names(p.tiers))
+		}
+	}
+	for _, r := range p.keyCustomers {
+		if _, ok := p.customers[r.name]; !ok {
+			return errAt(r.tok, "key for undeclared customer '%s'; add 'customer %s tier <tier>'", r.name, r.name)
+		}
+	}
+	return nil
+}
+
+// UnmarshalCaddyfile sets up the handler from the api_monetize directive:
+//
+//	api_monetize [<matcher>] {
+//		cost     <path pattern> <units>   # first match wins; default cost 1
+//		key_from header <Name> | query <param> | bearer   # repeatable, tried in order
+//	}
+//
+// The block is optional. Without key_from, the key is read from the
+// X-API-Key header, then from "Authorization: Bearer".
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.Errf("api_monetize: unexpected argument '%s'; only a matcher may follow the directive, settings go in a { } block", d.Val())
+	}
+	costs := make(map[string]caddyfile.Token)
+	sources := make(map[KeySource]caddyfile.Token)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch opt := d.Val(); opt {
+		case "cost":
+			args, err := lineArgs(d)
+			if err != nil {
+				return err
+			}
+			if len(args) != 2 {
+				return d.Errf("cost: expected 'cost <path pattern> <units>', as in 'cost /v1/ml/* 10'")
+			}
+			if err := checkPathPattern(args[0]); err != nil {
+				return d.Errf("cost: %v", err)
+			}
+			units, err := parseCount(args[1])
+			if err != nil {
+				return d.Errf("cost %s: units must be a whole number ≥ 0, got '%s'", args[0], args[1])
+			}
+			if prev, dup := costs[args[0]]; dup {
+				return d.Errf("cost %s: this pattern is given twice (first at %s)", args[0], position(prev))
+			}
+			costs[args[0]] = d.Token()
+			h.Costs = append(h.Costs, Cost{Path: args[0], Units: units})
+		case "key_from":
+			src, err := parseKeySource(d)
+			if err != nil {
+				return err
+			}
+			if prev, dup := sources[src]; dup {
+				return d.Errf("key_from: this source is given twice (first at %s)", position(prev))
+			}
+			sources[src] = d.Token()
+			h.KeyFrom = append(h.KeyFrom, src)
+		// Later handler options go here.
+		default:
+			return d.Errf("api_monetize: unrecognized option '%s'; expected cost or key_from", opt)
+		}
+	}
+	return nil
+}
+
+// parseKeySource parses the arguments of key_from.
+func parseKeySource(d *caddyfile.Dispenser) (KeySource, error) {
+	args, err := lineArgs(d)
+	if err != nil {
+		return KeySource{}, err
+	}
+	const usage = "key_from: expected 'header <Name>', 'query <param>' or 'bearer'"
+	if len(args) == 0 {
+		return KeySource{}, d.Err(usage)
+	}
+	switch args[0] {
+	case "header":
+		if len(args) != 2 {
+			return KeySource{}, d.Err(usage)
+		}
+		name := args[1]
+		if strings.Contains(name, "_") {
+			return KeySource{}, d.Errf("key_from header %s: Caddy (since v2.11.4) drops request headers whose name contains '_' before any handler sees them; use a hyphen instead, e.g. %s", name, strings.ReplaceAll(name, "_", "-"))
+		}
+		if !validHeaderName(name) {
+			return KeySource{}, d.Errf("key_from header: '%s' is not a valid header name", name)
+		}
+		return KeySource{Header: name}, nil
+	case "query":
+		if len(args) != 2 || args[1] == "" {
+			return KeySource{}, d.Err(usage)
+		}
+		return KeySource{Query: args[1]}, nil
+	case "bearer":
+		if len(args) != 1 {
+			return KeySource{}, d.Err(usage)
+		}
+		return KeySource{Bearer: true}, nil
+	}
+	return KeySource{}, d.Errf("%s, got '%s'", usage, args[0])
+}
+
+// lineArgs returns the remaining arguments of the current option and
+// refuses a block after them: none of the options parsed with it takes one.
+func lineArgs(d *caddyfile.Dispenser) ([]string, error) {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	return args, noBlock(d, opt)
+}
+
+// single reads an option that may be given once, with one value.
+func single(d *caddyfile.Dispenser, seen map[string]caddyfile.Token) (string, error) {
+	if err := once(d, seen); err != nil {
+		return "", err
+	}
+	return oneArg(d)
+}
+
+// oneArg returns the single argument of the current option.
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	args, err := lineArgs(d)
+	if err != nil {
+		return "", err
+	}
+	if len(args) != 1 {
+		return "", d.Errf("%s: expected exactly one value, got %d", opt, len(args))
+	}
+	return args[0], nil
+}
+
+// noBlock fails if a { } block follows the arguments of opt, which have
+// all been read.
+func noBlock(d *caddyfile.Dispenser, opt string) error {
+	if d.NextLine() {
+		d.Prev()
+		return nil
+	}
+	// Anything left on the line is not an argument: a block opening.
+	if d.Next() {
+		return d.Errf("unexpected block after '%s': this option takes no block", opt)
+	}
+	return nil
+}
+
+// once records the option under the cursor and fails if it was seen before.
+func once(d *caddyfile.Dispenser, seen map[string]caddyfile.Token) error {
+	opt := d.Val()
+	if prev, dup := seen[opt]; dup {
+		return d.Errf("'%s' is given twice (first at %s)", opt, position(prev))
+	}
+	seen[opt] = d.Token()
+	return nil
+}
+
+// errAt builds an error located at tok, worded like Dispenser.Errf.
+func errAt(tok caddyfile.Token, format string, args ...any) error {
+	d := caddyfile.NewDispenser([]caddyfile.Token{tok})
+	d.Next()
+	return d.Errf(format, args...)
+}
+
+// position is "file:line" of tok.
+func position(tok caddyfile.Token) string {
+	return tok.File + ":" + strconv.Itoa(tok.Line)
+}
+
+// names lists the keys of m, sorted, for error messages.
+func names(m map[string]caddyfile.Token) string {
+	if len(m) == 0 {
+		return "none"
+	}
+	return strings.Join(slices.Sorted(maps.Keys(m)), ", ")
+}
+
+// hasPlaceholder reports whether s holds a {placeholder}, whose value is
+// only known when the config is loaded.
+func hasPlaceholder(s string) bool {
+	return strings.Contains(s, "{") && strings.Contains(s, "}")
+}
+
+// checkName accepts tier names and customer ids: 1 to 64 ASCII letters,
+// digits, '.', '_' or '-'. They appear in response headers, metrics and
+// store keys.
+func checkName(s string) error {
+	if len(s) == 0 || len(s) > 64 {
+		return errors.New("must be 1 to 64 characters long")
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return errors.New("may only contain ASCII letters, digits, '.', '_' and '-'")
+		}
+	}
+	return nil
+}
+
+// checkPathPattern accepts Caddy path-matcher patterns, which start with
+// '/' or '*'.
+func checkPathPattern(p string) error {
+	if !strings.HasPrefix(p, "/") && !strings.HasPrefix(p, "*") {
+		return fmt.Errorf("path pattern '%s' must start with '/' or '*', as in /v1/*", p)
+	}
+	return nil
+}
+
+// checkRedisURL validates a literal Redis URL the way the store will parse
+// it. The URL is never echoed: it may hold a password.
+func checkRedisURL(v string) error {
+	if hasPlaceholder(v) {
+		return nil
+	}
+	if _, err := redis.ParseURL(v); err != nil {
+		const usage = "redis: expected a URL such as redis://[user:password@]host:6379/0 (rediss:// for TLS, or unix://)"
+		var urlErr *url.Error
+		if errors.As(err, &urlErr) {
+			return errors.New(usage)
+		}
+		return fmt.Errorf("%s: %v", usage, err)
+	}
+	return nil
+}
+
+// checkUpgradeURL accepts an absolute http(s) URL, or a placeholder.
+func checkUpgradeURL(v string) error {
+	if hasPlaceholder(v) {
+		return nil
+	}
+	u, err := url.Parse(v)
+	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return errors.New("expected an absolute URL such as https://example.com/pricing")
+	}
+	return nil
+}
+
+// validHeaderName reports whether s is an RFC 9110 field name (a token).
+func validHeaderName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' {
+			continue
+		}
+		if !strings.ContainsRune("!#$%&'*+-.^_`|~", rune(c)) {
+			return false
+		}
+	}
+	return true
+}
+
+// parsePrice parses "0", "custom" or "<amount>/<month|year>". A zero
+// amount returns nil: the tier is free.
+func parsePrice(s string) (*Price, error) {
+	if s == "custom" {
+		return &Price{Custom: true}, nil
+	}
+	amount, interval, hasInterval := strings.Cut(s, "/")
+	micros, err := parseMicros(amount)
+	if err != nil {
+		return nil, err
+	}
+	if hasInterval && interval != "month" && interval != "year" {
+		return nil, fmt.Errorf("the interval must be month or year, as in 49.00/month, got '%s'", interval)
+	}
+	if micros == 0 {
+		return nil, nil
+	}
+	if !hasInterval {
+		return nil, fmt.Errorf("expected an interval, as in %s/month or %s/year (or 'price 0', 'price custom')", amount, amount)
+	}
+	return &Price{AmountMicros: micros, Interval: interval}, nil
+}
+
+// parseMicros parses a non-negative decimal number with at most six
+// fraction digits into millionths, exactly: "49.00" is 49000000.
+func parseMicros(s string) (int64, error) {
+	switch {
+	case strings.HasPrefix(s, "-"):
+		return 0, errors.New("must not be negative")
+	case strings.Contains(s, ","):
+		return 0, errors.New("use '.' as the decimal separator, as in 49.00")
+	}
+	whole, frac, hasDot := strings.Cut(s, ".")
+	if whole == "" || (hasDot && frac == "") || !isDigits(whole) || !isDigits(frac) {
+		return 0, errors.New("expected a decimal number such as 49 or 49.99")
+	}
+	if len(frac) > 6 {
+		return 0, errors.New("at most 6 decimal places are supported")
+	}
+	var v int64
+	for _, c := range whole + frac + strings.Repeat("0", 6-len(frac)) {
+		digit := int64(c - '0')
+		if v > (math.MaxInt64-digit)/10 {
+			return 0, errors.New("too large")
+		}
+		v = v*10 + digit
+	}
+	return v, nil
+}
+
+// parseIncluded parses "<units>/month".
+func parseIncluded(s string) (*Included, error) {
+	n, interval, ok := strings.Cut(s, "/")
+	units, err := parseCount(n)
+	if err != nil {
+		return nil, errors.New("expected a whole number of units per month, as in 50000/month")
+	}
+	if !ok || interval != "month" {
+		return nil, fmt.Errorf("included units are counted per month; write %s/month", n)
+	}
+	return &Included{Units: units, Interval: "month"}, nil
+}
+
+// rateWindows maps the units accepted after "rate <n>/" to their window.
+var rateWindows = map[string]time.Duration{
+	"s": time.Second, "sec": time.Second, "second": time.Second,
+	"m": time.Minute, "min": time.Minute, "minute": time.Minute,
+	"h": time.Hour, "hour": time.Hour,
+	"d": 24 * time.Hour, "day": 24 * time.Hour,
+}
+
+// parseRate parses the arguments "<n>/<unit> [burst <b>]".
+func parseRate(args []string) (*Rate, error) {
+	if len(args) != 1 && len(args) != 3 {
+		return nil, errors.New("expected <units>/<window> [burst <units>], as in 100/min or 1000/min burst 200")
+	}
+	n, unit, ok := strings.Cut(args[0], "/")
+	limit, err := parseCount(n)
+	if err != nil || !ok {
+		return nil, errors.New("expected <units>/<window>, as in 100/min")
+	}
+	if limit == 0 {
+		return nil, errors.New("the limit must be at least 1 unit per window; to block a tier, narrow its endpoints")
+	}
+	window, ok := rateWindows[unit]
+	if !ok {
+		return nil, fmt.Errorf("unknown window '%s'; expected s, sec, second, m, min, minute, h, hour, d or day", unit)
+	}
+	r := &Rate{Limit: limit, Window: caddy.Duration(window)}
+	if len(args) == 3 {
+		if args[1] != "burst" {
+			return nil, fmt.Errorf("unexpected '%s'; only 'burst <units>' may follow the rate", args[1])
+		}
+		burst, err := parseCount(args[2])
+		if err != nil || burst == 0 {
+			return nil, fmt.Errorf("burst must be a whole number ≥ 1, got '%s'", args[2])
+		}
+		r.Burst = burst
+	}
+	return r, nil
+}
+
+// checkSLA accepts "<percent>%" with 0 < percent ≤ 100.
+func checkSLA(s string) error {
+	num, ok := strings.CutSuffix(s, "%")
+	if !ok {
+		return errors.New("expected a percentage such as 99.9%")
+	}
+	micros, err := parseMicros(num)
+	if err != nil {
+		return fmt.Errorf("expected a percentage such as 99.9%%: %v", err)
+	}
+	if micros == 0 || micros > 100_000_000 {
+		return errors.New("must be more than 0% and at most 100%")
+	}
+	return nil
+}
+
+// parseCount parses a non-negative decimal integer without sign.
+func parseCount(s string) (int64, error) {
+	if !isDigits(s) || s == "" {
+		return 0, errors.New("not a whole number")
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
+
+// isDigits reports whether s holds only ASCII digits (true for "").
+func isDigits(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*App)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)
