@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# Load benchmark of the api_monetize handler against bare Caddy, on loopback.
+#
+#   bash bench/run.sh                       # 5 rounds x 10 s at 32 connections
+#   ROUNDS=3 DURATION=5 CONNS="32 1" bash bench/run.sh
+#   CADDY=/path/to/caddy bash bench/run.sh  # skip the build, use this binary
+#   GOGC=400 bash bench/run.sh              # GOGC/GOMAXPROCS/GOMEMLIMIT go to every Caddy
+#
+# Builds Caddy from xcaddy.json once (go -C build run .), then starts, each as
+# its own process on 127.0.0.1 with its own admin port:
+#   A  bare Caddy: respond
+#   B  bare Caddy: reverse_proxy to the upstream
+#   C  api_monetize (embedded store) + reverse_proxy to the upstream
+#   D  api_monetize (Redis store)    + reverse_proxy to the upstream
+#   upstream: Caddy (same binary) with respond; a private redis-server for D.
+# C and D have one tier (rate 100000000/min, never denies) and one
+# Caddyfile-declared key, sent by wrk in X-API-Key; every config is hit on
+# /v1/bench. After a warm-up, each round runs every config once per
+# connection count, the config order rotated every round so machine drift
+# hits all alike. Per run it records wrk's req/s and p50/p99, the processes'
+# utime+stime from /proc/<pid>/stat, GC cycles (GODEBUG=gctrace=1) and, for D,
+# Redis INFO commandstats. It prints medians over the rounds and paired
+# ratios (taken per round, then the median) of C and D to B.
+#
+# Needs wrk, redis-server and redis-cli (installed with apt-get when missing
+# and running as root), curl and go. Everything listens on 127.0.0.1 only,
+# every run is bounded by DURATION, and every process started here is killed
+# at exit. Caddy's data and config go to a temporary directory (private
+# XDG_DATA_HOME/XDG_CONFIG_HOME) that is removed at exit.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+ROUNDS="${ROUNDS:-5}"
+DURATION="${DURATION:-10}"
+WARMUP="${WARMUP:-2}"
+CONNS="${CONNS:-32}"
+THREADS="${THREADS:-1}"
+BASE_PORT="${BASE_PORT:-18180}"
+CONFIGS=(A B C D)
+
+for v in ROUNDS DURATION WARMUP THREADS BASE_PORT; do
+	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "$v must be a whole number" >&2; exit 2; }
+done
+((ROUNDS >= 1 && ROUNDS <= 50 && DURATION >= 1 && DURATION <= 120)) ||
+	{ echo "ROUNDS must be 1..50 and DURATION 1..120 s" >&2; exit 2; }
+for c in $CONNS; do
+	[[ "$c" =~ ^[0-9]+$ ]] && ((c >= 1 && c <= 1000)) || { echo "CONNS must list numbers 1..1000" >&2; exit 2; }
+done
+
+# Ports: sites, upstream, admin endpoints, Redis.
+declare -A PORT=([A]=$((BASE_PORT + 1)) [B]=$((BASE_PORT + 2)) [C]=$((BASE_PORT + 3)) [D]=$((BASE_PORT + 4)) [U]=$((BASE_PORT + 10)))
+declare -A ADMIN=([A]=$((BASE_PORT + 21)) [B]=$((BASE_PORT + 22)) [C]=$((BASE_PORT + 23)) [D]=$((BASE_PORT + 24)) [U]=$((BASE_PORT + 30)))
+REDIS_PORT=$((BASE_PORT + 40))
+
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+	local pid
+	for pid in "${pids[@]}"; do
+		kill "$pid" 2>/dev/null || true
+	done
+	for pid in "${pids[@]}"; do
+		wait "$pid" 2>/dev/null || true
+	done
+	rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+need() { # need <command> <debian package>
+	command -v "$1" >/dev/null && return
+	if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+		DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >/dev/null ||
+			{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >/dev/null; }
+	fi
+	command -v "$1" >/dev/null || { echo "missing $1 (Debian package $2)" >&2; exit 1; }
+}
+need wrk wrk
+need redis-server redis-server
+need redis-cli redis-tools
+need curl curl
+
+port_free() { # nothing accepts connections on 127.0.0.1:<port>
+	if { exec 3<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null; then
+		exec 3>&-
+		return 1
+	fi
+}
+for p in "${PORT[@]}" "${ADMIN[@]}" "$REDIS_PORT"; do
+	port_free "$p" || { echo "port $p on 127.0.0.1 is in use; set BASE_PORT" >&2; exit 1; }
+done
+
+# ---- build ----
+if [[ -n "${CADDY:-}" ]]; then
+	caddy="$CADDY"
+else
+	echo "building Caddy from xcaddy.json ..."
+	go -C build run . -o "$work/caddy" >"$work/build.log" 2>&1 || { tail -30 "$work/build.log" >&2; exit 1; }
+	caddy="$work/caddy"
+fi
+"$caddy" list-modules | grep -qx http.handlers.api_monetize ||
+	{ echo "$caddy has no http.handlers.api_monetize module" >&2; exit 1; }
+
+# ---- configuration ----
+# The key and the HMAC secret are random per run and reach Caddy through
+# placeholders, so they are never written to a file.
+BENCH_API_KEY="bench$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+BENCH_KEY_SECRET="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export BENCH_API_KEY BENCH_KEY_SECRET
+export XDG_DATA_HOME="$work/data" XDG_CONFIG_HOME="$work/config"
+
+global() { # global <admin port> [api_monetize store line]
+	printf '{\n\tadmin localhost:%s\n\tauto_https off\n\tpersist_config off\n' "$1"
+	if (($# > 1)); then
+		printf '\tapi_monetize {\n'
+		[[ -n "$2" ]] && printf '\t\t%s\n' "$2"
+		printf '\t\tkey_secret {env.BENCH_KEY_SECRET}\n'
+		printf '\t\ttier pro {\n\t\t\trate 100000000/min\n\t\t\tendpoints /v1/*\n\t\t}\n'
+		printf '\t\tcustomer acme tier pro\n'
+		printf '\t\tkey {env.BENCH_API_KEY} acme\n'
+		printf '\t}\n'
+	fi
+	printf '}\n'
+}
+site() { # site <port> <handler lines...>
+	printf ':%s {\n\tbind 127.0.0.1\n' "$1"
+	shift
+	printf '\t%s\n' "$@"
+	printf '}\n'
+}
+upstream="reverse_proxy 127.0.0.1:${PORT[U]}"
+{ global "${ADMIN[U]}"; site "${PORT[U]}" 'respond "ok"'; } >"$work/U.Caddyfile"
+{ global "${ADMIN[A]}"; site "${PORT[A]}" 'respond "ok"'; } >"$work/A.Caddyfile"
+{ global "${ADMIN[B]}"; site "${PORT[B]}" "$upstream"; } >"$work/B.Caddyfile"
+{ global "${ADMIN[C]}" ""; site "${PORT[C]}" api_monetize "$upstream"; } >"$work/C.Caddyfile"
+{ global "${ADMIN[D]}" "redis redis://127.0.0.1:$REDIS_PORT/0"; site "${PORT[D]}" api_monetize "$upstream"; } >"$work/D.Caddyfile"
+
+# ---- processes ----
+declare -A PID
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+	--daemonize no --logfile "$work/redis.log" &
+PID[R]=$!
+pids+=("${PID[R]}")
+rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+for _ in $(seq 50); do rcli ping >/dev/null 2>&1 && break; sleep 0.1; done
+rcli ping >/dev/null || { echo "private Redis did not start" >&2; cat "$work/redis.log" >&2; exit 1; }
+
+for c in U A B C D; do
+	mkdir -p "$work/data-$c"
+	XDG_DATA_HOME="$work/data-$c" GODEBUG="${GODEBUG:+$GODEBUG,}gctrace=1" \
+		"$caddy" run --config "$work/$c.Caddyfile" --adapter caddyfile >"$work/$c.log" 2>&1 &
+	PID[$c]=$!
+	pids+=("${PID[$c]}")
+done
+
+URL() { echo "http://127.0.0.1:${PORT[$1]}/v1/bench"; }
+for c in U A B C D; do
+	code=000
+	for _ in $(seq 100); do
+		code="$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $BENCH_API_KEY" "$(URL "$c")" || true)"
+		[[ "$code" == 200 ]] && break
+		kill -0 "${PID[$c]}" 2>/dev/null || break
+		sleep 0.1
+	done
+	if [[ "$code" != 200 ]]; then
+		echo "config $c does not answer 200 on $(URL "$c") (got $code); its log:" >&2
+		grep -v '^gc ' "$work/$c.log" | tail -20 >&2
+		curl -s -H "X-API-Key: $BENCH_API_KEY" "$(URL "$c")" >&2 || true
+		exit 1
+	fi
+done
+
+# ---- measurement helpers ----
+CLK_TCK="$(getconf CLK_TCK)"
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime+stime of pid
+gc_count() { grep -c '^gc ' "$work/$1.log" || true; }
+redis_calls() { # evalsha+eval calls, all commands
+	rcli info commandstats | tr -d '\r' | awk -F'[:=,]' '
+		/^cmdstat_(evalsha|eval|evalsha_ro|eval_ro|fcall|fcall_ro):/ { s += $3 }
+		/^cmdstat_/ { a += $3 }
+		END { printf "%d %d\n", s, a }'
+}
+
+# run_wrk <config> <conns> <seconds> <outfile>
+run_wrk() {
+	timeout $(($3 + 15)) wrk -t"$THREADS" -c"$2" -d"$3s" --latency \
+		-H "X-API-Key: $BENCH_API_KEY" "$(URL "$1")" >"$4"
+}
+
+results="$work/results.tsv" # round conns config rps p50_ms p99_ms requests bad gw_us up_us redis_us gc calls cmds
+: >"$results"
+
+measure() { # measure <round> <conns> <config>
+	local r=$1 n=$2 c=$3 out="$work/wrk.out"
+	local gw0 up0 rd0 gc0 calls0 cmds0 gw1 up1 rd1 gc1 calls1 cmds1
+	gw0=$(cpu_ticks "${PID[$c]}"); up0=$(cpu_ticks "${PID[U]}"); rd0=$(cpu_ticks "${PID[R]}")
+	gc0=$(gc_count "$c"); read -r calls0 cmds0 < <(redis_calls)
+	run_wrk "$c" "$n" "$DURATION" "$out"
+	gw1=$(cpu_ticks "${PID[$c]}"); up1=$(cpu_ticks "${PID[U]}"); rd1=$(cpu_ticks "${PID[R]}")
+	gc1=$(gc_count "$c"); read -r calls1 cmds1 < <(redis_calls)
+	awk -v r="$r" -v n="$n" -v c="$c" -v tck="$CLK_TCK" \
+		-v gw=$((gw1 - gw0)) -v up=$((up1 - up0)) -v rd=$((rd1 - rd0)) -v gc=$((gc1 - gc0)) \
+		-v calls=$((calls1 - calls0)) -v cmds=$((cmds1 - cmds0 - 1)) '
+		function ms(v) {
+			if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0
+			if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v + 0
+		}
+		/Requests\/sec:/ { rps = $2 }
+		/^ +50%/ { p50 = ms($2) }
+		/^ +99%/ { p99 = ms($2) }
+		/ requests in / { reqs = $1 }
+		/Non-2xx or 3xx responses:/ { bad += $NF }
+		/Socket errors:/ { gsub(/[^0-9 ]/, " "); split($0, e, " +"); for (i in e) bad += e[i] }
+		END {
+			if (reqs < 1) { print "wrk reported no requests" > "/dev/stderr"; exit 1 }
+			us = 1e6 / tck / reqs
+			if (c != "D") { calls = 0; cmds = 0; rd = 0 }
+			if (c == "A") up = 0
+			printf "%d\t%d\t%s\t%.0f\t%.3f\t%.3f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.3f\t%.3f\t%.3f\n",
+				r, n, c, rps, p50, p99, reqs, bad, gw * us, up * us, rd * us, gc * 1000 / reqs, calls / reqs, cmds / reqs
+		}' "$out" >>"$results"
+	tail -1 "$results" | awk -F'\t' '{ printf "  round %d  c=%-4d %s  %8.0f req/s  p50 %.3f ms  p99 %.3f ms  gw %.1f us/req%s\n", $1, $2, $3, $4, $5, $6, $9, ($8 > 0 ? "  ERRORS/NON-2XX: " $8 : "") }'
+}
+
+# ---- report header ----
+echo
+echo "== environment"
+echo "  $("$caddy" version)  api_monetize checkout: $(git describe --always --dirty 2>/dev/null || echo unknown)"
+echo "  $(go version 2>/dev/null || echo 'go: not in PATH')   $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)   $(redis-server --version | cut -d' ' -f1-3)"
+echo "  CPU: $(nproc) x $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
+echo "  GOGC=${GOGC:-unset (Go default 100)}  GOMAXPROCS=${GOMAXPROCS:-unset (Go default: $(nproc) CPUs)}  GOMEMLIMIT=${GOMEMLIMIT:-unset}"
+echo "  wrk -t$THREADS -c{$CONNS} -d${DURATION}s, $ROUNDS rounds, order rotated per round; all on 127.0.0.1"
+
+echo
+echo "== warm-up (${WARMUP}s per config)"
+if ((WARMUP > 0)); then
+	for c in "${CONFIGS[@]}"; do
+		for n in $CONNS; do run_wrk "$c" "$n" "$WARMUP" /dev/null; done
+	done
+fi
+
+echo
+echo "== rounds"
+for ((r = 1; r <= ROUNDS; r++)); do
+	for n in $CONNS; do
+		for ((i = 0; i < ${#CONFIGS[@]}; i++)); do
+			measure "$r" "$n" "${CONFIGS[$(((i + r - 1) % ${#CONFIGS[@]}))]}"
+			sleep 1
+		done
+	done
+done
+
+for c in "${CONFIGS[@]}"; do
+	kill -0 "${PID[$c]}" 2>/dev/null || { echo "config $c's Caddy exited during the benchmark" >&2; exit 1; }
+done
+
+# ---- summary ----
+echo
+echo "== results: medians over $ROUNDS rounds; ratios are paired (per round, then median)"
+echo "   CPU columns are process utime+stime per request served: gw = the Caddy under test,"
+echo "   up = the upstream Caddy, rds = redis-server (D only). GC = gateway GC cycles per 1k requests."
+echo "   redis calls = EVAL/EVALSHA calls per request; cmds = all Redis commands per request (D only)."
+for n in $CONNS; do
+	echo
+	echo "-- wrk -c$n"
+	awk -F'\t' -v n="$n" '
+		function median(s,   a, k, m) {
+			k = split(s, a, " "); if (k == 0) return "n/a"
+			# insertion sort, k is small
+			for (i = 2; i <= k; i++) { v = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+			m = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+			return m
+		}
+		function minmax(s,   a, k, lo, hi) {
+			k = split(s, a, " "); lo = hi = a[1] + 0
+			for (i = 2; i <= k; i++) { if (a[i] + 0 < lo) lo = a[i] + 0; if (a[i] + 0 > hi) hi = a[i] + 0 }
+			return sprintf("%.1fk-%.1fk", lo / 1000, hi / 1000)
+		}
+		$2 == n {
+			c = $3; r = $1
+			rps[c] = rps[c] " " $4; p50[c] = p50[c] " " $5; p99[c] = p99[c] " " $6
+			bad[c] += $8; gw[c] = gw[c] " " $9; up[c] = up[c] " " $10; rd[c] = rd[c] " " $11
+			gc[c] = gc[c] " " $12; calls[c] = calls[c] " " $13; cmds[c] = cmds[c] " " $14
+			R[r, c, "rps"] = $4; R[r, c, "gw"] = $9; R[r, c, "tot"] = $9 + $10 + $11; rounds[r] = 1
+		}
+		END {
+			printf "%-34s %9s %13s %7s %7s %7s %6s %6s %6s %6s %6s %6s %9s %9s %9s\n",
+				"config", "req/s", "[min-max]", "p50 ms", "p99 ms", "gw us", "up us", "rds us", "GC/1k",
+				"calls", "cmds", "errors", "rps/B", "gw cpu/B", "all cpu/B"
+			name["A"] = "A bare respond"; name["B"] = "B bare reverse_proxy"
+			name["C"] = "C api_monetize embedded + proxy"; name["D"] = "D api_monetize Redis + proxy"
+			split("A B C D", order, " ")
+			for (o = 1; o <= 4; o++) {
+				c = order[o]
+				rr = ""; rg = ""; rt = ""
+				for (r in rounds) if ((r, c, "rps") in R && (r, "B", "rps") in R) {
+					rr = rr " " R[r, c, "rps"] / R[r, "B", "rps"]
+					rg = rg " " R[r, c, "gw"] / R[r, "B", "gw"]
+					rt = rt " " R[r, c, "tot"] / R[r, "B", "tot"]
+				}
+				printf "%-34s %9.0f %13s %7.3f %7.3f %7.1f %6.1f %6.1f %6.2f %6s %6s %6d %9.3f %9.3f %9.3f\n",
+					name[c], median(rps[c]), minmax(rps[c]), median(p50[c]), median(p99[c]),
+					median(gw[c]), median(up[c]), median(rd[c]), median(gc[c]),
+					(c == "D" ? sprintf("%.2f", median(calls[c])) : "-"),
+					(c == "D" ? sprintf("%.2f", median(cmds[c])) : "-"),
+					bad[c], median(rr), median(rg), median(rt)
+			}
+		}' "$results"
+done
+
+if awk -F'\t' '$8 > 0 { bad = 1 } END { exit !bad }' "$results"; then
+	echo
+	echo "WARNING: some runs had socket errors or non-2xx responses (errors column); those numbers are not comparable." >&2
+fi
+if [[ -n "${BENCH_RESULTS:-}" ]]; then
+	cp "$results" "$BENCH_RESULTS"
+	echo "raw per-run rows written to $BENCH_RESULTS"
+fi
