@@ -6,7 +6,6 @@ package module
 import (
 	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -69,9 +68,11 @@ type App struct {
 	logger     *zap.Logger
 
 	ready     chan struct{} // closed when Start has upserted the configuration
+	// removedKeysRevoked is set once keys dropped from the configuration
+	// have been revoked.
+	removedKeysRevoked bool
 	bgCancel  context.CancelFunc
 	bgWG      sync.WaitGroup
-	startOnce sync.Once
 }
 
 // CaddyModule returns the Caddy module information.
@@ -172,29 +173,48 @@ func (a *App) Start() error {
 	}
 	err := a.syncConfig(bg)
 	close(a.ready)
-	if err == nil {
-		return nil
+	if err != nil {
+		a.logger.Error("could not store the configured customers and keys; retrying in the background", zap.Error(err))
 	}
-	a.logger.Error("could not store the configured customers and keys; retrying in the background", zap.Error(err))
 	a.bgWG.Add(1)
-	go func() {
-		defer a.bgWG.Done()
-		defer recoverLog(a.logger)
-		backoff := 100 * time.Millisecond
-		for {
-			select {
-			case <-bg.Done():
-				return
-			case <-time.After(backoff):
-			}
-			if err := a.syncConfig(bg); err == nil {
-				a.logger.Info("stored the configured customers and keys")
-				return
-			}
+	go a.resyncLoop(bg, err == nil)
+	return nil
+}
+
+// configResyncInterval is how often the configured customers and keys are
+// written again, so a store that lost its data (a Redis restarted without
+// persistence) gets them back without a reload. Unchanged records are not
+// rewritten.
+var configResyncInterval = time.Minute
+
+// resyncLoop retries a failed initial sync with backoff, then re-asserts
+// the configuration every configResyncInterval until ctx is done.
+func (a *App) resyncLoop(ctx context.Context, synced bool) {
+	defer a.bgWG.Done()
+	defer recoverLog(a.logger)
+	backoff := 100 * time.Millisecond
+	for {
+		wait := configResyncInterval
+		if !synced {
+			wait = backoff
 			backoff = min(2*backoff, 10*time.Second)
 		}
-	}()
-	return nil
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		err := a.syncConfig(ctx)
+		switch {
+		case err == nil && !synced:
+			a.logger.Info("stored the configured customers and keys")
+		case err != nil && synced:
+			a.logger.Error("could not re-store the configured customers and keys", zap.Error(err))
+		}
+		synced = err == nil
+	}
 }
 
 // Stop stops the app's background work and waits for it.
@@ -245,17 +265,51 @@ func (a *App) syncConfig(ctx context.Context) error {
 		}
 	}
 	repl := caddy.NewReplacer()
+	declared := make(map[string]bool, len(a.Keys))
 	for _, k := range a.Keys {
 		key := repl.ReplaceAll(k.Key, "")
 		hash := apikey.Hash(secret, key)
+		declared[hash] = true
 		if _, err := st.PutKey(ctx, store.Key{
 			ID: apikey.ID(hash), Hash: hash, CustomerID: k.Customer,
-			Prefix: apikey.DisplayPrefix(key), CreatedAt: now,
+			Prefix: apikey.DisplayPrefix(key), CreatedAt: now, FromConfig: true,
 		}); err != nil {
 			return fmt.Errorf("storing a key of customer %q: %w", k.Customer, err)
 		}
 	}
-	a.shared.registry.invalidate()
+	if !a.removedKeysRevoked {
+		if err := revokeUndeclaredKeys(ctx, st, declared); err != nil {
+			return err
+		}
+		// Revoked keys stop working at once here; other processes learn
+		// through the store's change notifications.
+		a.shared.registry.invalidate()
+		a.removedKeysRevoked = true
+	}
+	return nil
+}
+
+// revokeUndeclaredKeys revokes the keys an earlier configuration declared
+// and this one no longer does. Only a starting app calls it, so an old
+// config still running during a reload never revokes the new config's keys.
+func revokeUndeclaredKeys(ctx context.Context, st store.Store, declared map[string]bool) error {
+	customers, err := st.ListCustomers(ctx)
+	if err != nil {
+		return fmt.Errorf("listing customers: %w", err)
+	}
+	for _, c := range customers {
+		keys, err := st.ListKeys(ctx, c.ID)
+		if err != nil {
+			return fmt.Errorf("listing keys of customer %q: %w", c.ID, err)
+		}
+		for _, k := range keys {
+			if k.FromConfig && k.Active() && !declared[k.Hash] {
+				if _, err := st.RevokeKey(ctx, k.ID); err != nil {
+					return fmt.Errorf("revoking removed key %s: %w", k.ID, err)
+				}
+			}
+		}
+	}
 	return nil
 }
 
@@ -297,8 +351,6 @@ func recoverLog(logger *zap.Logger) {
 		logger.Error("background task panicked", zap.Any("panic", r), zap.Stack("stack"))
 	}
 }
-
-var errNotReady = errors.New("api_monetize is starting")
 
 // Interface guards
 var (

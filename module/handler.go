@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -339,8 +340,17 @@ func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, tier 
 	}, time.Second)
 }
 
+// storeErrorLogged is when a store error was last logged (Unix ns): during
+// an outage every request fails, so errors are logged at most once per
+// second per process; the metric counts them all.
+var storeErrorLogged atomic.Int64
+
 func (h *Handler) logStoreError(op string, err error) {
-	if c := h.logger.Check(zapcore.ErrorLevel, "api_monetize store call failed"); c != nil {
+	now, last := time.Now().UnixNano(), storeErrorLogged.Load()
+	if now-last < int64(time.Second) || !storeErrorLogged.CompareAndSwap(last, now) {
+		return
+	}
+	if c := h.logger.Check(zapcore.ErrorLevel, "api_monetize store call failed (logged at most once per second)"); c != nil {
 		c.Write(zap.String("operation", op), zap.Bool("unavailable", errors.Is(err, store.ErrUnavailable)), zap.Error(err))
 	}
 }

@@ -58,6 +58,9 @@ type Key struct {
 	CreatedAt time.Time `json:"created_at"`
 	// RevokedAt is when the key was revoked; zero while the key is active.
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
+	// FromConfig marks a key declared in the configuration: it is revoked
+	// when a later configuration no longer declares it.
+	FromConfig bool `json:"from_config,omitempty"`
 }
 
 // Active reports whether the key may still be used.
@@ -99,8 +102,9 @@ type Store interface {
 	// SetTier changes a customer's tier and returns the updated customer.
 	SetTier(ctx context.Context, id, tier string) (Customer, error)
 
-	// PutKey stores a key. Storing a hash that exists updates its owner but
-	// keeps its CreatedAt and its revocation: a revoked key stays revoked.
+	// PutKey stores a key. Storing a hash that exists updates its owner and
+	// FromConfig but keeps its CreatedAt and its revocation: a revoked key
+	// stays revoked.
 	PutKey(ctx context.Context, k Key) (Key, error)
 	// KeyByHash looks a key up by its hash.
 	KeyByHash(ctx context.Context, hash string) (Key, error)
