@@ -51,6 +51,23 @@ type App struct {
 	// UpgradeURL is where 403 and 429 responses tell callers to upgrade
 	// their plan.
 	UpgradeURL string `json:"upgrade_url,omitempty"`
+	// Currency is the ISO 4217 code prices are in (lower case). Default:
+	// "usd".
+	Currency string `json:"currency,omitempty"`
+	// BillOn lists the response classes ("2xx") and codes ("404") that are
+	// billable. Default: 2xx and 3xx. Anything else, a proxy error or a
+	// client gone before the status, releases the reserved cost.
+	BillOn []string `json:"bill_on,omitempty"`
+	// UsageCostHeader names a response header a trusted upstream sets to
+	// the request's real cost in units; it replaces the reserved cost and is
+	// removed before the response reaches the client.
+	UsageCostHeader string `json:"usage_cost_header,omitempty"`
+	// MaxUsageCost caps the value of UsageCostHeader. Default: 1000000.
+	MaxUsageCost int64 `json:"max_usage_cost,omitempty"`
+	// Thresholds are the percentages of a tier's included units whose
+	// crossing is recorded once per customer and period. Default: 80 100
+	// 120.
+	Thresholds []int `json:"thresholds,omitempty"`
 	// Tiers are the plans customers can be on, in the order they are
 	// offered.
 	Tiers []Tier `json:"tiers,omitempty"`

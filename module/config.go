@@ -26,6 +26,15 @@ type Tier struct {
 	Support string `json:"support,omitempty"`
 	// SLA is the availability commitment, as written (e.g. "99.9%").
 	SLA string `json:"sla,omitempty"`
+	// OverQuota decides what happens once the period's Included units are
+	// used up. Default: block.
+	OverQuota *OverQuota `json:"over_quota,omitempty"`
+	// Period is the billing period. Default: calendar months in UTC.
+	Period *Period `json:"period,omitempty"`
+	// Thresholds override the app's thresholds for this tier: percentages
+	// of Included whose crossing is recorded once per period. An empty,
+	// non-nil list disables them.
+	Thresholds []int `json:"thresholds,omitempty"`
 	// OnStoreError decides admission when the store cannot be reached:
 	// "local" (default) decides with in-process rate-limit state, "allow"
 	// admits without limiting, "deny" answers 503.
@@ -111,4 +120,26 @@ type KeySource struct {
 	Query string `json:"query,omitempty"`
 	// Bearer takes the key from "Authorization: Bearer <key>".
 	Bearer bool `json:"bearer,omitempty"`
+}
+
+// OverQuota is what a tier does beyond its included units.
+type OverQuota struct {
+	// Mode is "block" (429 until the period ends), "bill" (allowed; the
+	// excess is recorded as overage) or "throttle" (allowed at the Throttle
+	// rate; with PriceMicros the excess is billed too).
+	Mode string `json:"mode"`
+	// PriceMicros is the price of one unit beyond the quota, in millionths
+	// of the currency unit (0.002 USD = 2000).
+	PriceMicros int64 `json:"price_micros,omitempty"`
+	// Throttle is the rate applied beyond the quota in throttle mode.
+	Throttle *Rate `json:"throttle,omitempty"`
+}
+
+// Period is a tier's billing period.
+type Period struct {
+	// Anniversary starts periods on each customer's anchor day instead of
+	// the first of the month (days 29–31 clamp to the month's last day).
+	Anniversary bool `json:"anniversary,omitempty"`
+	// Zone is the IANA time zone of calendar months. Default: UTC.
+	Zone string `json:"zone,omitempty"`
 }
