@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/apimonetize/caddy-api-monetize/apikey"
+	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
@@ -76,20 +78,22 @@ type App struct {
 	// Keys are upserted into the store at start.
 	Keys []KeyConfig `json:"keys,omitempty"`
 
-	tiers      []*tierRuntime
-	tierByName map[string]*tierRuntime
-	shared     *shared
-	sharedKey  string
-	keySecret  []byte // configured secret, nil when the store keeps one
-	timeout    time.Duration
-	logger     *zap.Logger
+	billOn       metering.BillOn
+	maxUsageCost int64
+	tiers        []*tierRuntime
+	tierByName   map[string]*tierRuntime
+	shared       *shared
+	sharedKey    string
+	keySecret    []byte // configured secret, nil when the store keeps one
+	timeout      time.Duration
+	logger       *zap.Logger
 
-	ready     chan struct{} // closed when Start has upserted the configuration
+	ready chan struct{} // closed when Start has upserted the configuration
 	// removedKeysRevoked is set once keys dropped from the configuration
 	// have been revoked.
 	removedKeysRevoked bool
-	bgCancel  context.CancelFunc
-	bgWG      sync.WaitGroup
+	bgCancel           context.CancelFunc
+	bgWG               sync.WaitGroup
 }
 
 // CaddyModule returns the Caddy module information.
@@ -122,6 +126,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	default:
 		return fmt.Errorf("admin_api: expected read_only or read_write, got %q", a.AdminAPI)
 	}
+	if err := a.compileMetering(); err != nil {
+		return err
+	}
 	if err := a.compileTiers(); err != nil {
 		return err
 	}
@@ -146,6 +153,38 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.sharedKey = key
 	a.shared = val.(*shared)
+	return nil
+}
+
+// compileMetering validates the app-wide metering options.
+func (a *App) compileMetering() error {
+	if a.Currency != "" {
+		if _, err := metering.ParseCurrency(a.Currency); err != nil {
+			return err
+		}
+	}
+	if len(a.BillOn) > 0 {
+		b, err := metering.ParseBillOn(a.BillOn)
+		if err != nil {
+			return err
+		}
+		a.billOn = b
+	}
+	a.maxUsageCost = a.MaxUsageCost
+	if a.maxUsageCost <= 0 {
+		a.maxUsageCost = 1_000_000
+	}
+	if a.Thresholds != nil {
+		args := make([]string, len(a.Thresholds))
+		for i, t := range a.Thresholds {
+			args[i] = strconv.Itoa(t)
+		}
+		if len(args) > 0 {
+			if _, err := metering.ParseThresholds(args); err != nil {
+				return err
+			}
+		}
+	}
 	return nil
 }
 

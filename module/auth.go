@@ -1,0 +1,146 @@
+package module
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/apimonetize/caddy-api-monetize/apikey"
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// caller is an authenticated API caller.
+type caller struct {
+	key      store.Key
+	customer store.Customer
+	tier     *tierRuntime
+}
+
+// defaultKeySources are used when a handler configures no key_from.
+var defaultKeySources = []KeySource{{Header: "X-API-Key"}, {Bearer: true}}
+
+// authenticate identifies the caller of r from the key in sources. When it
+// returns false it has written the error response (401, 403 or 503).
+func (a *App) authenticate(w http.ResponseWriter, r *http.Request, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
+	m := getMetrics()
+	key := extractKey(r, sources)
+	if key == "" {
+		m.requests.WithLabelValues("none", decisionUnauthorized).Inc()
+		w.Header().Set("WWW-Authenticate", authenticateMissingHeader)
+		writeProblem(w, r, problem{
+			Type: problemMissingKey, Title: "API key required", Status: http.StatusUnauthorized,
+			Detail: "Send your API key in the " + keyHint(sources) + ".",
+		}, 0)
+		return caller{}, nil, false
+	}
+	if apikey.Check(key) != nil {
+		invalidKey(w, r)
+		return caller{}, nil, false
+	}
+
+	a.waitReady(time.Second)
+	ctx := r.Context()
+	st, err := a.store()
+	if err != nil {
+		storeUnavailable(w, r, logger, nil, "open", err)
+		return caller{}, nil, false
+	}
+	secret, err := a.secret(ctx)
+	if err != nil {
+		storeUnavailable(w, r, logger, nil, "secret", err)
+		return caller{}, nil, false
+	}
+	entry, err := a.shared.registry.lookup(ctx, st, apikey.Hash(secret, key), time.Now())
+	if err != nil {
+		storeUnavailable(w, r, logger, nil, "lookup", err)
+		return caller{}, nil, false
+	}
+	if !entry.found {
+		invalidKey(w, r)
+		return caller{}, nil, false
+	}
+	tier := a.tierByName[entry.customer.Tier]
+	if tier == nil {
+		if c := logger.Check(zapcore.WarnLevel, "customer is on a tier that is not configured"); c != nil {
+			c.Write(zap.String("customer", entry.customer.ID), zap.String("tier", entry.customer.Tier))
+		}
+		m.requests.WithLabelValues("none", decisionForbidden).Inc()
+		writeProblem(w, r, problem{
+			Type: problemTierNotConfigured, Title: "Plan not available", Status: http.StatusForbidden,
+			Detail: fmt.Sprintf("Your plan %q is not offered by this API any more; contact the API provider.", entry.customer.Tier),
+			Tier:   entry.customer.Tier,
+		}, 0)
+		return caller{}, nil, false
+	}
+	return caller{key: entry.key, customer: entry.customer, tier: tier}, st, true
+}
+
+// extractKey returns the API key from the first source that has one.
+func extractKey(r *http.Request, sources []KeySource) string {
+	for _, s := range sources {
+		var v string
+		switch {
+		case s.Header != "":
+			v = r.Header.Get(s.Header)
+		case s.Query != "":
+			v = r.URL.Query().Get(s.Query)
+		case s.Bearer:
+			auth := r.Header.Get("Authorization")
+			if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
+				v = auth[7:]
+			}
+		}
+		if v = strings.TrimSpace(v); v != "" {
+			return v
+		}
+	}
+	return ""
+}
+
+// keyHint describes the key sources for error messages.
+func keyHint(sources []KeySource) string {
+	parts := make([]string, 0, len(sources))
+	for _, s := range sources {
+		switch {
+		case s.Header != "":
+			parts = append(parts, s.Header+" header")
+		case s.Query != "":
+			parts = append(parts, "'"+s.Query+"' query parameter")
+		case s.Bearer:
+			parts = append(parts, "Authorization header as 'Bearer <key>'")
+		}
+	}
+	return strings.Join(parts, " or the ")
+}
+
+// checkKeySources validates a handler's key_from list, defaulting it.
+func checkKeySources(sources []KeySource) ([]KeySource, error) {
+	if len(sources) == 0 {
+		return defaultKeySources, nil
+	}
+	for _, s := range sources {
+		n := 0
+		for _, set := range []bool{s.Header != "", s.Query != "", s.Bearer} {
+			if set {
+				n++
+			}
+		}
+		if n != 1 {
+			return nil, fmt.Errorf("key_from: each source sets exactly one of header, query or bearer")
+		}
+	}
+	return sources, nil
+}
+
+func invalidKey(w http.ResponseWriter, r *http.Request) {
+	getMetrics().requests.WithLabelValues("none", decisionUnauthorized).Inc()
+	w.Header().Set("WWW-Authenticate", authenticateInvalidHeader)
+	writeProblem(w, r, problem{
+		Type: problemInvalidKey, Title: "Invalid API key", Status: http.StatusUnauthorized,
+		Detail: "The API key is malformed, unknown or revoked.",
+	}, 0)
+}

@@ -1,0 +1,208 @@
+package module
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// settleTimeout bounds a settlement made after the response: it no longer
+// delays the client, but must not pile up goroutines either.
+const settleTimeout = 2 * time.Second
+
+// reservation builds the store reservation of a request.
+func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) (store.Reservation, metering.Period) {
+	t := c.tier
+	period := t.periodRule.Period(now, c.customer.Anchor)
+	res := store.Reservation{
+		Subject: c.customer.ID,
+		Cost:    cost,
+		Quota: store.Quota{
+			PeriodID:   period.ID(),
+			PeriodEnd:  period.End,
+			HourID:     metering.TimeID(metering.HourStart(now)),
+			Included:   t.included,
+			Mode:       t.quotaMode,
+			Throttle:   t.throttle,
+			Thresholds: t.thresholds,
+		},
+		Origin: a.shared.origin,
+	}
+	if t.hasRate {
+		res.Rate = t.policy
+	}
+	if k := r.Header.Get("Idempotency-Key"); k != "" && cost > 0 {
+		sum := sha256.Sum256([]byte(k))
+		res.IdempotencyKey = hex.EncodeToString(sum[:16])
+	}
+	if cost > 0 {
+		res.Seq = a.shared.nextSeq(c.customer.ID)
+	}
+	return res, period
+}
+
+// reserve decides a request. When the store cannot be reached, the tier's
+// on_store_error decides and the usage of an admitted request is kept for
+// replay. errStoreDenied means the tier denies during outages.
+func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation, t *tierRuntime) (store.Reserved, bool, error) {
+	if !a.shared.replayPending() {
+		out, err := m.Reserve(ctx, res)
+		if err == nil {
+			if res.Cost > 0 {
+				a.shared.usage.set(res.Subject, res.Quota.PeriodID, out.Used)
+			}
+			return out, false, nil
+		}
+		getMetrics().storeErrors.WithLabelValues("reserve").Inc()
+		a.logStoreError("reserve", err)
+	}
+	out, err := a.reserveDegraded(res, t)
+	return out, true, err
+}
+
+// reserveDegraded decides without the store, per the tier's
+// on_store_error: "deny" refuses, "allow" admits, "local" applies the rate
+// in process and the quota against the last usage this process saw plus
+// what it admitted since. Admitted usage is spooled for replay.
+func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Reserved, error) {
+	if t.onStoreError == storeErrorDeny {
+		return store.Reserved{}, errStoreDenied
+	}
+	out := store.Reserved{Allowed: true}
+	used := a.shared.usage.get(res.Subject, res.Quota.PeriodID)
+	q := res.Quota
+	if t.onStoreError == storeErrorLocal {
+		policy := res.Rate
+		if q.Mode == store.QuotaThrottle && used >= q.Included {
+			policy, out.Throttled = q.Throttle, true
+		}
+		if q.Mode == store.QuotaBlock && used+res.Cost > q.Included {
+			return store.Reserved{QuotaExceeded: true, Used: used}, nil
+		}
+		if policy.Valid() {
+			out.Rate = a.shared.local.Admit(res.Subject, policy, res.Cost, time.Now().UnixMicro())
+			out.Allowed = out.Rate.Allowed
+		}
+	}
+	if !out.Allowed || res.Cost == 0 {
+		out.Used = used
+		return out, nil
+	}
+	if q.Mode != store.QuotaMeter {
+		out.Overage = metering.Overage(used, res.Cost, q.Included)
+	}
+	out.Used = a.shared.usage.add(res.Subject, q.PeriodID, res.Cost)
+	res.Replay = true
+	a.shared.keep(spoolRecord{Reservation: &res})
+	return out, nil
+}
+
+// settle corrects the reservation once the response is known: a response
+// outside bill_on (or none) releases it, an upstream-reported cost
+// replaces it. A billable response at the reserved cost needs no store
+// call.
+func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, mw *meteredWriter, serveErr error) {
+	actual := res.Cost
+	switch {
+	case serveErr != nil || mw.status == 0 || !a.billOn.Billable(mw.status):
+		actual = 0
+	case mw.hasReported:
+		actual = mw.reported
+	}
+	if actual == res.Cost {
+		return
+	}
+	s := store.Settlement{
+		Subject: res.Subject, Quota: res.Quota, IdempotencyKey: res.IdempotencyKey,
+		Reserved: res.Cost, Overage: out.Overage, Actual: actual,
+		Origin: res.Origin, Seq: res.Seq,
+	}
+	a.shared.usage.add(res.Subject, res.Quota.PeriodID, actual-res.Cost)
+	if !a.shared.replayPending() {
+		ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
+		err := m.Settle(ctx, s)
+		cancel()
+		if err == nil {
+			return
+		}
+		getMetrics().storeErrors.WithLabelValues("settle").Inc()
+		a.logStoreError("settle", err)
+	}
+	s.Replay = true
+	a.shared.keep(spoolRecord{Settlement: &s})
+}
+
+// usageCache remembers, per subject, the last period usage seen, so that
+// quotas can still be enforced in process while the store is unreachable.
+type usageCache struct {
+	m sync.Map // subject -> *usageEntry
+}
+
+type usageEntry struct {
+	mu     sync.Mutex
+	period string
+	used   int64
+}
+
+// set records the store's view of a subject's usage.
+func (u *usageCache) set(subject, period string, used int64) {
+	v, _ := u.m.LoadOrStore(subject, new(usageEntry))
+	e := v.(*usageEntry)
+	e.mu.Lock()
+	e.period, e.used = period, used
+	e.mu.Unlock()
+}
+
+func (u *usageCache) get(subject, period string) int64 {
+	v, ok := u.m.Load(subject)
+	if !ok {
+		return 0
+	}
+	e := v.(*usageEntry)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.period != period {
+		return 0
+	}
+	return e.used
+}
+
+// add adjusts a subject's usage by delta and returns it.
+func (u *usageCache) add(subject, period string, delta int64) int64 {
+	v, _ := u.m.LoadOrStore(subject, new(usageEntry))
+	e := v.(*usageEntry)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.period != period {
+		e.period, e.used = period, 0
+	}
+	e.used += delta
+	return e.used
+}
+
+// seqs numbers this process's reservations per subject (see
+// store.Reservation.Seq).
+type seqs struct {
+	m sync.Map // subject -> *atomic.Int64
+}
+
+func (s *seqs) next(subject string) int64 {
+	v, ok := s.m.Load(subject)
+	if !ok {
+		v, _ = s.m.LoadOrStore(subject, new(atomic.Int64))
+	}
+	return v.(*atomic.Int64).Add(1)
+}
+
+// spoolRecord is usage kept locally for replay: exactly one field is set.
+type spoolRecord struct {
+	Reservation *store.Reservation
+	Settlement  *store.Settlement
+}

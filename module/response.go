@@ -1,0 +1,80 @@
+package module
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// meteredWriter records the final status of a response, so its cost can
+// be settled, and takes the upstream's usage-cost header out of the
+// response before the client sees it.
+type meteredWriter struct {
+	*caddyhttp.ResponseWriterWrapper
+	// status is the final status sent; 0 while none has been.
+	status int
+	// costHeader is the usage-cost header to read and strip, if any.
+	costHeader string
+	maxCost    int64
+	// reported is the cost the upstream reported, when hasReported.
+	reported    int64
+	hasReported bool
+}
+
+func (w *meteredWriter) WriteHeader(code int) {
+	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
+		w.status = code
+		if w.costHeader != "" {
+			h := w.Header()
+			if v := h.Get(w.costHeader); v != "" {
+				w.reported, w.hasReported = parseUsageCost(v, w.maxCost)
+			}
+			h.Del(w.costHeader)
+		}
+	}
+	w.ResponseWriterWrapper.WriteHeader(code)
+}
+
+func (w *meteredWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriterWrapper.Write(b)
+}
+
+// ReadFrom keeps the wrapped writer's fast path without skipping
+// WriteHeader.
+func (w *meteredWriter) ReadFrom(r io.Reader) (int64, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriterWrapper.ReadFrom(r)
+}
+
+// FlushError sends the header first, so an early flush is recorded.
+func (w *meteredWriter) FlushError() error {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	return http.NewResponseController(w.ResponseWriterWrapper.ResponseWriter).Flush()
+}
+
+// Hijack is used by protocol upgrades after a 101 was written.
+func (w *meteredWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return http.NewResponseController(w.ResponseWriterWrapper.ResponseWriter).Hijack()
+}
+
+// parseUsageCost reads an upstream-reported cost: a non-negative decimal
+// integer, capped at max. Anything else is ignored.
+func parseUsageCost(v string, max int64) (int64, bool) {
+	n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return min(n, max), true
+}
