@@ -50,6 +50,9 @@ func (a *adminAPI) Provision(ctx caddy.Context) error {
 	mux.HandleFunc("GET /api_monetize/customers/{id}/keys", a.listKeys)
 	mux.HandleFunc("POST /api_monetize/customers/{id}/keys", a.writable(a.issueKey))
 	mux.HandleFunc("DELETE /api_monetize/keys/{id}", a.writable(a.revokeKey))
+	mux.HandleFunc("GET /api_monetize/customers/{id}/usage", a.usage)
+	mux.HandleFunc("GET /api_monetize/thresholds", a.thresholds)
+	mux.HandleFunc("GET /api_monetize/customers/{id}/thresholds", a.thresholds)
 	a.mux = mux
 	return nil
 }
@@ -276,6 +279,46 @@ func (a *adminAPI) revokeKey(w http.ResponseWriter, r *http.Request) {
 	}
 	a.app.shared.registry.invalidate()
 	writeJSON(w, http.StatusOK, newKeyView(k))
+}
+
+func (a *adminAPI) usage(w http.ResponseWriter, r *http.Request) {
+	st, ok := a.store(w)
+	if !ok {
+		return
+	}
+	c, err := st.GetCustomer(r.Context(), r.PathValue("id"))
+	if err != nil {
+		writeStoreError(w, err)
+		return
+	}
+	view, status, msg := a.app.usageView(r.Context(), st, c, r.URL.Query().Get("period"))
+	if status != http.StatusOK {
+		writeAdminError(w, status, msg)
+		return
+	}
+	writeJSON(w, http.StatusOK, view)
+}
+
+// thresholds lists the threshold outbox: every (customer, period,
+// threshold) crossed, once each.
+func (a *adminAPI) thresholds(w http.ResponseWriter, r *http.Request) {
+	st, ok := a.store(w)
+	if !ok {
+		return
+	}
+	meter, ok := st.(store.Meter)
+	if !ok {
+		meter = admitOnly{st}
+	}
+	events, err := meter.ThresholdEvents(r.Context(), r.PathValue("id"))
+	if err != nil {
+		writeStoreError(w, err)
+		return
+	}
+	if events == nil {
+		events = []store.ThresholdEvent{}
+	}
+	writeJSON(w, http.StatusOK, events)
 }
 
 // checkTier answers 400 unless tier is configured.
