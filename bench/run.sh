@@ -6,6 +6,11 @@
 #   CADDY=/path/to/caddy bash bench/run.sh  # skip the build, use this binary
 #   GOGC=400 bash bench/run.sh              # GOGC/GOMAXPROCS/GOMEMLIMIT go to every Caddy
 #
+# Other knobs: WARMUP (s per config, 2), THREADS (wrk -t, 1), BASE_PORT
+# (18180; uses BASE_PORT+1..+40), BENCH_RESULTS=<file> keeps the raw
+# per-run rows (TSV). Default run: about 4 minutes per CONNS value, plus the
+# build.
+#
 # Builds Caddy from xcaddy.json once (go -C build run .), then starts, each as
 # its own process on 127.0.0.1 with its own admin port:
 #   A  bare Caddy: respond
@@ -174,11 +179,8 @@ done
 CLK_TCK="$(getconf CLK_TCK)"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime+stime of pid
 gc_count() { grep -c '^gc ' "$work/$1.log" || true; }
-redis_calls() { # evalsha+eval calls, all commands
-	rcli info commandstats | tr -d '\r' | awk -F'[:=,]' '
-		/^cmdstat_(evalsha|eval|evalsha_ro|eval_ro|fcall|fcall_ro):/ { s += $3 }
-		/^cmdstat_/ { a += $3 }
-		END { printf "%d %d\n", s, a }'
+redis_cmdstats() { # "<command> <calls>" per line, from INFO commandstats
+	rcli info commandstats | tr -d '\r' | awk -F'[:=,]' '/^cmdstat_/ { sub(/^cmdstat_/, "", $1); print $1, $3 }'
 }
 
 # run_wrk <config> <conns> <seconds> <outfile>
@@ -192,15 +194,22 @@ results="$work/results.tsv" # round conns config rps p50_ms p99_ms requests bad 
 
 measure() { # measure <round> <conns> <config>
 	local r=$1 n=$2 c=$3 out="$work/wrk.out"
-	local gw0 up0 rd0 gc0 calls0 cmds0 gw1 up1 rd1 gc1 calls1 cmds1
+	local gw0 up0 rd0 gc0 gw1 up1 rd1 gc1 calls cmds
 	gw0=$(cpu_ticks "${PID[$c]}"); up0=$(cpu_ticks "${PID[U]}"); rd0=$(cpu_ticks "${PID[R]}")
-	gc0=$(gc_count "$c"); read -r calls0 cmds0 < <(redis_calls)
+	gc0=$(gc_count "$c"); redis_cmdstats >"$work/redis.before"
 	run_wrk "$c" "$n" "$DURATION" "$out"
 	gw1=$(cpu_ticks "${PID[$c]}"); up1=$(cpu_ticks "${PID[U]}"); rd1=$(cpu_ticks "${PID[R]}")
-	gc1=$(gc_count "$c"); read -r calls1 cmds1 < <(redis_calls)
+	gc1=$(gc_count "$c"); redis_cmdstats >"$work/redis.after"
+	# Per-command deltas; the INFO that took the first snapshot is not the
+	# benchmark's.
+	awk 'NR == FNR { before[$1] = $2; next }
+		{ d = $2 - before[$1] - ($1 == "info"); if (d > 0) print $1, d }' \
+		"$work/redis.before" "$work/redis.after" >"$work/redis.delta"
+	calls=$(awk '$1 ~ /^(eval|evalsha|eval_ro|evalsha_ro|fcall|fcall_ro)$/ { s += $2 } END { print s + 0 }' "$work/redis.delta")
+	cmds=$(awk '{ s += $2 } END { print s + 0 }' "$work/redis.delta")
 	awk -v r="$r" -v n="$n" -v c="$c" -v tck="$CLK_TCK" \
 		-v gw=$((gw1 - gw0)) -v up=$((up1 - up0)) -v rd=$((rd1 - rd0)) -v gc=$((gc1 - gc0)) \
-		-v calls=$((calls1 - calls0)) -v cmds=$((cmds1 - cmds0 - 1)) '
+		-v calls="$calls" -v cmds="$cmds" '
 		function ms(v) {
 			if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0
 			if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v + 0
@@ -219,6 +228,12 @@ measure() { # measure <round> <conns> <config>
 			printf "%d\t%d\t%s\t%.0f\t%.3f\t%.3f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.3f\t%.3f\t%.3f\n",
 				r, n, c, rps, p50, p99, reqs, bad, gw * us, up * us, rd * us, gc * 1000 / reqs, calls / reqs, cmds / reqs
 		}' "$out" >>"$results"
+	if [[ "$c" == D ]]; then
+		{
+			awk -v n="$n" '{ print n, $1, $2 }' "$work/redis.delta"
+			echo "$n requests $(tail -1 "$results" | cut -f7)"
+		} >>"$work/redis-D.txt"
+	fi
 	tail -1 "$results" | awk -F'\t' '{ printf "  round %d  c=%-4d %s  %8.0f req/s  p50 %.3f ms  p99 %.3f ms  gw %.1f us/req%s\n", $1, $2, $3, $4, $5, $6, $9, ($8 > 0 ? "  ERRORS/NON-2XX: " $8 : "") }'
 }
 
@@ -259,7 +274,8 @@ echo
 echo "== results: medians over $ROUNDS rounds; ratios are paired (per round, then median)"
 echo "   CPU columns are process utime+stime per request served: gw = the Caddy under test,"
 echo "   up = the upstream Caddy, rds = redis-server (D only). GC = gateway GC cycles per 1k requests."
-echo "   redis calls = EVAL/EVALSHA calls per request; cmds = all Redis commands per request (D only)."
+echo "   calls = Redis EVAL/EVALSHA calls (script round trips) per request; cmds = all Redis commands per"
+echo "   request, counting those a script runs inside Redis as well (D only; INFO commandstats deltas)."
 for n in $CONNS; do
 	echo
 	echo "-- wrk -c$n"
@@ -306,6 +322,13 @@ for n in $CONNS; do
 					bad[c], median(rr), median(rg), median(rt)
 			}
 		}' "$results"
+	awk -v n="$n" '$1 == n { if ($2 == "requests") reqs += $3; else calls[$2] += $3 }
+		END {
+			if (reqs == 0) exit
+			printf "   D: Redis commands per request (script-internal ones included):"
+			for (c in calls) if (calls[c] / reqs >= 0.0005) printf " %s %.3f", c, calls[c] / reqs
+			printf "\n"
+		}' "$work/redis-D.txt"
 done
 
 if awk -F'\t' '$8 > 0 { bad = 1 } END { exit !bad }' "$results"; then
