@@ -559,7 +559,7 @@ func testIdempotency(t *testing.T, client func(t *testing.T) *meterClient) {
 		c := client(t)
 		q := quota(cur, store.QuotaBill, 100)
 		q.Thresholds = []int{1}
-		rate := hourly(1, 1)
+		rate := hourly(3, 3)
 		c.want(withRate(withKey(res("acme", q, 3), "retry-1"), rate), true, 3, 0)
 		// The rate is spent, yet a retry is admitted: it is not rate-limited.
 		for range 3 {

@@ -1,0 +1,671 @@
+package redisstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/apimonetize/caddy-api-monetize/limiter"
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// Metering keys, under Options.KeyPrefix (P), all hash-tagged by subject
+// except the last:
+//
+//	P{<s>}:rl                  rate state "<TAT>,<interval>", shared with Admit;
+//	                           the tier rate and the throttle both use it
+//	P{<s>}:q:<period>          hash: billed, overage, requests, crossed
+//	                           (",80,100,": thresholds crossed this period) and
+//	                           one field h:<hour> per hour with usage (the index
+//	                           of the hour hashes); EXPIREAT period end + store.Retention
+//	P{<s>}:h:<period>:<hour>   hash: billed, overage, requests; same expiry
+//	P{<s>}:idem:<key>          an idempotency key held or billed; EX store.IdempotencyWindow
+//	P{<s>}:seq:<origin>        replay window "<highest seq>,<state>": state has
+//	                           store.SeqWindow digits, the i-th for seq highest-i:
+//	                           0 none, 1 reserved, 2 settled (or nothing to
+//	                           settle); EX store.IdempotencyWindow from its last write
+//	P{<s>}:outbox              list of threshold events, oldest first:
+//	                           "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>";
+//	                           expired entries are popped from its head when
+//	                           one is added; expires with its newest entry
+//	Poutbox:subjects           sorted set of subjects with outbox entries,
+//	                           scored by when their newest entry expires
+//
+// Redis memory per active subject is bounded: one hash per period, at most
+// 745 hour hashes per period (31 days and a daylight-saving hour), one
+// replay window per instance, a few outbox entries per period; all of them
+// expire. The only per-request keys are idempotency keys, bounded by the
+// request rate of callers that send Idempotency-Key over
+// store.IdempotencyWindow.
+//
+// Reserve and Settle also write Poutbox:subjects, which is outside the
+// subject's hash slot, so metering does not support Redis Cluster (the
+// rate limits of Admit do).
+//
+// All numbers (units, seqs, µs) are integers below 2^53, exact in Lua's
+// doubles; Reserve and Settle reject larger ones.
+
+// maxExact is the first integer a Lua double cannot tell from its
+// successor.
+const maxExact = 1 << 53
+
+// meterLua is the part shared by the reserve and settle scripts.
+//
+// KEYS: 1 rate, 2 idempotency, 3 period, 4 hour, 5 replay window,
+// 6 outbox, 7 outbox subjects. ARGV: 1 mode (meter, block, bill,
+// throttle), 2 included, 3 expiry of the period (Unix s), 4 has an
+// idempotency key (0/1), 5 seq (0: none), 6 replay (0/1), 7 period id,
+// 8 hour id, 9 thresholds ("80,100,120"), 10 subject, 11 idempotency TTL
+// (s), 12 window size; the script's own arguments follow.
+const meterLua = `
+local t = redis.call('TIME')
+local nows = tonumber(t[1])
+local now = nows * 1000000 + tonumber(t[2])
+local mode = ARGV[1]
+local included = tonumber(ARGV[2])
+local expireat = ARGV[3]
+local hasIdem = ARGV[4] == '1'
+local seq = tonumber(ARGV[5])
+local replay = ARGV[6] == '1'
+local periodID, hourID = ARGV[7], ARGV[8]
+local thresholds = ARGV[9]
+local subject = ARGV[10]
+local idemTTL = ARGV[11]
+local W = tonumber(ARGV[12])
+
+local function fmt(n) return string.format('%d', n) end
+
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+
+local used = tonumber(redis.call('HGET', KEYS[3], 'billed') or '0')
+
+-- metering.Overage
+local function overage(before, cost)
+  if mode == 'meter' then return 0 end
+  if before >= included then return cost end
+  local o = cost - (included - before)
+  if o < 0 then return 0 end
+  return o
+end
+
+-- count adds to the period and hour counters.
+local function count(billed, over, requests)
+  for _, k in ipairs({KEYS[3], KEYS[4]}) do
+    if billed ~= 0 then redis.call('HINCRBY', k, 'billed', fmt(billed)) end
+    if over ~= 0 then redis.call('HINCRBY', k, 'overage', fmt(over)) end
+    if requests ~= 0 then redis.call('HINCRBY', k, 'requests', fmt(requests)) end
+    redis.call('EXPIREAT', k, expireat)
+  end
+  redis.call('HSET', KEYS[3], 'h:' .. hourID, 1)
+end
+
+-- reached reports whether u*100 >= th*included, exactly.
+local function reached(u, th)
+  local q = idiv(included, 100)
+  local r = included - q * 100
+  if q > 0 and th > 9007199254740992 / q then return false end
+  return u >= th * q + idiv(th * r + 99, 100)
+end
+
+-- extendTo makes key live at least until expireat.
+local function extendTo(key)
+  if redis.call('TTL', key) < tonumber(expireat) - nows then
+    redis.call('EXPIREAT', key, expireat)
+  end
+end
+
+-- cross records the thresholds reached at usage u and not crossed before
+-- in the period, and writes one outbox entry each.
+local function cross(u)
+  local got = {}
+  if mode == 'meter' or included <= 0 or thresholds == '' then return got end
+  local x = redis.call('HGET', KEYS[3], 'crossed') or ','
+  for ts in string.gmatch(thresholds, '%d+') do
+    local th = tonumber(ts)
+    if not string.find(x, ',' .. ts .. ',', 1, true) and reached(u, th) then
+      x = x .. ts .. ','
+      got[#got + 1] = th
+    end
+  end
+  if #got == 0 then return got end
+  redis.call('HSET', KEYS[3], 'crossed', x)
+  while true do
+    local head = redis.call('LINDEX', KEYS[6], 0)
+    if not head then break end
+    local exp = tonumber(string.match(head, '|(%d+)$'))
+    if not exp or exp > nows then break end
+    redis.call('LPOP', KEYS[6])
+  end
+  for _, th in ipairs(got) do
+    redis.call('RPUSH', KEYS[6], string.format('%s|%d|%d|%d|%d|%s', periodID, th, u, included, now, expireat))
+  end
+  extendTo(KEYS[6])
+  redis.call('ZADD', KEYS[7], 'GT', expireat, subject)
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', fmt(nows))
+  extendTo(KEYS[7])
+  return got
+end
+
+-- The replay window of (subject, origin).
+local high, state = 0, string.rep('0', W)
+local track = seq > 0
+if track then
+  local v = redis.call('GET', KEYS[5])
+  if v then
+    local h, s = string.match(v, '^(%d+),([012]+)$')
+    if h and #s == W then high, state = tonumber(h), s end
+  end
+end
+
+-- slot is the state of seq: '0' when above the window, nil below it.
+local function slot()
+  if seq > high then return '0' end
+  local i = high - seq
+  if i >= W then return nil end
+  return string.sub(state, i + 1, i + 1)
+end
+
+-- mark sets the state of seq, sliding the window up to it.
+local function mark(c)
+  if seq > high then
+    local shift = seq - high
+    if shift >= W then
+      state = string.rep('0', W)
+    else
+      state = string.rep('0', shift) .. string.sub(state, 1, W - shift)
+    end
+    high = seq
+  end
+  local i = high - seq
+  if i < W then
+    state = string.sub(state, 1, i) .. c .. string.sub(state, i + 2)
+  end
+  redis.call('SET', KEYS[5], fmt(high) .. ',' .. state, 'EX', idemTTL)
+end
+`
+
+// reserveScript is one reservation (see Store.Reserve). Its own ARGV:
+// 13 cost, 14 and 15 the tier rate's interval (µs) and burst, 16 and 17
+// the throttle's; an interval of 0 means no policy, -1 an invalid one.
+//
+// It returns {allowed, rate applied, rate allowed, remaining,
+// retry_after_us, reset_after_us, cost_exceeds_burst, throttled,
+// quota_exceeded, used, overage, duplicate, now_us, crossed...}.
+var reserveScript = redis.NewScript(meterLua + `
+local cost = tonumber(ARGV[13])
+
+-- rate decides cost under the policy (see admitScript) and returns the
+-- decision and the new TAT offset from now when admitted.
+local function rate(interval, burst, c)
+  if interval == 0 then return {0, 1, 0, 0, 0, 0} end
+  if interval < 0 then
+    if c > 0 then return {1, 0, 0, 0, 0, 1} end
+    return {1, 0, 0, 0, 0, 0}
+  end
+  local span = interval * burst
+  local d = 0
+  local stored = redis.call('GET', KEYS[1])
+  if stored then
+    local tat, from = string.match(stored, '^(%d+),(%d+)$')
+    tat, from = tonumber(tat), tonumber(from)
+    if tat and tat > now then
+      d = tat - now
+      if from ~= interval and from > 0 then
+        local owed = idiv(d + from - 1, from)
+        if owed > burst then owed = burst end
+        d = owed * interval
+      end
+    end
+  end
+  local avail = 0
+  if span > d then avail = idiv(span - d, interval) end
+  if c <= 0 then return {1, 1, avail, 0, d, 0} end
+  if c > burst then return {1, 0, avail, 0, d, 1} end
+  local nd = d + interval * c
+  if nd > span then return {1, 0, avail, nd - span, d, 0} end
+  return {1, 1, idiv(span - nd, interval), 0, nd, 0}, nd
+end
+
+local function reply(allowed, rd, throttled, qex, u, over, dup, crossed)
+  local out = {allowed, rd[1], rd[2], rd[3], rd[4], rd[5], rd[6], throttled, qex, u, over, dup, now}
+  for _, c in ipairs(crossed or {}) do out[#out + 1] = c end
+  return out
+end
+local none = {0, 1, 0, 0, 0, 0} -- no policy applied
+
+local interval, burst = tonumber(ARGV[14]), tonumber(ARGV[15])
+local throttled = 0
+if mode == 'throttle' and used >= included then
+  throttled = 1
+  interval, burst = tonumber(ARGV[16]), tonumber(ARGV[17])
+end
+
+if cost <= 0 then
+  return reply(1, rate(interval, burst, 0), throttled, 0, used, 0, 0)
+end
+if replay and track and slot() ~= '0' then
+  return reply(1, none, 0, 0, used, 0, 1)
+end
+if hasIdem and redis.call('EXISTS', KEYS[2]) == 1 then
+  if track then mark('2') end
+  return reply(1, none, 0, 0, used, 0, 1)
+end
+
+local rd, nd = none, nil
+if replay then
+  throttled = 0
+else
+  if mode == 'block' and used + cost > included then
+    return reply(0, rate(interval, burst, 0), throttled, 1, used, 0, 0)
+  end
+  rd, nd = rate(interval, burst, cost)
+  if rd[2] == 0 then
+    return reply(0, rd, throttled, 0, used, 0, 0)
+  end
+end
+
+if nd then
+  redis.call('SET', KEYS[1], fmt(now + nd) .. ',' .. fmt(interval), 'PX', fmt(idiv(nd, 1000) + 1))
+end
+local over = overage(used, cost)
+count(cost, over, 1)
+if hasIdem then redis.call('SET', KEYS[2], '1', 'EX', idemTTL) end
+if track then mark('1') end
+return reply(1, rd, throttled, 0, used + cost, over, 0, cross(used + cost))
+`)
+
+// settleScript is one settlement (see Store.Settle). Its own ARGV:
+// 13 reserved, 14 the reservation's overage, 15 actual. It returns 1 when
+// applied, 0 when a replay was skipped.
+var settleScript = redis.NewScript(meterLua + `
+local reserved, resOver, actual = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+if replay and track and slot() ~= '1' then return 0 end
+local billed, over, requests = 0, 0, 0
+if actual <= 0 then
+  billed, over, requests = -reserved, -resOver, -1
+  if hasIdem then redis.call('DEL', KEYS[2]) end
+elseif actual < reserved then
+  billed = actual - reserved
+  over = -math.min(resOver, reserved - actual)
+elseif actual > reserved then
+  billed = actual - reserved
+  over = overage(used, billed)
+end
+if billed ~= 0 or over ~= 0 or requests ~= 0 then
+  count(billed, over, requests)
+end
+if billed > 0 then cross(used + billed) end
+if track then mark('2') end
+return 1
+`)
+
+// Metering key names (see the list above).
+func (s *Store) periodKey(subject, period string) string {
+	return s.prefix + "{" + subject + "}:q:" + period
+}
+func (s *Store) hourKey(subject, period, hour string) string {
+	return s.prefix + "{" + subject + "}:h:" + period + ":" + hour
+}
+func (s *Store) idemKey(subject, key string) string { return s.prefix + "{" + subject + "}:idem:" + key }
+func (s *Store) seqKey(subject, origin string) string {
+	return s.prefix + "{" + subject + "}:seq:" + origin
+}
+func (s *Store) outboxKey(subject string) string { return s.prefix + "{" + subject + "}:outbox" }
+func (s *Store) outboxSubjectsKey() string       { return s.prefix + "outbox:subjects" }
+
+var _ store.Meter = (*Store)(nil)
+
+// meterCall is what Reserve and Settle have in common: the keys and the
+// first 12 script arguments.
+type meterCall struct {
+	subject string
+	keys    []string
+	args    []any
+}
+
+// newMeterCall validates and encodes the common part of a reservation or
+// settlement.
+func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin string, seq int64, replay bool) (meterCall, error) {
+	var mode string
+	switch q.Mode {
+	case store.QuotaMeter:
+		mode = "meter"
+	case store.QuotaBlock, store.QuotaBill, store.QuotaThrottle:
+		mode = q.Mode
+	default:
+		return meterCall{}, fmt.Errorf("redisstore: unknown quota mode %q", q.Mode)
+	}
+	switch {
+	case subject == "":
+		return meterCall{}, errors.New("redisstore: empty subject")
+	case q.PeriodID == "" || q.HourID == "" || q.PeriodEnd.IsZero():
+		return meterCall{}, errors.New("redisstore: quota without a period id, period end or hour id")
+	case q.Included < 0 || q.Included >= maxExact || seq < 0 || seq >= maxExact:
+		return meterCall{}, errors.New("redisstore: included units or seq out of range")
+	}
+	if origin == "" {
+		seq = 0 // no replay window without an origin
+	}
+	var ts strings.Builder
+	for _, t := range q.Thresholds {
+		if t <= 0 {
+			continue
+		}
+		if ts.Len() > 0 {
+			ts.WriteByte(',')
+		}
+		ts.WriteString(strconv.Itoa(t))
+	}
+	idem := s.idemKey(subject, idemKey)
+	if idemKey == "" {
+		idem = s.idemKey(subject, "") // declared, never used
+	}
+	return meterCall{
+		subject: subject,
+		keys: []string{
+			s.rateKey(subject), idem, s.periodKey(subject, q.PeriodID),
+			s.hourKey(subject, q.PeriodID, q.HourID), s.seqKey(subject, origin),
+			s.outboxKey(subject), s.outboxSubjectsKey(),
+		},
+		args: []any{
+			mode, q.Included, q.PeriodEnd.Add(store.Retention).Unix(), flag(idemKey != ""),
+			seq, flag(replay), q.PeriodID, q.HourID, ts.String(), subject,
+			int64(store.IdempotencyWindow / time.Second), store.SeqWindow,
+		},
+	}, nil
+}
+
+func flag(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// policyArgs encodes a rate policy for the reserve script: its interval
+// and burst, (0, 0) for none (a zero Limit) and (-1, 0) for an invalid one,
+// which admits nothing.
+func policyArgs(p limiter.Policy) (interval, burst int64) {
+	switch {
+	case p.Limit == 0:
+		return 0, 0
+	case !p.Valid():
+		return -1, 0
+	}
+	return p.Interval(), p.BurstUnits()
+}
+
+// run runs a metering script under the breaker and OpTimeout.
+func (s *Store) run(ctx context.Context, script *redis.Script, c meterCall, args ...any) ([]int64, error) {
+	probe, err := s.breaker.allow()
+	if err != nil {
+		return nil, err
+	}
+	octx, cancel := context.WithTimeout(ctx, s.opTimeout)
+	cmd := script.Run(octx, s.client, c.keys, append(c.args, args...)...)
+	var r []int64
+	if cmd.Err() == nil {
+		if n, ok := cmd.Val().(int64); ok {
+			r = []int64{n}
+		} else {
+			r, err = cmd.Int64Slice()
+		}
+	} else {
+		err = cmd.Err()
+	}
+	cancel()
+	return r, s.finish(ctx, probe, err)
+}
+
+// Reserve implements store.Meter with one EVALSHA round trip: the replay
+// window, the idempotency key, the quota, the rate limit (the tier's, or
+// the throttle once the period's usage has reached Included in throttle
+// mode) at the Redis server's clock, the period and hourly counters and the
+// threshold outbox are decided and written atomically.
+//
+// Decisions beyond the store.Meter contract (shared with the contract
+// suite, storetest.RunMeter):
+//   - A block quota is checked before the rate: QuotaExceeded is reported
+//     even when the rate would deny too, and Rate then only reports the
+//     rate state.
+//   - Overage is metering.Overage(used before, Cost, Included) in every
+//     mode but store.QuotaMeter (where it is 0); in block mode it is
+//     non-zero only for replays and settlements beyond the quota.
+//   - The tier rate and the throttle share the subject's rate state, so
+//     units owed under one carry over to the other, capped at its burst.
+//   - A Duplicate (a held idempotency key, or a replay already applied)
+//     reports Used and no rate state (Rate zero, Throttled false).
+//   - Replay window: a Replay with a Seq above the highest seen, or within
+//     the last store.SeqWindow and never reserved, is applied. A Replay
+//     with a Seq more than store.SeqWindow below the highest Seq seen is
+//     NOT applied (reported as a Duplicate): the store cannot tell, and
+//     the only way a replay falls that far behind is an unknown outcome
+//     (a timeout) while 64 later calls of the same instance succeeded,
+//     i.e. Redis was answering and most likely ran it. The window is
+//     forgotten store.IdempotencyWindow after its last write; a Replay
+//     after that is applied.
+//   - A reservation without an Origin has no replay window: a Replay
+//     without an Origin is always applied.
+//   - A Replay is checked against its idempotency key too: if the key is
+//     held, it is a Duplicate.
+//   - A reservation whose Seq is already marked in the window (a non-Replay
+//     sent twice) is applied; only Replays are deduplicated.
+func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserved, error) {
+	if r.Cost < 0 || r.Cost >= maxExact {
+		return store.Reserved{}, fmt.Errorf("redisstore: cost %d out of range", r.Cost)
+	}
+	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.Origin, r.Seq, r.Replay)
+	if err != nil {
+		return store.Reserved{}, err
+	}
+	ri, rb := policyArgs(r.Rate)
+	ti, tb := policyArgs(r.Quota.Throttle)
+	v, err := s.run(ctx, reserveScript, c, r.Cost, ri, rb, ti, tb)
+	if err != nil {
+		return store.Reserved{}, err
+	}
+	if len(v) < 13 {
+		return store.Reserved{}, fmt.Errorf("redisstore: reserve script returned %d values, want at least 13", len(v))
+	}
+	out := store.Reserved{
+		Allowed:       v[0] == 1,
+		Throttled:     v[7] == 1,
+		QuotaExceeded: v[8] == 1,
+		Used:          v[9],
+		Overage:       v[10],
+		Duplicate:     v[11] == 1,
+	}
+	if v[1] == 1 {
+		out.Rate = limiter.Decision{
+			Allowed:          v[2] == 1,
+			Remaining:        v[3],
+			RetryAfter:       time.Duration(v[4]) * time.Microsecond,
+			ResetAfter:       time.Duration(v[5]) * time.Microsecond,
+			CostExceedsBurst: v[6] == 1,
+		}
+	}
+	for _, t := range v[13:] {
+		out.Crossed = append(out.Crossed, int(t))
+	}
+	return out, nil
+}
+
+// Settle implements store.Meter with one EVALSHA round trip. Actual below
+// Reserved takes the released units off the reservation's overage first;
+// Actual above it counts the added units after the period's current usage
+// (their overage is metering.Overage(used now, added, Included)) and may
+// cross thresholds. A replayed settlement is applied only when its Seq is
+// in the replay window and marked reserved (not settled); a settlement
+// marks its Seq settled. A non-Replay settlement is always applied.
+func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
+	if st.Reserved < 0 || st.Reserved >= maxExact || st.Actual < 0 || st.Actual >= maxExact ||
+		st.Overage < 0 || st.Overage > st.Reserved {
+		return fmt.Errorf("redisstore: settlement amounts out of range (reserved %d, overage %d, actual %d)", st.Reserved, st.Overage, st.Actual)
+	}
+	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.Origin, st.Seq, st.Replay)
+	if err != nil {
+		return err
+	}
+	_, err = s.run(ctx, settleScript, c, st.Reserved, st.Overage, st.Actual)
+	return err
+}
+
+// Usage implements store.Meter in two round trips: the period hash, then
+// its hours in one pipeline. Hours whose counters all went back to zero
+// (released reservations) are left out.
+func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.PeriodUsage, error) {
+	u := store.PeriodUsage{PeriodID: periodID}
+	err := s.call(ctx, func(ctx context.Context) error {
+		fields, err := s.client.HGetAll(ctx, s.periodKey(subject, periodID)).Result()
+		if err != nil {
+			return err
+		}
+		var hours []string
+		for f, v := range fields {
+			switch {
+			case strings.HasPrefix(f, "h:"):
+				hours = append(hours, f[2:])
+			case f == "crossed":
+				for _, t := range strings.Split(strings.Trim(v, ","), ",") {
+					if n, err := strconv.Atoi(t); err == nil {
+						u.Thresholds = append(u.Thresholds, n)
+					}
+				}
+			}
+		}
+		slices.Sort(u.Thresholds)
+		if u.Counters, err = counters(fields); err != nil {
+			return err
+		}
+		if len(hours) == 0 {
+			return nil
+		}
+		slices.Sort(hours)
+		cmds := make([]*redis.MapStringStringCmd, len(hours))
+		if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, h := range hours {
+				cmds[i] = p.HGetAll(ctx, s.hourKey(subject, periodID, h))
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		for i, cmd := range cmds {
+			c, err := counters(cmd.Val())
+			if err != nil {
+				return err
+			}
+			if c != (store.Counters{}) {
+				u.Hours = append(u.Hours, store.HourUsage{HourID: hours[i], Counters: c})
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return store.PeriodUsage{}, err
+	}
+	return u, nil
+}
+
+// counters reads the counters of a period or hour hash.
+func counters(fields map[string]string) (store.Counters, error) {
+	var c store.Counters
+	for name, dst := range map[string]*int64{"billed": &c.Billed, "overage": &c.Overage, "requests": &c.Requests} {
+		v, ok := fields[name]
+		if !ok {
+			continue
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return store.Counters{}, permanent{fmt.Errorf("redisstore: corrupt counter %s %q", name, v)}
+		}
+		*dst = n
+	}
+	return c, nil
+}
+
+// ThresholdEvents implements store.Meter: the subject's outbox, or every
+// subject's (listed in the outbox subjects set) merged by time, oldest
+// first; events of one instant keep their outbox order.
+func (s *Store) ThresholdEvents(ctx context.Context, subject string) ([]store.ThresholdEvent, error) {
+	var events []store.ThresholdEvent
+	err := s.call(ctx, func(ctx context.Context) error {
+		subjects := []string{subject}
+		if subject == "" {
+			var err error
+			subjects, err = s.client.ZRangeByScore(ctx, s.outboxSubjectsKey(), &redis.ZRangeBy{
+				Min: strconv.FormatInt(time.Now().Unix(), 10), Max: "+inf",
+			}).Result()
+			if err != nil {
+				return err
+			}
+			slices.Sort(subjects)
+		}
+		cmds := make([]*redis.StringSliceCmd, len(subjects))
+		if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, sub := range subjects {
+				cmds[i] = p.LRange(ctx, s.outboxKey(sub), 0, -1)
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		for i, cmd := range cmds {
+			for _, entry := range cmd.Val() {
+				e, err := parseEvent(subjects[i], entry)
+				if err != nil {
+					return err
+				}
+				events = append(events, e)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	slices.SortStableFunc(events, func(a, b store.ThresholdEvent) int { return a.At.Compare(b.At) })
+	return events, nil
+}
+
+// parseEvent decodes an outbox entry of subject:
+// "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>".
+func parseEvent(subject, entry string) (store.ThresholdEvent, error) {
+	f := strings.Split(entry, "|")
+	if len(f) < 6 {
+		return store.ThresholdEvent{}, permanent{fmt.Errorf("redisstore: corrupt outbox entry %q", entry)}
+	}
+	n := len(f)
+	period := strings.Join(f[:n-5], "|")
+	var nums [4]int64
+	for i := range nums {
+		v, err := strconv.ParseInt(f[n-5+i], 10, 64)
+		if err != nil {
+			return store.ThresholdEvent{}, permanent{fmt.Errorf("redisstore: corrupt outbox entry %q", entry)}
+		}
+		nums[i] = v
+	}
+	return store.ThresholdEvent{
+		ID:        fmt.Sprintf("%s|%s|%d", subject, period, nums[0]),
+		Subject:   subject,
+		PeriodID:  period,
+		Threshold: int(nums[0]),
+		Used:      nums[1],
+		Included:  nums[2],
+		At:        time.UnixMicro(nums[3]).UTC(),
+	}, nil
+}
