@@ -33,8 +33,9 @@ type Tier struct {
 	Period *Period `json:"period,omitempty"`
 	// Thresholds override the app's thresholds for this tier: percentages
 	// of Included whose crossing is recorded once per period. An empty,
-	// non-nil list disables them.
-	Thresholds []int `json:"thresholds,omitempty"`
+	// non-nil list disables them: it is written as [] in JSON (omitzero
+	// omits only a nil list), so that it survives a round trip.
+	Thresholds []int `json:"thresholds,omitzero"`
 	// OnStoreError decides admission when the store cannot be reached:
 	// "local" (default) decides with in-process rate-limit state, "allow"
 	// admits without limiting, "deny" answers 503.
