@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"math"
+	"math/bits"
 	"net/mail"
 	"net/url"
 	"slices"
@@ -20,11 +21,17 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/apimonetize/caddy-api-monetize/apikey"
+	"github.com/apimonetize/caddy-api-monetize/metering"
 )
 
 func init() {
 	httpcaddyfile.RegisterGlobalOption("api_monetize", parseApp)
 	httpcaddyfile.RegisterHandlerDirective("api_monetize", parseHandler)
+	httpcaddyfile.RegisterHandlerDirective("api_monetize_usage", parseUsageHandler)
+	// api_monetize_usage answers before api_monetize counts the request:
+	// reading one's usage costs nothing and works over the quota. Both go
+	// just before basic_auth, in this order.
+	httpcaddyfile.RegisterDirectiveOrder("api_monetize_usage", httpcaddyfile.Before, "basic_auth")
 	httpcaddyfile.RegisterDirectiveOrder("api_monetize", httpcaddyfile.Before, "basic_auth")
 }
 
@@ -56,6 +63,21 @@ func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	return handler, nil
 }
 
+// parseUsageHandler sets up the api_monetize_usage handler from the
+// directive of the same name. See (*UsageHandler).UnmarshalCaddyfile for
+// the syntax.
+func parseUsageHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	if h.Option("api_monetize") == nil {
+		h.Next() // the directive, for the error's position
+		return nil, h.Err("the api_monetize_usage directive needs the api_monetize global option, which declares tiers, customers and keys: add it to the global options block { ... } at the top of the Caddyfile")
+	}
+	handler := new(UsageHandler)
+	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return handler, nil
+}
+
 // UnmarshalCaddyfile sets up the app from the api_monetize global option:
 //
 //	api_monetize {
@@ -66,10 +88,17 @@ func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		key_secret    <secret>     # use a placeholder: {env.API_MONETIZE_KEY_SECRET}
 //		admin_api     read_only | read_write
 //		upgrade_url   <url>
+//		currency      <code>                # three letters, e.g. usd (default) or eur
+//		bill_on       <1xx-5xx | status>... # billable responses; default 2xx 3xx
+//		usage_cost_header <Header-Name> [max <units>]
+//		thresholds    <percent>... | off    # ascending; default 80 100 120
 //
 //		tier <name> {
 //			price          0 | custom | <amount>/<month|year>   # exact decimal, at most 6 decimals
 //			included       <units>/month
+//			over_quota     block | bill <price> | throttle <units>/<window> [burst <units>] [bill <price>]
+//			period         calendar [<IANA zone>] | anniversary
+//			thresholds     <percent>... | off   # overrides the global thresholds
 //			rate           <units>/<s|sec|second|m|min|minute|h|hour|d|day> [burst <units>]
 //			endpoints      <path pattern>...    # repeatable
 //			exclude        <path pattern>...    # repeatable
@@ -83,9 +112,12 @@ func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //	}
 //
 // A zero price ("price 0", "price 0.00/month") leaves Tier.Price nil: the tier
-// is free. Tiers, customers and keys may be written in any order; every tier
-// a customer names and every customer a key names must be declared somewhere
-// in the block.
+// is free. over_quota prices are per unit beyond the included quota, in the
+// currency, exact to 6 decimals; a tier with over_quota or thresholds needs
+// included, and a throttle rate must be slower than the tier's rate. "off"
+// thresholds are an empty, non-nil list. Tiers, customers and keys may be
+// written in any order; every tier a customer names and every customer a key
+// names must be declared somewhere in the block.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume option name
 	if d.NextArg() {
@@ -198,17 +230,82 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 			return d.Errf("upgrade_url '%s': %v", v, err)
 		}
 		a.UpgradeURL = v
+	case "currency":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		code, err := metering.ParseCurrency(v)
+		if err != nil {
+			return d.Errf("currency: expected a three-letter code such as usd or eur, got '%s'", v)
+		}
+		a.Currency = code
+	case "bill_on":
+		args, err := onceArgs(d, p.seen)
+		if err != nil {
+			return err
+		}
+		billOn, err := parseBillOn(args)
+		if err != nil {
+			return d.Err(err.Error())
+		}
+		a.BillOn = billOn
+	case "usage_cost_header":
+		args, err := onceArgs(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if err := p.usageCostHeader(args); err != nil {
+			return d.Err(err.Error())
+		}
+	case "thresholds":
+		args, err := onceArgs(d, p.seen)
+		if err != nil {
+			return err
+		}
+		ts, err := parseThresholds(args)
+		if err != nil {
+			return d.Err(err.Error())
+		}
+		a.Thresholds = ts
 	case "tier":
 		return p.tier(d)
 	case "customer":
 		return p.customer(d)
 	case "key":
 		return p.key(d)
-	// Later global options (currency, over_quota, period, thresholds,
-	// stripe, notify, ...) go here.
+	// Later global options (stripe, notify, ...) go here.
 	default:
-		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, key_secret, admin_api, upgrade_url, tier, customer, key", name)
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, key_secret, admin_api, upgrade_url, currency, bill_on, usage_cost_header, thresholds, tier, customer, key", name)
 	}
+	return nil
+}
+
+// usageCostHeader parses the arguments "<Header-Name> [max <units>]" of
+// usage_cost_header.
+func (p *appParser) usageCostHeader(args []string) error {
+	const usage = "usage_cost_header: expected '<Header-Name> [max <units>]', as in 'usage_cost_header X-Usage-Cost max 1000'"
+	if len(args) != 1 && len(args) != 3 {
+		return errors.New(usage)
+	}
+	name := args[0]
+	if strings.ContainsAny(name, "_.") {
+		return fmt.Errorf("usage_cost_header %s: header names with '_' or '.' are refused, as for key_from: Caddy drops such request headers, and CGI-style backends confuse them with the hyphenated name; use a hyphen instead, e.g. %s", name, strings.NewReplacer("_", "-", ".", "-").Replace(name))
+	}
+	if !validHeaderName(name) {
+		return fmt.Errorf("usage_cost_header: '%s' is not a valid header name", name)
+	}
+	if len(args) == 3 {
+		if args[1] != "max" {
+			return fmt.Errorf("usage_cost_header %s: unexpected '%s'; only 'max <units>' may follow the header name", name, args[1])
+		}
+		limit, err := parseCount(args[2])
+		if err != nil || limit == 0 {
+			return fmt.Errorf("usage_cost_header %s: max must be a whole number of units ≥ 1, got '%s'", name, args[2])
+		}
+		p.app.MaxUsageCost = limit
+	}
+	p.app.UsageCostHeader = name
 	return nil
 }
 
@@ -240,8 +337,39 @@ func (p *appParser) tier(d *caddyfile.Dispenser) error {
 			return err
 		}
 	}
+	if err := checkQuota(&t, seen); err != nil {
+		return err
+	}
 	p.app.Tiers = append(p.app.Tiers, t)
 	return nil
+}
+
+// checkQuota checks a tier's quota options against each other once its
+// block is read; seen holds the token of each option given.
+func checkQuota(t *Tier, seen map[string]caddyfile.Token) error {
+	if tok, ok := seen["over_quota"]; ok && t.Included == nil {
+		return errAt(tok, "tier %s: over_quota needs included, as in 'included 1000/month': it decides what happens once the included units are used up", t.Name)
+	}
+	if tok, ok := seen["thresholds"]; ok && t.Included == nil && len(t.Thresholds) > 0 {
+		return errAt(tok, "tier %s: thresholds needs included, as in 'included 1000/month': thresholds are percentages of the included units", t.Name)
+	}
+	if oq := t.OverQuota; oq != nil && oq.Throttle != nil && t.Rate != nil && !slower(oq.Throttle, t.Rate) {
+		return errAt(seen["over_quota"], "tier %s: over_quota throttle %s is not slower than the tier's rate %s; throttling beyond the quota needs a lower rate", t.Name, rateText(oq.Throttle), rateText(t.Rate))
+	}
+	return nil
+}
+
+// slower reports whether a admits fewer units per unit of time than b,
+// compared exactly: a.Limit/a.Window < b.Limit/b.Window.
+func slower(a, b *Rate) bool {
+	ah, al := bits.Mul64(uint64(a.Limit), uint64(b.Window))
+	bh, bl := bits.Mul64(uint64(b.Limit), uint64(a.Window))
+	return ah < bh || ah == bh && al < bl
+}
+
+// rateText writes r as in a Caddyfile, e.g. 50/min, for error messages.
+func rateText(r *Rate) string {
+	return strconv.FormatInt(r.Limit, 10) + "/" + windowName(time.Duration(r.Window))
 }
 
 // tierOption parses one line of a tier block; the cursor is on the option
@@ -330,9 +458,45 @@ func tierOption(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token
 			return d.Errf("on_store_error: expected local, allow or deny, got '%s'", v)
 		}
 		t.OnStoreError = v
-	// Later tier options (overage price, currency, thresholds, ...) go here.
+	case "over_quota":
+		args, err := lineArgs(d)
+		if err != nil {
+			return err
+		}
+		oq, err := metering.ParseOverQuota(args)
+		if err != nil {
+			return d.Errf("tier %s: %v", t.Name, err)
+		}
+		t.OverQuota = &OverQuota{Mode: oq.Mode, PriceMicros: oq.PriceMicros}
+		if p := oq.Throttle; p != nil {
+			t.OverQuota.Throttle = &Rate{Limit: p.Limit, Window: caddy.Duration(p.Period), Burst: p.Burst}
+		}
+	case "period":
+		args, err := lineArgs(d)
+		if err != nil {
+			return err
+		}
+		rule, err := metering.ParsePeriodRule(args)
+		if err != nil {
+			return d.Errf("tier %s: %v", t.Name, err)
+		}
+		t.Period = &Period{Anniversary: rule.Anniversary}
+		if len(args) == 2 {
+			t.Period.Zone = args[1] // as written; checked by ParsePeriodRule
+		}
+	case "thresholds":
+		args, err := lineArgs(d)
+		if err != nil {
+			return err
+		}
+		ts, err := parseThresholds(args)
+		if err != nil {
+			return d.Errf("tier %s: %v", t.Name, err)
+		}
+		t.Thresholds = ts
+	// Later tier options go here.
 	default:
-		return d.Errf("tier %s: unrecognized option '%s'; expected one of price, included, rate, endpoints, exclude, support, sla, on_store_error", t.Name, opt)
+		return d.Errf("tier %s: unrecognized option '%s'; expected one of price, included, over_quota, period, thresholds, rate, endpoints, exclude, support, sla, on_store_error", t.Name, opt)
 	}
 	return nil
 }
@@ -485,20 +649,56 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			costs[args[0]] = d.Token()
 			h.Costs = append(h.Costs, Cost{Path: args[0], Units: units})
 		case "key_from":
-			src, err := parseKeySource(d)
-			if err != nil {
+			if err := addKeySource(d, sources, &h.KeyFrom); err != nil {
 				return err
 			}
-			if prev, dup := sources[src]; dup {
-				return d.Errf("key_from: this source is given twice (first at %s)", position(prev))
-			}
-			sources[src] = d.Token()
-			h.KeyFrom = append(h.KeyFrom, src)
 		// Later handler options go here.
 		default:
 			return d.Errf("api_monetize: unrecognized option '%s'; expected cost or key_from", opt)
 		}
 	}
+	return nil
+}
+
+// UnmarshalCaddyfile sets up the handler from the api_monetize_usage
+// directive:
+//
+//	api_monetize_usage [<matcher>] {
+//		key_from header <Name> | query <param> | bearer   # repeatable, tried in order
+//	}
+//
+// The block is optional; key_from is as for the api_monetize directive.
+func (u *UsageHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.Errf("api_monetize_usage: unexpected argument '%s'; only a matcher may follow the directive, settings go in a { } block", d.Val())
+	}
+	sources := make(map[KeySource]caddyfile.Token)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch opt := d.Val(); opt {
+		case "key_from":
+			if err := addKeySource(d, sources, &u.KeyFrom); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("api_monetize_usage: unrecognized option '%s'; expected key_from", opt)
+		}
+	}
+	return nil
+}
+
+// addKeySource parses a key_from line and appends its source to list,
+// refusing a source already in seen.
+func addKeySource(d *caddyfile.Dispenser, seen map[KeySource]caddyfile.Token, list *[]KeySource) error {
+	src, err := parseKeySource(d)
+	if err != nil {
+		return err
+	}
+	if prev, dup := seen[src]; dup {
+		return d.Errf("key_from: this source is given twice (first at %s)", position(prev))
+	}
+	seen[src] = d.Token()
+	*list = append(*list, src)
 	return nil
 }
 
@@ -520,6 +720,9 @@ func parseKeySource(d *caddyfile.Dispenser) (KeySource, error) {
 		name := args[1]
 		if strings.Contains(name, "_") {
 			return KeySource{}, d.Errf("key_from header %s: Caddy (since v2.11.4) drops request headers whose name contains '_' before any handler sees them; use a hyphen instead, e.g. %s", name, strings.ReplaceAll(name, "_", "-"))
+		}
+		if strings.Contains(name, ".") {
+			return KeySource{}, d.Errf("key_from header %s: Caddy drops request headers whose name contains '.' before any handler sees them; use a hyphen instead, e.g. %s", name, strings.ReplaceAll(name, ".", "-"))
 		}
 		if !validHeaderName(name) {
 			return KeySource{}, d.Errf("key_from header: '%s' is not a valid header name", name)
@@ -545,6 +748,14 @@ func lineArgs(d *caddyfile.Dispenser) ([]string, error) {
 	opt := d.Val()
 	args := d.RemainingArgs()
 	return args, noBlock(d, opt)
+}
+
+// onceArgs reads the arguments of an option that may be given once.
+func onceArgs(d *caddyfile.Dispenser, seen map[string]caddyfile.Token) ([]string, error) {
+	if err := once(d, seen); err != nil {
+		return nil, err
+	}
+	return lineArgs(d)
 }
 
 // single reads an option that may be given once, with one value.
@@ -791,6 +1002,61 @@ func parseRate(args []string) (*Rate, error) {
 	return r, nil
 }
 
+// parseThresholds parses the arguments of thresholds: distinct whole
+// percentages from 1 to metering.MaxThreshold in ascending order, or "off",
+// which returns an empty, non-nil slice. metering.ParseThresholds, which the
+// app uses too, decides what is valid; the written order is checked here so
+// that the Caddyfile reads as it is applied.
+func parseThresholds(args []string) ([]int, error) {
+	if len(args) > 1 && slices.Contains(args, "off") {
+		return nil, errors.New("thresholds: off stands alone; it turns thresholds off")
+	}
+	ts, err := metering.ParseThresholds(args)
+	if err != nil || len(ts) == 0 { // invalid, or off
+		return ts, err
+	}
+	for i, a := range args {
+		if v, _ := metering.ParseThresholds([]string{a}); len(v) != 1 || v[0] != ts[i] {
+			return nil, fmt.Errorf("thresholds: write the percentages in ascending order, as in 'thresholds %s'", joinInts(ts))
+		}
+	}
+	return ts, nil
+}
+
+// joinInts writes ns separated by spaces.
+func joinInts(ns []int) string {
+	s := make([]string, len(ns))
+	for i, n := range ns {
+		s[i] = strconv.Itoa(n)
+	}
+	return strings.Join(s, " ")
+}
+
+// parseBillOn parses the arguments of bill_on with metering.ParseBillOn,
+// which the app uses too, and refuses tokens that repeat or that a class
+// on the same line already covers. Classes are returned in lower case.
+func parseBillOn(args []string) ([]string, error) {
+	if len(args) == 0 {
+		return nil, errors.New("bill_on: expected status classes 1xx to 5xx or status codes 100 to 599, as in 'bill_on 2xx 3xx'")
+	}
+	out := make([]string, len(args))
+	for i, a := range args {
+		if _, err := metering.ParseBillOn([]string{a}); err != nil {
+			return nil, fmt.Errorf("bill_on: '%s' is neither a status class 1xx to 5xx nor a status code 100 to 599", a)
+		}
+		out[i] = strings.ToLower(a)
+	}
+	for i, a := range out {
+		if slices.Contains(out[:i], a) {
+			return nil, fmt.Errorf("bill_on: '%s' is listed twice", a)
+		}
+		if class := a[:1] + "xx"; a != class && slices.Contains(out, class) {
+			return nil, fmt.Errorf("bill_on: %s is already billable as part of %s", a, class)
+		}
+	}
+	return out, nil
+}
+
 // checkSLA accepts "<percent>%" with 0 < percent ≤ 100.
 func checkSLA(s string) error {
 	num, ok := strings.CutSuffix(s, "%")
@@ -829,4 +1095,5 @@ func isDigits(s string) bool {
 var (
 	_ caddyfile.Unmarshaler = (*App)(nil)
 	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*UsageHandler)(nil)
 )

@@ -165,6 +165,158 @@ func TestParseAppAllOptions(t *testing.T) {
 	}
 }
 
+// quotaGlobal is the global block of the metering and quota configuration.
+const quotaGlobal = `api_monetize {
+	currency usd
+	tier free {
+		included 1000/month
+		over_quota block
+	}
+	tier pro {
+		price 49.00/month
+		included 50000/month
+		over_quota bill 0.002          # USD per unit beyond the included quota
+	}
+	tier enterprise {
+		included 1000000/month
+		over_quota throttle 50/min bill 0.001
+		period anniversary
+	}
+	bill_on 2xx 3xx                    # default; which response classes are billable
+	usage_cost_header X-Usage-Cost     # optional: trusted upstream reports the real cost
+	thresholds 80 100 120              # default; per tier override allowed
+}`
+
+func TestParseAppQuota(t *testing.T) {
+	got := new(App)
+	if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(quotaGlobal)); err != nil {
+		t.Fatal(err)
+	}
+	want := &App{
+		Currency:        "usd",
+		BillOn:          []string{"2xx", "3xx"},
+		UsageCostHeader: "X-Usage-Cost",
+		Thresholds:      []int{80, 100, 120},
+		Tiers: []Tier{
+			{
+				Name:      "free",
+				Included:  &Included{Units: 1000, Interval: "month"},
+				OverQuota: &OverQuota{Mode: "block"},
+			},
+			{
+				Name:      "pro",
+				Price:     &Price{AmountMicros: 49_000_000, Interval: "month"},
+				Included:  &Included{Units: 50000, Interval: "month"},
+				OverQuota: &OverQuota{Mode: "bill", PriceMicros: 2000},
+			},
+			{
+				Name:     "enterprise",
+				Included: &Included{Units: 1_000_000, Interval: "month"},
+				OverQuota: &OverQuota{
+					Mode:        "throttle",
+					PriceMicros: 1000,
+					Throttle:    &Rate{Limit: 50, Window: caddy.Duration(time.Minute)},
+				},
+				Period: &Period{Anniversary: true},
+			},
+		},
+	}
+	if g, w := mustJSON(t, got), mustJSON(t, want); g != w {
+		t.Errorf("got\n%s\nwant\n%s", g, w)
+	}
+}
+
+func TestParseAppQuotaVariants(t *testing.T) {
+	input := `api_monetize {
+		currency EUR
+		bill_on 2XX 404 304
+		usage_cost_header Usage-Units max 250
+		thresholds 50% 90 1000
+		tier calendar {
+			period calendar Europe/Berlin
+			thresholds 100
+			included 10/month
+			over_quota throttle 2/s burst 5
+			rate 10/s
+		}
+		tier quiet {
+			included 0/month
+			thresholds off
+			period calendar
+			over_quota bill 0
+		}
+		tier utc {
+			period calendar UTC
+		}
+	}`
+	got := new(App)
+	if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+		t.Fatal(err)
+	}
+	want := &App{
+		Currency:        "eur",
+		BillOn:          []string{"2xx", "404", "304"},
+		UsageCostHeader: "Usage-Units",
+		MaxUsageCost:    250,
+		Thresholds:      []int{50, 90, 1000},
+		Tiers: []Tier{
+			{
+				Name:       "calendar",
+				Included:   &Included{Units: 10, Interval: "month"},
+				Rate:       &Rate{Limit: 10, Window: caddy.Duration(time.Second)},
+				OverQuota:  &OverQuota{Mode: "throttle", Throttle: &Rate{Limit: 2, Window: caddy.Duration(time.Second), Burst: 5}},
+				Period:     &Period{Zone: "Europe/Berlin"},
+				Thresholds: []int{100},
+			},
+			{
+				Name:       "quiet",
+				Included:   &Included{Units: 0, Interval: "month"},
+				OverQuota:  &OverQuota{Mode: "bill"},
+				Period:     &Period{},
+				Thresholds: []int{},
+			},
+			{Name: "utc", Period: &Period{Zone: "UTC"}},
+		},
+	}
+	if g, w := mustJSON(t, got), mustJSON(t, want); g != w {
+		t.Errorf("got\n%s\nwant\n%s", g, w)
+	}
+}
+
+// TestParseThresholdsOff checks that "thresholds off" yields an empty, non-nil
+// list, which turns thresholds off, and that a tier's survives the JSON the
+// adapter writes, where it must stay distinct from an unset list (which
+// inherits the app's thresholds).
+func TestParseThresholdsOff(t *testing.T) {
+	input := `api_monetize {
+		thresholds off
+		tier off {
+			included 10/month
+			thresholds off
+		}
+		tier inherit {
+			included 10/month
+		}
+	}`
+	app := new(App)
+	if err := app.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+		t.Fatal(err)
+	}
+	if app.Thresholds == nil || len(app.Thresholds) != 0 {
+		t.Errorf("global thresholds off: got %#v, want an empty, non-nil list", app.Thresholds)
+	}
+	var tiers []Tier
+	if err := json.Unmarshal([]byte(mustJSON(t, app.Tiers)), &tiers); err != nil {
+		t.Fatal(err)
+	}
+	if off := tiers[0].Thresholds; off == nil || len(off) != 0 {
+		t.Errorf("tier thresholds off after a JSON round trip: got %#v, want an empty, non-nil list", off)
+	}
+	if inherit := tiers[1].Thresholds; inherit != nil {
+		t.Errorf("tier without thresholds after a JSON round trip: got %#v, want nil", inherit)
+	}
+}
+
 func TestParseAppTwice(t *testing.T) {
 	d := caddyfile.NewTestDispenser("api_monetize {\n\ttier free\n}")
 	_, err := parseApp(d, httpcaddyfile.App{Name: "api_monetize"})
@@ -250,7 +402,7 @@ func TestParseAppErrors(t *testing.T) {
 		// secret must not appear in the error.
 		secret string
 	}{
-		{"unknown option", "api_monetize {\n\ttier free\n\tcurrency usd\n}", 3, "unrecognized api_monetize option 'currency'", ""},
+		{"unknown option", "api_monetize {\n\ttier free\n\tnotify ops@example.com\n}", 3, "unrecognized api_monetize option 'notify'", ""},
 		{"arguments", "api_monetize foo {\n\ttier free\n}", 1, "no arguments", ""},
 		{"no tier", "api_monetize {\n\tstore_timeout 1s\n}", 1, "no tier defined", ""},
 		{"redis twice", "api_monetize {\n\tredis redis://a:6379\n\tredis redis://b:6379\n}", 3, "'redis' is given twice (first at Testfile:2)", ""},
@@ -324,6 +476,69 @@ func TestParseAppErrors(t *testing.T) {
 		{"key literal bad checksum", "api_monetize {\n\tkey am_live_0123456789abcdefghijklmnopqrstuv_ABCDEF acme\n}", 2, "valid checksum", "0123456789abcdef"},
 		{"key twice", "api_monetize {\n\ttier free\n\tcustomer acme tier free\n\tkey literal-demo-key-0123456789 acme\n\tkey literal-demo-key-0123456789 acme\n}", 5, "the same key is declared twice (first at Testfile:4)", "literal-demo-key"},
 		{"key undeclared customer", "api_monetize {\n\ttier free\n\tcustomer acme tier free\n\n\n\tkey {env.K} acne\n}", 6, "key for undeclared customer 'acne'", ""},
+		{"currency word", "api_monetize {\n\tcurrency dollar\n}", 2, "three-letter code such as usd or eur, got 'dollar'", ""},
+		{"currency symbol", "api_monetize {\n\tcurrency $\n}", 2, "three-letter code", ""},
+		{"currency twice", "api_monetize {\n\tcurrency usd\n\tcurrency eur\n}", 3, "'currency' is given twice (first at Testfile:2)", ""},
+		{"bill_on empty", "api_monetize {\n\tbill_on\n}", 2, "as in 'bill_on 2xx 3xx'", ""},
+		{"bill_on class", "api_monetize {\n\tbill_on 2xx 6xx\n}", 2, "'6xx' is neither a status class 1xx to 5xx nor a status code 100 to 599", ""},
+		{"bill_on word", "api_monetize {\n\tbill_on success\n}", 2, "'success' is neither", ""},
+		{"bill_on code range", "api_monetize {\n\tbill_on 200 600\n}", 2, "'600' is neither", ""},
+		{"bill_on code digits", "api_monetize {\n\tbill_on 2000\n}", 2, "'2000' is neither", ""},
+		{"bill_on repeated", "api_monetize {\n\tbill_on 2xx 3xx 2XX\n}", 2, "'2xx' is listed twice", ""},
+		{"bill_on covered code", "api_monetize {\n\tbill_on 404 2xx 4xx\n}", 2, "404 is already billable as part of 4xx", ""},
+		{"bill_on twice", "api_monetize {\n\tbill_on 2xx\n\tbill_on 3xx\n}", 3, "'bill_on' is given twice (first at Testfile:2)", ""},
+		{"bill_on block", "api_monetize {\n\tbill_on 2xx {\n\t}\n}", 2, "takes no block", ""},
+		{"usage_cost_header missing", "api_monetize {\n\tusage_cost_header\n}", 2, "'<Header-Name> [max <units>]'", ""},
+		{"usage_cost_header underscore", "api_monetize {\n\tusage_cost_header X_Usage_Cost\n}", 2, "use a hyphen instead, e.g. X-Usage-Cost", ""},
+		{"usage_cost_header dot", "api_monetize {\n\tusage_cost_header X.Usage.Cost\n}", 2, "use a hyphen instead, e.g. X-Usage-Cost", ""},
+		{"usage_cost_header invalid", "api_monetize {\n\tusage_cost_header \"X Cost\"\n}", 2, "not a valid header name", ""},
+		{"usage_cost_header max zero", "api_monetize {\n\tusage_cost_header X-Cost max 0\n}", 2, "max must be a whole number of units ≥ 1, got '0'", ""},
+		{"usage_cost_header max fraction", "api_monetize {\n\tusage_cost_header X-Cost max 1.5\n}", 2, "got '1.5'", ""},
+		{"usage_cost_header max missing", "api_monetize {\n\tusage_cost_header X-Cost max\n}", 2, "'<Header-Name> [max <units>]'", ""},
+		{"usage_cost_header other word", "api_monetize {\n\tusage_cost_header X-Cost limit 5\n}", 2, "unexpected 'limit'", ""},
+		{"usage_cost_header twice", "api_monetize {\n\tusage_cost_header X-Cost\n\tusage_cost_header X-Units\n}", 3, "given twice", ""},
+		{"thresholds empty", "api_monetize {\n\tthresholds\n}", 2, "80 100 120, or off", ""},
+		{"thresholds descending", "api_monetize {\n\tthresholds 100 80 120\n}", 2, "ascending order, as in 'thresholds 80 100 120'", ""},
+		{"thresholds repeated", "api_monetize {\n\tthresholds 80 100 80%\n}", 2, "80% is listed twice", ""},
+		{"thresholds zero", "api_monetize {\n\tthresholds 0 100\n}", 2, "from 1 to 1000", ""},
+		{"thresholds fraction", "api_monetize {\n\tthresholds 80 99.5\n}", 2, "from 1 to 1000", ""},
+		{"thresholds too high", "api_monetize {\n\tthresholds 1001\n}", 2, "from 1 to 1000", ""},
+		{"thresholds off with values", "api_monetize {\n\tthresholds off 80\n}", 2, "off stands alone", ""},
+		{"thresholds twice", "api_monetize {\n\tthresholds 80\n\tthresholds 90\n}", 3, "given twice", ""},
+		{"over_quota empty", inTier("included 1/month\nover_quota"), 4, "tier pro: over_quota: want block", ""},
+		{"over_quota mode", inTier("included 1/month\nover_quota charge 1"), 4, "unknown mode \"charge\"", ""},
+		{"over_quota block price", inTier("included 1/month\nover_quota block 0.002"), 4, "unexpected \"0.002\"", ""},
+		{"over_quota bill no price", inTier("included 1/month\nover_quota bill"), 4, "missing price per unit", ""},
+		{"over_quota bill comma", inTier("included 1/month\nover_quota bill 0,002"), 4, "use '.' for decimals", ""},
+		{"over_quota bill precision", inTier("included 1/month\nover_quota bill 0.0000001"), 4, "at most 6 decimal places", ""},
+		{"over_quota bill negative", inTier("included 1/month\nover_quota bill -0.002"), 4, "negative", ""},
+		{"over_quota bill exponent", inTier("included 1/month\nover_quota bill 2e-3"), 4, "without an exponent", ""},
+		{"over_quota bill huge", inTier("included 1/month\nover_quota bill 9223372036855"), 4, "too large", ""},
+		{"over_quota throttle no rate", inTier("included 1/month\nover_quota throttle"), 4, "missing rate", ""},
+		{"over_quota throttle window", inTier("included 1/month\nover_quota throttle 50/week"), 4, "unknown window \"week\"", ""},
+		{"over_quota throttle zero", inTier("included 1/month\nover_quota throttle 0/min"), 4, "positive integer", ""},
+		{"over_quota throttle no window", inTier("included 1/month\nover_quota throttle 50"), 4, "invalid rate \"50\"", ""},
+		{"over_quota throttle burst", inTier("included 1/month\nover_quota throttle 50/min burst 0"), 4, "invalid burst \"0\"", ""},
+		{"over_quota throttle bill price", inTier("included 1/month\nover_quota throttle 50/min bill"), 4, "missing price per unit after bill", ""},
+		{"over_quota throttle bill comma", inTier("included 1/month\nover_quota throttle 50/min bill 0,001"), 4, "use '.' for decimals", ""},
+		{"over_quota throttle huge", inTier("included 1/month\nover_quota throttle 9223372036854775807/s"), 4, "too large to enforce", ""},
+		{"over_quota throttle extra", inTier("included 1/month\nover_quota throttle 50/min bill 0.001 now"), 4, "unexpected \"now\"", ""},
+		{"over_quota throttle not slower", inTier("included 1/month\nover_quota throttle 2/s\nrate 100/min"), 4, "over_quota throttle 2/sec is not slower than the tier's rate 100/min", ""},
+		{"over_quota throttle same rate", inTier("rate 60/min\nincluded 1/month\nover_quota throttle 1/s"), 5, "not slower", ""},
+		{"over_quota without included", inTier("over_quota bill 0.002\nrate 10/min"), 3, "tier pro: over_quota needs included, as in 'included 1000/month'", ""},
+		{"over_quota twice", inTier("included 1/month\nover_quota block\nover_quota bill 1"), 5, "'over_quota' is given twice (first at Testfile:4)", ""},
+		{"over_quota block", inTier("included 1/month\nover_quota block {\n}"), 4, "takes no block", ""},
+		{"period empty", inTier("period"), 3, "want calendar [zone] or anniversary", ""},
+		{"period kind", inTier("period monthly"), 3, "unknown kind \"monthly\"", ""},
+		{"period unknown zone", inTier("period calendar Mars/Olympus_Mons"), 3, "unknown time zone \"Mars/Olympus_Mons\"", ""},
+		{"period local zone", inTier("period calendar Local"), 3, "not allowed", ""},
+		{"period two zones", inTier("period calendar UTC Europe/Berlin"), 3, "at most one time zone", ""},
+		{"period anniversary zone", inTier("period anniversary Europe/Berlin"), 3, "take no zone", ""},
+		{"period twice", inTier("period anniversary\nperiod calendar"), 4, "'period' is given twice", ""},
+		{"tier thresholds descending", inTier("included 1/month\nthresholds 90 50"), 4, "tier pro: thresholds: write the percentages in ascending order, as in 'thresholds 50 90'", ""},
+		{"tier thresholds repeated", inTier("included 1/month\nthresholds 50 50"), 4, "listed twice", ""},
+		{"tier thresholds without included", inTier("thresholds 50"), 3, "tier pro: thresholds needs included", ""},
+		{"tier thresholds twice", inTier("included 1/month\nthresholds 50\nthresholds off"), 5, "'thresholds' is given twice", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parseApp(caddyfile.NewTestDispenser(tc.input), nil)
@@ -400,6 +615,7 @@ func TestParseHandlerErrors(t *testing.T) {
 		{"cost twice", "api_monetize {\n\tcost /a 1\n\tcost /a 2\n}", 3, "given twice (first at Testfile:2)"},
 		{"cost block", "api_monetize {\n\tcost /a 1 {\n\t}\n}", 2, "takes no block"},
 		{"header underscore", "api_monetize {\n\tkey_from header X_API_KEY\n}", 2, "use a hyphen instead, e.g. X-API-KEY"},
+		{"header dot", "api_monetize {\n\tkey_from header X.Api.Key\n}", 2, "contains '.' before any handler sees them; use a hyphen instead, e.g. X-Api-Key"},
 		{"header invalid", "api_monetize {\n\tkey_from header \"X API\"\n}", 2, "not a valid header name"},
 		{"header missing", "api_monetize {\n\tkey_from header\n}", 2, "header <Name>"},
 		{"query missing", "api_monetize {\n\tkey_from query\n}", 2, "query <param>"},
@@ -410,6 +626,47 @@ func TestParseHandlerErrors(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkErr(t, new(Handler).UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)), tc.line, tc.want, "")
+		})
+	}
+}
+
+func TestParseUsageHandler(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		input string
+		want  *UsageHandler
+	}{
+		{"bare", "api_monetize_usage", &UsageHandler{}},
+		{"key sources in order", "api_monetize_usage {\n\tkey_from header Api-Key\n\tkey_from bearer\n}", &UsageHandler{
+			KeyFrom: []KeySource{{Header: "Api-Key"}, {Bearer: true}},
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := new(UsageHandler)
+			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
+				t.Fatal(err)
+			}
+			if g, w := mustJSON(t, got), mustJSON(t, tc.want); g != w {
+				t.Errorf("got %s, want %s", g, w)
+			}
+		})
+	}
+}
+
+func TestParseUsageHandlerErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		input string
+		line  int
+		want  string
+	}{
+		{"argument", "api_monetize_usage json", 1, "unexpected argument 'json'"},
+		{"cost", "api_monetize_usage {\n\tcost * 1\n}", 2, "unrecognized option 'cost'; expected key_from"},
+		{"header underscore", "api_monetize_usage {\n\tkey_from header X_API_KEY\n}", 2, "use a hyphen instead, e.g. X-API-KEY"},
+		{"source twice", "api_monetize_usage {\n\tkey_from query k\n\tkey_from query k\n}", 3, "given twice (first at Testfile:2)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkErr(t, new(UsageHandler).UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)), tc.line, tc.want, "")
 		})
 	}
 }
