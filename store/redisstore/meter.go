@@ -320,7 +320,9 @@ func (s *Store) periodKey(subject, period string) string {
 func (s *Store) hourKey(subject, period, hour string) string {
 	return s.prefix + "{" + subject + "}:h:" + period + ":" + hour
 }
-func (s *Store) idemKey(subject, key string) string { return s.prefix + "{" + subject + "}:idem:" + key }
+func (s *Store) idemKey(subject, key string) string {
+	return s.prefix + "{" + subject + "}:idem:" + key
+}
 func (s *Store) seqKey(subject, origin string) string {
 	return s.prefix + "{" + subject + "}:seq:" + origin
 }
@@ -370,10 +372,8 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 		}
 		ts.WriteString(strconv.Itoa(t))
 	}
+	// Without an idempotency key, P{s}:idem: is declared and never used.
 	idem := s.idemKey(subject, idemKey)
-	if idemKey == "" {
-		idem = s.idemKey(subject, "") // declared, never used
-	}
 	return meterCall{
 		subject: subject,
 		keys: []string{

@@ -18,3 +18,10 @@ func TestMeterContract(t *testing.T) {
 		return openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: meterTimeout})
 	})
 }
+
+func TestMeterContractShared(t *testing.T) {
+	storetest.RunMeterShared(t, func(t *testing.T) (store.Store, store.Store) {
+		prefix := newPrefix(t)
+		return openStore(t, Options{KeyPrefix: prefix, OpTimeout: meterTimeout}), openStore(t, Options{KeyPrefix: prefix, OpTimeout: meterTimeout})
+	})
+}

@@ -849,3 +849,299 @@ func testRateAndQuota(t *testing.T, client func(t *testing.T) *meterClient) {
 		c.usageWant("acme", cur.ID(), store.Counters{Billed: 50, Requests: 50})
 	})
 }
+
+// RunMeterShared runs the metering checks for stores shared by several
+// instances. open must return two handles on one fresh, empty shared store
+// (as two Caddy instances hold), both implementing store.Meter, and
+// register cleanup for both. Reservations through a carry Origin
+// "origin-a", through b "origin-b".
+//
+// Besides one quota, one idempotency key space and one outbox for both
+// handles, it checks the replay rules of store.Reservation and
+// store.Settlement, including these decisions:
+//
+//   - A Replay that is not applied (its (Origin, Seq) was already reserved
+//     or settled) is reported Allowed and Duplicate, and changes nothing.
+//   - A Replay is deduplicated against its idempotency key too.
+//   - A Replay whose Seq is store.SeqWindow or more below the highest Seq
+//     the store saw for (Subject, Origin) is not applied: the store cannot
+//     tell, and an entry can only fall that far behind when its call's
+//     outcome was unknown while later calls of the same instance
+//     succeeded, so it most likely ran. (The module replays its spool in
+//     order before new reservations of the subject, so this does not
+//     happen in normal operation.)
+//   - Non-Replay reservations and settlements are always applied.
+func RunMeterShared(t *testing.T, open func(t *testing.T) (a, b store.Store)) {
+	clients := func(t *testing.T) (ca, cb *meterClient) {
+		a, b := open(t)
+		return newMeterClient(t, a, "origin-a"), newMeterClient(t, b, "origin-b")
+	}
+	cur, _ := periods()
+	t.Run("QuotaExact", func(t *testing.T) {
+		for _, tc := range []struct {
+			name  string
+			cost  func(i int) int64
+			count int64
+		}{
+			{"Cost1", func(int) int64 { return 1 }, 100},
+			{"Cost5", func(int) int64 { return 5 }, 20},
+			{"MixedCosts", func(i int) int64 { return int64(1 + 4*(i/2%2)) }, -1},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				ca, cb := clients(t)
+				q := quota(cur, store.QuotaBlock, 100)
+				results := reserveConcurrently(t, []*meterClient{ca, cb}, 300, func(i int) store.Reservation { return res("acme", q, tc.cost(i)) })
+				units, count := admitted(results)
+				if units != 100 || (tc.count >= 0 && count != tc.count) {
+					t.Errorf("300 concurrent reservations through two handles against a block quota of 100: admitted %d units in %d requests, want 100 units", units, count)
+				}
+				ua := ca.usageWant("acme", cur.ID(), store.Counters{Billed: units, Requests: count})
+				if ub := cb.usage("acme", cur.ID()); !slices.Equal(ub.Hours, ua.Hours) || ub.Counters != ua.Counters {
+					t.Errorf("handles disagree on Usage: %+v and %+v", ua, ub)
+				}
+			})
+		}
+	})
+	t.Run("BillExact", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		results := reserveConcurrently(t, []*meterClient{ca, cb}, 300, func(i int) store.Reservation { return res("acme", q, int64(1+2*(i%3))) })
+		var overage int64
+		for _, o := range results {
+			overage += o.out.Overage
+		}
+		units, count := admitted(results)
+		if count != 300 || units != 900 || overage != 800 {
+			t.Errorf("300 concurrent reservations through two handles on bill 100: admitted %d (%d units), overage %d; want all 900 units, overage 800", count, units, overage)
+		}
+		cb.usageWant("acme", cur.ID(), store.Counters{Billed: 900, Overage: 800, Requests: 300})
+	})
+	t.Run("IdempotencyAcrossHandles", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		ca.want(withKey(res("acme", q, 4), "retry-1"), true, 4, 0)
+		if _, out := cb.want(withKey(res("acme", q, 4), "retry-1"), true, 4, 0); !out.Duplicate {
+			t.Errorf("retry through the other handle: %+v; want a Duplicate", out)
+		}
+	})
+	t.Run("ThresholdsOnceAcrossHandles", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		q.Thresholds = []int{80, 100, 120}
+		reserveConcurrently(t, []*meterClient{ca, cb}, 300, func(int) store.Reservation { return res("acme", q, 1) })
+		checkEvents(t, cb.events(""), []wantEvent{
+			{"acme", cur.ID(), 80, 80, 100}, {"acme", cur.ID(), 100, 100, 100}, {"acme", cur.ID(), 120, 120, 100},
+		})
+	})
+	t.Run("Replay", func(t *testing.T) { testReplay(t, clients) })
+}
+
+// replayed marks r, as reserved by a, as a Replay (sent through any handle).
+func replayed(r store.Reservation) store.Reservation {
+	r.Replay = true
+	return r
+}
+
+// settleReplay sends the settlement of r at actual as a Replay.
+func settleReplay(t *testing.T, c *meterClient, r store.Reservation, out store.Reserved, actual int64) {
+	t.Helper()
+	s := settlement(r, out, actual)
+	s.Replay = true
+	if err := c.m.Settle(t.Context(), s); err != nil {
+		t.Fatalf("Settle(replay of %s seq %d): %v", r.Origin, r.Seq, err)
+	}
+}
+
+func testReplay(t *testing.T, clients func(t *testing.T) (ca, cb *meterClient)) {
+	cur, _ := periods()
+	// spooled is a reservation of a that never reached the store: it has
+	// a's Origin and the next Seq.
+	spooled := func(ca *meterClient, r store.Reservation) store.Reservation {
+		r.Origin = ca.origin
+		r.Seq = ca.nextSeq(r.Subject)
+		r.Replay = true
+		return r
+	}
+	dupWant := func(t *testing.T, c *meterClient, r store.Reservation, used int64) {
+		t.Helper()
+		if _, out := c.want(r, true, used, 0); !out.Duplicate {
+			t.Fatalf("Replay of %s seq %d: %+v; want not applied (Duplicate)", r.Origin, r.Seq, out)
+		}
+	}
+	t.Run("ReservedNotAppliedAgain", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		r, _ := ca.want(res("acme", q, 3), true, 3, 0)
+		dupWant(t, cb, replayed(r), 3)
+		dupWant(t, ca, replayed(r), 3)
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 3, Requests: 1})
+	})
+	t.Run("UnseenAppliedOnce", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBlock, 5)
+		ca.want(res("acme", q, 5), true, 5, 0)
+		// Served while the store was unreachable: never denied, even
+		// beyond the block quota.
+		r := spooled(ca, res("acme", q, 4))
+		if _, out := cb.reserve(r); !out.Allowed || out.Duplicate || out.QuotaExceeded || out.Used != 9 {
+			t.Fatalf("Replay of an unseen seq beyond a used-up block quota: %+v; want applied, Used 9", out)
+		}
+		dupWant(t, cb, r, 9)
+		// (Whether a block quota's excess is recorded as overage is left
+		// to the store.)
+		if u := ca.usage("acme", cur.ID()); u.Billed != 9 || u.Requests != 2 {
+			t.Errorf("Usage after the Replay = %+v, want 9 units in 2 requests", u.Counters)
+		}
+	})
+	t.Run("BillOverage", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 5)
+		ca.want(res("acme", q, 4), true, 4, 0)
+		cb.want(spooled(ca, res("acme", q, 3)), true, 7, 2)
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 7, Overage: 2, Requests: 2})
+	})
+	t.Run("TouchesNoRateState", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		rate := hourly(10, 10)
+		cb.want(withRate(spooled(ca, res("acme", q, 5)), rate), true, 5, 0)
+		if _, out := ca.want(withRate(res("acme", q, 0), rate), true, 5, 0); out.Rate.Remaining != 10 {
+			t.Errorf("rate state after a Replay: %+v; want Remaining 10 (untouched)", out.Rate)
+		}
+		ca.want(withRate(res("acme", q, 10), rate), true, 15, 0)
+		// The rate is spent; a Replay is still applied.
+		cb.want(withRate(spooled(ca, res("acme", q, 2)), rate), true, 17, 0)
+	})
+	t.Run("SettlementAppliedOnce", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		ca.want(res("acme", q, 2), true, 2, 0)
+		r, out := ca.want(withKey(res("acme", q, 5), "retry-1"), true, 7, 0)
+		for range 2 {
+			settleReplay(t, cb, r, out, 0)
+			ca.usageWant("acme", cur.ID(), store.Counters{Billed: 2, Requests: 1})
+		}
+		// Released: the key is forgotten.
+		if _, out := ca.want(withKey(res("acme", q, 5), "retry-1"), true, 7, 0); out.Duplicate {
+			t.Error("retry after a replayed release was a duplicate")
+		}
+	})
+	t.Run("SettlementAfterLiveSettlementNotApplied", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		r, out := ca.want(res("acme", q, 5), true, 5, 0)
+		ca.settle(r, out, 3)
+		settleReplay(t, cb, r, out, 3)
+		dupWant(t, cb, replayed(r), 3)
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 3, Requests: 1})
+	})
+	t.Run("SettlementOfUnreservedNotApplied", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		ca.want(res("acme", q, 5), true, 5, 0)
+		r := spooled(ca, res("acme", q, 4)) // never reserved
+		settleReplay(t, cb, r, store.Reserved{}, 0)
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 5, Requests: 1})
+		// Reserving it later still works, and then its settlement applies.
+		_, out := cb.want(r, true, 9, 0)
+		settleReplay(t, cb, r, out, 1)
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 6, Requests: 2})
+	})
+	t.Run("InterruptedSpoolReplayedAgain", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 10)
+		q.Thresholds = []int{100}
+		ca.want(res("acme", q, 1), true, 1, 0)
+		var spool []store.Reservation
+		for _, cost := range []int64{2, 3, 4, 5, 6} {
+			spool = append(spool, spooled(ca, res("acme", q, cost)))
+		}
+		replay := func(n int) {
+			for i, r := range spool[:n] {
+				_, out := cb.reserve(r)
+				if i == 2 { // the third response was not billable
+					settleReplay(t, cb, r, out, 0)
+				}
+			}
+		}
+		replay(3) // interrupted
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 6, Requests: 3})
+		replay(5) // restarted from the beginning
+		replay(5) // and once more
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 17, Overage: 7, Requests: 5})
+		checkEvents(t, ca.events("acme"), []wantEvent{{"acme", cur.ID(), 100, 10, 10}})
+	})
+	t.Run("LiveReservationsKeepWorking", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 1000)
+		// Seqs are taken in order but arrive in any order.
+		results := reserveConcurrently(t, []*meterClient{ca}, 200, func(int) store.Reservation { return res("acme", q, 1) })
+		if _, count := admitted(results); count != 200 {
+			t.Fatalf("admitted %d of 200 live reservations with increasing seqs, want all", count)
+		}
+		for _, o := range results {
+			if o.out.Duplicate {
+				t.Fatalf("a live reservation was a duplicate: %+v", o)
+			}
+		}
+		last := results[0].r
+		last.Seq = 200
+		dupWant(t, cb, replayed(last), 200)
+		cb.want(spooled(ca, res("acme", q, 1)), true, 201, 0) // seq 201
+		ca.want(res("acme", q, 1), true, 202, 0)              // seq 202, live
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 202, Requests: 202})
+	})
+	t.Run("GapInWindowApplied", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		var missed store.Reservation
+		for i := range 10 {
+			r := res("acme", q, 1)
+			r.Seq = ca.nextSeq("acme")
+			if i == 4 {
+				missed = r // its call never reached the store
+				continue
+			}
+			ca.reserve(r)
+		}
+		cb.want(replayed(missed), true, 10, 0)
+		dupWant(t, cb, replayed(missed), 10)
+	})
+	t.Run("OutOfWindowNotApplied", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 1000)
+		// Seq 1 never reaches the store; SeqWindow later ones do, so seq 1
+		// falls out of the window: its Replay is not applied.
+		lost := spooled(ca, res("acme", q, 1))
+		for range store.SeqWindow {
+			ca.reserve(res("acme", q, 1))
+		}
+		dupWant(t, cb, lost, store.SeqWindow)
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: store.SeqWindow, Requests: store.SeqWindow})
+	})
+	t.Run("IdempotencyKeyChecked", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		ca.want(withKey(res("acme", q, 3), "retry-1"), true, 3, 0)
+		r := spooled(ca, withKey(res("acme", q, 3), "retry-1"))
+		_, out := cb.want(r, true, 3, 0)
+		if !out.Duplicate {
+			t.Fatalf("Replay with a held idempotency key: %+v; want a Duplicate", out)
+		}
+		// Its settlement has nothing to correct, and keeps the key held.
+		settleReplay(t, cb, r, out, 0)
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 3, Requests: 1})
+		if _, out := ca.want(withKey(res("acme", q, 3), "retry-1"), true, 3, 0); !out.Duplicate {
+			t.Error("the key was released by the settlement of a duplicate Replay")
+		}
+	})
+	t.Run("OriginsIndependent", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		ca.want(res("acme", q, 3), true, 3, 0) // origin-a seq 1
+		cb.want(spooled(cb, res("acme", q, 4)), true, 7, 0)
+		r := res("acme", q, 5)
+		r.Origin, r.Seq, r.Replay = "origin-b", 1, true
+		dupWant(t, ca, r, 7)
+	})
+}
