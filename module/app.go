@@ -69,7 +69,7 @@ type App struct {
 	// Thresholds are the percentages of a tier's included units whose
 	// crossing is recorded once per customer and period. Default: 80 100
 	// 120.
-	Thresholds []int `json:"thresholds,omitempty"`
+	Thresholds []int `json:"thresholds,omitzero"`
 	// Tiers are the plans customers can be on, in the order they are
 	// offered.
 	Tiers []Tier `json:"tiers,omitempty"`
