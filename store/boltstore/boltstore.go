@@ -2,7 +2,9 @@
 // and the key secret live in one bbolt file, for a single Caddy process.
 //
 // Rate-limit state is kept in memory only (a limiter.Local on the wall
-// clock), so budgets start full after a restart. Change notifications reach
+// clock), so budgets start full after a restart. Metering (store.Meter) is
+// kept in memory, logged ahead to a write-ahead log next to the file and
+// checkpointed into it; see meter.go. Change notifications reach
 // watchers in the same process. bbolt holds an exclusive lock on the file:
 // a process must open a path only once (share the *Store), and a second
 // process opening it gets an error after the lock timeout instead of
@@ -51,6 +53,7 @@ var (
 type Store struct {
 	db    *bolt.DB
 	rates *limiter.Local
+	meter *meter
 
 	mu        sync.Mutex
 	watchers  map[chan struct{}]struct{}
@@ -64,7 +67,11 @@ var _ store.Store = (*Store)(nil)
 type Option func(*options)
 
 type options struct {
-	lockTimeout time.Duration
+	lockTimeout   time.Duration
+	flushInterval time.Duration
+	onFlushError  func(error)
+	// clock replaces time.Now for metering, in tests.
+	clock func() time.Time
 }
 
 // WithLockTimeout sets how long Open waits for another process to release
@@ -76,13 +83,18 @@ func WithLockTimeout(d time.Duration) Option {
 
 // Open opens (or creates) the store file at path. Missing parent
 // directories are created with mode 0700 and a new file with mode 0600.
+// Open replays the metering write-ahead log and starts a goroutine that
+// checkpoints it until Close.
 func Open(path string, opts ...Option) (*Store, error) {
-	o := options{lockTimeout: DefaultLockTimeout}
+	o := options{lockTimeout: DefaultLockTimeout, flushInterval: DefaultFlushInterval}
 	for _, opt := range opts {
 		opt(&o)
 	}
 	if o.lockTimeout <= 0 {
 		return nil, fmt.Errorf("boltstore: lock timeout must be positive, got %v", o.lockTimeout)
+	}
+	if o.flushInterval <= 0 {
+		return nil, fmt.Errorf("boltstore: flush interval must be positive, got %v", o.flushInterval)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("boltstore: %w", err)
@@ -106,9 +118,16 @@ func Open(path string, opts ...Option) (*Store, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("boltstore: initialise %s: %w", path, err)
 	}
+	rates := limiter.NewLocal()
+	m, err := openMeter(db, path, rates, o)
+	if err != nil {
+		_ = db.Close()
+		return nil, err
+	}
 	return &Store{
 		db:       db,
-		rates:    limiter.NewLocal(),
+		rates:    rates,
+		meter:    m,
 		watchers: make(map[chan struct{}]struct{}),
 		closed:   make(chan struct{}),
 	}, nil
@@ -403,13 +422,13 @@ func (s *Store) Watch(ctx context.Context, onChange func()) error {
 	}
 }
 
-// Close implements store.Store. It ends every Watch and closes the file.
-// Closing again does nothing.
+// Close implements store.Store. It ends every Watch, checkpoints the
+// metering state and closes the file. Closing again does nothing.
 func (s *Store) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
 		close(s.closed)
-		err = s.db.Close()
+		err = errors.Join(s.meter.close(), s.db.Close())
 	})
 	return err
 }

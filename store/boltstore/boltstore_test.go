@@ -15,9 +15,9 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/store/storetest"
 )
 
-func openTemp(t testing.TB, path string) *Store {
+func openTemp(t testing.TB, path string, opts ...Option) *Store {
 	t.Helper()
-	s, err := Open(path)
+	s, err := Open(path, opts...)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}

@@ -1,0 +1,289 @@
+package boltstore
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// The write-ahead log is a series of segment files next to the bbolt file,
+// named "<store file>.wal.<id>" with a 16-digit hexadecimal id that grows
+// with every new segment. Each segment is a sequence of frames:
+//
+//	length  uint32, little endian: the payload's length
+//	crc     uint32, little endian: CRC-32C of the four length bytes and the payload
+//	payload one record (see appendRecord)
+//
+// A frame that is cut short, has a length of 0 or above maxRecordSize, or
+// whose checksum does not match ends the segment: it is what a process
+// killed in the middle of a write (or a machine that lost unwritten pages)
+// leaves behind, and nothing is ever appended after it, because a segment
+// is only written by the process that created it.
+
+// frameHeader is the size of a frame's length and checksum.
+const frameHeader = 8
+
+// maxRecordSize bounds a record's payload; anything larger is corruption.
+const maxRecordSize = 1 << 20
+
+// walSuffix separates the store file's name from a segment id.
+const walSuffix = ".wal."
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+// delta is one WAL record: a change to one subject's metering state, as it
+// was applied in memory. Counters are differences (already clamped so that
+// no counter goes below zero), so replaying a record repeats exactly what
+// the live process did, without deciding anything again.
+type delta struct {
+	subject, periodID, hourID string
+	// periodEnd is the period's end in microseconds since the epoch.
+	periodEnd int64
+	// billed, overage and requests change the period's and the hour's
+	// counters.
+	billed, overage, requests int64
+	// idemOp is idemNone, idemPut (remember idemKey until idemExp, in
+	// microseconds) or idemDelete (forget idemKey).
+	idemOp  byte
+	idemKey string
+	idemExp int64
+	// crossed are the thresholds this change crossed, each a new outbox
+	// entry.
+	crossed []crossing
+}
+
+// Idempotency-key operations of a delta.
+const (
+	idemNone byte = iota
+	idemPut
+	idemDelete
+)
+
+// crossing is a threshold crossed: its percentage, the used and included
+// units when it was crossed, and when (microseconds since the epoch).
+type crossing struct {
+	threshold          int64
+	used, included, at int64
+}
+
+// recordDelta is the only record type so far; it is the payload's first
+// byte, so other types can be added later.
+const recordDelta byte = 1
+
+// appendFrame appends d as one frame to buf.
+func appendFrame(buf []byte, d *delta) []byte {
+	start := len(buf)
+	buf = append(buf, make([]byte, frameHeader)...)
+	buf = appendRecord(buf, d)
+	n := len(buf) - start - frameHeader
+	binary.LittleEndian.PutUint32(buf[start:], uint32(n))
+	crc := crc32.Update(0, crcTable, buf[start:start+4])
+	crc = crc32.Update(crc, crcTable, buf[start+frameHeader:])
+	binary.LittleEndian.PutUint32(buf[start+4:], crc)
+	return buf
+}
+
+// appendRecord appends d's payload: the record type, then strings as a
+// uvarint length and bytes, integers as varints.
+func appendRecord(b []byte, d *delta) []byte {
+	b = append(b, recordDelta)
+	b = appendString(b, d.subject)
+	b = appendString(b, d.periodID)
+	b = binary.AppendVarint(b, d.periodEnd)
+	b = appendString(b, d.hourID)
+	b = binary.AppendVarint(b, d.billed)
+	b = binary.AppendVarint(b, d.overage)
+	b = binary.AppendVarint(b, d.requests)
+	b = append(b, d.idemOp)
+	if d.idemOp != idemNone {
+		b = appendString(b, d.idemKey)
+		b = binary.AppendVarint(b, d.idemExp)
+	}
+	b = binary.AppendUvarint(b, uint64(len(d.crossed)))
+	for _, c := range d.crossed {
+		b = binary.AppendVarint(b, c.threshold)
+		b = binary.AppendVarint(b, c.used)
+		b = binary.AppendVarint(b, c.included)
+		b = binary.AppendVarint(b, c.at)
+	}
+	return b
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+// errCorrupt reports a payload that passed its checksum but does not
+// decode: a bug or a file from a newer version, not a torn write.
+var errCorrupt = errors.New("undecodable write-ahead log record")
+
+// decoder reads a payload; the first failure sticks.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (r *decoder) fail() {
+	if r.err == nil {
+		r.err = errCorrupt
+	}
+	r.b = nil
+}
+
+func (r *decoder) byte() byte {
+	if len(r.b) == 0 {
+		r.fail()
+		return 0
+	}
+	c := r.b[0]
+	r.b = r.b[1:]
+	return c
+}
+
+func (r *decoder) varint() int64 {
+	v, n := binary.Varint(r.b)
+	if n <= 0 {
+		r.fail()
+		return 0
+	}
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *decoder) uvarint() uint64 {
+	v, n := binary.Uvarint(r.b)
+	if n <= 0 {
+		r.fail()
+		return 0
+	}
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *decoder) string() string {
+	n := r.uvarint()
+	if n > uint64(len(r.b)) {
+		r.fail()
+		return ""
+	}
+	s := string(r.b[:n])
+	r.b = r.b[n:]
+	return s
+}
+
+// decodeRecord decodes one payload.
+func decodeRecord(p []byte) (delta, error) {
+	r := decoder{b: p}
+	var d delta
+	if r.byte() != recordDelta {
+		return delta{}, errCorrupt
+	}
+	d.subject = r.string()
+	d.periodID = r.string()
+	d.periodEnd = r.varint()
+	d.hourID = r.string()
+	d.billed = r.varint()
+	d.overage = r.varint()
+	d.requests = r.varint()
+	d.idemOp = r.byte()
+	switch d.idemOp {
+	case idemNone:
+	case idemPut, idemDelete:
+		d.idemKey = r.string()
+		d.idemExp = r.varint()
+	default:
+		r.fail()
+	}
+	n := r.uvarint()
+	if n > uint64(len(r.b)) { // each crossing takes at least 4 bytes
+		r.fail()
+	}
+	for range n {
+		d.crossed = append(d.crossed, crossing{threshold: r.varint(), used: r.varint(), included: r.varint(), at: r.varint()})
+	}
+	if r.err == nil && len(r.b) != 0 {
+		r.fail()
+	}
+	return d, r.err
+}
+
+// readSegment calls fn for every intact record of the segment file, in
+// order. It stops at the first torn or damaged frame and returns how many
+// bytes it ignored from there on.
+func readSegment(path string, fn func(*delta)) (ignored int64, err error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	off := 0
+	for len(data)-off >= frameHeader {
+		n := int(binary.LittleEndian.Uint32(data[off:]))
+		if n == 0 || n > maxRecordSize || len(data)-off-frameHeader < n {
+			break
+		}
+		crc := crc32.Update(0, crcTable, data[off:off+4])
+		crc = crc32.Update(crc, crcTable, data[off+frameHeader:off+frameHeader+n])
+		if crc != binary.LittleEndian.Uint32(data[off+4:]) {
+			break
+		}
+		d, err := decodeRecord(data[off+frameHeader : off+frameHeader+n])
+		if err != nil {
+			return 0, fmt.Errorf("%s at offset %d: %w", path, off, err)
+		}
+		fn(&d)
+		off += frameHeader + n
+	}
+	return int64(len(data) - off), nil
+}
+
+// segmentPath is the file of segment id of the store file at path.
+func segmentPath(path string, id uint64) string {
+	return fmt.Sprintf("%s%s%016x", path, walSuffix, id)
+}
+
+// listSegments returns the ids of the store file's segments, ascending.
+func listSegments(path string) ([]uint64, error) {
+	entries, err := os.ReadDir(filepath.Dir(path))
+	if err != nil {
+		return nil, err
+	}
+	prefix := filepath.Base(path) + walSuffix
+	var ids []uint64
+	for _, e := range entries {
+		name, ok := strings.CutPrefix(e.Name(), prefix)
+		if !ok || len(name) != 16 || !e.Type().IsRegular() {
+			continue
+		}
+		id, err := strconv.ParseUint(name, 16, 64)
+		if err != nil {
+			continue
+		}
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids, nil
+}
+
+// createSegment creates the empty segment id for appending. Writes go to
+// the end of the file whatever happened before (O_APPEND), so a failed
+// write that was truncated away leaves no gap.
+func createSegment(path string, id uint64) (*os.File, error) {
+	return os.OpenFile(segmentPath(path, id), os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+}
+
+// removeSegment deletes segment id; a segment already gone is no error.
+func removeSegment(path string, id uint64) error {
+	err := os.Remove(segmentPath(path, id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
