@@ -1,9 +1,19 @@
 package redisstore
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/apimonetize/caddy-api-monetize/limiter"
+	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/store/storetest"
 )
@@ -24,4 +34,337 @@ func TestMeterContractShared(t *testing.T) {
 		prefix := newPrefix(t)
 		return openStore(t, Options{KeyPrefix: prefix, OpTimeout: meterTimeout}), openStore(t, Options{KeyPrefix: prefix, OpTimeout: meterTimeout})
 	})
+}
+
+// thisMonth is the current calendar month (UTC).
+func thisMonth() metering.Period {
+	return metering.PeriodRule{}.Period(time.Now(), time.Time{})
+}
+
+// testQuota is a quota of the current month counted in its first hour.
+func testQuota(mode string, included int64) store.Quota {
+	p := thisMonth()
+	return store.Quota{
+		PeriodID: p.ID(), PeriodEnd: p.End, HourID: metering.TimeID(p.Start),
+		Included: included, Mode: mode,
+	}
+}
+
+// TestReserveExactAcrossClients sends 2000 concurrent reservations through
+// three separate clients against one block quota of 100 units.
+func TestReserveExactAcrossClients(t *testing.T) {
+	for _, tc := range []struct {
+		cost int64
+		want int64
+	}{{1, 100}, {5, 20}} {
+		t.Run(fmt.Sprintf("Cost%d", tc.cost), func(t *testing.T) {
+			prefix := newPrefix(t)
+			var handles []*Store
+			for range 3 {
+				handles = append(handles, openStore(t, Options{KeyPrefix: prefix, OpTimeout: meterTimeout}))
+			}
+			q := testQuota(store.QuotaBlock, 100)
+			var allowed, exceeded, errs atomic.Int64
+			var wg sync.WaitGroup
+			start := make(chan struct{})
+			for i := range 2000 {
+				wg.Go(func() {
+					<-start
+					r := store.Reservation{Subject: "hot", Cost: tc.cost, Quota: q, Origin: fmt.Sprint("instance-", i%3), Seq: int64(i/3 + 1)}
+					out, err := handles[i%3].Reserve(context.Background(), r)
+					switch {
+					case err != nil:
+						errs.Add(1)
+					case out.Allowed:
+						allowed.Add(1)
+					case out.QuotaExceeded:
+						exceeded.Add(1)
+					}
+				})
+			}
+			close(start)
+			wg.Wait()
+			if errs.Load() != 0 {
+				t.Fatalf("%d of 2000 reservations failed", errs.Load())
+			}
+			if allowed.Load() != tc.want || exceeded.Load() != 2000-tc.want {
+				t.Errorf("2000 concurrent cost-%d reservations on a block quota of 100: %d allowed, %d quota-exceeded; want exactly %d allowed, the rest quota-exceeded",
+					tc.cost, allowed.Load(), exceeded.Load(), tc.want)
+			}
+			u, err := handles[1].Usage(context.Background(), "hot", q.PeriodID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := (store.Counters{Billed: 100, Requests: tc.want}); u.Counters != want {
+				t.Errorf("Usage = %+v, want %+v", u.Counters, want)
+			}
+		})
+	}
+}
+
+// TestReserveOneRoundTrip checks that every kind of reservation, and a
+// settlement, is one EVALSHA once Redis has the scripts.
+func TestReserveOneRoundTrip(t *testing.T) {
+	s := openStore(t, Options{KeyPrefix: newPrefix(t)})
+	ctx := context.Background()
+	q := testQuota(store.QuotaBlock, 5)
+	q.Thresholds = []int{80, 100}
+	rate := limiter.Policy{Limit: 3, Period: time.Hour}
+	warm := store.Reservation{Subject: "warm-up", Cost: 1, Quota: q}
+	if _, err := s.Reserve(ctx, warm); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Settle(ctx, store.Settlement{Subject: "warm-up", Quota: q, Reserved: 1, Actual: 0}); err != nil {
+		t.Fatal(err)
+	}
+
+	h := &countingHook{}
+	s.client.AddHook(h)
+	r := func(cost int64, key string) store.Reservation {
+		return store.Reservation{Subject: "rtt", Rate: rate, Cost: cost, Quota: q, IdempotencyKey: key, Origin: "o", Seq: 0}
+	}
+	steps := []struct {
+		name string
+		r    store.Reservation
+		want func(store.Reserved) bool
+	}{
+		{"allowed, crossing a threshold", r(3, "k1"), func(o store.Reserved) bool { return o.Allowed && len(o.Crossed) == 0 }},
+		{"duplicate", r(3, "k1"), func(o store.Reserved) bool { return o.Duplicate }},
+		{"cost 0", r(0, ""), func(o store.Reserved) bool { return o.Allowed && o.Used == 3 }},
+		{"rate denied", r(1, ""), func(o store.Reserved) bool { return !o.Allowed && !o.QuotaExceeded }},
+		{"quota denied", r(3, ""), func(o store.Reserved) bool { return o.QuotaExceeded }},
+	}
+	for i, st := range steps {
+		st.r.Seq = int64(i + 1)
+		out, err := s.Reserve(ctx, st.r)
+		if err != nil || !st.want(out) {
+			t.Fatalf("%s: %+v, %v", st.name, out, err)
+		}
+	}
+	if err := s.Settle(ctx, store.Settlement{Subject: "rtt", Quota: q, Reserved: 3, Actual: 2, Origin: "o", Seq: 1}); err != nil {
+		t.Fatal(err)
+	}
+	want := slices.Repeat([]string{"evalsha"}, len(steps)+1)
+	if fmt.Sprint(h.cmds) != fmt.Sprint(want) {
+		t.Errorf("%d reservations and a settlement sent %q, want one EVALSHA each", len(steps), h.cmds)
+	}
+}
+
+// TestMeterKeys pins the key layout and checks that every key the
+// metering writes expires, and that reservations without an idempotency
+// key add no keys per request.
+func TestMeterKeys(t *testing.T) {
+	c := rawClient(t)
+	prefix := newPrefix(t)
+	s := openStore(t, Options{KeyPrefix: prefix})
+	ctx := context.Background()
+	q := testQuota(store.QuotaThrottle, 10)
+	q.Throttle = limiter.Policy{Limit: 1000, Period: time.Hour}
+	q.Thresholds = []int{80}
+	rate := limiter.Policy{Limit: 1000, Period: time.Minute}
+	hour2 := metering.TimeID(thisMonth().Start.Add(2 * time.Hour))
+	for i := range 50 {
+		r := store.Reservation{Subject: "acme", Rate: rate, Cost: 1, Quota: q, Origin: "o1", Seq: int64(i + 1)}
+		if i == 7 {
+			r.IdempotencyKey = "retry-1"
+		}
+		if i%2 == 1 {
+			r.Quota.HourID = hour2
+		}
+		if out, err := s.Reserve(ctx, r); err != nil || !out.Allowed {
+			t.Fatalf("Reserve: %+v, %v", out, err)
+		}
+	}
+	tag := prefix + "{acme}:"
+	periodEnd := q.PeriodEnd.Add(store.Retention)
+	wantKeys := map[string]time.Time{
+		tag + "rl":                               {}, // until the rate state is full again: within an hour
+		tag + "q:" + q.PeriodID:                  periodEnd,
+		tag + "h:" + q.PeriodID + ":" + q.HourID: periodEnd,
+		tag + "h:" + q.PeriodID + ":" + hour2:    periodEnd,
+		tag + "idem:retry-1":                     time.Now().Add(store.IdempotencyWindow),
+		tag + "seq:o1":                           time.Now().Add(store.IdempotencyWindow),
+		tag + "outbox":                           periodEnd,
+		prefix + "outbox:subjects":               periodEnd,
+	}
+	var keys []string
+	iter := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+	for iter.Next(ctx) {
+		keys = append(keys, iter.Val())
+	}
+	if err := iter.Err(); err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(keys)
+	var want []string
+	for k := range wantKeys {
+		want = append(want, k)
+	}
+	slices.Sort(want)
+	if !slices.Equal(keys, want) {
+		t.Fatalf("keys after 50 reservations:\n got  %q\n want %q", keys, want)
+	}
+	for k, until := range wantKeys {
+		ttl, err := c.PTTL(ctx, k).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if until.IsZero() {
+			if ttl <= 0 || ttl > time.Hour {
+				t.Errorf("%s: TTL %v, want in (0, 1h]", strings.TrimPrefix(k, prefix), ttl)
+			}
+			continue
+		}
+		if left := time.Until(until); ttl <= 0 || ttl > left+5*time.Second || ttl < left-time.Minute-5*time.Second {
+			t.Errorf("%s: TTL %v, want about %v", strings.TrimPrefix(k, prefix), ttl, left)
+		}
+	}
+}
+
+// TestMeterLargeNumbers checks quotas near 2^53 units, where Lua doubles
+// stop being exact: overage and thresholds must still be exact.
+func TestMeterLargeNumbers(t *testing.T) {
+	s := openStore(t, Options{KeyPrefix: newPrefix(t)})
+	ctx := context.Background()
+	const included = 1<<53 - 10
+	q := testQuota(store.QuotaBill, included)
+	q.Thresholds = []int{80, 100, 101}
+	for _, step := range []struct {
+		cost, used, overage int64
+		crossed             []int
+	}{
+		{included - 1, included - 1, 0, []int{80}},
+		{1, included, 0, []int{100}},
+		{4, included + 4, 4, nil},
+		{3, included + 7, 3, nil},
+	} {
+		out, err := s.Reserve(ctx, store.Reservation{Subject: "big", Cost: step.cost, Quota: q})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !out.Allowed || out.Used != step.used || out.Overage != step.overage || !slices.Equal(out.Crossed, step.crossed) {
+			t.Fatalf("Reserve(cost %d) = %+v; want used %d overage %d crossing %v", step.cost, out, step.used, step.overage, step.crossed)
+		}
+	}
+	u, err := s.Usage(ctx, "big", q.PeriodID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (store.Counters{Billed: included + 7, Overage: 7, Requests: 4}); u.Counters != want {
+		t.Errorf("Usage = %+v, want %+v", u.Counters, want)
+	}
+	if _, err := s.Reserve(ctx, store.Reservation{Subject: "big", Cost: 1 << 53, Quota: q}); err == nil {
+		t.Error("Reserve of 2^53 units succeeded, want an error")
+	}
+}
+
+// TestMeterUnavailable checks that an unreachable Redis fails Reserve and
+// Settle with store.ErrUnavailable, and that invalid input fails without
+// contacting Redis.
+func TestMeterUnavailable(t *testing.T) {
+	var dials atomic.Int64
+	s := openStore(t, Options{URL: "redis://127.0.0.1:1", dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		return nil, errors.New("connection refused")
+	}})
+	ctx := context.Background()
+	q := testQuota(store.QuotaBlock, 10)
+	for _, r := range []store.Reservation{
+		{Subject: "x", Cost: -1, Quota: q},
+		{Subject: "x", Cost: 1 << 53, Quota: q},
+		{Subject: "x", Cost: 1, Quota: store.Quota{PeriodID: q.PeriodID, HourID: q.HourID, Mode: store.QuotaBill}},
+		{Subject: "x", Cost: 1, Quota: store.Quota{PeriodID: q.PeriodID, PeriodEnd: q.PeriodEnd, HourID: q.HourID, Mode: "overdraft"}},
+		{Subject: "", Cost: 1, Quota: q},
+	} {
+		if _, err := s.Reserve(ctx, r); err == nil || errors.Is(err, store.ErrUnavailable) {
+			t.Errorf("Reserve(%+v) error = %v, want a validation error", r, err)
+		}
+	}
+	if err := s.Settle(ctx, store.Settlement{Subject: "x", Quota: q, Reserved: 2, Overage: 3, Actual: 1}); err == nil {
+		t.Error("Settle with more overage than units succeeded")
+	}
+	if dials.Load() != 0 {
+		t.Fatalf("invalid input caused %d dials", dials.Load())
+	}
+	if _, err := s.Reserve(ctx, store.Reservation{Subject: "x", Cost: 1, Quota: q}); !errors.Is(err, store.ErrUnavailable) {
+		t.Errorf("Reserve with Redis unreachable: %v, want ErrUnavailable", err)
+	}
+	if err := s.Settle(ctx, store.Settlement{Subject: "x", Quota: q, Reserved: 1}); !errors.Is(err, store.ErrUnavailable) {
+		t.Errorf("Settle with Redis unreachable: %v, want ErrUnavailable", err)
+	}
+	if _, err := s.Usage(ctx, "x", q.PeriodID); !errors.Is(err, store.ErrUnavailable) {
+		t.Errorf("Usage with Redis unreachable: %v, want ErrUnavailable", err)
+	}
+	if _, err := s.ThresholdEvents(ctx, ""); !errors.Is(err, store.ErrUnavailable) {
+		t.Errorf("ThresholdEvents with Redis unreachable: %v, want ErrUnavailable", err)
+	}
+}
+
+// benchReservation is the common request path: a tier rate, a bill quota
+// with thresholds, an origin and a seq.
+func benchReservation(subject string) store.Reservation {
+	q := testQuota(store.QuotaBill, 1<<40)
+	q.Thresholds = []int{80, 100, 120}
+	return store.Reservation{
+		Subject: subject, Rate: limiter.Policy{Limit: 1 << 30, Period: time.Hour}, Cost: 1,
+		Quota: q, Origin: "bench",
+	}
+}
+
+// BenchmarkReserve measures one Reserve round trip (one EVALSHA) against
+// the test Redis, sequentially.
+func BenchmarkReserve(b *testing.B) {
+	s := openStore(b, Options{KeyPrefix: newPrefix(b), OpTimeout: time.Second})
+	ctx := context.Background()
+	r := benchReservation("bench")
+	b.ReportAllocs()
+	for b.Loop() {
+		r.Seq++
+		if _, err := s.Reserve(ctx, r); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkReserveParallel measures Reserve throughput with 8×GOMAXPROCS
+// goroutines on one client, each on its own subject.
+func BenchmarkReserveParallel(b *testing.B) {
+	s := openStore(b, Options{KeyPrefix: newPrefix(b), OpTimeout: time.Second})
+	var n atomic.Int64
+	b.ReportAllocs()
+	b.SetParallelism(8)
+	b.RunParallel(func(pb *testing.PB) {
+		r := benchReservation(fmt.Sprint("bench-", n.Add(1)))
+		for pb.Next() {
+			r.Seq++
+			if _, err := s.Reserve(context.Background(), r); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkReserveRelease measures a reservation and its release
+// (Settle with Actual 0): two EVALSHA round trips, the path of a response
+// that is not billable.
+func BenchmarkReserveRelease(b *testing.B) {
+	s := openStore(b, Options{KeyPrefix: newPrefix(b), OpTimeout: time.Second})
+	ctx := context.Background()
+	r := benchReservation("bench")
+	r.IdempotencyKey = "retry-1"
+	b.ReportAllocs()
+	for b.Loop() {
+		r.Seq++
+		out, err := s.Reserve(ctx, r)
+		if err != nil || !out.Allowed || out.Duplicate {
+			b.Fatalf("Reserve: %+v, %v", out, err)
+		}
+		if err := s.Settle(ctx, store.Settlement{
+			Subject: r.Subject, Quota: r.Quota, IdempotencyKey: r.IdempotencyKey,
+			Reserved: r.Cost, Overage: out.Overage, Origin: r.Origin, Seq: r.Seq,
+		}); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
