@@ -38,6 +38,11 @@ type App struct {
 	// StorePath is the embedded store's file. Default:
 	// <Caddy data dir>/api_monetize/store.db.
 	StorePath string `json:"store_path,omitempty"`
+	// StoreFlushInterval is how often the embedded store writes metered
+	// usage from its write-ahead log into the store file, with one disk
+	// sync. A process crash loses nothing; a machine crash can lose about
+	// this much usage. Default: 1s.
+	StoreFlushInterval caddy.Duration `json:"store_flush_interval,omitempty"`
 	// StoreTimeout bounds every store call made while serving a request.
 	// Default: 100ms.
 	StoreTimeout caddy.Duration `json:"store_timeout,omitempty"`
@@ -144,7 +149,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if redisURL == "" && path == "" {
 		path = filepath.Join(caddy.AppDataDir(), "api_monetize", "store.db")
 	}
-	key, open := storeOpener(redisURL, repl.ReplaceAll(a.RedisPrefix, ""), path, a.timeout)
+	key, open := storeOpener(storeConfig{
+		redisURL: redisURL, redisPrefix: repl.ReplaceAll(a.RedisPrefix, ""), path: path,
+		timeout: a.timeout, flushInterval: time.Duration(a.StoreFlushInterval),
+	}, a.logger)
 	val, _, err := sharedPool.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return newShared(open), nil
 	})

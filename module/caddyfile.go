@@ -202,6 +202,16 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 			return d.Errf("store_timeout: expected a positive duration such as 100ms or 2s, got '%s'", v)
 		}
 		a.StoreTimeout = caddy.Duration(dur)
+	case "store_flush_interval":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		dur, err := caddy.ParseDuration(v)
+		if err != nil || dur <= 0 {
+			return d.Errf("store_flush_interval: expected a positive duration such as 1s or 200ms, got '%s'", v)
+		}
+		a.StoreFlushInterval = caddy.Duration(dur)
 	case "key_secret":
 		v, err := single(d, p.seen)
 		if err != nil {

@@ -25,16 +25,33 @@ var sharedPool = caddy.NewUsagePool()
 // opener opens a store.
 type opener func() (store.Store, error)
 
+// storeConfig selects and tunes a store.
+type storeConfig struct {
+	redisURL, redisPrefix string
+	path                  string
+	timeout               time.Duration
+	flushInterval         time.Duration
+}
+
 // storeOpener returns the pool key identifying a store configuration and a
 // function that opens it.
-func storeOpener(redisURL, prefix, path string, timeout time.Duration) (string, opener) {
-	if redisURL != "" {
-		return fmt.Sprintf("redis|%s|%s|%s", redisURL, prefix, timeout), func() (store.Store, error) {
-			return redisstore.New(redisstore.Options{URL: redisURL, KeyPrefix: prefix, OpTimeout: timeout})
+func storeOpener(c storeConfig, logger *zap.Logger) (string, opener) {
+	if c.redisURL != "" {
+		return fmt.Sprintf("redis|%s|%s|%s", c.redisURL, c.redisPrefix, c.timeout), func() (store.Store, error) {
+			return redisstore.New(redisstore.Options{URL: c.redisURL, KeyPrefix: c.redisPrefix, OpTimeout: c.timeout})
 		}
 	}
-	return "bolt|" + path, func() (store.Store, error) {
-		return boltstore.Open(path)
+	// One process may open a bbolt file once: the key is the path alone, so
+	// a reload that changes store_flush_interval keeps the open store (the
+	// new interval applies at the next start).
+	return "bolt|" + c.path, func() (store.Store, error) {
+		opts := []boltstore.Option{boltstore.WithFlushErrorHandler(func(err error) {
+			logger.Error("writing metered usage into the store file failed; it stays in the write-ahead log and is retried", zap.Error(err))
+		})}
+		if c.flushInterval > 0 {
+			opts = append(opts, boltstore.WithFlushInterval(c.flushInterval))
+		}
+		return boltstore.Open(c.path, opts...)
 	}
 }
 
