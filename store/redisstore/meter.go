@@ -91,7 +91,9 @@ local function idiv(a, b)
   return q
 end
 
-local used = tonumber(redis.call('HGET', KEYS[3], 'billed') or '0')
+local period = redis.call('HMGET', KEYS[3], 'billed', 'crossed')
+local used = tonumber(period[1] or '0')
+local crossed = period[2] or ','
 
 -- metering.Overage
 local function overage(before, cost)
@@ -102,15 +104,22 @@ local function overage(before, cost)
   return o
 end
 
--- count adds to the period and hour counters.
-local function count(billed, over, requests)
-  for _, k in ipairs({KEYS[3], KEYS[4]}) do
+-- count adds to the period and hour counters. The expiry and the hour's
+-- entry in the period hash are written when a hash gets its first request
+-- (always when all is true).
+local function count(billed, over, requests, all)
+  local keys = {KEYS[3], KEYS[4]}
+  for i = 1, 2 do
+    local k = keys[i]
     if billed ~= 0 then redis.call('HINCRBY', k, 'billed', fmt(billed)) end
     if over ~= 0 then redis.call('HINCRBY', k, 'overage', fmt(over)) end
-    if requests ~= 0 then redis.call('HINCRBY', k, 'requests', fmt(requests)) end
-    redis.call('EXPIREAT', k, expireat)
+    local n = 0
+    if requests ~= 0 then n = redis.call('HINCRBY', k, 'requests', fmt(requests)) end
+    if all or n == 1 then
+      redis.call('EXPIREAT', k, expireat)
+      if i == 2 then redis.call('HSET', KEYS[3], 'h:' .. hourID, 1) end
+    end
   end
-  redis.call('HSET', KEYS[3], 'h:' .. hourID, 1)
 end
 
 -- reached reports whether u*100 >= th*included, exactly.
@@ -133,7 +142,7 @@ end
 local function cross(u)
   local got = {}
   if mode == 'meter' or included <= 0 or thresholds == '' then return got end
-  local x = redis.call('HGET', KEYS[3], 'crossed') or ','
+  local x = crossed
   for ts in string.gmatch(thresholds, '%d+') do
     local th = tonumber(ts)
     if not string.find(x, ',' .. ts .. ',', 1, true) and reached(u, th) then
@@ -282,7 +291,7 @@ if nd then
   redis.call('SET', KEYS[1], fmt(now + nd) .. ',' .. fmt(interval), 'PX', fmt(idiv(nd, 1000) + 1))
 end
 local over = overage(used, cost)
-count(cost, over, 1)
+count(cost, over, 1, false)
 if hasIdem then redis.call('SET', KEYS[2], '1', 'EX', idemTTL) end
 if track then mark('1') end
 return reply(1, rd, throttled, 0, used + cost, over, 0, cross(used + cost))
@@ -306,7 +315,7 @@ elseif actual > reserved then
   over = overage(used, billed)
 end
 if billed ~= 0 or over ~= 0 or requests ~= 0 then
-  count(billed, over, requests)
+  count(billed, over, requests, true)
 end
 if billed > 0 then cross(used + billed) end
 if track then mark('2') end
@@ -320,23 +329,56 @@ func (s *Store) periodKey(subject, period string) string {
 func (s *Store) hourKey(subject, period, hour string) string {
 	return s.prefix + "{" + subject + "}:h:" + period + ":" + hour
 }
-func (s *Store) idemKey(subject, key string) string {
-	return s.prefix + "{" + subject + "}:idem:" + key
-}
-func (s *Store) seqKey(subject, origin string) string {
-	return s.prefix + "{" + subject + "}:seq:" + origin
-}
 func (s *Store) outboxKey(subject string) string { return s.prefix + "{" + subject + "}:outbox" }
 func (s *Store) outboxSubjectsKey() string       { return s.prefix + "outbox:subjects" }
+
+// scriptKeys returns the keys of the metering scripts (see meterLua) as
+// substrings of one string, to save allocations on the request path:
+// rate, idempotency (P{s}:idem: when there is no key: declared, never
+// used), period, hour, replay window, outbox, outbox subjects.
+func (s *Store) scriptKeys(subject, period, hour, idemKey, origin string) []string {
+	tagged := [6][4]string{
+		{"rl"}, {"idem:", idemKey}, {"q:", period}, {"h:", period, ":", hour}, {"seq:", origin}, {"outbox"},
+	}
+	n := len(s.prefix) + len("outbox:subjects")
+	for _, parts := range tagged {
+		n += len(s.prefix) + len(subject) + 3
+		for _, p := range parts {
+			n += len(p)
+		}
+	}
+	var b strings.Builder
+	b.Grow(n)
+	var ends [7]int
+	for i, parts := range tagged {
+		b.WriteString(s.prefix)
+		b.WriteByte('{')
+		b.WriteString(subject)
+		b.WriteString("}:")
+		for _, p := range parts {
+			b.WriteString(p)
+		}
+		ends[i] = b.Len()
+	}
+	b.WriteString(s.prefix)
+	b.WriteString("outbox:subjects")
+	ends[6] = b.Len()
+	all := b.String()
+	keys := make([]string, 7)
+	start := 0
+	for i, end := range ends {
+		keys[i], start = all[start:end], end
+	}
+	return keys
+}
 
 var _ store.Meter = (*Store)(nil)
 
 // meterCall is what Reserve and Settle have in common: the keys and the
 // first 12 script arguments.
 type meterCall struct {
-	subject string
-	keys    []string
-	args    []any
+	keys []string
+	args []any
 }
 
 // newMeterCall validates and encodes the common part of a reservation or
@@ -372,15 +414,8 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 		}
 		ts.WriteString(strconv.Itoa(t))
 	}
-	// Without an idempotency key, P{s}:idem: is declared and never used.
-	idem := s.idemKey(subject, idemKey)
 	return meterCall{
-		subject: subject,
-		keys: []string{
-			s.rateKey(subject), idem, s.periodKey(subject, q.PeriodID),
-			s.hourKey(subject, q.PeriodID, q.HourID), s.seqKey(subject, origin),
-			s.outboxKey(subject), s.outboxSubjectsKey(),
-		},
+		keys: s.scriptKeys(subject, q.PeriodID, q.HourID, idemKey, origin),
 		args: []any{
 			mode, q.Included, q.PeriodEnd.Add(store.Retention).Unix(), flag(idemKey != ""),
 			seq, flag(replay), q.PeriodID, q.HourID, ts.String(), subject,
