@@ -221,6 +221,66 @@ func TestMeterKeys(t *testing.T) {
 	}
 }
 
+// TestDeniedWritesNothing checks that denied and cost-0 reservations
+// leave no key behind.
+func TestDeniedWritesNothing(t *testing.T) {
+	c := rawClient(t)
+	prefix := newPrefix(t)
+	s := openStore(t, Options{KeyPrefix: prefix})
+	ctx := context.Background()
+	q := testQuota(store.QuotaBlock, 0)
+	q.Thresholds = []int{80}
+	for _, r := range []store.Reservation{
+		{Subject: "acme", Cost: 1, Quota: q, IdempotencyKey: "k1", Origin: "o", Seq: 1},
+		{Subject: "acme", Cost: 6, Quota: testQuota(store.QuotaBill, 10), Rate: limiter.Policy{Limit: 5, Period: time.Hour}, IdempotencyKey: "k2", Origin: "o", Seq: 2},
+		{Subject: "acme", Cost: 0, Quota: q, Rate: limiter.Policy{Limit: 5, Period: time.Hour}, IdempotencyKey: "k3", Origin: "o", Seq: 3},
+	} {
+		if out, err := s.Reserve(ctx, r); err != nil || out.Allowed != (r.Cost == 0) {
+			t.Fatalf("Reserve(cost %d) = %+v, %v", r.Cost, out, err)
+		}
+	}
+	keys, err := c.Keys(ctx, prefix+"*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 0 {
+		t.Errorf("denied and cost-0 reservations wrote %q", keys)
+	}
+}
+
+// TestOutboxPruned checks that outbox entries are dropped once their
+// period's retention has passed, when a later entry is written.
+func TestOutboxPruned(t *testing.T) {
+	c := rawClient(t)
+	prefix := newPrefix(t)
+	s := openStore(t, Options{KeyPrefix: prefix})
+	ctx := context.Background()
+	cur := testQuota(store.QuotaBill, 10)
+	cur.Thresholds = []int{50}
+	old := cur
+	old.PeriodID, old.PeriodEnd = "20200101T000000Z", time.Date(2020, time.February, 1, 0, 0, 0, 0, time.UTC)
+	for _, q := range []store.Quota{old, cur} {
+		out, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 5, Quota: q})
+		if err != nil || !slices.Equal(out.Crossed, []int{50}) {
+			t.Fatalf("Reserve in %s = %+v, %v; want 50 crossed", q.PeriodID, out, err)
+		}
+	}
+	if n, err := c.LLen(ctx, prefix+"{acme}:outbox").Result(); err != nil || n != 1 {
+		t.Errorf("outbox length %d, %v; want 1 (the expired entry popped)", n, err)
+	}
+	// A subject whose entries have all expired is not listed.
+	if _, err := s.Reserve(ctx, store.Reservation{Subject: "gone", Cost: 5, Quota: old}); err != nil {
+		t.Fatal(err)
+	}
+	evs, err := s.ThresholdEvents(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(evs) != 1 || evs[0].Subject != "acme" || evs[0].PeriodID != cur.PeriodID {
+		t.Errorf("ThresholdEvents = %+v, want only acme's current one", evs)
+	}
+}
+
 // TestMeterLargeNumbers checks quotas near 2^53 units, where Lua doubles
 // stop being exact: overage and thresholds must still be exact.
 func TestMeterLargeNumbers(t *testing.T) {
