@@ -11,13 +11,16 @@
 package apikey
 
 import (
+	"bytes"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"hash"
 	"hash/crc32"
 	"strings"
+	"sync"
 	"unicode/utf8"
 )
 
@@ -85,6 +88,29 @@ func Hash(secret []byte, key string) string {
 	m := hmac.New(sha256.New, secret)
 	m.Write([]byte(key))
 	return hex.EncodeToString(m.Sum(nil))
+}
+
+// Hasher computes Hash for one secret without setting HMAC up again for
+// every key: it reuses keyed HMAC states. It is safe for concurrent use.
+type Hasher struct {
+	pool sync.Pool
+}
+
+// NewHasher returns a Hasher for secret.
+func NewHasher(secret []byte) *Hasher {
+	secret = bytes.Clone(secret)
+	return &Hasher{pool: sync.Pool{New: func() any { return hmac.New(sha256.New, secret) }}}
+}
+
+// Hash returns Hash(secret, key).
+func (h *Hasher) Hash(key string) string {
+	m := h.pool.Get().(hash.Hash)
+	m.Reset()
+	m.Write([]byte(key))
+	var sum [sha256.Size]byte
+	out := hex.EncodeToString(m.Sum(sum[:0]))
+	h.pool.Put(m)
+	return out
 }
 
 // ID derives a key's public identifier from its hash.

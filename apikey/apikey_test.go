@@ -143,3 +143,34 @@ func TestDisplayPrefix(t *testing.T) {
 		}
 	}
 }
+
+func TestHasherMatchesHash(t *testing.T) {
+	secret := []byte("a-secret-of-some-length")
+	h := NewHasher(secret)
+	for _, k := range []string{"key-one-0123456789abcdef", "key-two-0123456789abcdef", Generate()} {
+		if got, want := h.Hash(k), Hash(secret, k); got != want {
+			t.Errorf("Hasher.Hash(%q) = %s, want %s", k, got, want)
+		}
+		if got, want := h.Hash(k), Hash(secret, k); got != want { // a reused state
+			t.Errorf("second Hasher.Hash(%q) = %s, want %s", k, got, want)
+		}
+	}
+	if NewHasher([]byte("another secret")).Hash("key-one-0123456789abcdef") == h.Hash("key-one-0123456789abcdef") {
+		t.Error("different secrets gave the same hash")
+	}
+}
+
+func BenchmarkHasher(b *testing.B) {
+	h := NewHasher([]byte("a-secret-of-some-length"))
+	b.ReportAllocs()
+	for b.Loop() {
+		h.Hash("key-one-0123456789abcdef")
+	}
+}
+
+func BenchmarkHash(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		Hash([]byte("a-secret-of-some-length"), "key-one-0123456789abcdef")
+	}
+}

@@ -245,13 +245,13 @@ func (a *adminAPI) issueKey(w http.ResponseWriter, r *http.Request) {
 		writeStoreError(w, err)
 		return
 	}
-	secret, err := a.app.secret(ctx)
+	hasher, err := a.app.hasher(ctx)
 	if err != nil {
 		writeStoreError(w, err)
 		return
 	}
 	key := apikey.Generate()
-	hash := apikey.Hash(secret, key)
+	hash := hasher.Hash(key)
 	k, err := st.PutKey(ctx, store.Key{
 		ID: apikey.ID(hash), Hash: hash, CustomerID: c.ID,
 		Prefix: apikey.DisplayPrefix(key), CreatedAt: time.Now().UTC(),
@@ -306,11 +306,7 @@ func (a *adminAPI) thresholds(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	meter, ok := st.(store.Meter)
-	if !ok {
-		meter = admitOnly{st}
-	}
-	events, err := meter.ThresholdEvents(r.Context(), r.PathValue("id"))
+	events, err := st.ThresholdEvents(r.Context(), r.PathValue("id"))
 	if err != nil {
 		writeStoreError(w, err)
 		return

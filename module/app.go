@@ -89,7 +89,7 @@ type App struct {
 	tierByName   map[string]*tierRuntime
 	shared       *shared
 	sharedKey    string
-	keySecret    []byte // configured secret, nil when the store keeps one
+	keyHasher    *apikey.Hasher // for the configured secret; nil when the store keeps one
 	timeout      time.Duration
 	logger       *zap.Logger
 
@@ -124,7 +124,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if len(secret) < 16 {
 			return fmt.Errorf("key_secret must be at least 16 characters once placeholders are replaced (got %d); unset it to let the store generate one", len(secret))
 		}
-		a.keySecret = []byte(secret)
+		a.keyHasher = apikey.NewHasher([]byte(secret))
 	}
 	switch a.AdminAPI {
 	case "", "read_only", "read_write":
@@ -309,7 +309,7 @@ func (a *App) syncConfig(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	secret, err := a.secret(ctx)
+	hasher, err := a.hasher(ctx)
 	if err != nil {
 		return err
 	}
@@ -332,7 +332,7 @@ func (a *App) syncConfig(ctx context.Context) error {
 	declared := make(map[string]bool, len(a.Keys))
 	for _, k := range a.Keys {
 		key := repl.ReplaceAll(k.Key, "")
-		hash := apikey.Hash(secret, key)
+		hash := hasher.Hash(key)
 		declared[hash] = true
 		if _, err := st.PutKey(ctx, store.Key{
 			ID: apikey.ID(hash), Hash: hash, CustomerID: k.Customer,
@@ -377,12 +377,13 @@ func revokeUndeclaredKeys(ctx context.Context, st store.Store, declared map[stri
 	return nil
 }
 
-// secret returns the HMAC secret keys are hashed with.
-func (a *App) secret(ctx context.Context) ([]byte, error) {
-	if a.keySecret != nil {
-		return a.keySecret, nil
+// hasher hashes keys with the configured secret, or the one kept in the
+// store.
+func (a *App) hasher(ctx context.Context) (*apikey.Hasher, error) {
+	if a.keyHasher != nil {
+		return a.keyHasher, nil
 	}
-	return a.shared.storedSecret(ctx)
+	return a.shared.storedHasher(ctx)
 }
 
 // store returns the opened store.

@@ -49,12 +49,12 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, sources []Key
 		storeUnavailable(w, r, logger, nil, "open", err)
 		return caller{}, nil, false
 	}
-	secret, err := a.secret(ctx)
+	hasher, err := a.hasher(ctx)
 	if err != nil {
 		storeUnavailable(w, r, logger, nil, "secret", err)
 		return caller{}, nil, false
 	}
-	entry, err := a.shared.registry.lookup(ctx, st, apikey.Hash(secret, key), time.Now())
+	entry, err := a.shared.registry.lookup(ctx, st, hasher.Hash(key), time.Now())
 	if err != nil {
 		storeUnavailable(w, r, logger, nil, "lookup", err)
 		return caller{}, nil, false

@@ -109,11 +109,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	cost := h.cost(r)
 	now := time.Now()
 	res, period := app.reservation(c, cost, r, now)
-	meter, ok := st.(store.Meter)
-	if !ok {
-		meter = admitOnly{st}
-	}
-	out, degraded, err := app.reserve(r.Context(), meter, res, tier)
+	out, degraded, err := app.reserve(r.Context(), st, res, tier)
 	if err != nil {
 		storeUnavailable(w, r, h.logger, tier, "", nil)
 		return nil
@@ -141,7 +137,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		maxCost:               app.maxUsageCost,
 	}
 	err = next.ServeHTTP(mw, r)
-	app.settle(meter, res, out, mw, err)
+	app.settle(st, res, out, mw, err)
 	return err
 }
 

@@ -10,9 +10,12 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/caddytest"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	"github.com/apimonetize/caddy-api-monetize/metering"
 )
 
 // Integration tests run one in-process Caddy per test binary (caddytest),
@@ -34,7 +37,13 @@ const (
 	envCaddyArgs = "API_MONETIZE_TEST_CADDY_ARGS"
 )
 
+// testBinary is this test binary, which runs as Caddy under envRunCaddy.
+// (caddytest rewrites os.Args when it starts its in-process Caddy, so it is
+// read first.)
+var testBinary string
+
 func TestMain(m *testing.M) {
+	testBinary, _ = os.Executable()
 	if os.Getenv(envRunCaddy) == "1" {
 		os.Args = append([]string{"caddy"}, strings.Fields(os.Getenv(envCaddyArgs))...)
 		caddycmd.Main()
@@ -128,9 +137,15 @@ func newTester(t *testing.T, cfg testConfig) *caddytest.Tester {
 	return tester
 }
 
-// boltConfig is a config on a fresh embedded store.
-func boltConfig(t *testing.T) testConfig {
-	return testConfig{storeLine: "store_path " + filepath.Join(t.TempDir(), "store.db")}
+// forEachStore runs test on a fresh embedded store and on a fresh Redis
+// key space.
+func forEachStore(t *testing.T, test func(t *testing.T, cfg testConfig)) {
+	t.Run("embedded", func(t *testing.T) {
+		test(t, testConfig{storeLine: "store_path " + filepath.Join(t.TempDir(), "store.db")})
+	})
+	t.Run("redis", func(t *testing.T) {
+		test(t, testConfig{storeLine: "redis " + testRedisURL + "\n\t\tredis_prefix " + redisTestPrefix(t)})
+	})
 }
 
 type response struct {
@@ -197,6 +212,12 @@ func admin(t *testing.T, method, path, body string) response {
 	return do(t, method, testAdminBase+path, h, body)
 }
 
+// monthSeconds is the length of the current UTC calendar month in
+// seconds, the w of a monthly quota policy.
+func monthSeconds() string {
+	return strconv.FormatInt(metering.PeriodRule{}.Period(time.Now(), time.Time{}).Seconds(), 10)
+}
+
 func headerInt(t *testing.T, r response, name string) int64 {
 	t.Helper()
 	v, err := strconv.ParseInt(r.header.Get(name), 10, 64)
@@ -206,8 +227,10 @@ func headerInt(t *testing.T, r response, name string) int64 {
 	return v
 }
 
-func TestAuthentication(t *testing.T) {
-	newTester(t, boltConfig(t))
+func TestAuthentication(t *testing.T) { forEachStore(t, testAuthentication) }
+
+func testAuthentication(t *testing.T, cfg testConfig) {
+	newTester(t, cfg)
 
 	r := call(t, "/v1/basic/hello", "")
 	if r.status != http.StatusUnauthorized || r.header.Get("WWW-Authenticate") == "" {
@@ -239,8 +262,10 @@ func TestAuthentication(t *testing.T) {
 	}
 }
 
-func TestEndpointAccess(t *testing.T) {
-	newTester(t, boltConfig(t))
+func TestEndpointAccess(t *testing.T) { forEachStore(t, testEndpointAccess) }
+
+func testEndpointAccess(t *testing.T, cfg testConfig) {
+	newTester(t, cfg)
 
 	r := call(t, "/v1/reports", freeKey)
 	if r.status != http.StatusForbidden {
@@ -272,8 +297,10 @@ func TestEndpointAccess(t *testing.T) {
 	}
 }
 
-func TestRateLimitAndHeaders(t *testing.T) {
-	newTester(t, boltConfig(t))
+func TestRateLimitAndHeaders(t *testing.T) { forEachStore(t, testRateLimitAndHeaders) }
+
+func testRateLimitAndHeaders(t *testing.T, cfg testConfig) {
+	newTester(t, cfg)
 
 	// Cost 0 is neither limited nor counted.
 	for range 3 {
@@ -289,7 +316,7 @@ func TestRateLimitAndHeaders(t *testing.T) {
 		if got := headerInt(t, r, "X-RateLimit-Remaining"); got != 10-i {
 			t.Errorf("call %d: X-RateLimit-Remaining %d, want %d", i, got, 10-i)
 		}
-		if got := r.header.Get("RateLimit-Policy"); got != `"free-min";q=10;w=60` {
+		if got := r.header.Get("RateLimit-Policy"); got != `"free-min";q=10;w=60, "free-month";q=1000;w=`+monthSeconds() {
 			t.Errorf("RateLimit-Policy = %q", got)
 		}
 		if got, want := r.header.Get("RateLimit"), fmt.Sprintf(`"free-min";r=%d;t=`, 10-i); !strings.HasPrefix(got, want) {
@@ -321,8 +348,10 @@ func TestRateLimitAndHeaders(t *testing.T) {
 	}
 }
 
-func TestCostWeighting(t *testing.T) {
-	newTester(t, boltConfig(t))
+func TestCostWeighting(t *testing.T) { forEachStore(t, testCostWeighting) }
+
+func testCostWeighting(t *testing.T, cfg testConfig) {
+	newTester(t, cfg)
 	// pro: 100/min; /v1/ml/* costs 10.
 	for i := int64(1); i <= 10; i++ {
 		r := call(t, "/v1/ml/predict", proKey)
@@ -337,8 +366,9 @@ func TestCostWeighting(t *testing.T) {
 	// second key of acme is denied too.
 }
 
-func TestAdminAPI(t *testing.T) {
-	cfg := boltConfig(t)
+func TestAdminAPI(t *testing.T) { forEachStore(t, testAdminAPI) }
+
+func testAdminAPI(t *testing.T, cfg testConfig) {
 	newTester(t, cfg)
 
 	if r := admin(t, http.MethodPost, "/api_monetize/customers", `{"id":"newco","tier":"pro"}`); r.status != http.StatusForbidden {
@@ -402,7 +432,10 @@ func TestAdminAPI(t *testing.T) {
 }
 
 func TestReloadKeepsCountersAndAppliesRates(t *testing.T) {
-	cfg := boltConfig(t)
+	forEachStore(t, testReloadKeepsCountersAndAppliesRates)
+}
+
+func testReloadKeepsCountersAndAppliesRates(t *testing.T, cfg testConfig) {
 	newTester(t, cfg)
 	for range 4 {
 		if r := call(t, "/v1/basic/x", freeKey); r.status != http.StatusOK {
@@ -414,10 +447,36 @@ func TestReloadKeepsCountersAndAppliesRates(t *testing.T) {
 	cfg.freeRate = "20/min"
 	newTester(t, cfg)
 	r := call(t, "/v1/basic/x", freeKey)
-	if r.status != http.StatusOK || r.header.Get("RateLimit-Policy") != `"free-min";q=20;w=60` {
+	if r.status != http.StatusOK || !strings.HasPrefix(r.header.Get("RateLimit-Policy"), `"free-min";q=20;w=60, `) {
 		t.Fatalf("after reload: %d %q", r.status, r.header.Get("RateLimit-Policy"))
 	}
 	if got := headerInt(t, r, "X-RateLimit-Remaining"); got != 15 {
 		t.Errorf("remaining after reload = %d, want 15 (20 - 4 before - 1 now)", got)
+	}
+}
+
+func TestKeyRemovedFromConfigIsRevoked(t *testing.T) {
+	forEachStore(t, testKeyRemovedFromConfigIsRevoked)
+}
+
+func testKeyRemovedFromConfigIsRevoked(t *testing.T, cfg testConfig) {
+	const extraKey = "extra-key-0123456789abcdef"
+	withKey := cfg
+	withKey.extra = "key " + extraKey + " acme"
+	newTester(t, withKey)
+	if r := call(t, "/v1/reports", extraKey); r.status != http.StatusOK {
+		t.Fatalf("declared key: %d", r.status)
+	}
+	newTester(t, cfg)
+	if r := call(t, "/v1/reports", extraKey); r.status != http.StatusUnauthorized {
+		t.Fatalf("key removed from the configuration: %d, want 401", r.status)
+	}
+	if r := call(t, "/v1/reports", proKey); r.status != http.StatusOK {
+		t.Fatalf("key still declared: %d", r.status)
+	}
+	// Declaring it again does not bring a revoked key back.
+	newTester(t, withKey)
+	if r := call(t, "/v1/reports", extraKey); r.status != http.StatusUnauthorized {
+		t.Fatalf("re-declared revoked key: %d, want 401", r.status)
 	}
 }

@@ -20,14 +20,14 @@ const settleTimeout = 2 * time.Second
 // reservation builds the store reservation of a request.
 func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) (store.Reservation, metering.Period) {
 	t := c.tier
-	period := t.periodRule.Period(now, c.customer.Anchor)
+	period, periodID := t.period(now, c.customer.Anchor)
 	res := store.Reservation{
 		Subject: c.customer.ID,
 		Cost:    cost,
 		Quota: store.Quota{
-			PeriodID:   period.ID(),
+			PeriodID:   periodID,
 			PeriodEnd:  period.End,
-			HourID:     metering.TimeID(metering.HourStart(now)),
+			HourID:     hourID(now),
 			Included:   t.included,
 			Mode:       t.quotaMode,
 			Throttle:   t.throttle,
@@ -205,4 +205,45 @@ func (s *seqs) next(subject string) int64 {
 type spoolRecord struct {
 	Reservation *store.Reservation
 	Settlement  *store.Settlement
+}
+
+// periodCache is a calendar tier's current period and its id.
+type periodCache struct {
+	period metering.Period
+	id     string
+}
+
+// period returns the billing period containing now for a customer with
+// this anchor, and its id. Calendar periods are the same for every
+// customer, so the current one is computed once.
+func (t *tierRuntime) period(now, anchor time.Time) (metering.Period, string) {
+	if t.periodRule.Anniversary {
+		p := t.periodRule.Period(now, anchor)
+		return p, p.ID()
+	}
+	if c := t.calendar.Load(); c != nil && c.period.Contains(now) {
+		return c.period, c.id
+	}
+	p := t.periodRule.Period(now, anchor)
+	t.calendar.Store(&periodCache{period: p, id: p.ID()})
+	return p, p.ID()
+}
+
+// hourCache is the current UTC hour's ledger id.
+type hourCache struct {
+	hour int64 // Unix seconds / 3600
+	id   string
+}
+
+var currentHour atomic.Pointer[hourCache]
+
+// hourID is the ledger id of now's UTC hour, computed once per hour.
+func hourID(now time.Time) string {
+	h := now.Unix() / 3600
+	if c := currentHour.Load(); c != nil && c.hour == h {
+		return c.id
+	}
+	id := metering.TimeID(metering.HourStart(now))
+	currentHour.Store(&hourCache{hour: h, id: id})
+	return id
 }

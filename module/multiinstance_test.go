@@ -90,7 +90,7 @@ func launchCaddy(t *testing.T, name string, caddyfile func(adminPort, httpPort i
 		t.Fatal(err)
 	}
 	defer logFile.Close() // the child keeps its own descriptor
-	p.cmd = exec.Command(os.Args[0])
+	p.cmd = exec.Command(testBinary)
 	p.cmd.Env = append(os.Environ(),
 		envRunCaddy+"=1",
 		envCaddyArgs+"=run --config "+cfgPath+" --adapter caddyfile",

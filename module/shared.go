@@ -11,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/apimonetize/caddy-api-monetize/apikey"
 	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/store/boltstore"
@@ -72,7 +73,7 @@ type shared struct {
 	seq    seqs
 
 	secretMu sync.Mutex
-	secret   []byte
+	hasher   atomic.Pointer[apikey.Hasher]
 
 	watchOnce sync.Once
 	cancel    context.CancelFunc
@@ -129,13 +130,16 @@ func (s *shared) start(logger *zap.Logger) error {
 	return nil
 }
 
-// storedSecret returns the key secret kept in the store, generating it on
-// first use.
-func (s *shared) storedSecret(ctx context.Context) ([]byte, error) {
+// storedHasher hashes keys with the key secret kept in the store,
+// generating the secret on first use.
+func (s *shared) storedHasher(ctx context.Context) (*apikey.Hasher, error) {
+	if h := s.hasher.Load(); h != nil {
+		return h, nil
+	}
 	s.secretMu.Lock()
 	defer s.secretMu.Unlock()
-	if s.secret != nil {
-		return s.secret, nil
+	if h := s.hasher.Load(); h != nil {
+		return h, nil
 	}
 	st, err := s.open()
 	if err != nil {
@@ -145,8 +149,9 @@ func (s *shared) storedSecret(ctx context.Context) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading the key secret from the store: %w", err)
 	}
-	s.secret = secret
-	return secret, nil
+	h := apikey.NewHasher(secret)
+	s.hasher.Store(h)
+	return h, nil
 }
 
 // Destruct stops the watcher and closes the store when the last config

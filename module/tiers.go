@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -35,8 +36,10 @@ type tierRuntime struct {
 	onStoreError string
 	metrics      tierMetrics
 
-	// periodRule computes the tier's billing periods.
+	// periodRule computes the tier's billing periods; calendar caches the
+	// current calendar period.
 	periodRule metering.PeriodRule
+	calendar   atomic.Pointer[periodCache]
 	// quotaMode is a store.Quota mode: store.QuotaMeter when the tier has
 	// no included units.
 	quotaMode string

@@ -110,11 +110,7 @@ func (a *App) usageView(ctx context.Context, st store.Store, c store.Customer, m
 		}
 		period = p
 	}
-	meter, ok := st.(store.Meter)
-	if !ok {
-		meter = admitOnly{st}
-	}
-	u, err := meter.Usage(ctx, c.ID, period.ID())
+	u, err := st.Usage(ctx, c.ID, period.ID())
 	if err != nil {
 		return v, http.StatusServiceUnavailable, "reading usage: " + err.Error()
 	}

@@ -117,6 +117,9 @@ type Store interface {
 	// Admit applies one rate-limit decision atomically.
 	Admit(ctx context.Context, a Admission) (limiter.Decision, error)
 
+	// Meter meters usage against quotas (see usage.go).
+	Meter
+
 	// Watch calls onChange after any customer or key changes, in this
 	// process or (for shared stores) in another one, until ctx is done. It
 	// blocks; run it in a goroutine.
