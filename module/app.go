@@ -6,6 +6,8 @@ package module
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -153,8 +155,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 		redisURL: redisURL, redisPrefix: repl.ReplaceAll(a.RedisPrefix, ""), path: path,
 		timeout: a.timeout, flushInterval: time.Duration(a.StoreFlushInterval),
 	}, a.logger)
+	spoolDir := ""
+	if redisURL != "" {
+		sum := sha256.Sum256([]byte(key))
+		spoolDir = filepath.Join(caddy.AppDataDir(), "api_monetize", "spool", hex.EncodeToString(sum[:8]))
+	}
 	val, _, err := sharedPool.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newShared(open), nil
+		return newShared(open, spoolDir), nil
 	})
 	if err != nil {
 		return err

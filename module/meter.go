@@ -11,6 +11,7 @@ import (
 
 	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/store/spool"
 )
 
 // settleTimeout bounds a settlement made after the response: it no longer
@@ -100,7 +101,7 @@ func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Rese
 	}
 	out.Used = a.shared.usage.add(res.Subject, q.PeriodID, res.Cost)
 	res.Replay = true
-	a.shared.keep(spoolRecord{Reservation: &res})
+	a.shared.keep(spool.Record{Reservation: &res})
 	return out, nil
 }
 
@@ -136,7 +137,7 @@ func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, m
 		a.logStoreError("settle", err)
 	}
 	s.Replay = true
-	a.shared.keep(spoolRecord{Settlement: &s})
+	a.shared.keep(spool.Record{Settlement: &s})
 }
 
 // usageCache remembers, per subject, the last period usage seen, so that
@@ -201,11 +202,6 @@ func (s *seqs) next(subject string) int64 {
 	return v.(*atomic.Int64).Add(1)
 }
 
-// spoolRecord is usage kept locally for replay: exactly one field is set.
-type spoolRecord struct {
-	Reservation *store.Reservation
-	Settlement  *store.Settlement
-}
 
 // periodCache is a calendar tier's current period and its id.
 type periodCache struct {

@@ -27,6 +27,9 @@ type metrics struct {
 	requests    *prometheus.CounterVec
 	units       *prometheus.CounterVec
 	storeErrors *prometheus.CounterVec
+	spooled     prometheus.Counter
+	replayed    prometheus.Counter
+	lostUsage   prometheus.Counter
 }
 
 var (
@@ -50,6 +53,18 @@ func getMetrics() *metrics {
 				Namespace: ns, Subsystem: sub, Name: "store_errors_total",
 				Help: "Store calls that failed while serving requests, by operation.",
 			}, []string{"operation"}),
+			spooled: prometheus.NewCounter(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "spooled_records_total",
+				Help: "Usage records kept in the local spool while the store was unavailable.",
+			}),
+			replayed: prometheus.NewCounter(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "replayed_records_total",
+				Help: "Spooled usage records replayed into the store.",
+			}),
+			lostUsage: prometheus.NewCounter(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "lost_usage_records_total",
+				Help: "Usage records that could be neither stored nor spooled (spool full, or the embedded store failing).",
+			}),
 		}
 	})
 	return globalMetrics
@@ -62,7 +77,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	m := getMetrics()
-	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors} {
+	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors, m.spooled, m.replayed, m.lostUsage} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

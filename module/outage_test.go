@@ -159,4 +159,11 @@ func TestRedisOutage(t *testing.T) {
 	if testutil.ToFloat64(degraded) != before+1 {
 		t.Errorf("allowed counter did not move by exactly one")
 	}
+	// The usage admitted during the outage was spooled and replayed into
+	// the restarted Redis: 3 local calls, 5 allowed ones.
+	for customer, want := range map[string]int64{"c_local": 3, "c_allow": 5} {
+		if got := usageOf(t, customer).Billed; got != want {
+			t.Errorf("%s: %d units in Redis after the replay, want %d", customer, got, want)
+		}
+	}
 }

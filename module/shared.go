@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"errors"
 	"encoding/hex"
 	"fmt"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/store/boltstore"
 	"github.com/apimonetize/caddy-api-monetize/store/redisstore"
+	"github.com/apimonetize/caddy-api-monetize/store/spool"
 )
 
 // sharedPool holds one shared value per configured store, so the store
@@ -38,7 +40,10 @@ type storeConfig struct {
 // function that opens it.
 func storeOpener(c storeConfig, logger *zap.Logger) (string, opener) {
 	if c.redisURL != "" {
-		return fmt.Sprintf("redis|%s|%s|%s", c.redisURL, c.redisPrefix, c.timeout), func() (store.Store, error) {
+		// The key leaves the timeout out: the spool directory may be open
+		// once per process, so a reload that changes store_timeout keeps
+		// the open client (the new timeout applies at the next start).
+		return "redis|" + c.redisURL + "|" + c.redisPrefix, func() (store.Store, error) {
 			return redisstore.New(redisstore.Options{URL: c.redisURL, KeyPrefix: c.redisPrefix, OpTimeout: c.timeout})
 		}
 	}
@@ -68,6 +73,11 @@ type shared struct {
 	// usage is the last period usage seen per customer, for quota
 	// decisions while the store is unavailable.
 	usage usageCache
+	// spoolDir is where usage is kept while a shared store is unreachable
+	// (empty for the embedded store); spool is open once started.
+	spoolDir string
+	spool    atomic.Pointer[spool.Spool]
+	logger   *zap.Logger
 	// origin identifies this process in reservations; seq numbers them.
 	origin string
 	seq    seqs
@@ -82,8 +92,11 @@ type shared struct {
 
 type storeBox struct{ store.Store }
 
-func newShared(open opener) *shared {
-	return &shared{openFn: open, registry: newRegistry(), local: limiter.NewLocal(), origin: hex.EncodeToString(newSecret()[:8])}
+func newShared(open opener, spoolDir string) *shared {
+	return &shared{
+		openFn: open, spoolDir: spoolDir, registry: newRegistry(), local: limiter.NewLocal(),
+		origin: hex.EncodeToString(newSecret()[:8]), logger: zap.NewNop(),
+	}
 }
 
 // nextSeq numbers the next reservation of subject by this process.
@@ -115,7 +128,17 @@ func (s *shared) start(logger *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	var err2 error
 	s.watchOnce.Do(func() {
+		s.logger = logger
+		var sp *spool.Spool
+		if s.spoolDir != "" {
+			if sp, err2 = spool.Open(s.spoolDir); err2 != nil {
+				err2 = fmt.Errorf("opening the usage spool: %w", err2)
+				return
+			}
+			s.spool.Store(sp)
+		}
 		ctx, cancel := context.WithCancel(context.Background())
 		s.cancel = cancel
 		s.wg.Add(1)
@@ -126,8 +149,16 @@ func (s *shared) start(logger *zap.Logger) error {
 				logger.Error("watching the store for changes stopped", zap.Error(err))
 			}
 		}()
+		if sp != nil {
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer recoverLog(logger)
+				s.replayLoop(ctx, sp, st)
+			}()
+		}
 	})
-	return nil
+	return err2
 }
 
 // storedHasher hashes keys with the key secret kept in the store,
@@ -161,19 +192,68 @@ func (s *shared) Destruct() error {
 		s.cancel()
 	}
 	s.wg.Wait()
-	if b := s.st.Load(); b != nil {
-		return b.Close()
+	var errs []error
+	if sp := s.spool.Load(); sp != nil {
+		errs = append(errs, sp.Close())
 	}
-	return nil
+	if b := s.st.Load(); b != nil {
+		errs = append(errs, b.Close())
+	}
+	return errors.Join(errs...)
 }
 
 var _ caddy.Destructor = (*shared)(nil)
 
-// keep holds usage that could not be written to the store, for replay.
-func (s *shared) keep(rec spoolRecord) {
-	getMetrics().storeErrors.WithLabelValues("unspooled").Inc()
+// keep holds usage that could not be written to the store in the spool,
+// for replay. Without a spool (the embedded store) or when the spool is
+// full, the usage is lost: counted and logged.
+func (s *shared) keep(rec spool.Record) {
+	m := getMetrics()
+	sp := s.spool.Load()
+	if sp != nil {
+		err := sp.Append(rec)
+		if err == nil {
+			m.spooled.Inc()
+			return
+		}
+		logStoreError(s.logger, "spool", err)
+	}
+	m.lostUsage.Inc()
 }
 
-// replayPending reports whether kept usage waits for replay; the request
-// path then stays off the store so replayed usage lands first.
-func (s *shared) replayPending() bool { return false }
+// replayPending reports whether spooled usage waits for replay; the
+// request path then stays off the store so that replayed usage lands first
+// (the store's replay window relies on that order).
+func (s *shared) replayPending() bool {
+	sp := s.spool.Load()
+	return sp != nil && sp.Pending()
+}
+
+// replayInterval is how often spooled usage is replayed while some waits.
+const replayInterval = 500 * time.Millisecond
+
+// replayLoop replays spooled usage into the store until ctx is done.
+func (s *shared) replayLoop(ctx context.Context, sp *spool.Spool, m store.Meter) {
+	t := time.NewTicker(replayInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !sp.Pending() {
+			continue
+		}
+		n, err := sp.Replay(ctx, m)
+		if n > 0 {
+			getMetrics().replayed.Add(float64(n))
+		}
+		switch {
+		case err == nil:
+			s.logger.Info("replayed usage kept while the store was unavailable", zap.Int("records", n))
+		case ctx.Err() == nil:
+			logStoreError(s.logger, "replay", err)
+		}
+	}
+}
