@@ -202,7 +202,6 @@ func (s *seqs) next(subject string) int64 {
 	return v.(*atomic.Int64).Add(1)
 }
 
-
 // periodCache is a calendar tier's current period and its id.
 type periodCache struct {
 	period metering.Period
