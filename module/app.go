@@ -77,6 +77,12 @@ type App struct {
 	// crossing is recorded once per customer and period. Default: 80 100
 	// 120.
 	Thresholds []int `json:"thresholds,omitzero"`
+	// Stripe connects the app to Stripe (usage reporting, catalog sync,
+	// subscription webhooks). Nil: no Stripe.
+	Stripe *StripeConfig `json:"stripe,omitempty"`
+	// Notify delivers quota threshold notifications. Nil: none (crossings
+	// are still recorded and listed by the admin API).
+	Notify *NotifyConfig `json:"notify,omitempty"`
 	// Tiers are the plans customers can be on, in the order they are
 	// offered.
 	Tiers []Tier `json:"tiers,omitempty"`

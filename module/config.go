@@ -144,3 +144,59 @@ type Period struct {
 	// Zone is the IANA time zone of calendar months. Default: UTC.
 	Zone string `json:"zone,omitempty"`
 }
+
+// StripeConfig connects the app to Stripe: usage is reported to a Billing
+// Meter, tiers are synced as products and prices, and subscription
+// webhooks change customers' tiers.
+type StripeConfig struct {
+	// SecretKey is the Stripe secret key; use {env.STRIPE_SECRET_KEY}.
+	SecretKey string `json:"secret_key,omitempty"`
+	// Meter is the meter's event name. Default: "api_calls".
+	Meter string `json:"meter,omitempty"`
+	// ReportEvery is how often closed hours are reported. Default: 1h.
+	ReportEvery caddy.Duration `json:"report_every,omitempty"`
+	// SettleGrace is how long after an hour ends it is reported, so that
+	// late settlements land first. Default: 2m.
+	SettleGrace caddy.Duration `json:"settle_grace,omitempty"`
+	// WebhookSecret is the webhook endpoint's signing secret (whsec_…);
+	// use {env.STRIPE_WEBHOOK_SECRET}.
+	WebhookSecret string `json:"webhook_secret,omitempty"`
+	// PastDueGrace is how long a customer keeps their tier after a failed
+	// payment before falling back to DowngradeTo. Default: 72h.
+	PastDueGrace caddy.Duration `json:"past_due_grace,omitempty"`
+	// DowngradeTo is the tier a customer falls back to when their
+	// subscription ends or stays unpaid.
+	DowngradeTo string `json:"downgrade_to,omitempty"`
+	// APIBase overrides Stripe's API URL; only for tests against a local
+	// Stripe double.
+	APIBase string `json:"api_base,omitempty"`
+}
+
+// NotifyConfig delivers quota threshold notifications.
+type NotifyConfig struct {
+	// Webhooks receive signed (Standard Webhooks) JSON notifications.
+	Webhooks []WebhookTarget `json:"webhooks,omitempty"`
+	// Email sends notifications to customers' email addresses.
+	Email *EmailConfig `json:"email,omitempty"`
+}
+
+// WebhookTarget is a URL notifications are POSTed to.
+type WebhookTarget struct {
+	// URL is the receiver's endpoint (https:// in production).
+	URL string `json:"url"`
+	// Secret is the Standard Webhooks signing secret (whsec_…); use an
+	// {env.*} placeholder.
+	Secret string `json:"secret"`
+}
+
+// EmailConfig sends notifications over SMTP.
+type EmailConfig struct {
+	// SMTP is the server's host:port.
+	SMTP string `json:"smtp"`
+	// Username and Password authenticate to the server, when set; use
+	// {env.*} placeholders.
+	Username string `json:"username,omitempty"`
+	Password string `json:"password,omitempty"`
+	// From is the sender, e.g. "API Billing <billing@example.com>".
+	From string `json:"from"`
+}
