@@ -101,6 +101,10 @@ type App struct {
 	timeout      time.Duration
 	logger       *zap.Logger
 
+	// tasks are the background loops (Stripe reporter, notifier) Start runs
+	// until Stop; each returns when its context is done.
+	tasks []func(ctx context.Context)
+
 	ready chan struct{} // closed when Start has upserted the configuration
 	// removedKeysRevoked is set once keys dropped from the configuration
 	// have been revoked.
@@ -174,7 +178,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.sharedKey = key
 	a.shared = val.(*shared)
-	return nil
+	if err := a.provisionStripe(ctx); err != nil {
+		return err
+	}
+	return a.provisionNotify(ctx)
 }
 
 // compileMetering validates the app-wide metering options.
@@ -255,6 +262,14 @@ func (a *App) Start() error {
 	}
 	a.bgWG.Add(1)
 	go a.resyncLoop(bg, err == nil)
+	for _, task := range a.tasks {
+		a.bgWG.Add(1)
+		go func() {
+			defer a.bgWG.Done()
+			defer recoverLog(a.logger)
+			task(bg)
+		}()
+	}
 	return nil
 }
 
