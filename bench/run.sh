@@ -18,7 +18,9 @@
 #   C  api_monetize (embedded store) + reverse_proxy to the upstream
 #   D  api_monetize (Redis store)    + reverse_proxy to the upstream
 #   upstream: Caddy (same binary) with respond; a private redis-server for D.
-# C and D have one tier (rate 100000000/min, never denies) and one
+# C and D have one tier (rate 100000000/min and a 10^9-unit monthly quota
+# with overage billing, so every request is rate-limited, reserved against
+# the quota and metered; nothing is ever denied) and one
 # Caddyfile-declared key, sent by wrk in X-API-Key; every config is hit on
 # /v1/bench. After a warm-up, each round runs every config once per
 # connection count, the config order rotated every round so machine drift
@@ -120,7 +122,7 @@ global() { # global <admin port> [api_monetize store line]
 		printf '\tapi_monetize {\n'
 		[[ -n "$2" ]] && printf '\t\t%s\n' "$2"
 		printf '\t\tkey_secret {env.BENCH_KEY_SECRET}\n'
-		printf '\t\ttier pro {\n\t\t\trate 100000000/min\n\t\t\tendpoints /v1/*\n\t\t}\n'
+		printf '\t\ttier pro {\n\t\t\trate 100000000/min\n\t\t\tincluded 1000000000/month\n\t\t\tover_quota bill 0.002\n\t\t\tendpoints /v1/*\n\t\t}\n'
 		printf '\t\tcustomer acme tier pro\n'
 		printf '\t\tkey {env.BENCH_API_KEY} acme\n'
 		printf '\t}\n'
