@@ -54,6 +54,8 @@ type Store struct {
 	db    *bolt.DB
 	rates *limiter.Local
 	meter *meter
+	// leases are the store.Records leases (see records.go).
+	leases leaseTable
 
 	mu        sync.Mutex
 	watchers  map[chan struct{}]struct{}
