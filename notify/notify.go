@@ -1,0 +1,126 @@
+// Package notify builds and delivers quota threshold notifications: the
+// JSON payload and its human message, Standard Webhooks signing and
+// delivery, email over SMTP, and the retry schedule. It keeps no state:
+// the api_monetize app decides what to send and records delivery state in
+// its store.
+package notify
+
+import (
+	"encoding/json"
+	"strconv"
+	"time"
+)
+
+// EventType is the type of a threshold notification.
+const EventType = "usage.threshold_crossed"
+
+// Over-quota policies as they appear in a payload.
+const (
+	PolicyBlock    = "block"
+	PolicyBill     = "bill"
+	PolicyThrottle = "throttle"
+	// PolicyNone is a tier that only meters.
+	PolicyNone = "none"
+)
+
+// Payload is the JSON body of a notification, shaped as the Standard
+// Webhooks spec recommends: type, timestamp and data.
+type Payload struct {
+	// Type is EventType.
+	Type string `json:"type"`
+	// Timestamp is when the threshold was crossed.
+	Timestamp time.Time `json:"timestamp"`
+	// Data describes the crossing.
+	Data Data `json:"data"`
+}
+
+// Data is the content of a threshold notification.
+type Data struct {
+	// Customer is the customer's id.
+	Customer string `json:"customer"`
+	// Tier is the customer's tier when the notification was created.
+	Tier string `json:"tier"`
+	// Period is the billing period the usage counts in.
+	Period Period `json:"period"`
+	// Usage is the number of units used in the period when the threshold
+	// was crossed.
+	Usage int64 `json:"usage"`
+	// Included is the number of units included in the period.
+	Included int64 `json:"included"`
+	// Percentage is Usage as a whole percentage of Included, rounded down.
+	Percentage int64 `json:"percentage"`
+	// Threshold is the percentage threshold crossed.
+	Threshold int `json:"threshold"`
+	// OverQuota is what happens beyond Included: block, bill, throttle or
+	// none.
+	OverQuota string `json:"over_quota"`
+	// Message is a sentence for humans.
+	Message string `json:"message"`
+}
+
+// Period is a billing period: Start <= t < End.
+type Period struct {
+	// Start is the period's first instant.
+	Start time.Time `json:"start"`
+	// End is the first instant after the period; zero (omitted) when it
+	// is not known.
+	End time.Time `json:"end,omitzero"`
+}
+
+// NewPayload builds the payload of a crossing of threshold by a customer
+// with used of included units under the given over-quota policy.
+func NewPayload(customer, tier string, period Period, used, included int64, threshold int, overQuota string, at time.Time) Payload {
+	if overQuota == "" {
+		overQuota = PolicyNone
+	}
+	var pct int64
+	if included > 0 {
+		pct = percentage(used, included)
+	}
+	return Payload{
+		Type:      EventType,
+		Timestamp: at.UTC(),
+		Data: Data{
+			Customer: customer, Tier: tier,
+			Period:     Period{Start: period.Start.UTC(), End: period.End.UTC()},
+			Usage:      used,
+			Included:   included,
+			Percentage: pct,
+			Threshold:  threshold,
+			OverQuota:  overQuota,
+			Message:    Message(threshold, included, overQuota),
+		},
+	}
+}
+
+// percentage is used*100/included rounded down; dividing first keeps
+// used*100 from overflowing.
+func percentage(used, included int64) int64 {
+	q, r := used/included, used%included
+	return q*100 + r*100/included
+}
+
+// Message is the human sentence of a notification: below 100 % it names
+// the threshold; at or above it, it names the included units and what the
+// over-quota policy does now.
+func Message(threshold int, included int64, overQuota string) string {
+	if threshold < 100 {
+		return "You have used " + strconv.Itoa(threshold) + "% of your included API calls."
+	}
+	n := strconv.FormatInt(included, 10)
+	switch overQuota {
+	case PolicyBill:
+		return "You have exceeded your included " + n + " API calls. Overage billing is active."
+	case PolicyThrottle:
+		return "You have exceeded your included " + n + " API calls. Requests are now throttled until the period ends."
+	case PolicyBlock:
+		return "You have used all of your included " + n + " API calls. Further requests are blocked until the period ends."
+	}
+	return "You have used " + strconv.Itoa(threshold) + "% of your included " + n + " API calls."
+}
+
+// Marshal encodes a payload as its webhook body.
+func (p Payload) Marshal() []byte {
+	b, _ := json.Marshal(p) // plain fields: cannot fail
+	return b
+}
