@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -277,7 +278,10 @@ func (a *App) Start() error {
 // written again, so a store that lost its data (a Redis restarted without
 // persistence) gets them back without a reload. Unchanged records are not
 // rewritten.
-var configResyncInterval = time.Minute
+// Tests shorten it, so it is atomic.
+var configResyncInterval atomic.Int64
+
+func init() { configResyncInterval.Store(int64(time.Minute)) }
 
 // resyncLoop retries a failed initial sync with backoff, then re-asserts
 // the configuration every configResyncInterval until ctx is done.
@@ -286,7 +290,7 @@ func (a *App) resyncLoop(ctx context.Context, synced bool) {
 	defer recoverLog(a.logger)
 	backoff := 100 * time.Millisecond
 	for {
-		wait := configResyncInterval
+		wait := time.Duration(configResyncInterval.Load())
 		if !synced {
 			wait = backoff
 			backoff = min(2*backoff, 10*time.Second)

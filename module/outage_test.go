@@ -85,8 +85,8 @@ func TestRedisOutage(t *testing.T) {
 	}
 	// Re-assert the configuration quickly, so the restarted (empty) Redis
 	// gets the customers and keys back within the test.
-	defer func(d time.Duration) { configResyncInterval = d }(configResyncInterval)
-	configResyncInterval = 200 * time.Millisecond
+	defer configResyncInterval.Store(configResyncInterval.Load())
+	configResyncInterval.Store(int64(200 * time.Millisecond))
 	newTester(t, cfg)
 	keys := map[string]string{"local": "local-key-0123456789abcdef", "allow": "allow-key-0123456789abcdef", "deny": "deny-key-0123456789abcdef"}
 	for name, key := range keys { // caches the keys and spends 1 of 3 units
