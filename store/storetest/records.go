@@ -26,6 +26,9 @@ import (
 //   - A record put with an Expires that has passed is stored as expired:
 //     it replaces (and so removes) an existing record, and PutRecord
 //     returns true, unless onlyIfAbsent finds an unexpired record.
+//   - Expires values the suite gives are whole milliseconds and compared
+//     with time.Time.Equal, so a store may keep Expires at any precision
+//     down to the millisecond.
 //   - Expiry is judged by the caller's clock: a record read before its
 //     Expires is returned, and once a read has found it expired, an
 //     onlyIfAbsent put succeeds.
@@ -167,7 +170,7 @@ func checkList(t *testing.T, r store.Records, kind, prefix string, ids ...string
 }
 
 func testRecordsPutGetList(t *testing.T, r store.Records) {
-	later := time.Now().Add(time.Hour).Round(0)
+	later := time.Now().Add(time.Hour).Truncate(time.Millisecond)
 	put := []store.Record{
 		record("doc", "inv_2", "two", time.Time{}),
 		record("doc", "inv_10", "ten", later),
@@ -265,7 +268,7 @@ func onlyIfAbsentRace(t *testing.T, handles []store.Records) {
 }
 
 func testRecordsOverwrite(t *testing.T, r store.Records) {
-	later := time.Now().Add(time.Hour).Round(0)
+	later := time.Now().Add(time.Hour).Truncate(time.Millisecond)
 	mustPutRecord(t, r, record("note", "n1", "old", later), false)
 	updated := record("note", "n1", "new", time.Time{})
 	if !mustPutRecord(t, r, updated, false) {
@@ -328,9 +331,9 @@ func testRecordsExpiredPast(t *testing.T, r store.Records) {
 
 func testRecordsExpiresLater(t *testing.T, r store.Records) {
 	const ttl = 300 * time.Millisecond
-	stay := record("mark", "stay", "x", time.Now().Add(time.Hour))
+	stay := record("mark", "stay", "x", time.Now().Add(time.Hour).Truncate(time.Millisecond))
 	mustPutRecord(t, r, stay, false)
-	soon := record("mark", "soon", "x", time.Now().Add(ttl))
+	soon := record("mark", "soon", "x", time.Now().Add(ttl).Truncate(time.Millisecond))
 	mustPutRecord(t, r, soon, false)
 
 	// Before Expires the record is there; this is only checked when the
