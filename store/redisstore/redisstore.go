@@ -396,20 +396,25 @@ func (s *Store) UpsertConfigCustomer(ctx context.Context, c store.Customer) (sto
 // GetCustomer implements store.Store.
 func (s *Store) GetCustomer(ctx context.Context, id string) (store.Customer, error) {
 	var c store.Customer
-	err := s.call(ctx, func(ctx context.Context) error {
-		data, err := s.client.Get(ctx, s.custKey(id)).Bytes()
+	if err := s.getJSON(ctx, s.custKey(id), "customer", id, &c); err != nil {
+		return store.Customer{}, err
+	}
+	return c, nil
+}
+
+// getJSON reads the JSON document at key into v; a missing key is
+// ErrNotFound for (what, id).
+func (s *Store) getJSON(ctx context.Context, key, what, id string, v any) error {
+	return s.call(ctx, func(ctx context.Context) error {
+		data, err := s.client.Get(ctx, key).Bytes()
 		if errors.Is(err, redis.Nil) {
-			return notFound("customer", id)
+			return notFound(what, id)
 		}
 		if err != nil {
 			return err
 		}
-		return decode("customer", id, data, &c)
+		return decode(what, id, data, v)
 	})
-	if err != nil {
-		return store.Customer{}, err
-	}
-	return c, nil
 }
 
 // ListCustomers implements store.Store.
@@ -579,17 +584,7 @@ func (s *Store) PutKey(ctx context.Context, k store.Key) (store.Key, error) {
 // KeyByHash implements store.Store.
 func (s *Store) KeyByHash(ctx context.Context, hash string) (store.Key, error) {
 	var k store.Key
-	err := s.call(ctx, func(ctx context.Context) error {
-		data, err := s.client.Get(ctx, s.keyKey(hash)).Bytes()
-		if errors.Is(err, redis.Nil) {
-			return notFound("key", hash)
-		}
-		if err != nil {
-			return err
-		}
-		return decode("key", hash, data, &k)
-	})
-	if err != nil {
+	if err := s.getJSON(ctx, s.keyKey(hash), "key", hash, &k); err != nil {
 		return store.Key{}, err
 	}
 	return k, nil
