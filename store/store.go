@@ -119,6 +119,9 @@ type Store interface {
 
 	// Meter meters usage against quotas (see usage.go).
 	Meter
+	// Records keeps documents and leases for background loops (see
+	// records.go).
+	Records
 
 	// Watch calls onChange after any customer or key changes, in this
 	// process or (for shared stores) in another one, until ctx is done. It
