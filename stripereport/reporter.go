@@ -1,0 +1,308 @@
+package stripereport
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/stripe/stripe-go/v86"
+	"go.uber.org/zap"
+
+	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// Record kinds and the lease the reporter keeps in the store.
+const (
+	// KindSent marks an hour Stripe accepted, or one that can never be
+	// sent (too old); id "<customer>|<hourID>".
+	KindSent = "stripe_sent"
+	// KindFailed holds the last error of an hour not yet accepted; it is
+	// removed once the hour is accepted.
+	KindFailed = "stripe_failed"
+	// LeaseName is the lease one reporter at a time holds.
+	LeaseName = "stripe_reporter"
+)
+
+// Hour states, as the reconciliation reports them.
+const (
+	StateSent    = "sent"
+	StatePending = "pending"
+	StateFailed  = "failed"
+	StateTooOld  = "too_old"
+)
+
+// MaxAge is how old an event's timestamp may be for Stripe to accept it
+// (35 days), less an hour of margin for clock skew and retries.
+const MaxAge = 35*24*time.Hour - time.Hour
+
+// markTTL is how long marks are kept: longer than any hour of the current
+// and previous period can be old, so a marked hour is never seen unmarked.
+const markTTL = 100 * 24 * time.Hour
+
+// Store is what the reporter needs from the store.
+type Store interface {
+	ListCustomers(ctx context.Context) ([]store.Customer, error)
+	Usage(ctx context.Context, subject, periodID string) (store.PeriodUsage, error)
+	store.Records
+}
+
+// Mark is the content of a KindSent record.
+type Mark struct {
+	// State is StateSent or StateTooOld.
+	State string `json:"state"`
+	// Units is the value Stripe accepted (or, too old, the ledger's units
+	// that could not be sent).
+	Units int64 `json:"units"`
+	// Identifier is the meter event identifier.
+	Identifier string `json:"identifier"`
+	// At is when the mark was written.
+	At time.Time `json:"at"`
+}
+
+// failure is the content of a KindFailed record.
+type failure struct {
+	Error string    `json:"error"`
+	At    time.Time `json:"at"`
+}
+
+// Reporter sends each closed ledger hour of every Stripe customer to a
+// Billing Meter once. Run Tick periodically; it does nothing unless it
+// holds the lease.
+type Reporter struct {
+	// Client talks to Stripe (see NewClient).
+	Client *stripe.Client
+	// Store holds the ledger, the marks and the lease.
+	Store Store
+	// Meter is the meter's event name.
+	Meter string
+	// SettleGrace is how long after its end an hour is reported.
+	SettleGrace time.Duration
+	// Holder identifies this reporter in the lease; unique per instance.
+	Holder string
+	// LeaseTTL is how long the lease lasts without renewal; longer than
+	// the interval between ticks.
+	LeaseTTL time.Duration
+	// Periods returns the ids of the periods whose hours to report for a
+	// customer at now: the current and the previous one.
+	Periods func(c store.Customer, now time.Time) []string
+	// Retry is the retry policy per event (DefaultRetry when zero).
+	Retry Retry
+	// MinInterval spaces meter event requests, to stay under Stripe's rate
+	// limits (25 requests/s in test mode, shared with other calls).
+	MinInterval time.Duration
+	// Now returns the time; nil is time.Now.
+	Now func() time.Time
+	// Logger logs errors; nil logs nothing.
+	Logger *zap.Logger
+}
+
+// Result is what one Tick did.
+type Result struct {
+	// Leader reports that this reporter held the lease.
+	Leader bool
+	// Sent is the number of hours Stripe accepted in this tick.
+	Sent int
+	// Failed is the number of hours that failed in this tick.
+	Failed int
+	// TooOld is the number of hours newly found too old to send.
+	TooOld int
+	// Unreported is the number of closed units not accepted by Stripe
+	// after this tick (failed, still pending, or too old).
+	Unreported int64
+}
+
+// ErrLeaseLost is returned when another reporter took the lease during a
+// tick.
+var ErrLeaseLost = errors.New("stripe reporter lease lost")
+
+func (r *Reporter) now() time.Time {
+	if r.Now != nil {
+		return r.Now()
+	}
+	return time.Now()
+}
+
+func (r *Reporter) logger() *zap.Logger {
+	if r.Logger == nil {
+		return zap.NewNop()
+	}
+	return r.Logger
+}
+
+// Tick takes or renews the lease and, when it holds it, reports every
+// closed, unsent hour with billed units of every customer with a Stripe
+// id. When Stripe stays unreachable for an event, the tick stops and the
+// rest waits for the next one.
+func (r *Reporter) Tick(ctx context.Context) (Result, error) {
+	var res Result
+	ok, err := r.Store.TryLease(ctx, LeaseName, r.Holder, r.LeaseTTL)
+	if err != nil || !ok {
+		return res, err
+	}
+	res.Leader = true
+	customers, err := r.Store.ListCustomers(ctx)
+	if err != nil {
+		return res, fmt.Errorf("listing customers: %w", err)
+	}
+	retry := r.Retry
+	if retry.Attempts == 0 {
+		retry = DefaultRetry
+	}
+	halted := false // Stripe unreachable: count the rest as unreported
+	var last time.Time
+	for _, c := range customers {
+		if c.StripeCustomerID == "" {
+			continue
+		}
+		now := r.now()
+		hours, err := r.hours(ctx, c, r.Periods(c, now), now)
+		if err != nil {
+			return res, err
+		}
+		for _, h := range hours {
+			if h.mark != nil || !h.closed || h.billed <= 0 {
+				if h.mark != nil && h.mark.State == StateTooOld {
+					res.Unreported += h.billed
+				}
+				continue
+			}
+			id := c.ID + "|" + h.hourID
+			ident := Identifier(c.ID, r.Meter, h.hourID)
+			if now.Sub(h.timestamp) > MaxAge {
+				res.TooOld++
+				res.Unreported += h.billed
+				r.logger().Error("usage hour is too old for Stripe and was never reported",
+					zap.String("customer", c.ID), zap.String("hour", h.hourID), zap.Int64("units", h.billed))
+				if err := r.putMark(ctx, id, Mark{State: StateTooOld, Units: h.billed, Identifier: ident, At: now}, h.start); err != nil {
+					return res, err
+				}
+				continue
+			}
+			if halted {
+				res.Unreported += h.billed
+				continue
+			}
+			// Renew the lease before each event, so a long backlog never
+			// outlives it, and stop if another reporter took over.
+			if ok, err := r.Store.TryLease(ctx, LeaseName, r.Holder, r.LeaseTTL); err != nil || !ok {
+				if err == nil {
+					err = ErrLeaseLost
+				}
+				return res, err
+			}
+			if wait := r.MinInterval - time.Since(last); r.MinInterval > 0 && wait > 0 {
+				if err := retry.sleep(ctx, wait); err != nil {
+					return res, err
+				}
+			}
+			last = time.Now()
+			out, sendErr := Send(ctx, r.Client, Event{
+				Meter: r.Meter, StripeCustomerID: c.StripeCustomerID, Value: h.billed,
+				Timestamp: h.timestamp, Identifier: ident,
+			}, retry)
+			if out == Accepted {
+				if err := r.putMark(ctx, id, Mark{State: StateSent, Units: h.billed, Identifier: ident, At: r.now()}, h.start); err != nil {
+					return res, err
+				}
+				if h.failed != nil {
+					_ = r.Store.DeleteRecord(ctx, KindFailed, id)
+				}
+				res.Sent++
+				continue
+			}
+			if ctx.Err() != nil {
+				return res, ctx.Err()
+			}
+			res.Failed++
+			res.Unreported += h.billed
+			r.logger().Error("reporting usage to Stripe failed",
+				zap.String("customer", c.ID), zap.String("hour", h.hourID), zap.Int64("units", h.billed),
+				zap.Bool("will_retry", true), zap.Error(sendErr))
+			data, _ := json.Marshal(failure{Error: sendErr.Error(), At: r.now()})
+			if _, err := r.Store.PutRecord(ctx, store.Record{Kind: KindFailed, ID: id, Data: data, Expires: h.start.Add(markTTL)}, false); err != nil {
+				return res, err
+			}
+			halted = out == Retryable
+		}
+	}
+	return res, nil
+}
+
+func (r *Reporter) putMark(ctx context.Context, id string, m Mark, hour time.Time) error {
+	data, _ := json.Marshal(m)
+	_, err := r.Store.PutRecord(ctx, store.Record{Kind: KindSent, ID: id, Data: data, Expires: hour.Add(markTTL)}, false)
+	if err != nil {
+		return fmt.Errorf("writing the Stripe mark of %s: %w", id, err)
+	}
+	return nil
+}
+
+// hourState is one ledger hour of a customer with its report state.
+type hourState struct {
+	hourID    string
+	start     time.Time
+	timestamp time.Time // the event timestamp: the hour's last second
+	closed    bool
+	billed    int64
+	mark      *Mark
+	failed    *failure
+}
+
+// hours reads a customer's ledger hours of the given periods with their
+// marks and failures.
+func (r *Reporter) hours(ctx context.Context, c store.Customer, periods []string, now time.Time) ([]hourState, error) {
+	marks, err := r.Store.ListRecords(ctx, KindSent, c.ID+"|")
+	if err != nil {
+		return nil, fmt.Errorf("listing Stripe marks of %q: %w", c.ID, err)
+	}
+	fails, err := r.Store.ListRecords(ctx, KindFailed, c.ID+"|")
+	if err != nil {
+		return nil, fmt.Errorf("listing Stripe failures of %q: %w", c.ID, err)
+	}
+	markBy := make(map[string]*Mark, len(marks))
+	for _, rec := range marks {
+		var m Mark
+		if json.Unmarshal(rec.Data, &m) == nil {
+			markBy[strings.TrimPrefix(rec.ID, c.ID+"|")] = &m
+		}
+	}
+	failBy := make(map[string]*failure, len(fails))
+	for _, rec := range fails {
+		var f failure
+		if json.Unmarshal(rec.Data, &f) == nil {
+			failBy[strings.TrimPrefix(rec.ID, c.ID+"|")] = &f
+		}
+	}
+	var out []hourState
+	index := make(map[string]int)
+	for _, pid := range periods {
+		u, err := r.Store.Usage(ctx, c.ID, pid)
+		if err != nil {
+			return nil, fmt.Errorf("reading the usage of %q: %w", c.ID, err)
+		}
+		for _, h := range u.Hours {
+			start, err := metering.ParseTimeID(h.HourID)
+			if err != nil {
+				continue
+			}
+			// A period boundary inside a UTC hour (a zone with a
+			// half-hour offset) splits the hour over two periods: it is
+			// still one meter event.
+			if i, dup := index[h.HourID]; dup {
+				out[i].billed += h.Billed
+				continue
+			}
+			index[h.HourID] = len(out)
+			out = append(out, hourState{
+				hourID: h.HourID, start: start, timestamp: start.Add(time.Hour - time.Second),
+				closed: !now.Before(start.Add(time.Hour + r.SettleGrace)),
+				billed: h.Billed, mark: markBy[h.HourID], failed: failBy[h.HourID],
+			})
+		}
+	}
+	return out, nil
+}
