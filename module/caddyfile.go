@@ -285,6 +285,8 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 	case "key":
 		return p.key(d)
 	// Later global options (stripe, notify, ...) go here.
+	case "notify":
+		return p.notify(d)
 	default:
 		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, key_secret, admin_api, upgrade_url, currency, bill_on, usage_cost_header, thresholds, tier, customer, key", name)
 	}

@@ -402,7 +402,7 @@ func TestParseAppErrors(t *testing.T) {
 		// secret must not appear in the error.
 		secret string
 	}{
-		{"unknown option", "api_monetize {\n\ttier free\n\tnotify ops@example.com\n}", 3, "unrecognized api_monetize option 'notify'", ""},
+		{"unknown option", "api_monetize {\n\ttier free\n\tnotify_email ops@example.com\n}", 3, "unrecognized api_monetize option 'notify_email'", ""},
 		{"arguments", "api_monetize foo {\n\ttier free\n}", 1, "no arguments", ""},
 		{"no tier", "api_monetize {\n\tstore_timeout 1s\n}", 1, "no tier defined", ""},
 		{"redis twice", "api_monetize {\n\tredis redis://a:6379\n\tredis redis://b:6379\n}", 3, "'redis' is given twice (first at Testfile:2)", ""},

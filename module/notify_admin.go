@@ -1,0 +1,93 @@
+package module
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// listNotifications serves GET /api_monetize/notifications: every
+// notification with its delivery state, oldest event first. Query
+// parameters customer=<id> and state=pending|delivered|dead filter it;
+// state=dead is the dead-letter list.
+func (a *adminAPI) listNotifications(w http.ResponseWriter, r *http.Request) {
+	rec, ok := a.store(w)
+	if !ok {
+		return
+	}
+	state := r.URL.Query().Get("state")
+	switch state {
+	case "", statePending, stateDelivered, stateDead:
+	default:
+		writeAdminError(w, http.StatusBadRequest, "state: expected pending, delivered or dead, got "+state)
+		return
+	}
+	prefix := ""
+	if c := r.URL.Query().Get("customer"); c != "" {
+		prefix = c + "|"
+	}
+	all, err := loadNotifications(r.Context(), rec, prefix)
+	if err != nil {
+		writeStoreError(w, err)
+		return
+	}
+	out := make([]notification, 0, len(all))
+	for _, nt := range all {
+		if state == "" || nt.State == state {
+			out = append(out, nt)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b notification) int {
+		if c := a.Event.At.Compare(b.Event.At); c != 0 {
+			return c
+		}
+		if c := a.Event.Threshold - b.Event.Threshold; c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+	writeJSON(w, http.StatusOK, out)
+}
+
+// replayNotification serves POST /api_monetize/notifications/{id}/replay:
+// a delivered or dead-lettered notification is delivered again, with the
+// same webhook-id and a fresh 24 h retry window. It answers 202 with the
+// notification, 404 for an unknown id and 409 while it is pending.
+func (a *adminAPI) replayNotification(w http.ResponseWriter, r *http.Request) {
+	rec, ok := a.store(w)
+	if !ok {
+		return
+	}
+	id := r.PathValue("id")
+	rd, err := rec.GetRecord(r.Context(), recordKindNotification, id)
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			writeAdminError(w, http.StatusNotFound, "no notification "+id)
+			return
+		}
+		writeStoreError(w, err)
+		return
+	}
+	var nt notification
+	if err := json.Unmarshal(rd.Data, &nt); err != nil {
+		writeStoreError(w, err)
+		return
+	}
+	if nt.State == statePending {
+		writeAdminError(w, http.StatusConflict, "notification "+id+" is pending delivery already")
+		return
+	}
+	nt.State, nt.Attempts = statePending, 0
+	nt.FirstTry, nt.DeliveredAt = time.Time{}, time.Time{}
+	nt.NextTry = time.Now().UTC()
+	if _, err := putNotification(r.Context(), rec, nt, false); err != nil {
+		writeStoreError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusAccepted, nt)
+}
