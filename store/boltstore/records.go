@@ -55,16 +55,24 @@ type lease struct {
 	until  time.Time
 }
 
-func checkRecordKey(kind, id string) error {
+// checkKind rejects the kinds redisstore rejects, so that both stores
+// accept the same records.
+func checkKind(kind string) error {
 	switch {
 	case kind == "":
 		return errors.New("boltstore: empty record kind")
 	case strings.Contains(kind, ":"):
 		return fmt.Errorf("boltstore: record kind %q contains ':'", kind)
-	case id == "":
-		return errors.New("boltstore: empty record id")
 	}
 	return nil
+}
+
+// checkRecordKey validates a record's kind and id.
+func checkRecordKey(kind, id string) error {
+	if id == "" {
+		return errors.New("boltstore: empty record id")
+	}
+	return checkKind(kind)
 }
 
 // PutRecord implements store.Records.
@@ -121,6 +129,9 @@ func (s *Store) PutRecord(_ context.Context, r store.Record, onlyIfAbsent bool) 
 
 // GetRecord implements store.Records.
 func (s *Store) GetRecord(_ context.Context, kind, id string) (store.Record, error) {
+	if err := checkRecordKey(kind, id); err != nil {
+		return store.Record{}, err
+	}
 	var r store.Record
 	found, stale := false, false
 	err := s.view(func(tx *bolt.Tx) error {
@@ -158,6 +169,9 @@ func (s *Store) GetRecord(_ context.Context, kind, id string) (store.Record, err
 
 // ListRecords implements store.Records.
 func (s *Store) ListRecords(_ context.Context, kind, prefix string) ([]store.Record, error) {
+	if err := checkKind(kind); err != nil {
+		return nil, err
+	}
 	list := []store.Record{}
 	stale := false
 	err := s.view(func(tx *bolt.Tx) error {
@@ -192,6 +206,9 @@ func (s *Store) ListRecords(_ context.Context, kind, prefix string) ([]store.Rec
 
 // DeleteRecord implements store.Records.
 func (s *Store) DeleteRecord(_ context.Context, kind, id string) error {
+	if err := checkRecordKey(kind, id); err != nil {
+		return err
+	}
 	return s.update(func(tx *bolt.Tx) error {
 		b := kindBucket(tx, kind)
 		if b == nil {

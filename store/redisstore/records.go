@@ -45,33 +45,42 @@ func (s *Store) recExpKey(kind string) string  { return s.prefix + "recexp:" + k
 func (s *Store) leaseKey(name string) string   { return s.prefix + "lease:" + name }
 func (s *Store) recKey(kind, id string) string { return s.recPrefix(kind) + id }
 
-func checkRecordKey(kind, id string) error {
+// checkKind rejects kinds whose keys could collide with another kind's.
+func checkKind(kind string) error {
 	switch {
 	case kind == "":
 		return errors.New("redisstore: empty record kind")
 	case strings.Contains(kind, ":"):
 		return fmt.Errorf("redisstore: record kind %q contains ':'", kind)
-	case id == "":
-		return errors.New("redisstore: empty record id")
 	}
 	return nil
+}
+
+// checkRecordKey validates a record's kind and id.
+func checkRecordKey(kind, id string) error {
+	if id == "" {
+		return errors.New("redisstore: empty record id")
+	}
+	return checkKind(kind)
 }
 
 // putRecordScript prunes expired records of the kind, then stores one.
 // KEYS: record, index, expiry index. ARGV: id, data, x (0: none), now µs,
 // onlyIfAbsent (1 or 0), PEXPIRE ms, record key prefix of the kind. It
 // returns 1 when it stored the record, 0 when onlyIfAbsent found a live one.
+// Numbers reach redis.call as the ARGV strings: Lua would format its own
+// numbers with 14 significant digits.
 var putRecordScript = redis.NewScript(`
 local now = tonumber(ARGV[4])
-local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, ` + strconv.Itoa(recordPruneBatch) + `)
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[4], 'LIMIT', 0, ` + strconv.Itoa(recordPruneBatch) + `)
 for _, m in ipairs(old) do
   local k = ARGV[7] .. m
   local x = tonumber(redis.call('HGET', k, 'x'))
   if not x or (x ~= 0 and x <= now) then
     redis.call('DEL', k)
     redis.call('ZREM', KEYS[2], m)
+    redis.call('ZREM', KEYS[3], m)
   end
-  redis.call('ZREM', KEYS[3], m)
 end
 if ARGV[5] == '1' then
   local x = tonumber(redis.call('HGET', KEYS[1], 'x'))
@@ -89,7 +98,7 @@ if e == 0 then
   redis.call('ZREM', KEYS[3], ARGV[1])
 else
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  redis.call('ZADD', KEYS[3], e, ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 return 1
@@ -153,6 +162,9 @@ func decodeRecord(kind, id string, fields []any, nowUS int64) (r store.Record, o
 
 // GetRecord implements store.Records.
 func (s *Store) GetRecord(ctx context.Context, kind, id string) (store.Record, error) {
+	if err := checkRecordKey(kind, id); err != nil {
+		return store.Record{}, err
+	}
 	var r store.Record
 	err := s.call(ctx, func(ctx context.Context) error {
 		fields, err := s.client.HMGet(ctx, s.recKey(kind, id), "d", "x").Result()
@@ -186,6 +198,9 @@ return 0
 
 // ListRecords implements store.Records.
 func (s *Store) ListRecords(ctx context.Context, kind, prefix string) ([]store.Record, error) {
+	if err := checkKind(kind); err != nil {
+		return nil, err
+	}
 	list := []store.Record{}
 	err := s.call(ctx, func(ctx context.Context) error {
 		list = list[:0]
@@ -255,6 +270,9 @@ func lexRange(prefix string) *redis.ZRangeBy {
 
 // DeleteRecord implements store.Records.
 func (s *Store) DeleteRecord(ctx context.Context, kind, id string) error {
+	if err := checkRecordKey(kind, id); err != nil {
+		return err
+	}
 	return s.call(ctx, func(ctx context.Context) error {
 		_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			p.Del(ctx, s.recKey(kind, id))

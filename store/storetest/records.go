@@ -20,8 +20,9 @@ import (
 // Besides the doc comments of store.Records, the suite pins these
 // decisions, so that both stores behave alike:
 //
-//   - PutRecord rejects an empty Kind, an empty ID and a Kind containing
-//     ':'; TryLease rejects an empty name or holder and a ttl that is not
+//   - PutRecord, GetRecord and DeleteRecord reject an empty Kind, an empty
+//     ID and a Kind containing ':' (ListRecords such a Kind) with an error
+//     that is not ErrNotFound; TryLease rejects an empty name or holder and a ttl that is not
 //     positive.
 //   - A record put with an Expires that has passed is stored as expired:
 //     it replaces (and so removes) an existing record, and PutRecord
@@ -212,8 +213,28 @@ func testRecordsInvalid(t *testing.T, r store.Records) {
 		if _, err := r.PutRecord(t.Context(), rec, false); err == nil {
 			t.Errorf("PutRecord(kind %q, id %q) succeeded, want an error", rec.Kind, rec.ID)
 		}
+		if _, err := r.GetRecord(t.Context(), rec.Kind, rec.ID); err == nil || errors.Is(err, store.ErrNotFound) {
+			t.Errorf("GetRecord(kind %q, id %q) error = %v, want a validation error", rec.Kind, rec.ID, err)
+		}
+		if err := r.DeleteRecord(t.Context(), rec.Kind, rec.ID); err == nil {
+			t.Errorf("DeleteRecord(kind %q, id %q) succeeded, want an error", rec.Kind, rec.ID)
+		}
 	}
-	checkList(t, r, "a", "")
+	// A kind with ':' must not reach another kind's records.
+	kept := record("a", "b:c", "x", time.Time{})
+	mustPutRecord(t, r, kept, false)
+	if _, err := r.GetRecord(t.Context(), "a:b", "c"); err == nil {
+		t.Error("GetRecord(a:b, c) succeeded")
+	}
+	if err := r.DeleteRecord(t.Context(), "a:b", "c"); err == nil {
+		t.Error("DeleteRecord(a:b, c) succeeded")
+	}
+	for _, kind := range []string{"", "a:b"} {
+		if _, err := r.ListRecords(t.Context(), kind, ""); err == nil {
+			t.Errorf("ListRecords(kind %q) succeeded, want an error", kind)
+		}
+	}
+	checkRecord(t, "GetRecord(a, b:c)", mustGetRecord(t, r, "a", "b:c"), kept)
 }
 
 func testRecordsOnlyIfAbsent(t *testing.T, r store.Records) {
