@@ -94,6 +94,9 @@ func openStore(t testing.TB, o Options) *Store {
 	if o.URL == "" {
 		o.URL = testURL()
 	}
+	if o.OpTimeout == 0 {
+		o.OpTimeout = contractTimeout
+	}
 	s, err := New(o)
 	if err != nil {
 		t.Fatalf("New: %v", err)
@@ -102,16 +105,22 @@ func openStore(t testing.TB, o Options) *Store {
 	return s
 }
 
+// contractTimeout is the OpTimeout of tests that leave it unset: they are
+// about behaviour, not latency, and a loaded CI machine can exceed the
+// 100ms default (timeouts are tested with their own OpTimeout, e.g. by
+// TestDeadlinesWithinOpTimeout).
+const contractTimeout = 5 * time.Second
+
 func TestContract(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) store.Store {
-		return openStore(t, Options{KeyPrefix: newPrefix(t)})
+		return openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: contractTimeout})
 	})
 }
 
 func TestContractShared(t *testing.T) {
 	storetest.RunShared(t, func(t *testing.T) (store.Store, store.Store) {
 		prefix := newPrefix(t)
-		return openStore(t, Options{KeyPrefix: prefix}), openStore(t, Options{KeyPrefix: prefix})
+		return openStore(t, Options{KeyPrefix: prefix, OpTimeout: contractTimeout}), openStore(t, Options{KeyPrefix: prefix, OpTimeout: contractTimeout})
 	})
 }
 
