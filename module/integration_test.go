@@ -82,6 +82,9 @@ func (c testConfig) String() string {
 	api_monetize {
 		%s
 		key_secret test-secret-0123456789
+		# Behaviour tests: a loaded machine must not turn a slow Redis call
+		# into a degraded decision.
+		store_timeout 2s
 		%s
 		tier free {
 			price 0

@@ -43,6 +43,9 @@ func meterConfig(storeLine, upstream string) string {
 	api_monetize {
 		%s
 		key_secret test-secret-0123456789
+		# Behaviour tests: a loaded machine must not turn a slow Redis call
+		# into a degraded decision.
+		store_timeout 2s
 		usage_cost_header X-Usage-Cost max 50
 		tier blocked {
 			included 5/month
