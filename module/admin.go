@@ -53,6 +53,7 @@ func (a *adminAPI) Provision(ctx caddy.Context) error {
 	mux.HandleFunc("GET /api_monetize/customers/{id}/usage", a.usage)
 	mux.HandleFunc("GET /api_monetize/thresholds", a.thresholds)
 	mux.HandleFunc("GET /api_monetize/customers/{id}/thresholds", a.thresholds)
+	mux.HandleFunc("GET /api_monetize/stripe/reconciliation", a.stripeReconciliation)
 	mux.HandleFunc("GET /api_monetize/notifications", a.listNotifications)
 	mux.HandleFunc("POST /api_monetize/notifications/{id}/replay", a.writable(a.replayNotification))
 	a.mux = mux

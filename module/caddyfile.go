@@ -285,6 +285,8 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 	case "key":
 		return p.key(d)
 	// Later global options (stripe, notify, ...) go here.
+	case "stripe":
+		return p.stripe(d)
 	case "notify":
 		return p.notify(d)
 	default:

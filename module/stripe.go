@@ -1,9 +1,239 @@
 package module
 
-import "github.com/caddyserver/caddy/v2"
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"regexp"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/stripereport"
+)
+
+// Stripe defaults.
+const (
+	defaultStripeMeter   = "api_calls"
+	defaultReportEvery   = time.Hour
+	defaultSettleGrace   = 2 * time.Minute
+	defaultPastDueGrace  = 72 * time.Hour
+	stripeRequestTimeout = 30 * time.Second
+)
+
+// The reporter's lease timing. Tests shorten them.
+var (
+	// stripeLeaseEvery is how often the reporter takes or renews its lease
+	// (and so how soon a waiting instance takes over after a release).
+	stripeLeaseEvery = 30 * time.Second
+	// stripeLeaseTTL is how long the lease lasts without renewal: an
+	// instance that dies holding it hands over after this long.
+	stripeLeaseTTL = 5 * time.Minute
+	// stripeRetry is the retry policy per meter event.
+	stripeRetry = stripereport.DefaultRetry
+)
+
+var (
+	stripeSecretPattern  = regexp.MustCompile(`^(sk|rk)_(test|live)_[A-Za-z0-9]+$`)
+	webhookSecretPattern = regexp.MustCompile(`^whsec_[A-Za-z0-9+/=_-]+$`)
+)
+
+// stripeSettings is the Stripe configuration with placeholders replaced and
+// defaults applied.
+type stripeSettings struct {
+	secretKey     string
+	apiBase       string
+	meter         string
+	reportEvery   time.Duration
+	settleGrace   time.Duration
+	webhookSecret string
+	pastDueGrace  time.Duration
+	downgradeTo   string
+}
+
+// stripeSettings validates the app's Stripe configuration.
+func (a *App) stripeSettings() (stripeSettings, error) {
+	c := a.Stripe
+	repl := caddy.NewReplacer()
+	s := stripeSettings{
+		secretKey: repl.ReplaceAll(c.SecretKey, ""), apiBase: repl.ReplaceAll(c.APIBase, ""),
+		meter: c.Meter, reportEvery: time.Duration(c.ReportEvery), settleGrace: time.Duration(c.SettleGrace),
+		webhookSecret: repl.ReplaceAll(c.WebhookSecret, ""), pastDueGrace: time.Duration(c.PastDueGrace),
+		downgradeTo: c.DowngradeTo,
+	}
+	if s.secretKey == "" {
+		return s, errors.New("stripe: secret_key is required (is STRIPE_SECRET_KEY set?)")
+	}
+	if !stripeSecretPattern.MatchString(s.secretKey) {
+		return s, errors.New("stripe: secret_key must be a Stripe secret or restricted key (sk_test_…, sk_live_…, rk_…)")
+	}
+	if s.meter == "" {
+		s.meter = defaultStripeMeter
+	}
+	if len(s.meter) > 100 {
+		return s, errors.New("stripe: meter event names are at most 100 characters")
+	}
+	if s.reportEvery == 0 {
+		s.reportEvery = defaultReportEvery
+	}
+	if s.settleGrace == 0 {
+		s.settleGrace = defaultSettleGrace
+	}
+	if s.pastDueGrace == 0 {
+		s.pastDueGrace = defaultPastDueGrace
+	}
+	if s.reportEvery < 0 || s.settleGrace < 0 || s.pastDueGrace < 0 {
+		return s, errors.New("stripe: report_every, settle_grace and past_due_grace must not be negative")
+	}
+	if s.webhookSecret != "" && !webhookSecretPattern.MatchString(s.webhookSecret) {
+		return s, errors.New("stripe: webhook_secret must be the endpoint's signing secret (whsec_…)")
+	}
+	if s.downgradeTo != "" {
+		if _, ok := a.tierByName[s.downgradeTo]; !ok {
+			return s, fmt.Errorf("stripe: downgrade_to: unknown tier %q", s.downgradeTo)
+		}
+	}
+	return s, nil
+}
 
 // provisionStripe validates the Stripe configuration and adds the usage
 // reporter to the app's background tasks.
-func (a *App) provisionStripe(_ caddy.Context) error {
+func (a *App) provisionStripe(ctx caddy.Context) error {
+	if a.Stripe == nil {
+		return nil
+	}
+	s, err := a.stripeSettings()
+	if err != nil {
+		return err
+	}
+	if err := registerStripeMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
+	rep := a.newReporter(s)
+	a.tasks = append(a.tasks, func(ctx context.Context) { a.runReporter(ctx, rep, s) })
+	return nil
+}
+
+// newReporter builds the usage reporter of this app instance. Its lease
+// holder is unique per instance, so the old and the new app of a reload
+// never report at the same time.
+func (a *App) newReporter(s stripeSettings) *stripereport.Reporter {
+	return &stripereport.Reporter{
+		Client:      stripereport.NewClient(s.secretKey, s.apiBase, stripeRequestTimeout),
+		Meter:       s.meter,
+		SettleGrace: s.settleGrace,
+		Holder:      hex.EncodeToString(newSecret()[:12]),
+		LeaseTTL:    stripeLeaseTTL,
+		Periods:     a.reportPeriods,
+		Retry:       stripeRetry,
+		MinInterval: 50 * time.Millisecond,
+		Logger:      a.logger.Named("stripe"),
+	}
+}
+
+// reportPeriods are the ids of a customer's current and previous periods:
+// the previous period's last hours are reported after it ends.
+func (a *App) reportPeriods(c store.Customer, now time.Time) []string {
+	t := a.tierByName[c.Tier]
+	if t == nil {
+		return nil // a tier no longer configured: its periods are unknown
+	}
+	cur := t.periodRule.Period(now, c.Anchor)
+	prev := t.periodRule.Period(cur.Start.Add(-time.Second), c.Anchor)
+	if prev.Start.Equal(cur.Start) { // before an anniversary anchor
+		return []string{cur.ID()}
+	}
+	return []string{prev.ID(), cur.ID()}
+}
+
+// runReporter renews the lease every stripeLeaseEvery and, while it holds
+// it, reports every report_every; on stop it releases the lease so the
+// next instance (the new config of a reload) takes over at once.
+func (a *App) runReporter(ctx context.Context, rep *stripereport.Reporter, s stripeSettings) {
+	logger := a.logger.Named("stripe")
+	m := getStripeMetrics()
+	t := time.NewTicker(stripeLeaseEvery)
+	defer t.Stop()
+	var lastReport time.Time
+	for {
+		if st, err := a.store(); err != nil {
+			logger.Warn("store not available", zap.Error(err))
+		} else {
+			rep.Store = st
+			if lastReport.IsZero() || time.Since(lastReport) >= s.reportEvery {
+				res, err := rep.Tick(ctx)
+				if res.Leader {
+					lastReport = time.Now()
+					m.unreported.Set(float64(res.Unreported))
+					m.events.WithLabelValues(stripereport.StateSent).Add(float64(res.Sent))
+					m.events.WithLabelValues(stripereport.StateFailed).Add(float64(res.Failed))
+					m.events.WithLabelValues(stripereport.StateTooOld).Add(float64(res.TooOld))
+				}
+				if err != nil && ctx.Err() == nil {
+					logger.Error("reporting usage to Stripe", zap.Error(err))
+				}
+			} else if _, err := st.TryLease(ctx, stripereport.LeaseName, rep.Holder, stripeLeaseTTL); err != nil && ctx.Err() == nil {
+				logger.Warn("could not renew the Stripe reporter lease", zap.Error(err))
+			}
+			a.applyPastDue(ctx, st, s)
+		}
+		select {
+		case <-ctx.Done():
+			if st, err := a.store(); err == nil {
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+				_ = st.ReleaseLease(rctx, stripereport.LeaseName, rep.Holder)
+				cancel()
+			}
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// stripeMetrics are the reporter's process-wide collectors.
+type stripeMetrics struct {
+	unreported prometheus.Gauge
+	events     *prometheus.CounterVec
+}
+
+var (
+	stripeMetricsOnce sync.Once
+	stripeMetricsVal  *stripeMetrics
+)
+
+func getStripeMetrics() *stripeMetrics {
+	stripeMetricsOnce.Do(func() {
+		stripeMetricsVal = &stripeMetrics{
+			unreported: prometheus.NewGauge(prometheus.GaugeOpts{
+				Namespace: "caddy", Subsystem: "api_monetize", Name: "unreported_units",
+				Help: "Billed units of closed hours that Stripe has not accepted (failed, waiting, or too old to send), as of the reporter's last run.",
+			}),
+			events: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: "caddy", Subsystem: "api_monetize", Name: "stripe_hours_total",
+				Help: "Ledger hours handled by the Stripe reporter, by outcome: sent, failed (retried later) or too_old (never sent).",
+			}, []string{"outcome"}),
+		}
+	})
+	return stripeMetricsVal
+}
+
+func registerStripeMetrics(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
+	}
+	m := getStripeMetrics()
+	for _, c := range []prometheus.Collector{m.unreported, m.events} {
+		if err := reg.Register(c); err != nil {
+			var already prometheus.AlreadyRegisteredError
+			if !errors.As(err, &already) {
+				return err
+			}
+		}
+	}
 	return nil
 }
