@@ -530,7 +530,7 @@ func (m *meter) settle(s store.Settlement) error {
 	case s.Actual == 0:
 		// Not billable: take the whole reservation back, request included.
 		d.billed = -min(s.Reserved, cur.Billed)
-		d.overage = -min(s.Overage, cur.Overage)
+		d.overage = -overageTaken(s, cur, s.Reserved)
 		d.requests = -min(1, cur.Requests)
 		if _, ok := m.idem[idemKey{s.Subject, s.IdempotencyKey}]; ok && s.IdempotencyKey != "" {
 			d.idemOp, d.idemKey = idemDelete, s.IdempotencyKey
@@ -540,7 +540,7 @@ func (m *meter) settle(s store.Settlement) error {
 		// come out of its overage first.
 		back := s.Reserved - s.Actual
 		d.billed = -min(back, cur.Billed)
-		d.overage = -min(back, s.Overage, cur.Overage)
+		d.overage = -overageTaken(s, cur, back)
 	default:
 		// The extra units come after everything used so far.
 		extra := s.Actual - s.Reserved
@@ -558,6 +558,20 @@ func (m *meter) settle(s store.Settlement) error {
 	}
 	m.apply(&d)
 	return nil
+}
+
+// overageTaken is the overage to take back when back units of settlement
+// s are released: the reservation's own overage first, and as much more as
+// keeps the period's overage no larger than its excess over the included
+// units (a reservation made below the quota while later ones were counted
+// as overage).
+func overageTaken(s store.Settlement, cur periodState, back int64) int64 {
+	r := min(s.Overage, back)
+	if s.Quota.Mode != store.QuotaMeter {
+		excess := max(0, cur.Billed-back-s.Quota.Included)
+		r = max(r, cur.Overage-excess)
+	}
+	return max(0, min(r, back, cur.Overage))
 }
 
 // log appends d to the current segment with one write. After a failed

@@ -304,12 +304,28 @@ var settleScript = redis.NewScript(meterLua + `
 local reserved, resOver, actual = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
 if replay and track and slot() ~= '1' then return 0 end
 local billed, over, requests = 0, 0, 0
+-- taken returns the overage to take back when d units are released: the
+-- reservation's own overage first, and as much more as keeps the period's
+-- overage no larger than its excess over the included units (a reservation
+-- made below the quota while later ones were counted as overage).
+local function taken(d)
+  local r = math.min(resOver, d)
+  if mode == 'meter' then return r end
+  local pover = tonumber(redis.call('HGET', KEYS[3], 'overage') or '0')
+  local excess = used - d - included
+  if excess < 0 then excess = 0 end
+  if pover - excess > r then r = pover - excess end
+  if r > d then r = d end
+  if r > pover then r = pover end
+  if r < 0 then r = 0 end
+  return r
+end
 if actual <= 0 then
-  billed, over, requests = -reserved, -resOver, -1
+  billed, over, requests = -reserved, -taken(reserved), -1
   if hasIdem then redis.call('DEL', KEYS[2]) end
 elseif actual < reserved then
   billed = actual - reserved
-  over = -math.min(resOver, reserved - actual)
+  over = -taken(reserved - actual)
 elseif actual > reserved then
   billed = actual - reserved
   over = overage(used, billed)

@@ -530,6 +530,23 @@ func testSettle(t *testing.T, client func(t *testing.T) *meterClient) {
 		c.settle(r, out, 1) // the released units were all overage
 		c.usageWant("acme", cur.ID(), store.Counters{Billed: 13, Overage: 3, Requests: 3})
 	})
+	t.Run("ReleaseBelowQuotaKeepsOverageTheExcess", func(t *testing.T) {
+		// A reservation made below the quota is released after a later
+		// one was counted as overage: billed usage is back within the
+		// quota, so there is no overage any more.
+		c := client(t)
+		q := quota(cur, store.QuotaBill, 10)
+		c.want(res("acme", q, 9), true, 9, 0)
+		r, out := c.want(res("acme", q, 1), true, 10, 0)
+		c.want(res("acme", q, 1), true, 11, 1)
+		c.settle(r, out, 0)
+		c.usageWant("acme", cur.ID(), store.Counters{Billed: 10, Overage: 0, Requests: 2})
+		// And a partial release of an under-quota reservation likewise.
+		r, out = c.want(res("acme", q, 4), true, 14, 4)
+		c.want(res("acme", q, 2), true, 16, 2)
+		c.settle(r, out, 1)
+		c.usageWant("acme", cur.ID(), store.Counters{Billed: 13, Overage: 3, Requests: 4})
+	})
 	t.Run("ActualBelowKeepsIdempotencyKey", func(t *testing.T) {
 		c := client(t)
 		q := quota(cur, store.QuotaBill, 10)
