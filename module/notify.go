@@ -32,6 +32,9 @@ var (
 	notifyRetry = notify.DefaultRetry
 	// notifyAttemptTimeout bounds one delivery attempt.
 	notifyAttemptTimeout = 15 * time.Second
+	// notifyStopGrace is how long an attempt in flight may go on once the
+	// app stops.
+	notifyStopGrace = 2 * time.Second
 )
 
 const (
@@ -320,7 +323,7 @@ func (n *notifier) deliverChannel(ctx context.Context, rec store.Records, queue 
 			return err
 		}
 		done, err := n.attempt(ctx, rec, nt)
-		if err != nil {
+		if err != nil || ctx.Err() != nil {
 			return err
 		}
 		if !done {
@@ -332,14 +335,22 @@ func (n *notifier) deliverChannel(ctx context.Context, rec store.Records, queue 
 
 // attempt makes one delivery attempt and records its outcome. It reports
 // whether the notification was delivered (or dead-lettered, which also
-// unblocks the next one). An attempt cut short by shutdown is not
-// recorded: the next instance makes it again.
+// unblocks the next one). An attempt in flight when ctx ends (a reload or
+// shutdown) gets notifyStopGrace to finish and is recorded if it
+// succeeded, so that the next instance does not send it again; a failed
+// one is left for the next instance.
 func (n *notifier) attempt(ctx context.Context, rec store.Records, nt notification) (bool, error) {
-	actx, cancel := context.WithTimeout(ctx, notifyAttemptTimeout)
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), notifyAttemptTimeout)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(notifyStopGrace, cancel)
+		<-actx.Done()
+		t.Stop()
+	})
+	defer stop()
 	started := time.Now().UTC()
 	sendErr := n.send(actx, nt, started)
-	cancel()
-	if ctx.Err() != nil {
+	if sendErr != nil && ctx.Err() != nil {
 		return false, ctx.Err()
 	}
 	now := time.Now().UTC()

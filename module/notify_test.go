@@ -49,12 +49,13 @@ func fastNotify() {
 const (
 	notifyAcmeKey  = "notify-acme-key-0123456789"
 	notifyQuietKey = "notify-quiet-key-012345678"
+	notifyLateKey  = "notify-late-key-0123456789"
 	// notifyBadSecret signs for a receiver that refuses everything.
 	notifyBadSecret = "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB"
 )
 
-// notifyConfig is a deployment with a bill tier (acme, who has an email
-// address) and a block tier (quiet, who has none), 10 units included,
+// notifyConfig is a deployment with a bill tier (acme and late, who have
+// email addresses) and a block tier (quiet, who has none), 10 units included,
 // thresholds 80 100 120, two webhooks and email. /v1/big costs 13 units.
 func notifyConfig(adminPort, httpPort int, storeLines, goodURL, badURL, smtpAddr, extraCost string) string {
 	return fmt.Sprintf(`{
@@ -89,8 +90,10 @@ func notifyConfig(adminPort, httpPort int, storeLines, goodURL, badURL, smtpAddr
 		}
 		customer acme tier metered email dev@acme.example
 		customer quiet tier capped
+		customer late tier metered email ops@late.example
 		key %s acme
 		key %s quiet
+		key %s late
 	}
 }
 
@@ -101,7 +104,7 @@ func notifyConfig(adminPort, httpPort int, storeLines, goodURL, badURL, smtpAddr
 	}
 	respond "ok"
 }
-`, adminPort, httpPort, storeLines, goodURL, badURL, notifyBadSecret, smtpAddr, notifyAcmeKey, notifyQuietKey, httpPort, extraCost)
+`, adminPort, httpPort, storeLines, goodURL, badURL, notifyBadSecret, smtpAddr, notifyAcmeKey, notifyQuietKey, notifyLateKey, httpPort, extraCost)
 }
 
 // notifyEnv sets the secrets the configuration reads from the
@@ -354,4 +357,109 @@ func parseMail(t *testing.T, data []byte) (subject, text string) {
 		t.Errorf("mail %q lacks a text or an HTML part", subject)
 	}
 	return subject, text
+}
+
+// TestNotificationsAcrossInstancesAndReload runs real Caddy processes
+// (two sharing Redis; one on the embedded store) and reloads them while a
+// burst crosses 80, 100 and 120 % at once for one customer and 80 and 100
+// for another: every channel receives each threshold exactly once. A
+// later crossing by a third customer, delivered after the first ones,
+// shows that nothing more was still on its way.
+func TestNotificationsAcrossInstancesAndReload(t *testing.T) {
+	t.Run("redis, two instances", func(t *testing.T) {
+		testNotificationsAcrossReload(t, "redis "+testRedisURL+"\n\t\tredis_prefix "+redisTestPrefix(t), 2)
+	})
+	t.Run("embedded", func(t *testing.T) {
+		testNotificationsAcrossReload(t, "store_path "+filepath.Join(t.TempDir(), "store.db"), 1)
+	})
+}
+
+func testNotificationsAcrossReload(t *testing.T, storeLines string, instances int) {
+	t.Setenv(envNotifyFast, "1")
+	secret := notifyEnv(t)
+	hookA := notifytest.NewReceiver(t, secret, 1)
+	hookB := notifytest.NewReceiver(t, notifyBadSecret, 0)
+	smtpSrv := notifytest.NewSMTPServer(t, notifytest.SMTPOptions{User: "mailer", Password: "mail-password"})
+	variant := func(v int) func(adminPort, httpPort int) string {
+		extra := ""
+		if v%2 == 1 {
+			extra = "cost /v1/other 2"
+		}
+		return func(adminPort, httpPort int) string {
+			return notifyConfig(adminPort, httpPort, storeLines, hookA.URL, hookB.URL, smtpSrv.Addr, extra)
+		}
+	}
+	var procs []*caddyProcess
+	for i := range instances {
+		procs = append(procs, startCaddy(t, fmt.Sprintf("caddy%d", i+1), variant(0)))
+	}
+
+	// The burst: acme jumps from 0 to 130 % in one request; quiet's ten
+	// requests are spread over the instances; every instance is reloaded
+	// in the middle.
+	var wg sync.WaitGroup
+	wg.Go(func() { sendN(t, procs[len(procs)-1].base, "/v1/big", notifyAcmeKey, 1, http.StatusOK) })
+	for i := range 10 {
+		if i == 5 {
+			for _, p := range procs {
+				wg.Go(func() { p.load(t, variant(1)(p.adminPort, p.httpPort)) })
+			}
+		}
+		sendN(t, procs[i%len(procs)].base, "/v1/x", notifyQuietKey, 1, http.StatusOK)
+	}
+	wg.Wait()
+	waitFor(t, 30*time.Second, "each channel has the burst's notifications", func() bool {
+		a, _ := hookA.Accepted()
+		b, _ := hookB.Accepted()
+		return len(a) >= 5 && len(b) >= 5 && len(smtpSrv.Mails()) >= 3
+	})
+	// The sentinel: one more crossing, notified after the burst's.
+	sendN(t, procs[0].base, "/v1/big", notifyLateKey, 1, http.StatusOK)
+	waitFor(t, 30*time.Second, "each channel has the sentinel's notifications", func() bool {
+		a, _ := hookA.Accepted()
+		b, _ := hookB.Accepted()
+		return slices.Contains(thresholdsOf(t, a), "late/120") && slices.Contains(thresholdsOf(t, b), "late/120") && len(smtpSrv.Mails()) >= 6
+	})
+
+	want := []string{"acme/80", "acme/100", "acme/120", "quiet/80", "quiet/100", "late/80", "late/100", "late/120"}
+	slices.Sort(want)
+	for name, r := range map[string]*notifytest.Receiver{"webhook A": hookA, "webhook B": hookB} {
+		if bad := r.Invalid(); len(bad) > 0 {
+			t.Errorf("%s: signatures that did not verify: %v", name, bad)
+		}
+		unique, total := r.Accepted()
+		got := thresholdsOf(t, unique)
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("%s received %v; want each of %v exactly once", name, got, want)
+		}
+		// Attempts in flight during the reload were allowed to finish and
+		// recorded, so nothing was accepted twice.
+		if total != len(unique) {
+			t.Errorf("%s: %d accepted deliveries of %d notifications", name, total, len(unique))
+		}
+	}
+	var subjects []string
+	for _, m := range smtpSrv.Mails() {
+		subject, _ := parseMail(t, m.Data)
+		subjects = append(subjects, m.To[0]+" "+subject)
+	}
+	slices.Sort(subjects)
+	wantMail := []string{
+		"dev@acme.example API usage alert: 100% of your included API calls",
+		"dev@acme.example API usage alert: 120% of your included API calls",
+		"dev@acme.example API usage alert: 80% of your included API calls",
+		"ops@late.example API usage alert: 100% of your included API calls",
+		"ops@late.example API usage alert: 120% of your included API calls",
+		"ops@late.example API usage alert: 80% of your included API calls",
+	}
+	if !slices.Equal(subjects, wantMail) {
+		t.Errorf("mails %q; want %q", subjects, wantMail)
+	}
+	for _, p := range procs {
+		waitFor(t, 10*time.Second, p.name+" lists every notification as delivered", func() bool {
+			all := listed(t, p.adminBase, "")
+			return len(all) == 3*len(want)-2 && !slices.ContainsFunc(all, func(n notification) bool { return n.State != stateDelivered })
+		})
+	}
 }
