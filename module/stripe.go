@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"regexp"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -26,17 +27,22 @@ const (
 	stripeRequestTimeout = 30 * time.Second
 )
 
-// The reporter's lease timing. Tests shorten them.
+// The reporter's lease timing, in nanoseconds; atomic because tests shorten
+// them while loops of earlier configs still run.
 var (
 	// stripeLeaseEvery is how often the reporter takes or renews its lease
 	// (and so how soon a waiting instance takes over after a release).
-	stripeLeaseEvery = 30 * time.Second
+	stripeLeaseEvery = newAtomicDuration(30 * time.Second)
 	// stripeLeaseTTL is how long the lease lasts without renewal: an
 	// instance that dies holding it hands over after this long.
-	stripeLeaseTTL = 5 * time.Minute
-	// stripeRetry is the retry policy per meter event.
-	stripeRetry = stripereport.DefaultRetry
+	stripeLeaseTTL = newAtomicDuration(5 * time.Minute)
 )
+
+func newAtomicDuration(d time.Duration) *atomic.Int64 {
+	v := new(atomic.Int64)
+	v.Store(int64(d))
+	return v
+}
 
 var (
 	stripeSecretPattern  = regexp.MustCompile(`^(sk|rk)_(test|live)_[A-Za-z0-9]+$`)
@@ -128,9 +134,9 @@ func (a *App) newReporter(s stripeSettings) *stripereport.Reporter {
 		Meter:       s.meter,
 		SettleGrace: s.settleGrace,
 		Holder:      hex.EncodeToString(newSecret()[:12]),
-		LeaseTTL:    stripeLeaseTTL,
+		LeaseTTL:    time.Duration(stripeLeaseTTL.Load()),
 		Periods:     a.reportPeriods,
-		Retry:       stripeRetry,
+		Retry:       stripereport.DefaultRetry,
 		MinInterval: 50 * time.Millisecond,
 		Logger:      a.logger.Named("stripe"),
 	}
@@ -157,7 +163,7 @@ func (a *App) reportPeriods(c store.Customer, now time.Time) []string {
 func (a *App) runReporter(ctx context.Context, rep *stripereport.Reporter, s stripeSettings) {
 	logger := a.logger.Named("stripe")
 	m := getStripeMetrics()
-	t := time.NewTicker(stripeLeaseEvery)
+	t := time.NewTicker(time.Duration(stripeLeaseEvery.Load()))
 	defer t.Stop()
 	var lastReport time.Time
 	for {
@@ -177,7 +183,7 @@ func (a *App) runReporter(ctx context.Context, rep *stripereport.Reporter, s str
 				if err != nil && ctx.Err() == nil {
 					logger.Error("reporting usage to Stripe", zap.Error(err))
 				}
-			} else if _, err := st.TryLease(ctx, stripereport.LeaseName, rep.Holder, stripeLeaseTTL); err != nil && ctx.Err() == nil {
+			} else if _, err := st.TryLease(ctx, stripereport.LeaseName, rep.Holder, rep.LeaseTTL); err != nil && ctx.Err() == nil {
 				logger.Warn("could not renew the Stripe reporter lease", zap.Error(err))
 			}
 			a.applyPastDue(ctx, st, s)

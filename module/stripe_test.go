@@ -87,9 +87,12 @@ func seedHour(t *testing.T, st store.Store, customer string, hoursAgo int, units
 }
 
 func shortenStripeTimings(t *testing.T) {
-	leaseEvery, leaseTTL := stripeLeaseEvery, stripeLeaseTTL
-	stripeLeaseEvery, stripeLeaseTTL = 20*time.Millisecond, time.Minute
-	t.Cleanup(func() { stripeLeaseEvery, stripeLeaseTTL = leaseEvery, leaseTTL })
+	leaseEvery := stripeLeaseEvery.Swap(int64(20 * time.Millisecond))
+	leaseTTL := stripeLeaseTTL.Swap(int64(time.Minute))
+	t.Cleanup(func() {
+		stripeLeaseEvery.Store(leaseEvery)
+		stripeLeaseTTL.Store(leaseTTL)
+	})
 }
 
 // TestStripeReportingAcrossReload reports past hours through a running

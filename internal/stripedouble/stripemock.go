@@ -19,12 +19,16 @@ const StripeMockVersion = "v0.203.0"
 // StripeMock starts stripe-mock on free loopback ports for the test and
 // returns its HTTP base URL. stripe-mock validates every request against
 // Stripe's OpenAPI spec and answers with fixtures (it keeps no state). The
-// test is skipped when the binary is missing: install it with
+// test is skipped when the binary is missing (and fails when STRIPE_MOCK
+// names a missing file): install it with
 // `go install github.com/stripe/stripe-mock@v0.203.0`. STRIPE_MOCK may name
 // the binary.
 func StripeMock(t testing.TB) string {
 	t.Helper()
 	bin := os.Getenv("STRIPE_MOCK")
+	if bin != "" && !fileExists(bin) {
+		t.Fatalf("STRIPE_MOCK=%s does not exist", bin) // CI must not skip silently
+	}
 	if bin == "" {
 		if p, err := exec.LookPath("stripe-mock"); err == nil {
 			bin = p
