@@ -301,6 +301,13 @@ func (c *tally) fail(format string, args ...any) {
 	}
 }
 
+// isResetBeforeResponse reports a connection reset or closed by the server
+// (Caddy closes a replaced listener on reload), including at dial time.
+func isResetBeforeResponse(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) ||
+		strings.Contains(err.Error(), "connection reset by peer")
+}
+
 // maxResetRetries bounds the retries of one request under retryResets.
 const maxResetRetries = 3
 
@@ -323,7 +330,7 @@ func (c *tally) get(client *http.Client, url, key string) (int, http.Header, str
 		res, err := client.Do(req)
 		if err != nil {
 			if c.retryResets && attempt < maxResetRetries && !reused.Load() && !responded.Load() &&
-				(errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF)) {
+				isResetBeforeResponse(err) {
 				c.mu.Lock()
 				c.resets++
 				c.mu.Unlock()
