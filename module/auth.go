@@ -18,6 +18,9 @@ type caller struct {
 	key      store.Key
 	customer store.Customer
 	tier     *tierRuntime
+	// customerID and keyID are the placeholder values, boxed once per
+	// cached lookup rather than per request.
+	customerID, keyID any
 }
 
 // defaultKeySources are used when a handler configures no key_from.
@@ -76,7 +79,7 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, sources []Key
 		}, 0)
 		return caller{}, nil, false
 	}
-	return caller{key: entry.key, customer: entry.customer, tier: tier}, st, true
+	return caller{key: entry.key, customer: entry.customer, tier: tier, customerID: entry.customerID, keyID: entry.keyID}, st, true
 }
 
 // extractKey returns the API key from the first source that has one.

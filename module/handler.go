@@ -93,9 +93,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	tier := c.tier
 	if repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); repl != nil {
-		repl.Set("http.api_monetize.customer", c.customer.ID)
-		repl.Set("http.api_monetize.tier", tier.Name)
-		repl.Set("http.api_monetize.key_id", c.key.ID)
+		repl.Set("http.api_monetize.customer", c.customerID)
+		repl.Set("http.api_monetize.tier", tier.nameValue)
+		repl.Set("http.api_monetize.key_id", c.keyID)
 	}
 	allowed, err := tier.allows(r)
 	if err != nil {
@@ -132,7 +132,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	tier.metrics.units.Add(float64(cost))
 	mw := &meteredWriter{
-		ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
+		ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
 		costHeader:            app.UsageCostHeader,
 		maxCost:               app.maxUsageCost,
 	}

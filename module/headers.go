@@ -4,7 +4,6 @@ import (
 	"math/bits"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
@@ -14,11 +13,12 @@ import (
 
 // policyState is one policy's item in the rate-limit headers.
 type policyState struct {
-	name      string
-	policy    string // the RateLimit-Policy item
-	limit     int64  // q
-	remaining int64  // r
-	wait      int64  // t, seconds
+	quotedName string // the policy name as an RFC 9651 String
+	policy     string // the RateLimit-Policy item, or "" for a quota item
+	limit      int64  // q
+	remaining  int64  // r
+	wait       int64  // t, seconds
+	window     int64  // w of a quota item
 }
 
 // setMeterHeaders writes the state of every policy that applied to the
@@ -31,57 +31,90 @@ type policyState struct {
 // For a rate, t is when the caller's allowance is whole again; on a denial
 // it is when the denied request would be admitted, which is also
 // Retry-After. For the quota, t is the end of the period.
+//
+// It runs on every request, so all values are built in one buffer and
+// share one string.
 func setMeterHeaders(h http.Header, t *tierRuntime, out store.Reserved, period metering.Period, now time.Time) {
 	var items [2]policyState
 	n := 0
 	switch {
 	case out.Throttled:
-		items[n] = rateState(t.throttleName, t.throttleHeader, t.throttle, out.Rate)
+		items[n] = rateState(t.throttleQuoted, t.throttleHeader, t.throttle, out.Rate)
 		n++
 	case t.hasRate && !out.Duplicate && !out.QuotaExceeded:
-		items[n] = rateState(t.rateName, t.policyHeader, t.policy, out.Rate)
+		items[n] = rateState(t.rateQuoted, t.policyHeader, t.policy, out.Rate)
 		n++
 	}
 	if t.quotaMode != store.QuotaMeter {
 		items[n] = policyState{
-			name:      t.quotaName,
-			policy:    strconv.Quote(t.quotaName) + ";q=" + strconv.FormatInt(t.included, 10) + ";w=" + strconv.FormatInt(period.Seconds(), 10),
-			limit:     t.included,
-			remaining: max(0, t.included-out.Used),
-			wait:      period.SecondsLeft(now),
+			quotedName: t.quotaQuoted,
+			limit:      t.included,
+			remaining:  max(0, t.included-out.Used),
+			wait:       period.SecondsLeft(now),
+			window:     period.Seconds(),
 		}
 		n++
 	}
 	if n == 0 {
 		return
 	}
-	var policies, states strings.Builder
 	most := 0
-	for i, it := range items[:n] {
-		if i > 0 {
-			policies.WriteString(", ")
-			states.WriteString(", ")
-			if moreRestrictive(it, items[most]) {
-				most = i
-			}
-		}
-		policies.WriteString(it.policy)
-		states.WriteString(strconv.Quote(it.name))
-		states.WriteString(";r=")
-		states.WriteString(strconv.FormatInt(it.remaining, 10))
-		states.WriteString(";t=")
-		states.WriteString(strconv.FormatInt(it.wait, 10))
+	if n == 2 && moreRestrictive(items[1], items[0]) {
+		most = 1
 	}
 	m := items[most]
-	h["Ratelimit-Policy"] = []string{policies.String()}
-	h["Ratelimit"] = []string{states.String()}
-	h["X-Ratelimit-Limit"] = []string{strconv.FormatInt(m.limit, 10)}
-	h["X-Ratelimit-Remaining"] = []string{strconv.FormatInt(m.remaining, 10)}
-	h["X-Ratelimit-Reset"] = []string{strconv.FormatInt(now.Unix()+m.wait, 10)}
+
+	buf := make([]byte, 0, 256)
+	var ends [5]int
+	for i, it := range items[:n] {
+		if i > 0 {
+			buf = append(buf, ", "...)
+		}
+		if it.policy != "" {
+			buf = append(buf, it.policy...)
+		} else {
+			buf = append(buf, it.quotedName...)
+			buf = append(buf, ";q="...)
+			buf = strconv.AppendInt(buf, it.limit, 10)
+			buf = append(buf, ";w="...)
+			buf = strconv.AppendInt(buf, it.window, 10)
+		}
+	}
+	ends[0] = len(buf)
+	for i, it := range items[:n] {
+		if i > 0 {
+			buf = append(buf, ", "...)
+		}
+		buf = append(buf, it.quotedName...)
+		buf = append(buf, ";r="...)
+		buf = strconv.AppendInt(buf, it.remaining, 10)
+		buf = append(buf, ";t="...)
+		buf = strconv.AppendInt(buf, it.wait, 10)
+	}
+	ends[1] = len(buf)
+	buf = strconv.AppendInt(buf, m.limit, 10)
+	ends[2] = len(buf)
+	buf = strconv.AppendInt(buf, m.remaining, 10)
+	ends[3] = len(buf)
+	const second = int64(time.Second)
+	buf = strconv.AppendInt(buf, (now.UnixNano()+second-1)/second+m.wait, 10) // never before the reset
+	ends[4] = len(buf)
+
+	all := string(buf)
+	vals := make([]string, 5)
+	start := 0
+	for i, end := range ends {
+		vals[i], start = all[start:end], end
+	}
+	h["Ratelimit-Policy"] = vals[0:1:1]
+	h["Ratelimit"] = vals[1:2:2]
+	h["X-Ratelimit-Limit"] = vals[2:3:3]
+	h["X-Ratelimit-Remaining"] = vals[3:4:4]
+	h["X-Ratelimit-Reset"] = vals[4:5:5]
 }
 
 // rateState is the header state of a GCRA decision.
-func rateState(name, item string, p limiter.Policy, d limiter.Decision) policyState {
+func rateState(quotedName, item string, p limiter.Policy, d limiter.Decision) policyState {
 	wait := d.ResetAfter
 	if !d.Allowed {
 		wait = d.RetryAfter
@@ -90,7 +123,7 @@ func rateState(name, item string, p limiter.Policy, d limiter.Decision) policySt
 	if wait > 0 {
 		secs = ceilSeconds(wait)
 	}
-	return policyState{name: name, policy: item, limit: p.Limit, remaining: d.Remaining, wait: secs}
+	return policyState{quotedName: quotedName, policy: item, limit: p.Limit, remaining: d.Remaining, wait: secs}
 }
 
 // moreRestrictive reports whether a leaves a smaller share of its limit

@@ -143,7 +143,8 @@ func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, m
 // usageCache remembers, per subject, the last period usage seen, so that
 // quotas can still be enforced in process while the store is unreachable.
 type usageCache struct {
-	m sync.Map // subject -> *usageEntry
+	mu sync.RWMutex
+	m  map[string]*usageEntry
 }
 
 type usageEntry struct {
@@ -152,21 +153,36 @@ type usageEntry struct {
 	used   int64
 }
 
+// entry returns subject's entry, creating it.
+func (u *usageCache) entry(subject string) *usageEntry {
+	u.mu.RLock()
+	e := u.m[subject]
+	u.mu.RUnlock()
+	if e != nil {
+		return e
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.m == nil {
+		u.m = make(map[string]*usageEntry)
+	}
+	if e = u.m[subject]; e == nil {
+		e = new(usageEntry)
+		u.m[subject] = e
+	}
+	return e
+}
+
 // set records the store's view of a subject's usage.
 func (u *usageCache) set(subject, period string, used int64) {
-	v, _ := u.m.LoadOrStore(subject, new(usageEntry))
-	e := v.(*usageEntry)
+	e := u.entry(subject)
 	e.mu.Lock()
 	e.period, e.used = period, used
 	e.mu.Unlock()
 }
 
 func (u *usageCache) get(subject, period string) int64 {
-	v, ok := u.m.Load(subject)
-	if !ok {
-		return 0
-	}
-	e := v.(*usageEntry)
+	e := u.entry(subject)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.period != period {
@@ -177,8 +193,7 @@ func (u *usageCache) get(subject, period string) int64 {
 
 // add adjusts a subject's usage by delta and returns it.
 func (u *usageCache) add(subject, period string, delta int64) int64 {
-	v, _ := u.m.LoadOrStore(subject, new(usageEntry))
-	e := v.(*usageEntry)
+	e := u.entry(subject)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.period != period {
@@ -191,15 +206,26 @@ func (u *usageCache) add(subject, period string, delta int64) int64 {
 // seqs numbers this process's reservations per subject (see
 // store.Reservation.Seq).
 type seqs struct {
-	m sync.Map // subject -> *atomic.Int64
+	mu sync.RWMutex
+	m  map[string]*atomic.Int64
 }
 
 func (s *seqs) next(subject string) int64 {
-	v, ok := s.m.Load(subject)
-	if !ok {
-		v, _ = s.m.LoadOrStore(subject, new(atomic.Int64))
+	s.mu.RLock()
+	c := s.m[subject]
+	s.mu.RUnlock()
+	if c == nil {
+		s.mu.Lock()
+		if s.m == nil {
+			s.m = make(map[string]*atomic.Int64)
+		}
+		if c = s.m[subject]; c == nil {
+			c = new(atomic.Int64)
+			s.m[subject] = c
+		}
+		s.mu.Unlock()
 	}
-	return v.(*atomic.Int64).Add(1)
+	return c.Add(1)
 }
 
 // periodCache is a calendar tier's current period and its id.

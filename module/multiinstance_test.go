@@ -210,7 +210,7 @@ func (p *caddyProcess) logTail(n int) string {
 // redisTestPrefix returns a Redis key prefix unique to this test run and
 // deletes its keys when the test ends. It skips the test when Redis is not
 // reachable.
-func redisTestPrefix(t *testing.T) string {
+func redisTestPrefix(t testing.TB) string {
 	t.Helper()
 	opts, err := redis.ParseURL(testRedisURL)
 	if err != nil {

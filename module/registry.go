@@ -26,6 +26,8 @@ type regEntry struct {
 	customer store.Customer
 	found    bool
 	expires  time.Time
+	// customerID and keyID are boxed for the request placeholders.
+	customerID, keyID any
 }
 
 const (
@@ -62,7 +64,7 @@ func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now 
 		case err != nil:
 			return regEntry{}, err
 		default:
-			e = regEntry{key: k, customer: c, found: true, expires: now.Add(registryTTL)}
+			e = regEntry{key: k, customer: c, found: true, expires: now.Add(registryTTL), customerID: c.ID, keyID: k.ID}
 		}
 	}
 

@@ -15,7 +15,7 @@ import (
 // be settled, and takes the upstream's usage-cost header out of the
 // response before the client sees it.
 type meteredWriter struct {
-	*caddyhttp.ResponseWriterWrapper
+	caddyhttp.ResponseWriterWrapper
 	// status is the final status sent; 0 while none has been.
 	status int
 	// costHeader is the usage-cost header to read and strip, if any.

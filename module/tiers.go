@@ -25,12 +25,18 @@ const (
 // tierRuntime is a tier compiled for the request path.
 type tierRuntime struct {
 	Tier
+	// nameValue is Name boxed for the tier placeholder.
+	nameValue any
 	hasRate   bool
 	policy    limiter.Policy
 	endpoints caddyhttp.MatchPath
 	exclude   caddyhttp.MatchPath
-	// rateName is the RateLimit policy name, e.g. "pro-min".
-	rateName string
+	// rateName is the RateLimit policy name, e.g. "pro-min"; the *Quoted
+	// names are the header forms (RFC 9651 Strings).
+	rateName       string
+	rateQuoted     string
+	quotaQuoted    string
+	throttleQuoted string
 	// policyHeader is the RateLimit-Policy item for the rate, precomputed.
 	policyHeader string
 	onStoreError string
@@ -66,7 +72,7 @@ func (a *App) compileTiers() error {
 		if _, dup := a.tierByName[t.Name]; dup {
 			return fmt.Errorf("tier %q is defined twice", t.Name)
 		}
-		rt := &tierRuntime{Tier: t, onStoreError: t.OnStoreError}
+		rt := &tierRuntime{Tier: t, nameValue: t.Name, onStoreError: t.OnStoreError}
 		switch rt.onStoreError {
 		case "":
 			rt.onStoreError = storeErrorLocal
@@ -81,6 +87,7 @@ func (a *App) compileTiers() error {
 			}
 			rt.hasRate, rt.policy = true, p
 			rt.rateName = t.Name + "-" + windowName(p.Period)
+			rt.rateQuoted = strconv.Quote(rt.rateName)
 			rt.policyHeader = policyItem(rt.rateName, p)
 		}
 		rt.endpoints = caddyhttp.MatchPath(append([]string(nil), t.Endpoints...))
@@ -134,6 +141,7 @@ func (t *tierRuntime) compileQuota(defaultThresholds []int) error {
 	}
 	t.included = t.Included.Units
 	t.quotaName = t.Name + "-month"
+	t.quotaQuoted = strconv.Quote(t.quotaName)
 	t.quotaMode = store.QuotaBlock
 	if oq := t.OverQuota; oq != nil {
 		switch oq.Mode {
@@ -148,6 +156,7 @@ func (t *tierRuntime) compileQuota(defaultThresholds []int) error {
 			}
 			t.throttle = p
 			t.throttleName = t.Name + "-throttle-" + windowName(p.Period)
+			t.throttleQuoted = strconv.Quote(t.throttleName)
 			t.throttleHeader = policyItem(t.throttleName, p)
 		default:
 			return fmt.Errorf("over_quota mode must be block, bill or throttle, got %q", oq.Mode)
