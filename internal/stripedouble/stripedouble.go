@@ -152,6 +152,8 @@ func (d *Double) serve(w http.ResponseWriter, r *http.Request) {
 		d.get(w, d.subs, strings.TrimPrefix(path, "/v1/subscriptions/"))
 	case route == "GET /v1/products/{id}":
 		d.get(w, d.products, strings.TrimPrefix(path, "/v1/products/"))
+	case route == "GET /v1/products":
+		d.list(w, d.products, "/v1/products")
 	case route == "POST /v1/products":
 		d.createProduct(w, r)
 	case route == "POST /v1/products/{id}":
@@ -161,7 +163,7 @@ func (d *Double) serve(w http.ResponseWriter, r *http.Request) {
 	case route == "POST /v1/prices":
 		d.createPrice(w, r)
 	case route == "GET /v1/billing/meters":
-		d.listMeters(w)
+		d.list(w, d.meters, "/v1/billing/meters")
 	case route == "POST /v1/billing/meters":
 		d.createMeter(w, r)
 	default:
@@ -304,7 +306,7 @@ func (d *Double) createPrice(w http.ResponseWriter, r *http.Request) {
 	p := map[string]any{
 		"id": id, "object": "price", "active": true, "product": f["product"], "currency": f["currency"],
 		"lookup_key": key, "billing_scheme": orDefault(f["billing_scheme"], "per_unit"),
-		"unit_amount_decimal": f["unit_amount_decimal"], "tiers_mode": f["tiers_mode"], "metadata": metadata(f),
+		"unit_amount_decimal": orNull(f["unit_amount_decimal"]), "tiers_mode": orNull(f["tiers_mode"]), "metadata": metadata(f),
 		"recurring": map[string]any{
 			"interval": f["recurring[interval]"], "interval_count": 1,
 			"usage_type": orDefault(f["recurring[usage_type]"], "licensed"), "meter": f["recurring[meter]"],
@@ -316,7 +318,7 @@ func (d *Double) createPrice(w http.ResponseWriter, r *http.Request) {
 		if !ok {
 			break
 		}
-		t := map[string]any{"unit_amount_decimal": f[fmt.Sprintf("tiers[%d][unit_amount_decimal]", i)], "up_to": nil}
+		t := map[string]any{"unit_amount_decimal": orNull(f[fmt.Sprintf("tiers[%d][unit_amount_decimal]", i)]), "up_to": nil}
 		if upTo != "inf" {
 			n, _ := strconv.ParseInt(upTo, 10, 64)
 			t["up_to"] = n
@@ -334,6 +336,15 @@ func (d *Double) createPrice(w http.ResponseWriter, r *http.Request) {
 func orDefault(v, def string) string {
 	if v == "" {
 		return def
+	}
+	return v
+}
+
+// orNull is v, or JSON null when v is empty (as Stripe answers unset
+// fields).
+func orNull(v string) any {
+	if v == "" {
+		return nil
 	}
 	return v
 }
@@ -385,14 +396,21 @@ func (d *Double) createMeter(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, d.meters[id])
 }
 
-func (d *Double) listMeters(w http.ResponseWriter) {
+// list answers a list request with every object of m, in id order, on one
+// page.
+func (d *Double) list(w http.ResponseWriter, m map[string]map[string]any, url string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	data := []any{}
-	for _, m := range d.meters {
-		data = append(data, m)
+	ids := make([]string, 0, len(m))
+	for id := range m {
+		ids = append(ids, id)
 	}
-	writeJSON(w, map[string]any{"object": "list", "url": "/v1/billing/meters", "has_more": false, "data": data})
+	sort.Strings(ids)
+	data := []any{}
+	for _, id := range ids {
+		data = append(data, m[id])
+	}
+	writeJSON(w, map[string]any{"object": "list", "url": url, "has_more": false, "data": data})
 }
 
 func writeJSON(w http.ResponseWriter, v any) {
