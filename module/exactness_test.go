@@ -3,7 +3,6 @@ package module
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -15,7 +14,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -212,8 +210,7 @@ func (l *meterLoad) send(client *http.Client, r meterReq) (int, error) {
 		l.maxLatency = max(l.maxLatency, took)
 		l.mu.Unlock()
 		if err != nil {
-			if l.retryResets && attempt < maxResetRetries && !reused.Load() && !responded.Load() &&
-				(errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF)) {
+			if l.retryResets && attempt < maxResetRetries && !reused.Load() && !responded.Load() && isResetBeforeResponse(err) {
 				l.mu.Lock()
 				l.resets++
 				l.mu.Unlock()
