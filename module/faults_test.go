@@ -384,7 +384,6 @@ func TestMeteringRedisKilledMidLoad(t *testing.T) {
 		sent.Load(), killedAt, restartedAt, l.outcomes, spooled, l.maxLatency)
 
 	t.Run("a cached key is never refused", func(t *testing.T) {
-		t.Skip("bug: after Redis restarts, the watcher's re-subscription invalidates the key cache while the circuit breaker is still open, so key lookups fail and valid keys get 503 whatever on_store_error says")
 		refused := 0
 		for o, n := range l.outcomes {
 			if o.status == http.StatusServiceUnavailable {

@@ -137,7 +137,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		maxCost:               app.maxUsageCost,
 	}
 	err = next.ServeHTTP(mw, r)
-	app.settle(st, res, out, mw, err)
+	app.settle(st, res, out, degraded, mw, err)
 	return err
 }
 

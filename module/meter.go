@@ -34,7 +34,6 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 			Throttle:   t.throttle,
 			Thresholds: t.thresholds,
 		},
-		Origin: a.shared.origin,
 	}
 	if t.hasRate {
 		res.Rate = t.policy
@@ -44,7 +43,8 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 		res.IdempotencyKey = hex.EncodeToString(sum[:16])
 	}
 	if cost > 0 {
-		res.Seq = a.shared.nextSeq(c.customer.ID)
+		o := a.shared.liveOrigin()
+		res.Origin, res.Seq = o.id, o.seq.next(c.customer.ID)
 	}
 	return res, period
 }
@@ -53,18 +53,16 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 // on_store_error decides and the usage of an admitted request is kept for
 // replay. errStoreDenied means the tier denies during outages.
 func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation, t *tierRuntime) (store.Reserved, bool, error) {
-	if !a.shared.replayPending() {
-		out, err := m.Reserve(ctx, res)
-		if err == nil {
-			if res.Cost > 0 {
-				a.shared.usage.set(res.Subject, res.Quota.PeriodID, out.Used)
-			}
-			return out, false, nil
+	out, err := m.Reserve(ctx, res)
+	if err == nil {
+		if res.Cost > 0 {
+			a.shared.usage.set(res.Subject, res.Quota.PeriodID, out.Used)
 		}
-		getMetrics().storeErrors.WithLabelValues("reserve").Inc()
-		a.logStoreError("reserve", err)
+		return out, false, nil
 	}
-	out, err := a.reserveDegraded(res, t)
+	getMetrics().storeErrors.WithLabelValues("reserve").Inc()
+	a.logStoreError("reserve", err)
+	out, err = a.reserveDegraded(res, t)
 	return out, true, err
 }
 
@@ -109,7 +107,7 @@ func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Rese
 // outside bill_on (or none) releases it, an upstream-reported cost
 // replaces it. A billable response at the reserved cost needs no store
 // call.
-func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, mw *meteredWriter, serveErr error) {
+func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, degraded bool, mw *meteredWriter, serveErr error) {
 	actual := res.Cost
 	switch {
 	case serveErr != nil || mw.status == 0 || !a.billOn.Billable(mw.status):
@@ -126,7 +124,7 @@ func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, m
 		Origin: res.Origin, Seq: res.Seq,
 	}
 	a.shared.usage.add(res.Subject, res.Quota.PeriodID, actual-res.Cost)
-	if !a.shared.replayPending() {
+	if !degraded {
 		ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
 		err := m.Settle(ctx, s)
 		cancel()

@@ -16,7 +16,12 @@ import (
 type registry struct {
 	mu      sync.RWMutex
 	entries map[string]regEntry
-	gen     uint64
+	// stale holds the entries of before the last invalidation: served only
+	// when the store cannot be reached, so that callers known a moment ago
+	// are not refused during an outage (or right after it, while the
+	// store's circuit breaker cools down).
+	stale map[string]regEntry
+	gen   uint64
 }
 
 // regEntry is a cached lookup. found is false for a hash with no active key,
@@ -55,12 +60,22 @@ func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now 
 	k, err := st.KeyByHash(ctx, hash)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
+	case errors.Is(err, store.ErrUnavailable):
+		if last, ok := r.last(hash); ok {
+			return last, nil
+		}
+		return regEntry{}, err
 	case err != nil:
 		return regEntry{}, err
 	case k.Active():
 		c, err := st.GetCustomer(ctx, k.CustomerID)
 		switch {
 		case errors.Is(err, store.ErrNotFound):
+		case errors.Is(err, store.ErrUnavailable):
+			if last, ok := r.last(hash); ok {
+				return last, nil
+			}
+			return regEntry{}, err
 		case err != nil:
 			return regEntry{}, err
 		default:
@@ -71,7 +86,7 @@ func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now 
 	r.mu.Lock()
 	if r.gen == gen { // nothing changed while we were reading
 		if len(r.entries) >= registryMaxEntries {
-			r.entries = make(map[string]regEntry)
+			r.stale, r.entries = r.entries, make(map[string]regEntry)
 		}
 		r.entries[hash] = e
 	}
@@ -79,10 +94,25 @@ func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now 
 	return e, nil
 }
 
-// invalidate forgets every cached lookup.
+// last returns the last lookup of hash seen, expired or invalidated, for
+// use while the store is unreachable.
+func (r *registry) last(hash string) (regEntry, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if e, ok := r.entries[hash]; ok {
+		return e, true
+	}
+	e, ok := r.stale[hash]
+	return e, ok
+}
+
+// invalidate forgets every cached lookup (keeping them as stale).
 func (r *registry) invalidate() {
 	r.mu.Lock()
 	r.gen++
-	clear(r.entries)
+	if len(r.entries) > 0 {
+		r.stale = r.entries
+		r.entries = make(map[string]regEntry)
+	}
 	r.mu.Unlock()
 }

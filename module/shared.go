@@ -78,9 +78,12 @@ type shared struct {
 	spoolDir string
 	spool    atomic.Pointer[spool.Spool]
 	logger   *zap.Logger
-	// origin identifies this process in reservations; seq numbers them.
-	origin string
-	seq    seqs
+	// origin identifies this process's reservations and numbers them (see
+	// store.Reservation.Origin). It is replaced by a fresh one when usage
+	// was spooled (originStale), so live reservations never advance the
+	// replay window of the origin whose records are still to be replayed.
+	origin      atomic.Pointer[originSeqs]
+	originStale atomic.Bool
 
 	secretMu sync.Mutex
 	hasher   atomic.Pointer[apikey.Hasher]
@@ -93,14 +96,31 @@ type shared struct {
 type storeBox struct{ store.Store }
 
 func newShared(open opener, spoolDir string) *shared {
-	return &shared{
+	s := &shared{
 		openFn: open, spoolDir: spoolDir, registry: newRegistry(), local: limiter.NewLocal(),
-		origin: hex.EncodeToString(newSecret()[:8]), logger: zap.NewNop(),
+		logger: zap.NewNop(),
 	}
+	s.origin.Store(newOrigin())
+	return s
 }
 
-// nextSeq numbers the next reservation of subject by this process.
-func (s *shared) nextSeq(subject string) int64 { return s.seq.next(subject) }
+// originSeqs is an origin id and the sequence numbers issued under it.
+type originSeqs struct {
+	id  string
+	seq seqs
+}
+
+func newOrigin() *originSeqs { return &originSeqs{id: hex.EncodeToString(newSecret()[:8])} }
+
+// liveOrigin returns the origin for a reservation sent to the store,
+// switching to a fresh one after usage was spooled.
+func (s *shared) liveOrigin() *originSeqs {
+	if s.originStale.Load() && s.originStale.CompareAndSwap(true, false) {
+		s.origin.Store(newOrigin())
+	}
+	return s.origin.Load()
+}
+
 
 // open returns the store, opening it on first use.
 func (s *shared) open() (store.Store, error) {
@@ -213,20 +233,13 @@ func (s *shared) keep(rec spool.Record) {
 	if sp != nil {
 		err := sp.Append(rec)
 		if err == nil {
+			s.originStale.Store(true)
 			m.spooled.Inc()
 			return
 		}
 		logStoreError(s.logger, "spool", err)
 	}
 	m.lostUsage.Inc()
-}
-
-// replayPending reports whether spooled usage waits for replay; the
-// request path then stays off the store so that replayed usage lands first
-// (the store's replay window relies on that order).
-func (s *shared) replayPending() bool {
-	sp := s.spool.Load()
-	return sp != nil && sp.Pending()
 }
 
 // replayInterval is how often spooled usage is replayed while some waits.
@@ -245,6 +258,8 @@ func (s *shared) replayLoop(ctx context.Context, sp *spool.Spool, m store.Meter)
 		if !sp.Pending() {
 			continue
 		}
+		// Live reservations use a fresh origin meanwhile (see
+		// originStale), so replay runs alongside them.
 		n, err := sp.Replay(ctx, m)
 		if n > 0 {
 			getMetrics().replayed.Add(float64(n))
