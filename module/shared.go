@@ -121,7 +121,6 @@ func (s *shared) liveOrigin() *originSeqs {
 	return s.origin.Load()
 }
 
-
 // open returns the store, opening it on first use.
 func (s *shared) open() (store.Store, error) {
 	if b := s.st.Load(); b != nil {
