@@ -21,7 +21,7 @@ const settleTimeout = 2 * time.Second
 // reservation builds the store reservation of a request.
 func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) (store.Reservation, metering.Period) {
 	t := c.tier
-	period, periodID := t.period(now, c.customer.Anchor)
+	period, periodID := t.period(now, c.customer.BillingAnchor())
 	res := store.Reservation{
 		Subject: c.customer.ID,
 		Cost:    cost,

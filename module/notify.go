@@ -261,7 +261,7 @@ func (a *App) notificationPayload(c store.Customer, ev store.ThresholdEvent) not
 	if t, ok := a.tierByName[c.Tier]; ok {
 		policy = t.quotaMode
 		if !period.Start.IsZero() {
-			period.End = t.periodRule.Period(period.Start, c.Anchor).End
+			period.End = t.periodRule.Period(period.Start, c.BillingAnchor()).End
 		}
 	}
 	return notify.NewPayload(ev.Subject, c.Tier, period, ev.Used, ev.Included, ev.Threshold, policy, ev.At)

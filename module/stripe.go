@@ -149,8 +149,8 @@ func (a *App) reportPeriods(c store.Customer, now time.Time) []string {
 	if t == nil {
 		return nil // a tier no longer configured: its periods are unknown
 	}
-	cur := t.periodRule.Period(now, c.Anchor)
-	prev := t.periodRule.Period(cur.Start.Add(-time.Second), c.Anchor)
+	cur := t.periodRule.Period(now, c.BillingAnchor())
+	prev := t.periodRule.Period(cur.Start.Add(-time.Second), c.BillingAnchor())
 	if prev.Start.Equal(cur.Start) { // before an anniversary anchor
 		return []string{cur.ID()}
 	}

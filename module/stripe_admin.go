@@ -59,9 +59,9 @@ func (a *adminAPI) stripeReconciliation(w http.ResponseWriter, r *http.Request) 
 		if t == nil || c.StripeCustomerID == "" {
 			continue
 		}
-		p := t.periodRule.Period(now, c.Anchor)
+		p := t.periodRule.Period(now, c.BillingAnchor())
 		if month != "" {
-			if p, ok = t.periodRule.StartingIn(y, m, c.Anchor); !ok {
+			if p, ok = t.periodRule.StartingIn(y, m, c.BillingAnchor()); !ok {
 				continue
 			}
 		}

@@ -98,13 +98,13 @@ func (a *App) usageView(ctx context.Context, st store.Store, c store.Customer, m
 	if t == nil {
 		return v, http.StatusConflict, fmt.Sprintf("customer %q is on tier %q, which is not configured", c.ID, c.Tier)
 	}
-	period := t.periodRule.Period(time.Now(), c.Anchor)
+	period := t.periodRule.Period(time.Now(), c.BillingAnchor())
 	if month != "" {
 		y, m, err := metering.ParseMonth(month)
 		if err != nil {
 			return v, http.StatusBadRequest, "period: expected YYYY-MM"
 		}
-		p, ok := t.periodRule.StartingIn(y, m, c.Anchor)
+		p, ok := t.periodRule.StartingIn(y, m, c.BillingAnchor())
 		if !ok {
 			return v, http.StatusNotFound, "no billing period of this customer starts in " + month
 		}

@@ -37,10 +37,20 @@ type Customer struct {
 	StripeCustomerID string `json:"stripe_customer_id,omitempty"`
 	// Email is where usage notifications go.
 	Email string `json:"email,omitempty"`
-	// Anchor is the billing anchor date (start of the first period).
-	Anchor time.Time `json:"anchor"`
+	// Anchor is the billing anchor date (start of the first period); zero
+	// means CreatedAt (see BillingAnchor).
+	Anchor time.Time `json:"anchor,omitzero"`
 	// CreatedAt is when the customer was first stored.
 	CreatedAt time.Time `json:"created_at"`
+}
+
+// BillingAnchor is when the customer's anniversary periods start: Anchor,
+// or the day the customer was first stored.
+func (c Customer) BillingAnchor() time.Time {
+	if c.Anchor.IsZero() {
+		return c.CreatedAt.UTC().Truncate(24 * time.Hour)
+	}
+	return c.Anchor
 }
 
 // Key is a stored API key. The key itself is never stored: only its keyed
