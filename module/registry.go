@@ -56,31 +56,14 @@ func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now 
 		return e, nil
 	}
 
-	e = regEntry{expires: now.Add(registryNegativeTTL)}
-	k, err := st.KeyByHash(ctx, hash)
-	switch {
-	case errors.Is(err, store.ErrNotFound):
-	case errors.Is(err, store.ErrUnavailable):
+	e, err := fetch(ctx, st, hash, now)
+	if errors.Is(err, store.ErrUnavailable) {
 		if last, ok := r.last(hash); ok {
 			return last, nil
 		}
+	}
+	if err != nil {
 		return regEntry{}, err
-	case err != nil:
-		return regEntry{}, err
-	case k.Active():
-		c, err := st.GetCustomer(ctx, k.CustomerID)
-		switch {
-		case errors.Is(err, store.ErrNotFound):
-		case errors.Is(err, store.ErrUnavailable):
-			if last, ok := r.last(hash); ok {
-				return last, nil
-			}
-			return regEntry{}, err
-		case err != nil:
-			return regEntry{}, err
-		default:
-			e = regEntry{key: k, customer: c, found: true, expires: now.Add(registryTTL), customerID: c.ID, keyID: k.ID}
-		}
 	}
 
 	r.mu.Lock()
@@ -92,6 +75,27 @@ func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now 
 	}
 	r.mu.Unlock()
 	return e, nil
+}
+
+// fetch looks hash up in the store: the active key and its customer, or an
+// entry with found false.
+func fetch(ctx context.Context, st store.Store, hash string, now time.Time) (regEntry, error) {
+	notFound := regEntry{expires: now.Add(registryNegativeTTL)}
+	k, err := st.KeyByHash(ctx, hash)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && !k.Active()) {
+		return notFound, nil
+	}
+	if err != nil {
+		return regEntry{}, err
+	}
+	c, err := st.GetCustomer(ctx, k.CustomerID)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound, nil
+	}
+	if err != nil {
+		return regEntry{}, err
+	}
+	return regEntry{key: k, customer: c, found: true, expires: now.Add(registryTTL), customerID: c.ID, keyID: k.ID}, nil
 }
 
 // last returns the last lookup of hash seen, expired or invalidated, for
