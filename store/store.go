@@ -9,8 +9,6 @@ import (
 	"context"
 	"errors"
 	"time"
-
-	"github.com/apimonetize/caddy-api-monetize/limiter"
 )
 
 // ErrNotFound is returned when a customer or key does not exist.
@@ -76,16 +74,6 @@ type Key struct {
 // Active reports whether the key may still be used.
 func (k Key) Active() bool { return k.RevokedAt.IsZero() }
 
-// Admission asks to admit Cost units for Subject under Rate.
-type Admission struct {
-	// Subject identifies whose limit is spent (the customer id).
-	Subject string
-	// Rate is the policy to apply.
-	Rate limiter.Policy
-	// Cost is the number of units; zero only reports the current state.
-	Cost int64
-}
-
 // Store is the persistence contract shared by every backend. All methods are
 // safe for concurrent use. Methods return ErrNotFound for missing records and
 // errors wrapping ErrUnavailable when the backend cannot be reached.
@@ -123,9 +111,6 @@ type Store interface {
 	// RevokeKey marks a key revoked and returns it; revoking twice keeps the
 	// first revocation time.
 	RevokeKey(ctx context.Context, keyID string) (Key, error)
-
-	// Admit applies one rate-limit decision atomically.
-	Admit(ctx context.Context, a Admission) (limiter.Decision, error)
 
 	// Meter meters usage against quotas (see usage.go).
 	Meter

@@ -394,11 +394,6 @@ func (s *Store) RevokeKey(_ context.Context, keyID string) (store.Key, error) {
 	return k, nil
 }
 
-// Admit implements store.Store. Rate-limit state is in memory only.
-func (s *Store) Admit(_ context.Context, a store.Admission) (limiter.Decision, error) {
-	return s.rates.Admit(a.Subject, a.Rate, a.Cost, time.Now().UnixMicro()), nil
-}
-
 // Watch implements store.Store: onChange runs after every change made
 // through this Store, until ctx is done or the Store is closed. Changes made
 // while onChange runs cause one more call.

@@ -66,8 +66,8 @@ func TestDataSurvivesReopen(t *testing.T) {
 		t.Fatalf("RevokeKey: %v", err)
 	}
 	p := limiter.Policy{Limit: 10, Period: time.Hour}
-	if d, err := s.Admit(ctx, store.Admission{Subject: "acme", Rate: p, Cost: 10}); err != nil || !d.Allowed {
-		t.Fatalf("Admit = %+v, %v", d, err)
+	if out, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Rate: p, Cost: 10, Quota: thisMonth()}); err != nil || !out.Allowed {
+		t.Fatalf("Reserve = %+v, %v", out, err)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
@@ -96,8 +96,8 @@ func TestDataSurvivesReopen(t *testing.T) {
 		t.Errorf("RevokeKey by id after reopen = %+v, %v", again, err)
 	}
 	// Rate-limit state is in memory only: the budget is full again.
-	if d, err := s.Admit(ctx, store.Admission{Subject: "acme", Rate: p, Cost: 0}); err != nil || d.Remaining != 10 {
-		t.Errorf("Admit after reopen = %+v, %v; want a full budget of 10", d, err)
+	if out, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Rate: p, Cost: 0, Quota: thisMonth()}); err != nil || out.Rate.Remaining != 10 {
+		t.Errorf("Reserve after reopen = %+v, %v; want a full budget of 10", out, err)
 	}
 }
 
@@ -174,26 +174,6 @@ func TestOpenRejectsBadLockTimeout(t *testing.T) {
 		s.Close()
 		t.Fatal("Open with a zero lock timeout succeeded")
 	}
-}
-
-func BenchmarkAdmit(b *testing.B) {
-	s := openTemp(b, filepath.Join(b.TempDir(), "store.db"))
-	p := limiter.Policy{Limit: 1 << 40, Period: time.Second}
-	subjects := make([]string, 1024)
-	for i := range subjects {
-		subjects[i] = fmt.Sprintf("customer-%d", i)
-	}
-	b.RunParallel(func(pb *testing.PB) {
-		ctx := context.Background()
-		i := 0
-		for pb.Next() {
-			if _, err := s.Admit(ctx, store.Admission{Subject: subjects[i%len(subjects)], Rate: p, Cost: 1}); err != nil {
-				b.Error(err)
-				return
-			}
-			i++
-		}
-	})
 }
 
 func BenchmarkKeyByHash(b *testing.B) {

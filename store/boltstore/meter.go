@@ -58,8 +58,8 @@ import (
 // changes since the last checkpoint. Hourly totals live in bbolt only; Usage
 // adds the pending changes to them.
 //
-// Rate-limit state stays in the store's limiter.Local (not durable, as for
-// Admit); the throttle rate of a throttle quota uses the same per-subject
+// Rate-limit state stays in the store's limiter.Local (not durable); the
+// throttle rate of a throttle quota uses the same per-subject
 // state as the tier's rate, so a switch carries owed units over. A
 // reservation that passed its rate limit but could not be logged returns an
 // error and has spent that rate budget.

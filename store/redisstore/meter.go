@@ -18,7 +18,7 @@ import (
 // Metering keys, under Options.KeyPrefix (P), all hash-tagged by subject
 // except the last:
 //
-//	P{<s>}:rl                  rate state "<TAT>,<interval>", shared with Admit;
+//	P{<s>}:rl                  rate state "<TAT>,<interval>";
 //	                           the tier rate and the throttle both use it
 //	P{<s>}:q:<period>          hash: billed, overage, requests, crossed
 //	                           (",80,100,": thresholds crossed this period) and
@@ -45,8 +45,7 @@ import (
 // store.IdempotencyWindow.
 //
 // Reserve and Settle also write Poutbox:subjects, which is outside the
-// subject's hash slot, so metering does not support Redis Cluster (the
-// rate limits of Admit do).
+// subject's hash slot, so metering does not support Redis Cluster.
 //
 // All numbers (units, seqs, µs) are integers below 2^53, exact in Lua's
 // doubles; Reserve and Settle reject larger ones.
@@ -207,6 +206,16 @@ local function mark(c)
 end
 `
 
+// The rate decision of reserveScript is limiter.Policy.Decide (with Policy.Rescale for a TAT stored under
+// another interval) at the Redis server's time. Lua numbers are doubles,
+// exact for integers up to 2^53: the rate part works relative to now,
+// d = max(TAT, now) - now, and every intermediate value is at most
+// interval*burst plus interval*cost (each ≤ limiter.MaxBurstSpan = 2^52 for
+// a valid policy and cost ≤ burst), so all stay within 2^53; the absolute
+// TAT stored is now + d, below 2^53 until the year 2112. Divisions are
+// corrected to exact floors, and numbers are written with %d (tostring
+// would round to 14 digits).
+//
 // reserveScript is one reservation (see Store.Reserve). Its own ARGV:
 // 13 cost, 14 and 15 the tier rate's interval (µs) and burst, 16 and 17
 // the throttle's; an interval of 0 means no policy, -1 an invalid one.
@@ -516,21 +525,27 @@ func (s *Store) run(ctx context.Context, script *redis.Script, c meterCall, args
 //   - A reservation whose Seq is already marked in the window (a non-Replay
 //     sent twice) is applied; only Replays are deduplicated.
 func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserved, error) {
+	out, _, err := s.reserve(ctx, r)
+	return out, err
+}
+
+// reserve is Reserve that also returns the Redis time of the decision (µs).
+func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserved, int64, error) {
 	if r.Cost < 0 || r.Cost >= maxExact {
-		return store.Reserved{}, fmt.Errorf("redisstore: cost %d out of range", r.Cost)
+		return store.Reserved{}, 0, fmt.Errorf("redisstore: cost %d out of range", r.Cost)
 	}
 	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.Origin, r.Seq, r.Replay)
 	if err != nil {
-		return store.Reserved{}, err
+		return store.Reserved{}, 0, err
 	}
 	ri, rb := policyArgs(r.Rate)
 	ti, tb := policyArgs(r.Quota.Throttle)
 	v, err := s.run(ctx, reserveScript, c, r.Cost, ri, rb, ti, tb)
 	if err != nil {
-		return store.Reserved{}, err
+		return store.Reserved{}, 0, err
 	}
 	if len(v) < 13 {
-		return store.Reserved{}, fmt.Errorf("redisstore: reserve script returned %d values, want at least 13", len(v))
+		return store.Reserved{}, 0, fmt.Errorf("redisstore: reserve script returned %d values, want at least 13", len(v))
 	}
 	out := store.Reserved{
 		Allowed:       v[0] == 1,
@@ -552,7 +567,7 @@ func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	for _, t := range v[13:] {
 		out.Crossed = append(out.Crossed, int(t))
 	}
-	return out, nil
+	return out, v[12], nil
 }
 
 // Settle implements store.Meter with one EVALSHA round trip. Actual below

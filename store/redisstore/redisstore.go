@@ -161,14 +161,13 @@ func (s *Store) Close() error {
 	return s.closeErr
 }
 
-func (s *Store) rateKey(subject string) string { return s.prefix + "{" + subject + "}:rl" }
-func (s *Store) secretKey() string             { return s.prefix + "secret" }
-func (s *Store) custKey(id string) string      { return s.prefix + "cust:" + id }
-func (s *Store) customersKey() string          { return s.prefix + "customers" }
-func (s *Store) keyKey(hash string) string     { return s.prefix + "key:" + hash }
-func (s *Store) keyIDKey(id string) string     { return s.prefix + "keyid:" + id }
-func (s *Store) custKeysKey(id string) string  { return s.prefix + "custkeys:{" + id + "}" }
-func (s *Store) changesChannel() string        { return s.prefix + "changes" }
+func (s *Store) secretKey() string            { return s.prefix + "secret" }
+func (s *Store) custKey(id string) string     { return s.prefix + "cust:" + id }
+func (s *Store) customersKey() string         { return s.prefix + "customers" }
+func (s *Store) keyKey(hash string) string    { return s.prefix + "key:" + hash }
+func (s *Store) keyIDKey(id string) string    { return s.prefix + "keyid:" + id }
+func (s *Store) custKeysKey(id string) string { return s.prefix + "custkeys:{" + id + "}" }
+func (s *Store) changesChannel() string       { return s.prefix + "changes" }
 
 // permanent marks errors raised by the store's own checks (a missing
 // record, a conflicting id, a corrupt value). They say nothing about

@@ -19,6 +19,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
+	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/store/storetest"
 )
@@ -124,6 +125,16 @@ func TestContractShared(t *testing.T) {
 	})
 }
 
+// rateAt makes a rate-limit decision alone (a reservation under p with a
+// meter-only quota) and returns it with the Redis time it was made at.
+func rateAt(ctx context.Context, s *Store, subject string, p limiter.Policy, cost int64) (limiter.Decision, int64, error) {
+	period := metering.PeriodRule{}.Period(time.Now(), time.Time{})
+	out, now, err := s.reserve(ctx, store.Reservation{Subject: subject, Rate: p, Cost: cost, Quota: store.Quota{
+		PeriodID: period.ID(), PeriodEnd: period.End, HourID: metering.TimeID(period.Start),
+	}})
+	return out.Rate, now, err
+}
+
 // readTAT returns the stored TAT of subject under prefix and the interval
 // it was stored under, zeros when none. The key name is spelled out to pin
 // the documented layout.
@@ -169,7 +180,7 @@ func TestAdmitMatchesDecide(t *testing.T) {
 		{limiter.Policy{Limit: 7, Period: time.Second, Burst: 3}, []int64{1, 1, 1, 1, 0, 4, 2}},
 		// A smaller burst than the TAT stored above was spent under.
 		{limiter.Policy{Limit: 10, Period: time.Hour, Burst: 2}, []int64{0, 1, 3, 2}},
-		{limiter.Policy{Limit: 1000, Period: time.Minute, Burst: 5000}, []int64{2500, 2500, 1, 0, -3}},
+		{limiter.Policy{Limit: 1000, Period: time.Minute, Burst: 5000}, []int64{2500, 2500, 1, 0}},
 		{limiter.Policy{Limit: 3, Period: 10 * time.Second}, []int64{1, 2, 1, 0}},
 		{huge, []int64{1, 999_999, 3, 1, 0, 1_000_004, 1_000_003}},
 		{limiter.Policy{Limit: 1, Period: time.Duration(1<<52) * time.Microsecond}, []int64{1, 1, 0, 2}},
@@ -191,9 +202,9 @@ func checkStep(t *testing.T, c *redis.Client, s *Store, prefix, subject string, 
 	t.Helper()
 	ctx := context.Background()
 	before, beforeInterval := readTAT(t, c, prefix, subject)
-	got, now, err := s.admit(ctx, store.Admission{Subject: subject, Rate: p, Cost: cost})
+	got, now, err := rateAt(ctx, s, subject, p, cost)
 	if err != nil {
-		t.Fatalf("step %d: Admit: %v", step, err)
+		t.Fatalf("step %d: Reserve: %v", step, err)
 	}
 	if now <= 0 || now >= 1<<53 {
 		t.Fatalf("step %d: script time %d µs is outside (0, 2^53)", step, now)
@@ -235,9 +246,9 @@ func TestAdmitRemainingExact(t *testing.T) {
 	run := func(subject string, p limiter.Policy, cost, n int64) []int64 {
 		var got []int64
 		for range n {
-			d, err := s.Admit(ctx, store.Admission{Subject: subject, Rate: p, Cost: cost})
+			d, _, err := rateAt(ctx, s, subject, p, cost)
 			if err != nil {
-				t.Fatalf("Admit: %v", err)
+				t.Fatalf("Reserve: %v", err)
 			}
 			if !d.Allowed {
 				got = append(got, -1)
@@ -299,91 +310,6 @@ func (h *countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 		h.cmds = append(h.cmds, fmt.Sprintf("pipeline of %d", len(cmds)))
 		h.mu.Unlock()
 		return next(ctx, cmds)
-	}
-}
-
-// TestAdmitOneRoundTrip checks that each decision, allowed or denied, is
-// one EVALSHA once Redis has the script.
-func TestAdmitOneRoundTrip(t *testing.T) {
-	s := openStore(t, Options{KeyPrefix: newPrefix(t)})
-	p := limiter.Policy{Limit: 3, Period: time.Hour}
-	a := store.Admission{Subject: "rtt", Rate: p, Cost: 1}
-	if _, err := s.Admit(context.Background(), store.Admission{Subject: "warm-up", Rate: p, Cost: 1}); err != nil {
-		t.Fatal(err)
-	}
-	h := &countingHook{}
-	s.client.AddHook(h)
-	for range 5 { // 3 allowed, 2 denied
-		if _, err := s.Admit(context.Background(), a); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if want := []string{"evalsha", "evalsha", "evalsha", "evalsha", "evalsha"}; fmt.Sprint(h.cmds) != fmt.Sprint(want) {
-		t.Errorf("5 Admit calls sent %q, want one EVALSHA each", h.cmds)
-	}
-}
-
-// TestAdmitExactAcrossHandles sends 2000 concurrent admissions through
-// three separate clients on one subject.
-func TestAdmitExactAcrossHandles(t *testing.T) {
-	for _, tc := range []struct {
-		cost int64
-		want int
-	}{{1, 100}, {5, 20}} {
-		t.Run(fmt.Sprintf("Cost%d", tc.cost), func(t *testing.T) {
-			prefix := newPrefix(t)
-			// The bound here is generous: this test is about exactness,
-			// and 2000 goroutines on few CPUs (and -race) queue for
-			// connections.
-			var handles []*Store
-			for range 3 {
-				handles = append(handles, openStore(t, Options{KeyPrefix: prefix, OpTimeout: 5 * time.Second}))
-			}
-			p := limiter.Policy{Limit: 100, Period: time.Hour}
-			var allowed, errs atomic.Int64
-			var wg sync.WaitGroup
-			start := make(chan struct{})
-			for i := range 2000 {
-				wg.Go(func() {
-					<-start
-					d, err := handles[i%3].Admit(context.Background(), store.Admission{Subject: "hot", Rate: p, Cost: tc.cost})
-					if err != nil {
-						errs.Add(1)
-						return
-					}
-					if d.Allowed {
-						allowed.Add(1)
-					}
-				})
-			}
-			close(start)
-			wg.Wait()
-			if errs.Load() != 0 {
-				t.Fatalf("%d of 2000 admissions failed", errs.Load())
-			}
-			if allowed.Load() != int64(tc.want) {
-				t.Errorf("allowed %d of 2000 cost-%d admissions on a 100-unit budget, want exactly %d", allowed.Load(), tc.cost, tc.want)
-			}
-		})
-	}
-}
-
-// TestInvalidPolicyNoRoundTrip checks that an invalid policy is decided
-// like limiter.Policy.Decide without contacting Redis.
-func TestInvalidPolicyNoRoundTrip(t *testing.T) {
-	var dials atomic.Int64
-	s := openStore(t, Options{URL: "redis://127.0.0.1:1", dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		dials.Add(1)
-		return nil, errors.New("no dialing expected")
-	}})
-	for _, p := range []limiter.Policy{{}, {Limit: 1}, {Limit: -1, Period: time.Second}} {
-		got, err := s.Admit(context.Background(), store.Admission{Subject: "x", Rate: p, Cost: 1})
-		if _, want := p.Decide(0, 0, 1); err != nil || got != want {
-			t.Errorf("Admit with policy %+v = %+v, %v; want %+v", p, got, err, want)
-		}
-	}
-	if dials.Load() != 0 {
-		t.Errorf("invalid policies caused %d dials", dials.Load())
 	}
 }
 
@@ -465,7 +391,7 @@ func TestBreaker(t *testing.T) {
 	s.breaker.now = clock.now
 	ctx := context.Background()
 	admit := func() error {
-		_, err := s.Admit(ctx, store.Admission{Subject: "b", Rate: limiter.Policy{Limit: 10, Period: time.Second}, Cost: 1})
+		_, _, err := rateAt(ctx, s, "b", limiter.Policy{Limit: 10, Period: time.Second}, 1)
 		return err
 	}
 
@@ -678,8 +604,8 @@ func TestDeadlinesWithinOpTimeout(t *testing.T) {
 			})
 			ctx := context.Background()
 			ops := map[string]func() error{
-				"Admit": func() error {
-					_, err := s.Admit(ctx, store.Admission{Subject: "d", Rate: limiter.Policy{Limit: 5, Period: time.Second}, Cost: 1})
+				"Reserve": func() error {
+					_, _, err := rateAt(ctx, s, "d", limiter.Policy{Limit: 5, Period: time.Second}, 1)
 					return err
 				},
 				"UpsertConfigCustomer": func() error {
@@ -838,36 +764,4 @@ func TestWatchEndsOnClose(t *testing.T) {
 	case <-time.After(storetest.Timeout):
 		t.Fatal("Watch did not return after Close")
 	}
-}
-
-// BenchmarkAdmit measures one Admit round trip (one EVALSHA) against the
-// test Redis, sequentially.
-func BenchmarkAdmit(b *testing.B) {
-	s := openStore(b, Options{KeyPrefix: newPrefix(b), OpTimeout: time.Second})
-	ctx := context.Background()
-	a := store.Admission{Subject: "bench", Rate: limiter.Policy{Limit: 1 << 30, Period: time.Hour}, Cost: 1}
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, err := s.Admit(ctx, a); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-// BenchmarkAdmitParallel measures Admit throughput with 8×GOMAXPROCS
-// goroutines on one client, each on its own subject.
-func BenchmarkAdmitParallel(b *testing.B) {
-	s := openStore(b, Options{KeyPrefix: newPrefix(b), OpTimeout: time.Second})
-	var n atomic.Int64
-	b.ReportAllocs()
-	b.SetParallelism(8)
-	b.RunParallel(func(pb *testing.PB) {
-		a := store.Admission{Subject: fmt.Sprint("bench-", n.Add(1)), Rate: limiter.Policy{Limit: 1 << 30, Period: time.Hour}, Cost: 1}
-		for pb.Next() {
-			if _, err := s.Admit(context.Background(), a); err != nil {
-				b.Error(err)
-				return
-			}
-		}
-	})
 }

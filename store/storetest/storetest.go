@@ -740,6 +740,14 @@ func quiet(changed <-chan struct{}) {
 	}
 }
 
+// admitRate is a rate-limit decision alone: a reservation under p with a
+// meter-only quota.
+func admitRate(ctx context.Context, s store.Store, subject string, p limiter.Policy, cost int64) (limiter.Decision, error) {
+	cur, _ := periods()
+	out, err := s.Reserve(ctx, store.Reservation{Subject: subject, Rate: p, Cost: cost, Quota: quota(cur, store.QuotaMeter, 0)})
+	return out.Rate, err
+}
+
 // admitConcurrently sends n concurrent admissions of cost for subject,
 // spread over handles, and returns how many were allowed.
 func admitConcurrently(t *testing.T, handles []store.Store, subject string, p limiter.Policy, cost int64, n int) int {
@@ -753,7 +761,7 @@ func admitConcurrently(t *testing.T, handles []store.Store, subject string, p li
 	for i := range n {
 		wg.Go(func() {
 			<-start
-			d, err := handles[i%len(handles)].Admit(t.Context(), store.Admission{Subject: subject, Rate: p, Cost: cost})
+			d, err := admitRate(t.Context(), handles[i%len(handles)], subject, p, cost)
 			if err != nil {
 				t.Errorf("Admit: %v", err)
 				return
@@ -773,7 +781,7 @@ func admitConcurrently(t *testing.T, handles []store.Store, subject string, p li
 // admitWant admits cost for subject and checks Allowed and Remaining.
 func admitWant(t *testing.T, s store.Store, subject string, p limiter.Policy, cost int64, allowed bool, remaining int64) limiter.Decision {
 	t.Helper()
-	d, err := s.Admit(t.Context(), store.Admission{Subject: subject, Rate: p, Cost: cost})
+	d, err := admitRate(t.Context(), s, subject, p, cost)
 	if err != nil {
 		t.Fatalf("Admit(%s, cost %d): %v", subject, cost, err)
 	}
