@@ -5,14 +5,12 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -27,121 +25,15 @@ import (
 // hang detector, not a benchmark (a store call is bounded by 100ms).
 const faultHangBound = 2 * time.Second
 
-// faultyCaddy is a Caddy process that a test may kill with SIGKILL, and
-// whose output may hold expected error-level lines.
-type faultyCaddy struct {
-	*caddyProcess
-	killed atomic.Bool
-}
-
-// launchFaultyCaddy runs caddyfile in a new Caddy process like launchCaddy,
-// with dataDir as its data directory (a new one when empty), and waits
-// until it serves. When the test ends it stops the process (unless the
-// test killed it) and reports a data race, a panic or an error-level log
-// line that contains none of allowErrors.
-func launchFaultyCaddy(t *testing.T, name, dataDir string, caddyfile func(adminPort, httpPort int) string, allowErrors ...string) *faultyCaddy {
+// launchFaultyCaddy runs caddyfile in a new Caddy process like startCaddy,
+// allowing error-level log lines that contain one of allowErrors (the
+// test causes them); the test may kill it.
+func launchFaultyCaddy(t *testing.T, name string, caddyfile func(adminPort, httpPort int) string, allowErrors ...string) *caddyProcess {
 	t.Helper()
-	ports := freePorts(t, 2)
-	dir := t.TempDir()
-	if dataDir == "" {
-		dataDir = filepath.Join(dir, "data")
-	}
-	p := &faultyCaddy{caddyProcess: &caddyProcess{
-		name:      name,
-		adminPort: ports[0],
-		httpPort:  ports[1],
-		base:      fmt.Sprintf("http://127.0.0.1:%d", ports[1]),
-		adminBase: fmt.Sprintf("http://localhost:%d", ports[0]),
-		logPath:   filepath.Join(dir, "stderr.log"),
-		exited:    make(chan struct{}),
-	}}
-	cfgPath := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(cfgPath, []byte(caddyfile(p.adminPort, p.httpPort)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	logFile, err := os.Create(p.logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	p.cmd = exec.Command(testBinary)
-	p.cmd.Env = append(os.Environ(),
-		envRunCaddy+"=1",
-		envCaddyArgs+"=run --config "+cfgPath+" --adapter caddyfile",
-		"XDG_DATA_HOME="+dataDir,
-		"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
-	)
-	p.cmd.Stdout = logFile
-	p.cmd.Stderr = logFile
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		p.waitErr = p.cmd.Wait()
-		close(p.exited)
-	}()
-	t.Cleanup(func() { p.finish(t, allowErrors) })
+	p := launchCaddy(t, name, caddyfile)
+	p.allowErrors = allowErrors
 	p.waitServing(t)
 	return p
-}
-
-// kill sends SIGKILL and waits until the process is gone.
-func (p *faultyCaddy) kill(t *testing.T) {
-	t.Helper()
-	p.killed.Store(true)
-	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatalf("killing %s: %v", p.name, err)
-	}
-	<-p.exited
-}
-
-// finish stops the process unless it was killed, and checks its output.
-func (p *faultyCaddy) finish(t *testing.T, allowErrors []string) {
-	if !p.killed.Load() {
-		select {
-		case <-p.exited:
-			if !t.Failed() {
-				t.Errorf("%s exited before the test ended: %v", p.name, p.waitErr)
-			}
-		default:
-			_ = p.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.exited:
-				if p.waitErr != nil {
-					t.Errorf("%s did not exit cleanly on SIGTERM: %v", p.name, p.waitErr)
-				}
-			case <-time.After(20 * time.Second):
-				t.Errorf("%s still running 20s after SIGTERM; killing it", p.name)
-				_ = p.cmd.Process.Kill()
-				<-p.exited
-			}
-		}
-	}
-	out := p.logTail(1 << 30)
-	for _, bad := range []string{"WARNING: DATA RACE", "panic:", "panic serving"} {
-		if strings.Contains(out, bad) {
-			t.Errorf("%s output contains %q", p.name, bad)
-		}
-	}
-	var unexpected []string
-	for line := range strings.Lines(out) {
-		if !strings.Contains(line, `"level":"error"`) {
-			continue
-		}
-		allowed := false
-		for _, a := range allowErrors {
-			allowed = allowed || strings.Contains(line, a)
-		}
-		if !allowed {
-			unexpected = append(unexpected, line)
-		}
-	}
-	if len(unexpected) > 0 {
-		t.Errorf("%s logged %d unexpected errors; first: %s", p.name, len(unexpected), unexpected[0])
-	}
-	if t.Failed() {
-		t.Logf("%s output (tail):\n%s", p.name, p.logTail(16000))
-	}
 }
 
 // metric reads a counter of the process's metrics (0 when absent).
@@ -329,7 +221,7 @@ func TestMeteringRedisKilledMidLoad(t *testing.T) {
 	port, dir := freePort(t), t.TempDir()
 	rds := startPersistentRedis(t, port, dir)
 	up := newExactUpstream(t)
-	p := launchFaultyCaddy(t, "caddy", "", faultCaddyfile(fmt.Sprintf("redis redis://127.0.0.1:%d/0", port), "local", up.URL),
+	p := launchFaultyCaddy(t, "caddy", faultCaddyfile(fmt.Sprintf("redis redis://127.0.0.1:%d/0", port), "local", up.URL),
 		"api_monetize store call failed")
 
 	const loaders, phase = 8, 300 // goroutines; requests per phase
@@ -404,7 +296,7 @@ func TestMeteringCaddyKilledMidLoad(t *testing.T) {
 	storeLines := "store_path " + filepath.Join(t.TempDir(), "store.db") + "\n\t\tstore_flush_interval 50ms"
 	up := newExactUpstream(t)
 	cfg := faultCaddyfile(storeLines, "deny", up.URL)
-	p := launchFaultyCaddy(t, "caddy", "", cfg)
+	p := launchFaultyCaddy(t, "caddy", cfg)
 
 	const loaders = 16
 	client := loadClient(t, loaders)

@@ -40,6 +40,10 @@ type caddyProcess struct {
 	cmd       *exec.Cmd
 	exited    chan struct{} // closed when the process has exited
 	waitErr   error         // set before exited is closed
+	// killed is set when the test killed the process on purpose.
+	killed atomic.Bool
+	// allowErrors are substrings of error-level log lines the test expects.
+	allowErrors []string
 }
 
 // freePorts returns n distinct TCP ports that were free a moment ago.
@@ -157,6 +161,26 @@ func (p *caddyProcess) waitServing(t *testing.T) {
 // deadline, and reports an unclean exit, and a data race, a panic or any
 // error-level log line in its output. On failure it logs the output.
 func (p *caddyProcess) stop(t *testing.T) {
+	if p.killed.Load() {
+		<-p.exited
+	} else {
+		p.terminate(t)
+	}
+	p.checkOutput(t)
+}
+
+// kill sends SIGKILL and waits until the process is gone.
+func (p *caddyProcess) kill(t *testing.T) {
+	t.Helper()
+	p.killed.Store(true)
+	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatalf("killing %s: %v", p.name, err)
+	}
+	<-p.exited
+}
+
+// terminate sends SIGTERM, then SIGKILL after a deadline.
+func (p *caddyProcess) terminate(t *testing.T) {
 	select {
 	case <-p.exited:
 		if !t.Failed() {
@@ -175,6 +199,11 @@ func (p *caddyProcess) stop(t *testing.T) {
 			<-p.exited
 		}
 	}
+}
+
+// checkOutput reports a data race, a panic or an unexpected error-level log
+// line in the process output, and logs the output when the test failed.
+func (p *caddyProcess) checkOutput(t *testing.T) {
 	out := p.logTail(1 << 30)
 	for _, bad := range []string{"WARNING: DATA RACE", "panic:", "panic serving"} {
 		if strings.Contains(out, bad) {
@@ -185,7 +214,7 @@ func (p *caddyProcess) stop(t *testing.T) {
 	for line := range strings.Lines(out) {
 		// Caddy's own "server graceful shutdown … timeout" is about a
 		// client connection still open at SIGTERM, not about this plugin.
-		if strings.Contains(line, `"level":"error"`) && !strings.Contains(line, `"msg":"server shutdown"`) {
+		if strings.Contains(line, `"level":"error"`) && !p.expectedError(line) {
 			errorLines = append(errorLines, line)
 		}
 	}
@@ -195,6 +224,21 @@ func (p *caddyProcess) stop(t *testing.T) {
 	if t.Failed() {
 		t.Logf("%s output (tail):\n%s", p.name, p.logTail(16000))
 	}
+}
+
+// expectedError reports an error-level line the test allows. Caddy's own
+// "server graceful shutdown … timeout" is about a client connection still
+// open at SIGTERM, not about this plugin.
+func (p *caddyProcess) expectedError(line string) bool {
+	if strings.Contains(line, `"msg":"server shutdown"`) {
+		return true
+	}
+	for _, a := range p.allowErrors {
+		if strings.Contains(line, a) {
+			return true
+		}
+	}
+	return false
 }
 
 // logTail is the last n bytes of the process output.
@@ -303,10 +347,11 @@ func (c *tally) fail(format string, args ...any) {
 	}
 }
 
-// isResetBeforeResponse reports a connection reset or closed by the server
-// (Caddy closes a replaced listener on reload), including at dial time.
+// isResetBeforeResponse reports a connection refused, reset or closed by
+// the server (Caddy closes a replaced listener on reload), including at
+// dial time: such a request never reached a handler.
 func isResetBeforeResponse(err error) bool {
-	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) ||
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, io.EOF) ||
 		strings.Contains(err.Error(), "connection reset by peer")
 }
 
