@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,16 +21,19 @@ import (
 //
 //	P{<s>}:rl                  rate state "<TAT>,<interval>";
 //	                           the tier rate and the throttle both use it
-//	P{<s>}:q:<period>          hash: billed, overage, requests, crossed
-//	                           (",80,100,": thresholds crossed this period) and
-//	                           one field h:<hour> per hour with usage (the index
-//	                           of the hour hashes); EXPIREAT period end + store.Retention
-//	P{<s>}:h:<period>:<hour>   hash: billed, overage, requests; same expiry
+//	P{<s>}:q:<period>          hash of the period, EXPIREAT period end +
+//	                           store.Retention, with the fields
+//	                             billed, overage, requests  the period's counters
+//	                             crossed     ",80,100,": thresholds crossed
+//	                             h:<hour>    "<billed>,<overage>,<requests>"
+//	                                         of one hour with usage
+//	                             w:<origin>  replay window of an origin
+//	                                         "<highest seq>,<state>": state has
+//	                                         store.SeqWindow digits, the i-th
+//	                                         for seq highest-i: 0 none,
+//	                                         1 reserved, 2 settled (or
+//	                                         nothing to settle)
 //	P{<s>}:idem:<key>          an idempotency key held or billed; EX store.IdempotencyWindow
-//	P{<s>}:seq:<origin>        replay window "<highest seq>,<state>": state has
-//	                           store.SeqWindow digits, the i-th for seq highest-i:
-//	                           0 none, 1 reserved, 2 settled (or nothing to
-//	                           settle); EX store.IdempotencyWindow from its last write
 //	P{<s>}:outbox              list of threshold events, oldest first:
 //	                           "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>";
 //	                           expired entries are popped from its head when
@@ -37,15 +41,27 @@ import (
 //	Poutbox:subjects           sorted set of subjects with outbox entries,
 //	                           scored by when their newest entry expires
 //
-// Redis memory per active subject is bounded: one hash per period, at most
-// 745 hour hashes per period (31 days and a daylight-saving hour), one
-// replay window per instance, a few outbox entries per period; all of them
+// Everything a reservation reads and writes about its period is in the
+// period hash, so the common path is five commands inside one script
+// (TIME, GET and SET of the rate state, HMGET and HSET of the period):
+// write commands cost Redis several µs each inside a script, and the
+// script's cost caps the throughput of one Redis.
+//
+// Replay windows live in the period hash of the reservations they track:
+// a replay carries the quota (and so the period) of its reservation, so the
+// window it is checked against is the one its reservation was marked in,
+// and it lasts as long as the period's counters.
+//
+// Redis memory per active subject is bounded: one hash per period with at
+// most 745 hour fields (31 days and a daylight-saving hour) and one window
+// per instance origin, a few outbox entries per period; all of them
 // expire. The only per-request keys are idempotency keys, bounded by the
 // request rate of callers that send Idempotency-Key over
 // store.IdempotencyWindow.
 //
-// Reserve and Settle also write Poutbox:subjects, which is outside the
-// subject's hash slot, so metering does not support Redis Cluster.
+// Reserve and Settle also write Poutbox:subjects when a threshold is
+// crossed, which is outside the subject's hash slot, so metering does not
+// support Redis Cluster.
 //
 // All numbers (units, seqs, µs) are integers below 2^53, exact in Lua's
 // doubles; Reserve and Settle reject larger ones.
@@ -54,29 +70,29 @@ import (
 // successor.
 const maxExact = 1 << 53
 
-// meterLua is the part shared by the reserve and settle scripts.
+// meterLua is the part shared by the reserve and settle scripts: it reads
+// the period hash once, and flush writes it back once. The common path of
+// a reservation runs five commands and no string scanning beyond the replay
+// window: threshold crossing is checked against ARGV 12 and 13 first.
 //
-// KEYS: 1 rate, 2 idempotency, 3 period, 4 hour, 5 replay window,
-// 6 outbox, 7 outbox subjects. ARGV: 1 mode (meter, block, bill,
-// throttle), 2 included, 3 expiry of the period (Unix s), 4 has an
-// idempotency key (0/1), 5 seq (0: none), 6 replay (0/1), 7 period id,
-// 8 hour id, 9 thresholds ("80,100,120"), 10 subject, 11 idempotency TTL
-// (s), 12 window size; the script's own arguments follow.
+// KEYS: 1 rate, 2 idempotency, 3 period, 4 outbox, 5 outbox subjects.
+// ARGV: 1 mode (meter, block, bill, throttle), 2 included, 3 expiry of the
+// period (Unix s), 4 has an idempotency key (0/1), 5 seq (0: none),
+// 6 replay (0/1), 7 period id, 8 the hour's field (h:<hour id>),
+// 9 thresholds ("80,100,120"), 10 subject, 11 the replay window's field
+// (w:<origin>), 12 the least usage that reaches a threshold (-1: none can
+// be crossed), 13 the crossed field once every threshold is crossed in
+// order (",80,100,120,"); the script's own arguments follow. The replay
+// window's size and the idempotency TTL are written into the source.
 const meterLua = `
 local t = redis.call('TIME')
 local nows = tonumber(t[1])
 local now = nows * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 local included = tonumber(ARGV[2])
-local expireat = ARGV[3]
-local hasIdem = ARGV[4] == '1'
 local seq = tonumber(ARGV[5])
 local replay = ARGV[6] == '1'
-local periodID, hourID = ARGV[7], ARGV[8]
-local thresholds = ARGV[9]
-local subject = ARGV[10]
-local idemTTL = ARGV[11]
-local W = tonumber(ARGV[12])
+local W = @SEQ_WINDOW@
 
 local function fmt(n) return string.format('%d', n) end
 
@@ -90,9 +106,13 @@ local function idiv(a, b)
   return q
 end
 
-local period = redis.call('HMGET', KEYS[3], 'billed', 'crossed')
-local used = tonumber(period[1] or '0')
-local crossed = period[2] or ','
+local p = redis.call('HMGET', KEYS[3], 'billed', 'overage', 'requests', 'crossed', ARGV[8], ARGV[11])
+local used = tonumber(p[1] or '0')
+local pover = tonumber(p[2] or '0')
+local preqs = tonumber(p[3] or '0')
+
+-- writes holds the period hash fields to set, written by flush.
+local writes = {}
 
 -- metering.Overage
 local function overage(before, cost)
@@ -103,80 +123,65 @@ local function overage(before, cost)
   return o
 end
 
--- count adds to the period and hour counters. The expiry and the hour's
--- entry in the period hash are written when a hash gets its first request
--- (always when all is true).
-local function count(billed, over, requests, all)
-  local keys = {KEYS[3], KEYS[4]}
-  for i = 1, 2 do
-    local k = keys[i]
-    if billed ~= 0 then redis.call('HINCRBY', k, 'billed', fmt(billed)) end
-    if over ~= 0 then redis.call('HINCRBY', k, 'overage', fmt(over)) end
-    local n = 0
-    if requests ~= 0 then n = redis.call('HINCRBY', k, 'requests', fmt(requests)) end
-    if all or n == 1 then
-      redis.call('EXPIREAT', k, expireat)
-      if i == 2 then redis.call('HSET', KEYS[3], 'h:' .. hourID, 1) end
-    end
+-- count adds to the period's and the hour's counters.
+local function count(billed, over, requests)
+  local hb, ho, hr = 0, 0, 0
+  if p[5] then
+    local b, o, r = string.match(p[5], '^(%-?%d+),(%-?%d+),(%-?%d+)$')
+    if r then hb, ho, hr = tonumber(b), tonumber(o), tonumber(r) end
   end
-end
-
--- reached reports whether u*100 >= th*included, exactly.
-local function reached(u, th)
-  local q = idiv(included, 100)
-  local r = included - q * 100
-  if q > 0 and th > 9007199254740992 / q then return false end
-  return u >= th * q + idiv(th * r + 99, 100)
-end
-
--- extendTo makes key live at least until expireat.
-local function extendTo(key)
-  if redis.call('TTL', key) < tonumber(expireat) - nows then
-    redis.call('EXPIREAT', key, expireat)
-  end
+  local n = #writes
+  writes[n + 1], writes[n + 2] = 'billed', fmt(used + billed)
+  writes[n + 3], writes[n + 4] = 'overage', fmt(pover + over)
+  writes[n + 5], writes[n + 6] = 'requests', fmt(preqs + requests)
+  writes[n + 7], writes[n + 8] = ARGV[8], fmt(hb + billed) .. ',' .. fmt(ho + over) .. ',' .. fmt(hr + requests)
 end
 
 -- cross records the thresholds reached at usage u and not crossed before
 -- in the period, and writes one outbox entry each.
 local function cross(u)
+  local crossed = p[4] or ','
+  if u < tonumber(ARGV[12]) or ARGV[12] == '-1' or crossed == ARGV[13] then return {} end
   local got = {}
-  if mode == 'meter' or included <= 0 or thresholds == '' then return got end
+  -- reached: u*100 >= th*included, exactly
+  local q = idiv(included, 100)
+  local r = included - q * 100
   local x = crossed
-  for ts in string.gmatch(thresholds, '%d+') do
+  for ts in string.gmatch(ARGV[9], '%d+') do
     local th = tonumber(ts)
-    if not string.find(x, ',' .. ts .. ',', 1, true) and reached(u, th) then
+    if not string.find(x, ',' .. ts .. ',', 1, true) and not (q > 0 and th > 9007199254740992 / q)
+        and u >= th * q + idiv(th * r + 99, 100) then
       x = x .. ts .. ','
       got[#got + 1] = th
     end
   end
   if #got == 0 then return got end
-  redis.call('HSET', KEYS[3], 'crossed', x)
+  writes[#writes + 1], writes[#writes + 2] = 'crossed', x
   while true do
-    local head = redis.call('LINDEX', KEYS[6], 0)
+    local head = redis.call('LINDEX', KEYS[4], 0)
     if not head then break end
     local exp = tonumber(string.match(head, '|(%d+)$'))
     if not exp or exp > nows then break end
-    redis.call('LPOP', KEYS[6])
+    redis.call('LPOP', KEYS[4])
   end
   for _, th in ipairs(got) do
-    redis.call('RPUSH', KEYS[6], string.format('%s|%d|%d|%d|%d|%s', periodID, th, u, included, now, expireat))
+    redis.call('RPUSH', KEYS[4], string.format('%s|%d|%d|%d|%d|%s', ARGV[7], th, u, included, now, ARGV[3]))
   end
-  extendTo(KEYS[6])
-  redis.call('ZADD', KEYS[7], 'GT', expireat, subject)
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', fmt(nows))
-  extendTo(KEYS[7])
+  local left = tonumber(ARGV[3]) - nows
+  if redis.call('TTL', KEYS[4]) < left then redis.call('EXPIREAT', KEYS[4], ARGV[3]) end
+  redis.call('ZADD', KEYS[5], 'GT', ARGV[3], ARGV[10])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', fmt(nows))
+  if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIREAT', KEYS[5], ARGV[3]) end
   return got
 end
 
--- The replay window of (subject, origin).
-local high, state = 0, string.rep('0', W)
+-- The replay window of (subject, origin) in this period: the highest seq
+-- seen and one state digit per seq below it.
+local high, state = 0, nil
 local track = seq > 0
-if track then
-  local v = redis.call('GET', KEYS[5])
-  if v then
-    local h, s = string.match(v, '^(%d+),([012]+)$')
-    if h and #s == W then high, state = tonumber(h), s end
-  end
+if track and p[6] then
+  local h, s = string.match(p[6], '^(%d+),([012]+)$')
+  if h and #s == W then high, state = tonumber(h), s end
 end
 
 -- slot is the state of seq: '0' when above the window, nil below it.
@@ -191,20 +196,37 @@ end
 local function mark(c)
   if seq > high then
     local shift = seq - high
-    if shift >= W then
-      state = string.rep('0', W)
+    if shift >= W or not state then
+      state = c .. string.rep('0', W - 1)
     else
-      state = string.rep('0', shift) .. string.sub(state, 1, W - shift)
+      state = c .. string.rep('0', shift - 1) .. string.sub(state, 1, W - shift)
     end
     high = seq
-  end
-  local i = high - seq
-  if i < W then
+  else
+    local i = high - seq
+    if i >= W then return end
     state = string.sub(state, 1, i) .. c .. string.sub(state, i + 2)
   end
-  redis.call('SET', KEYS[5], fmt(high) .. ',' .. state, 'EX', idemTTL)
+  writes[#writes + 1], writes[#writes + 2] = ARGV[11], fmt(high) .. ',' .. state
+end
+
+-- flush writes the period hash fields set, and the hash's expiry when it
+-- had no counters yet.
+local function flush()
+  if #writes == 0 then return end
+  redis.call('HSET', KEYS[3], unpack(writes))
+  if not p[3] then redis.call('EXPIREAT', KEYS[3], ARGV[3]) end
 end
 `
+
+// meterScript returns a metering script: meterLua and then body, with the
+// constants written in.
+func meterScript(body string) *redis.Script {
+	return redis.NewScript(strings.NewReplacer(
+		"@SEQ_WINDOW@", strconv.Itoa(store.SeqWindow),
+		"@IDEM_TTL@", strconv.FormatInt(int64(store.IdempotencyWindow/time.Second), 10),
+	).Replace(meterLua + body))
+}
 
 // The rate decision of reserveScript is limiter.Policy.Decide (with Policy.Rescale for a TAT stored under
 // another interval) at the Redis server's time. Lua numbers are doubles,
@@ -217,17 +239,17 @@ end
 // would round to 14 digits).
 //
 // reserveScript is one reservation (see Store.Reserve). Its own ARGV:
-// 13 cost, 14 and 15 the tier rate's interval (µs) and burst, 16 and 17
+// 14 cost, 15 and 16 the tier rate's interval (µs) and burst, 17 and 18
 // the throttle's; an interval of 0 means no policy, -1 an invalid one.
 //
 // It returns {allowed, rate applied, rate allowed, remaining,
 // retry_after_us, reset_after_us, cost_exceeds_burst, throttled,
 // quota_exceeded, used, overage, duplicate, now_us, crossed...}.
-var reserveScript = redis.NewScript(meterLua + `
-local cost = tonumber(ARGV[13])
+var reserveScript = meterScript(`
+local cost = tonumber(ARGV[14])
 
--- rate decides cost under the policy (see admitScript) and returns the
--- decision and the new TAT offset from now when admitted.
+-- rate decides cost under the policy and returns the decision and the new
+-- TAT offset from now when admitted.
 local function rate(interval, burst, c)
   if interval == 0 then return {0, 1, 0, 0, 0, 0} end
   if interval < 0 then
@@ -265,11 +287,11 @@ local function reply(allowed, rd, throttled, qex, u, over, dup, crossed)
 end
 local none = {0, 1, 0, 0, 0, 0} -- no policy applied
 
-local interval, burst = tonumber(ARGV[14]), tonumber(ARGV[15])
+local interval, burst = tonumber(ARGV[15]), tonumber(ARGV[16])
 local throttled = 0
 if mode == 'throttle' and used >= included then
   throttled = 1
-  interval, burst = tonumber(ARGV[16]), tonumber(ARGV[17])
+  interval, burst = tonumber(ARGV[17]), tonumber(ARGV[18])
 end
 
 if cost <= 0 then
@@ -278,8 +300,11 @@ end
 if replay and track and slot() ~= '0' then
   return reply(1, none, 0, 0, used, 0, 1)
 end
-if hasIdem and redis.call('EXISTS', KEYS[2]) == 1 then
-  if track then mark('2') end
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
+  if track then
+    mark('2')
+    flush()
+  end
   return reply(1, none, 0, 0, used, 0, 1)
 end
 
@@ -300,17 +325,19 @@ if nd then
   redis.call('SET', KEYS[1], fmt(now + nd) .. ',' .. fmt(interval), 'PX', fmt(idiv(nd, 1000) + 1))
 end
 local over = overage(used, cost)
-count(cost, over, 1, false)
-if hasIdem then redis.call('SET', KEYS[2], '1', 'EX', idemTTL) end
+count(cost, over, 1)
+if ARGV[4] == '1' then redis.call('SET', KEYS[2], '1', 'EX', @IDEM_TTL@) end
 if track then mark('1') end
-return reply(1, rd, throttled, 0, used + cost, over, 0, cross(used + cost))
+local got = cross(used + cost)
+flush()
+return reply(1, rd, throttled, 0, used + cost, over, 0, got)
 `)
 
 // settleScript is one settlement (see Store.Settle). Its own ARGV:
-// 13 reserved, 14 the reservation's overage, 15 actual. It returns 1 when
+// 14 reserved, 15 the reservation's overage, 16 actual. It returns 1 when
 // applied, 0 when a replay was skipped.
-var settleScript = redis.NewScript(meterLua + `
-local reserved, resOver, actual = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+var settleScript = meterScript(`
+local reserved, resOver, actual = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
 if replay and track and slot() ~= '1' then return 0 end
 local billed, over, requests = 0, 0, 0
 -- taken returns the overage to take back when d units are released: the
@@ -320,7 +347,6 @@ local billed, over, requests = 0, 0, 0
 local function taken(d)
   local r = math.min(resOver, d)
   if mode == 'meter' then return r end
-  local pover = tonumber(redis.call('HGET', KEYS[3], 'overage') or '0')
   local excess = used - d - included
   if excess < 0 then excess = 0 end
   if pover - excess > r then r = pover - excess end
@@ -331,7 +357,7 @@ local function taken(d)
 end
 if actual <= 0 then
   billed, over, requests = -reserved, -taken(reserved), -1
-  if hasIdem then redis.call('DEL', KEYS[2]) end
+  if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
 elseif actual < reserved then
   billed = actual - reserved
   over = -taken(reserved - actual)
@@ -340,10 +366,11 @@ elseif actual > reserved then
   over = overage(used, billed)
 end
 if billed ~= 0 or over ~= 0 or requests ~= 0 then
-  count(billed, over, requests, true)
+  count(billed, over, requests)
 end
 if billed > 0 then cross(used + billed) end
 if track then mark('2') end
+flush()
 return 1
 `)
 
@@ -351,45 +378,36 @@ return 1
 func (s *Store) periodKey(subject, period string) string {
 	return s.prefix + "{" + subject + "}:q:" + period
 }
-func (s *Store) hourKey(subject, period, hour string) string {
-	return s.prefix + "{" + subject + "}:h:" + period + ":" + hour
-}
 func (s *Store) outboxKey(subject string) string { return s.prefix + "{" + subject + "}:outbox" }
 func (s *Store) outboxSubjectsKey() string       { return s.prefix + "outbox:subjects" }
 
 // scriptKeys returns the keys of the metering scripts (see meterLua) as
 // substrings of one string, to save allocations on the request path:
 // rate, idempotency (P{s}:idem: when there is no key: declared, never
-// used), period, hour, replay window, outbox, outbox subjects.
-func (s *Store) scriptKeys(subject, period, hour, idemKey, origin string) []string {
-	tagged := [6][4]string{
-		{"rl"}, {"idem:", idemKey}, {"q:", period}, {"h:", period, ":", hour}, {"seq:", origin}, {"outbox"},
-	}
+// used), period, outbox, outbox subjects.
+func (s *Store) scriptKeys(subject, period, idemKey string) []string {
+	tagged := [4][2]string{{"rl"}, {"idem:", idemKey}, {"q:", period}, {"outbox"}}
 	n := len(s.prefix) + len("outbox:subjects")
 	for _, parts := range tagged {
-		n += len(s.prefix) + len(subject) + 3
-		for _, p := range parts {
-			n += len(p)
-		}
+		n += len(s.prefix) + len(subject) + 3 + len(parts[0]) + len(parts[1])
 	}
 	var b strings.Builder
 	b.Grow(n)
-	var ends [7]int
+	var ends [5]int
 	for i, parts := range tagged {
 		b.WriteString(s.prefix)
 		b.WriteByte('{')
 		b.WriteString(subject)
 		b.WriteString("}:")
-		for _, p := range parts {
-			b.WriteString(p)
-		}
+		b.WriteString(parts[0])
+		b.WriteString(parts[1])
 		ends[i] = b.Len()
 	}
 	b.WriteString(s.prefix)
 	b.WriteString("outbox:subjects")
-	ends[6] = b.Len()
+	ends[4] = b.Len()
 	all := b.String()
-	keys := make([]string, 7)
+	keys := make([]string, len(ends))
 	start := 0
 	for i, end := range ends {
 		keys[i], start = all[start:end], end
@@ -400,7 +418,7 @@ func (s *Store) scriptKeys(subject, period, hour, idemKey, origin string) []stri
 var _ store.Meter = (*Store)(nil)
 
 // meterCall is what Reserve and Settle have in common: the keys and the
-// first 12 script arguments.
+// first 13 script arguments.
 type meterCall struct {
 	keys []string
 	args []any
@@ -429,24 +447,65 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 	if origin == "" {
 		seq = 0 // no replay window without an origin
 	}
-	var ts strings.Builder
+	return meterCall{
+		keys: s.scriptKeys(subject, q.PeriodID, idemKey),
+		args: []any{
+			mode, q.Included, q.PeriodEnd.Add(store.Retention).Unix(), flag(idemKey != ""),
+			seq, flag(replay), q.PeriodID, "h:" + q.HourID, thresholds(q.Thresholds), subject,
+			"w:" + origin, firstLevel(q), allCrossed(q.Thresholds),
+		},
+	}, nil
+}
+
+// thresholds encodes thresholds for the metering scripts: "80,100,120".
+func thresholds(ts []int) string {
+	var b strings.Builder
+	for _, t := range ts {
+		if t <= 0 {
+			continue
+		}
+		if b.Len() > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(strconv.Itoa(t))
+	}
+	return b.String()
+}
+
+// allCrossed is the period hash's crossed field once every threshold has
+// been crossed in the order given: ",80,100,120,".
+func allCrossed(ts []int) string {
+	if t := thresholds(ts); t != "" {
+		return "," + t + ","
+	}
+	return ","
+}
+
+// firstLevel is the least usage at which q reaches one of its thresholds,
+// or -1 when none can be crossed (metering only, no included units, no
+// thresholds, or levels beyond 2^53).
+func firstLevel(q store.Quota) int64 {
+	if q.Mode == store.QuotaMeter || q.Included <= 0 {
+		return -1
+	}
+	level := int64(-1)
 	for _, t := range q.Thresholds {
 		if t <= 0 {
 			continue
 		}
-		if ts.Len() > 0 {
-			ts.WriteByte(',')
+		// ceil(t*included/100), exactly: included = 100a + b. Levels of
+		// 2^53 or more are never reached (usage stays below 2^53).
+		a, b := uint64(q.Included/100), uint64(q.Included%100)
+		hi, lo := bits.Mul64(uint64(t), a)
+		l := lo + (uint64(t)*b+99)/100
+		if hi != 0 || l < lo || l >= maxExact {
+			continue
 		}
-		ts.WriteString(strconv.Itoa(t))
+		if level < 0 || int64(l) < level {
+			level = int64(l)
+		}
 	}
-	return meterCall{
-		keys: s.scriptKeys(subject, q.PeriodID, q.HourID, idemKey, origin),
-		args: []any{
-			mode, q.Included, q.PeriodEnd.Add(store.Retention).Unix(), flag(idemKey != ""),
-			seq, flag(replay), q.PeriodID, q.HourID, ts.String(), subject,
-			int64(store.IdempotencyWindow / time.Second), store.SeqWindow,
-		},
-	}, nil
+	return level
 }
 
 func flag(b bool) int {
@@ -469,25 +528,27 @@ func policyArgs(p limiter.Policy) (interval, burst int64) {
 	return p.Interval(), p.BurstUnits()
 }
 
-// run runs a metering script under the breaker and OpTimeout.
+// run runs a metering script under the breaker and OpTimeout, in a
+// pipeline shared with concurrent calls (see batcher).
 func (s *Store) run(ctx context.Context, script *redis.Script, c meterCall, args ...any) ([]int64, error) {
 	probe, err := s.breaker.allow()
 	if err != nil {
 		return nil, err
 	}
 	octx, cancel := context.WithTimeout(ctx, s.opTimeout)
-	cmd := script.Run(octx, s.client, c.keys, append(c.args, args...)...)
-	var r []int64
-	if cmd.Err() == nil {
-		if n, ok := cmd.Val().(int64); ok {
-			r = []int64{n}
-		} else {
-			r, err = cmd.Int64Slice()
-		}
-	} else {
-		err = cmd.Err()
-	}
+	call := &scriptCall{script: script, keys: c.keys, args: append(c.args, args...)}
+	err = s.scripts.do(octx, call)
 	cancel()
+	var r []int64
+	if err == nil {
+		if err = call.cmd.Err(); err == nil {
+			if n, ok := call.cmd.Val().(int64); ok {
+				r = []int64{n}
+			} else {
+				r, err = call.cmd.Int64Slice()
+			}
+		}
+	}
 	return r, s.finish(ctx, probe, err)
 }
 
@@ -590,9 +651,9 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 	return err
 }
 
-// Usage implements store.Meter in two round trips: the period hash, then
-// its hours in one pipeline. Hours whose counters all went back to zero
-// (released reservations) are left out.
+// Usage implements store.Meter in one round trip: the period hash holds
+// the period's counters and its hours. Hours whose counters all went back
+// to zero (released reservations) are left out.
 func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.PeriodUsage, error) {
 	u := store.PeriodUsage{PeriodID: periodID}
 	err := s.call(ctx, func(ctx context.Context) error {
@@ -600,11 +661,16 @@ func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.Peri
 		if err != nil {
 			return err
 		}
-		var hours []string
 		for f, v := range fields {
 			switch {
 			case strings.HasPrefix(f, "h:"):
-				hours = append(hours, f[2:])
+				c, err := hourCounters(v)
+				if err != nil {
+					return err
+				}
+				if c != (store.Counters{}) {
+					u.Hours = append(u.Hours, store.HourUsage{HourID: f[2:], Counters: c})
+				}
 			case f == "crossed":
 				for _, t := range strings.Split(strings.Trim(v, ","), ",") {
 					if n, err := strconv.Atoi(t); err == nil {
@@ -614,32 +680,9 @@ func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.Peri
 			}
 		}
 		slices.Sort(u.Thresholds)
-		if u.Counters, err = counters(fields); err != nil {
-			return err
-		}
-		if len(hours) == 0 {
-			return nil
-		}
-		slices.Sort(hours)
-		cmds := make([]*redis.MapStringStringCmd, len(hours))
-		if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for i, h := range hours {
-				cmds[i] = p.HGetAll(ctx, s.hourKey(subject, periodID, h))
-			}
-			return nil
-		}); err != nil {
-			return err
-		}
-		for i, cmd := range cmds {
-			c, err := counters(cmd.Val())
-			if err != nil {
-				return err
-			}
-			if c != (store.Counters{}) {
-				u.Hours = append(u.Hours, store.HourUsage{HourID: hours[i], Counters: c})
-			}
-		}
-		return nil
+		slices.SortFunc(u.Hours, func(a, b store.HourUsage) int { return strings.Compare(a.HourID, b.HourID) })
+		u.Counters, err = counters(fields)
+		return err
 	})
 	if err != nil {
 		return store.PeriodUsage{}, err
@@ -647,7 +690,7 @@ func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.Peri
 	return u, nil
 }
 
-// counters reads the counters of a period or hour hash.
+// counters reads the counters of a period hash.
 func counters(fields map[string]string) (store.Counters, error) {
 	var c store.Counters
 	for name, dst := range map[string]*int64{"billed": &c.Billed, "overage": &c.Overage, "requests": &c.Requests} {
@@ -662,6 +705,23 @@ func counters(fields map[string]string) (store.Counters, error) {
 		*dst = n
 	}
 	return c, nil
+}
+
+// hourCounters reads an hour field of a period hash:
+// "<billed>,<overage>,<requests>".
+func hourCounters(v string) (store.Counters, error) {
+	var n [3]int64
+	f := strings.Split(v, ",")
+	if len(f) != len(n) {
+		return store.Counters{}, permanent{fmt.Errorf("redisstore: corrupt hour counters %q", v)}
+	}
+	for i := range n {
+		var err error
+		if n[i], err = strconv.ParseInt(f[i], 10, 64); err != nil {
+			return store.Counters{}, permanent{fmt.Errorf("redisstore: corrupt hour counters %q", v)}
+		}
+	}
+	return store.Counters{Billed: n[0], Overage: n[1], Requests: n[2]}, nil
 }
 
 // ThresholdEvents implements store.Meter: the subject's outbox, or every

@@ -103,7 +103,8 @@ func TestReserveExactAcrossClients(t *testing.T) {
 }
 
 // TestReserveOneRoundTrip checks that every kind of reservation, and a
-// settlement, is one EVALSHA once Redis has the scripts.
+// settlement, is one EVALSHA in one round trip (a pipeline, shared with
+// whatever else is pending) once Redis has the scripts.
 func TestReserveOneRoundTrip(t *testing.T) {
 	s := openStore(t, Options{KeyPrefix: newPrefix(t)})
 	ctx := context.Background()
@@ -144,15 +145,15 @@ func TestReserveOneRoundTrip(t *testing.T) {
 	if err := s.Settle(ctx, store.Settlement{Subject: "rtt", Quota: q, Reserved: 3, Actual: 2, Origin: "o", Seq: 1}); err != nil {
 		t.Fatal(err)
 	}
-	want := slices.Repeat([]string{"evalsha"}, len(steps)+1)
+	want := slices.Repeat([]string{"pipeline(evalsha)"}, len(steps)+1)
 	if fmt.Sprint(h.cmds) != fmt.Sprint(want) {
 		t.Errorf("%d reservations and a settlement sent %q, want one EVALSHA each", len(steps), h.cmds)
 	}
 }
 
-// TestMeterKeys pins the key layout and checks that every key the
-// metering writes expires, and that reservations without an idempotency
-// key add no keys per request.
+// TestMeterKeys pins the key layout (and the period hash's fields) and
+// checks that every key the metering writes expires, and that reservations
+// without an idempotency key add no keys per request.
 func TestMeterKeys(t *testing.T) {
 	c := rawClient(t)
 	prefix := newPrefix(t)
@@ -178,14 +179,11 @@ func TestMeterKeys(t *testing.T) {
 	tag := prefix + "{acme}:"
 	periodEnd := q.PeriodEnd.Add(store.Retention)
 	wantKeys := map[string]time.Time{
-		tag + "rl":                               {}, // until the rate state is full again: within an hour
-		tag + "q:" + q.PeriodID:                  periodEnd,
-		tag + "h:" + q.PeriodID + ":" + q.HourID: periodEnd,
-		tag + "h:" + q.PeriodID + ":" + hour2:    periodEnd,
-		tag + "idem:retry-1":                     time.Now().Add(store.IdempotencyWindow),
-		tag + "seq:o1":                           time.Now().Add(store.IdempotencyWindow),
-		tag + "outbox":                           periodEnd,
-		prefix + "outbox:subjects":               periodEnd,
+		tag + "rl":                 {}, // until the rate state is full again: within an hour
+		tag + "q:" + q.PeriodID:    periodEnd,
+		tag + "idem:retry-1":       time.Now().Add(store.IdempotencyWindow),
+		tag + "outbox":             periodEnd,
+		prefix + "outbox:subjects": periodEnd,
 	}
 	var keys []string
 	iter := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
@@ -203,6 +201,16 @@ func TestMeterKeys(t *testing.T) {
 	slices.Sort(want)
 	if !slices.Equal(keys, want) {
 		t.Fatalf("keys after 50 reservations:\n got  %q\n want %q", keys, want)
+	}
+	fields, err := c.HKeys(ctx, tag+"q:"+q.PeriodID).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(fields)
+	wantFields := []string{"billed", "crossed", "h:" + q.HourID, "h:" + hour2, "overage", "requests", "w:o1"}
+	slices.Sort(wantFields)
+	if !slices.Equal(fields, wantFields) {
+		t.Errorf("period hash fields:\n got  %q\n want %q", fields, wantFields)
 	}
 	for k, until := range wantKeys {
 		ttl, err := c.PTTL(ctx, k).Result()
@@ -425,6 +433,37 @@ func BenchmarkReserveRelease(b *testing.B) {
 			Reserved: r.Cost, Overage: out.Overage, Origin: r.Origin, Seq: r.Seq,
 		}); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// TestFirstLevel checks the least usage at which the reserve script looks
+// for crossed thresholds against metering.Crossed: below it nothing is
+// crossed, at it something is.
+func TestFirstLevel(t *testing.T) {
+	for _, included := range []int64{1, 7, 99, 100, 101, 12345, 1 << 40, maxExact - 1} {
+		for _, ts := range [][]int{{80, 100, 120}, {1}, {120, 80}, {999, 1000}, {100}} {
+			q := testQuota(store.QuotaBill, included)
+			q.Thresholds = ts
+			l := firstLevel(q)
+			if l < 0 || l >= maxExact {
+				if len(metering.Crossed(0, maxExact-1, included, ts)) != 0 {
+					t.Errorf("included %d, thresholds %v: level %d, but usage below 2^53 crosses some", included, ts, l)
+				}
+				continue
+			}
+			if got := metering.Crossed(0, l, included, ts); len(got) == 0 {
+				t.Errorf("included %d, thresholds %v: nothing crossed at level %d", included, ts, l)
+			}
+			if got := metering.Crossed(0, l-1, included, ts); len(got) != 0 {
+				t.Errorf("included %d, thresholds %v: %v crossed below level %d", included, ts, got, l)
+			}
+		}
+	}
+	for _, q := range []store.Quota{testQuota(store.QuotaMeter, 100), testQuota(store.QuotaBill, 0)} {
+		q.Thresholds = []int{80}
+		if l := firstLevel(q); l != -1 {
+			t.Errorf("%s quota of %d units: level %d, want -1 (nothing to cross)", q.Mode, q.Included, l)
 		}
 	}
 }

@@ -85,6 +85,8 @@ type Store struct {
 	prefix    string
 	opTimeout time.Duration
 	breaker   *breaker
+	// scripts sends the metering scripts.
+	scripts *batcher
 
 	// life is cancelled by Close, ending every Watch.
 	life      context.Context
@@ -136,13 +138,19 @@ func New(o Options) (*Store, error) {
 	ro.DialerRetries = 1
 	// Keep the connection handshake to HELLO (and AUTH/SELECT when set).
 	ro.DisableIdentity = true
+	// Pipelines (the batched metering scripts) share the main pool: a
+	// separate pipeline pool would dial again on the main pool when it
+	// cannot connect, doubling the attempts of an outage.
+	ro.PipelinePoolSize = -1
 	ro.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
 	if o.dial != nil {
 		ro.Dialer = o.dial
 	}
 	life, end := context.WithCancel(context.Background())
+	client := redis.NewClient(ro)
 	return &Store{
-		client:    redis.NewClient(ro),
+		client:    client,
+		scripts:   newBatcher(client, o.OpTimeout),
 		prefix:    o.KeyPrefix,
 		opTimeout: o.OpTimeout,
 		breaker:   newBreaker(o.BreakerFailures, o.BreakerCooldown),

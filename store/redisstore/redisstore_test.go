@@ -307,7 +307,11 @@ func (h *countingHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 func (h *countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		h.mu.Lock()
-		h.cmds = append(h.cmds, fmt.Sprintf("pipeline of %d", len(cmds)))
+		names := make([]string, len(cmds))
+		for i, c := range cmds {
+			names[i] = c.Name()
+		}
+		h.cmds = append(h.cmds, "pipeline("+strings.Join(names, " ")+")")
 		h.mu.Unlock()
 		return next(ctx, cmds)
 	}

@@ -1,0 +1,141 @@
+package redisstore
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Metering scripts of concurrent requests share pipelines: each request
+// still makes exactly one EVALSHA, but the calls that arrive while others
+// are in flight go out in one write and come back in one read. That saves
+// a write and a read system call per request on both sides, which on a
+// busy gateway costs more than the script itself.
+//
+// There is no background goroutine: a caller that finds a free lane leads,
+// sending every call pending at that moment (its own included) as one
+// pipeline, while the callers whose calls it took wait for their results.
+const (
+	// maxLanes is how many pipelines of metering scripts may be in flight
+	// at once (each on its own connection).
+	maxLanes = 2
+	// maxBatch bounds the calls sent in one pipeline.
+	maxBatch = 128
+)
+
+// scriptCall is one metering script call.
+type scriptCall struct {
+	script *redis.Script
+	keys   []string
+	args   []any
+
+	// taken is set when a leader takes the call: from then on it is sent
+	// (or fails) whatever its caller does.
+	taken atomic.Bool
+	// cmd holds the reply once done is closed.
+	cmd  *redis.Cmd
+	done chan struct{}
+}
+
+// batcher groups concurrent script calls into pipelines.
+type batcher struct {
+	client  *redis.Client
+	timeout time.Duration // bounds one pipeline
+	lanes   chan struct{} // a token per pipeline in flight
+
+	mu      sync.Mutex
+	pending []*scriptCall // guarded by mu: calls not yet taken, oldest first
+}
+
+func newBatcher(client *redis.Client, timeout time.Duration) *batcher {
+	return &batcher{client: client, timeout: timeout, lanes: make(chan struct{}, maxLanes)}
+}
+
+// do sends c and waits for its reply, or for ctx. It returns ctx's error
+// when ctx ends first: if c had not been taken by then it is never sent;
+// if it had, it may still run.
+func (b *batcher) do(ctx context.Context, c *scriptCall) error {
+	c.done = make(chan struct{})
+	b.mu.Lock()
+	b.pending = append(b.pending, c)
+	b.mu.Unlock()
+	for !c.taken.Load() {
+		select {
+		case b.lanes <- struct{}{}:
+			b.lead()
+			<-b.lanes
+		case <-ctx.Done():
+			b.mu.Lock()
+			defer b.mu.Unlock()
+			if c.taken.Load() {
+				return ctx.Err()
+			}
+			for i, p := range b.pending {
+				if p == c {
+					b.pending = append(b.pending[:i], b.pending[i+1:]...)
+					break
+				}
+			}
+			return ctx.Err()
+		}
+	}
+	select {
+	case <-c.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// lead takes up to maxBatch pending calls, sends them as one pipeline and
+// hands every caller its reply.
+func (b *batcher) lead() {
+	b.mu.Lock()
+	n := min(len(b.pending), maxBatch)
+	batch := make([]*scriptCall, n)
+	copy(batch, b.pending)
+	b.pending = append(b.pending[:0], b.pending[n:]...)
+	for _, c := range batch {
+		c.taken.Store(true)
+	}
+	b.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
+	defer cancel()
+	b.exec(ctx, batch, false)
+	for _, c := range batch {
+		close(c.done)
+	}
+}
+
+// exec sends batch as one pipeline of EVALSHA, or of EVAL (which also
+// loads the script) for calls that Redis answered NOSCRIPT: those did not
+// run, so sending them again counts nothing twice.
+func (b *batcher) exec(ctx context.Context, batch []*scriptCall, eval bool) {
+	pipe := b.client.Pipeline()
+	for _, c := range batch {
+		if eval {
+			c.cmd = c.script.Eval(ctx, pipe, c.keys, c.args...)
+		} else {
+			c.cmd = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
+		}
+	}
+	_, _ = pipe.Exec(ctx)
+	if eval {
+		return
+	}
+	var unknown []*scriptCall
+	for _, c := range batch {
+		if redis.HasErrorPrefix(c.cmd.Err(), "NOSCRIPT") {
+			unknown = append(unknown, c)
+		}
+	}
+	if len(unknown) > 0 {
+		b.exec(ctx, unknown, true)
+	}
+}
