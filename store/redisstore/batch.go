@@ -4,7 +4,6 @@ import (
 	"context"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -42,16 +41,15 @@ type scriptCall struct {
 
 // batcher groups concurrent script calls into pipelines.
 type batcher struct {
-	client  *redis.Client
-	timeout time.Duration // bounds one pipeline
-	lanes   chan struct{} // a token per pipeline in flight
+	client *redis.Client
+	lanes  chan struct{} // a token per pipeline in flight
 
 	mu      sync.Mutex
 	pending []*scriptCall // guarded by mu: calls not yet taken, oldest first
 }
 
-func newBatcher(client *redis.Client, timeout time.Duration) *batcher {
-	return &batcher{client: client, timeout: timeout, lanes: make(chan struct{}, maxLanes)}
+func newBatcher(client *redis.Client) *batcher {
+	return &batcher{client: client, lanes: make(chan struct{}, maxLanes)}
 }
 
 // do sends c and waits for its reply, or for ctx. It returns ctx's error
@@ -65,7 +63,7 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 	for !c.taken.Load() {
 		select {
 		case b.lanes <- struct{}{}:
-			b.lead()
+			b.lead(ctx)
 			<-b.lanes
 		case <-ctx.Done():
 			b.mu.Lock()
@@ -91,8 +89,8 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 }
 
 // lead takes up to maxBatch pending calls, sends them as one pipeline and
-// hands every caller its reply.
-func (b *batcher) lead() {
+// hands every caller its reply. ctx is the leader's own call's.
+func (b *batcher) lead(ctx context.Context) {
 	b.mu.Lock()
 	n := min(len(b.pending), maxBatch)
 	batch := make([]*scriptCall, n)
@@ -105,9 +103,17 @@ func (b *batcher) lead() {
 	if n == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
-	defer cancel()
-	b.exec(ctx, batch, false)
+	// The leader returns by its own deadline, so the pipeline ends by then
+	// too; but it is not cut short when the leader's caller goes away (the
+	// other callers wait for it). A call taken with a later deadline may
+	// then time out early: it is an unknown outcome, as any timeout.
+	pctx := context.WithoutCancel(ctx)
+	if deadline, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		pctx, cancel = context.WithDeadline(pctx, deadline)
+		defer cancel()
+	}
+	b.exec(pctx, batch, false)
 	for _, c := range batch {
 		close(c.done)
 	}

@@ -150,7 +150,7 @@ func New(o Options) (*Store, error) {
 	client := redis.NewClient(ro)
 	return &Store{
 		client:    client,
-		scripts:   newBatcher(client, o.OpTimeout),
+		scripts:   newBatcher(client),
 		prefix:    o.KeyPrefix,
 		opTimeout: o.OpTimeout,
 		breaker:   newBreaker(o.BreakerFailures, o.BreakerCooldown),
