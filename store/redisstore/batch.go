@@ -2,8 +2,10 @@ package redisstore
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -25,16 +27,25 @@ const (
 	maxBatch = 128
 )
 
+// errSendTimeout fails a call whose deadline passed before a lane was free
+// to send it: it was never sent.
+var errSendTimeout = errors.New("redisstore: timed out waiting to send")
+
 // scriptCall is one metering script call.
 type scriptCall struct {
 	script *redis.Script
 	keys   []string
 	args   []any
+	// deadline bounds the call: its pipeline ends by then, and it is not
+	// sent after it.
+	deadline time.Time
 
 	// taken is set when a leader takes the call: from then on it is sent
 	// (or fails) whatever its caller does.
 	taken atomic.Bool
-	// cmd holds the reply once done is closed.
+	// Once done is closed, err is set when the call was not sent, and cmd
+	// holds the reply otherwise.
+	err  error
 	cmd  *redis.Cmd
 	done chan struct{}
 }
@@ -52,9 +63,11 @@ func newBatcher(client *redis.Client) *batcher {
 	return &batcher{client: client, lanes: make(chan struct{}, maxLanes)}
 }
 
-// do sends c and waits for its reply, or for ctx. It returns ctx's error
-// when ctx ends first: if c had not been taken by then it is never sent;
-// if it had, it may still run.
+// do sends c and waits until it is done, or ctx ends (it then returns
+// ctx's error: if c had not been taken by then it is never sent; if it
+// had, it may still run). c is done by its deadline without a timer of its
+// own: a lane frees up when a pipeline in flight ends, by the deadline of
+// calls queued before c, and the pipeline c goes in ends by c's deadline.
 func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 	c.done = make(chan struct{})
 	b.mu.Lock()
@@ -63,7 +76,7 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 	for !c.taken.Load() {
 		select {
 		case b.lanes <- struct{}{}:
-			b.lead(ctx)
+			b.lead()
 			<-b.lanes
 		case <-ctx.Done():
 			b.mu.Lock()
@@ -88,9 +101,11 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 	}
 }
 
-// lead takes up to maxBatch pending calls, sends them as one pipeline and
-// hands every caller its reply. ctx is the leader's own call's.
-func (b *batcher) lead(ctx context.Context) {
+// lead takes up to maxBatch pending calls, fails those past their
+// deadline, sends the others as one pipeline that ends by the earliest of
+// their deadlines, and hands every caller its reply. The pipeline is not
+// cut short when the leader's own caller goes away: others wait for it.
+func (b *batcher) lead() {
 	b.mu.Lock()
 	n := min(len(b.pending), maxBatch)
 	batch := make([]*scriptCall, n)
@@ -100,20 +115,24 @@ func (b *batcher) lead(ctx context.Context) {
 		c.taken.Store(true)
 	}
 	b.mu.Unlock()
-	if n == 0 {
-		return
+	now := time.Now()
+	var live []*scriptCall
+	var first time.Time
+	for _, c := range batch {
+		if !now.Before(c.deadline) {
+			c.err = errSendTimeout
+			continue
+		}
+		if live == nil || c.deadline.Before(first) {
+			first = c.deadline
+		}
+		live = append(live, c)
 	}
-	// The leader returns by its own deadline, so the pipeline ends by then
-	// too; but it is not cut short when the leader's caller goes away (the
-	// other callers wait for it). A call taken with a later deadline may
-	// then time out early: it is an unknown outcome, as any timeout.
-	pctx := context.WithoutCancel(ctx)
-	if deadline, ok := ctx.Deadline(); ok {
-		var cancel context.CancelFunc
-		pctx, cancel = context.WithDeadline(pctx, deadline)
-		defer cancel()
+	if len(live) > 0 {
+		ctx, cancel := context.WithDeadline(context.Background(), first)
+		b.exec(ctx, live, false)
+		cancel()
 	}
-	b.exec(pctx, batch, false)
 	for _, c := range batch {
 		close(c.done)
 	}

@@ -97,28 +97,30 @@ func TestConcurrentReservationsSharePipelines(t *testing.T) {
 	}
 }
 
-// TestQueuedCallTimesOutUnsent checks that a reservation that waits for a
-// lane past its deadline fails with ErrUnavailable and is never sent:
-// nothing is counted once the lanes free up.
+// TestQueuedCallTimesOutUnsent checks that a reservation still queued at
+// its deadline (every lane was busy) fails with ErrUnavailable and is never
+// sent: nothing is counted. (Lanes free up by the deadlines of the
+// pipelines in flight; TestDeadlinesWithinOpTimeout checks those.)
 func TestQueuedCallTimesOutUnsent(t *testing.T) {
-	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: 50 * time.Millisecond})
+	const opTimeout = 50 * time.Millisecond
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: opTimeout})
 	ctx := context.Background()
 	q := testQuota(store.QuotaBill, 100)
 	release := holdLanes(s)
 	start := time.Now()
-	_, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: 1})
-	if !errors.Is(err, store.ErrUnavailable) {
-		t.Fatalf("Reserve with every lane busy: %v, want ErrUnavailable", err)
-	}
-	if waited := time.Since(start); waited > 2*time.Second {
-		t.Errorf("Reserve waited %v for a lane with a 50ms timeout", waited)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: 1})
+		errc <- err
+	}()
+	waitPending(t, s, 1)
+	// Free the lanes only once the call's deadline has passed.
+	for time.Since(start) <= opTimeout {
+		time.Sleep(opTimeout / 10)
 	}
 	release()
-	s.scripts.mu.Lock()
-	left := len(s.scripts.pending)
-	s.scripts.mu.Unlock()
-	if left != 0 {
-		t.Fatalf("%d calls still queued after their deadline", left)
+	if err := <-errc; !errors.Is(err, store.ErrUnavailable) || !errors.Is(err, errSendTimeout) {
+		t.Fatalf("Reserve queued past its deadline: %v, want ErrUnavailable (not sent)", err)
 	}
 	// A later call goes through, and the timed-out one was not counted.
 	if _, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: 2}); err != nil {
@@ -127,6 +129,31 @@ func TestQueuedCallTimesOutUnsent(t *testing.T) {
 	u, err := s.Usage(ctx, "acme", q.PeriodID)
 	if err != nil || u.Counters != (store.Counters{Billed: 1, Requests: 1}) {
 		t.Errorf("Usage = %+v, %v; want only the later reservation", u.Counters, err)
+	}
+}
+
+// TestQueuedCallCancelled checks that a reservation whose caller goes away
+// while it is queued returns at once and is never sent.
+func TestQueuedCallCancelled(t *testing.T) {
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: 5 * time.Second})
+	q := testQuota(store.QuotaBill, 100)
+	release := holdLanes(s)
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() {
+		_, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: 1})
+		errc <- err
+	}()
+	waitPending(t, s, 1)
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Reserve cancelled while queued: %v, want context.Canceled", err)
+	}
+	waitPending(t, s, 0)
+	release()
+	u, err := s.Usage(context.Background(), "acme", q.PeriodID)
+	if err != nil || u.Counters != (store.Counters{}) {
+		t.Errorf("Usage = %+v, %v; want nothing counted", u.Counters, err)
 	}
 }
 

@@ -535,11 +535,15 @@ func (s *Store) run(ctx context.Context, script *redis.Script, c meterCall, args
 	if err != nil {
 		return nil, err
 	}
-	octx, cancel := context.WithTimeout(ctx, s.opTimeout)
-	call := &scriptCall{script: script, keys: c.keys, args: append(c.args, args...)}
-	err = s.scripts.do(octx, call)
-	cancel()
+	deadline := time.Now().Add(s.opTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	call := &scriptCall{script: script, keys: c.keys, args: append(c.args, args...), deadline: deadline}
 	var r []int64
+	if err = s.scripts.do(ctx, call); err == nil {
+		err = call.err
+	}
 	if err == nil {
 		if err = call.cmd.Err(); err == nil {
 			if n, ok := call.cmd.Val().(int64); ok {
