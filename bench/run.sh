@@ -5,6 +5,7 @@
 #   ROUNDS=3 DURATION=5 CONNS="32 1" bash bench/run.sh
 #   CADDY=/path/to/caddy bash bench/run.sh  # skip the build, use this binary
 #   GOGC=400 bash bench/run.sh              # GOGC/GOMAXPROCS/GOMEMLIMIT go to every Caddy
+#   FOUNDATION=65f76dd bash bench/run.sh    # also run that git revision's build (E, F below)
 #
 # Other knobs: WARMUP (s per config, 2), THREADS (wrk -t, 1), BASE_PORT
 # (18180; uses BASE_PORT+1..+40), BENCH_RESULTS=<file> keeps the raw
@@ -18,6 +19,12 @@
 #   C  api_monetize (embedded store) + reverse_proxy to the upstream
 #   D  api_monetize (Redis store)    + reverse_proxy to the upstream
 #   upstream: Caddy (same binary) with respond; a private redis-server for D.
+# With FOUNDATION=<git revision> (the rate-limit-only foundation, 65f76dd), it
+# also builds that revision from xcaddy.json (in a temporary git worktree) and
+# runs its plugin with the foundation's tier (rate limit only) in the same
+# rounds, so metering's cost is measured against it in one run:
+#   E  foundation build, embedded store   + reverse_proxy to the upstream
+#   F  foundation build, Redis store      + reverse_proxy (database 1 of the same Redis)
 # C and D have one tier (rate 100000000/min and a 10^9-unit monthly quota
 # with overage billing, so every request is rate-limited, reserved against
 # the quota and metered; nothing is ever denied) and one
@@ -44,6 +51,8 @@ CONNS="${CONNS:-32}"
 THREADS="${THREADS:-1}"
 BASE_PORT="${BASE_PORT:-18180}"
 CONFIGS=(A B C D)
+FOUNDATION="${FOUNDATION:-}"
+[[ -n "$FOUNDATION" ]] && CONFIGS+=(E F)
 
 for v in ROUNDS DURATION WARMUP THREADS BASE_PORT; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "$v must be a whole number" >&2; exit 2; }
@@ -55,8 +64,10 @@ for c in $CONNS; do
 done
 
 # Ports: sites, upstream, admin endpoints, Redis.
-declare -A PORT=([A]=$((BASE_PORT + 1)) [B]=$((BASE_PORT + 2)) [C]=$((BASE_PORT + 3)) [D]=$((BASE_PORT + 4)) [U]=$((BASE_PORT + 10)))
-declare -A ADMIN=([A]=$((BASE_PORT + 21)) [B]=$((BASE_PORT + 22)) [C]=$((BASE_PORT + 23)) [D]=$((BASE_PORT + 24)) [U]=$((BASE_PORT + 30)))
+declare -A PORT=([A]=$((BASE_PORT + 1)) [B]=$((BASE_PORT + 2)) [C]=$((BASE_PORT + 3)) [D]=$((BASE_PORT + 4))
+	[E]=$((BASE_PORT + 5)) [F]=$((BASE_PORT + 6)) [U]=$((BASE_PORT + 10)))
+declare -A ADMIN=([A]=$((BASE_PORT + 21)) [B]=$((BASE_PORT + 22)) [C]=$((BASE_PORT + 23)) [D]=$((BASE_PORT + 24))
+	[E]=$((BASE_PORT + 25)) [F]=$((BASE_PORT + 26)) [U]=$((BASE_PORT + 30)))
 REDIS_PORT=$((BASE_PORT + 40))
 
 work="$(mktemp -d)"
@@ -69,6 +80,9 @@ cleanup() {
 	for pid in "${pids[@]}"; do
 		wait "$pid" 2>/dev/null || true
 	done
+	if [[ -d "$work/foundation" ]]; then
+		git worktree remove --force "$work/foundation" 2>/dev/null || true
+	fi
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -107,6 +121,16 @@ else
 fi
 "$caddy" list-modules | grep -qx http.handlers.api_monetize ||
 	{ echo "$caddy has no http.handlers.api_monetize module" >&2; exit 1; }
+declare -A BIN=([U]="$caddy" [A]="$caddy" [B]="$caddy" [C]="$caddy" [D]="$caddy")
+if [[ -n "$FOUNDATION" ]]; then
+	echo "building the foundation ($FOUNDATION) from its own xcaddy.json ..."
+	{ git worktree add --detach --quiet "$work/foundation" "$FOUNDATION" &&
+		go -C "$work/foundation/build" run . -o "$work/caddy-foundation"; } >"$work/build-foundation.log" 2>&1 ||
+		{ tail -30 "$work/build-foundation.log" >&2; exit 1; }
+	git worktree remove --force "$work/foundation"
+	BIN[E]="$work/caddy-foundation"
+	BIN[F]="$work/caddy-foundation"
+fi
 
 # ---- configuration ----
 # The key and the HMAC secret are random per run and reach Caddy through
@@ -116,13 +140,17 @@ BENCH_KEY_SECRET="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export BENCH_API_KEY BENCH_KEY_SECRET
 export XDG_DATA_HOME="$work/data" XDG_CONFIG_HOME="$work/config"
 
-global() { # global <admin port> [api_monetize store line]
+global() { # global <admin port> [api_monetize store line [foundation]]
 	printf '{\n\tadmin localhost:%s\n\tauto_https off\n\tpersist_config off\n' "$1"
 	if (($# > 1)); then
 		printf '\tapi_monetize {\n'
 		[[ -n "$2" ]] && printf '\t\t%s\n' "$2"
 		printf '\t\tkey_secret {env.BENCH_KEY_SECRET}\n'
-		printf '\t\ttier pro {\n\t\t\trate 100000000/min\n\t\t\tincluded 1000000000/month\n\t\t\tover_quota bill 0.002\n\t\t\tendpoints /v1/*\n\t\t}\n'
+		if (($# > 2)); then # the foundation's tier: a rate limit only
+			printf '\t\ttier pro {\n\t\t\trate 100000000/min\n\t\t\tendpoints /v1/*\n\t\t}\n'
+		else
+			printf '\t\ttier pro {\n\t\t\trate 100000000/min\n\t\t\tincluded 1000000000/month\n\t\t\tover_quota bill 0.002\n\t\t\tendpoints /v1/*\n\t\t}\n'
+		fi
 		printf '\t\tcustomer acme tier pro\n'
 		printf '\t\tkey {env.BENCH_API_KEY} acme\n'
 		printf '\t}\n'
@@ -141,6 +169,8 @@ upstream="reverse_proxy 127.0.0.1:${PORT[U]}"
 { global "${ADMIN[B]}"; site "${PORT[B]}" "$upstream"; } >"$work/B.Caddyfile"
 { global "${ADMIN[C]}" ""; site "${PORT[C]}" api_monetize "$upstream"; } >"$work/C.Caddyfile"
 { global "${ADMIN[D]}" "redis redis://127.0.0.1:$REDIS_PORT/0"; site "${PORT[D]}" api_monetize "$upstream"; } >"$work/D.Caddyfile"
+{ global "${ADMIN[E]}" "" foundation; site "${PORT[E]}" api_monetize "$upstream"; } >"$work/E.Caddyfile"
+{ global "${ADMIN[F]}" "redis redis://127.0.0.1:$REDIS_PORT/1" foundation; site "${PORT[F]}" api_monetize "$upstream"; } >"$work/F.Caddyfile"
 
 # ---- processes ----
 declare -A PID
@@ -152,16 +182,16 @@ rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 for _ in $(seq 50); do rcli ping >/dev/null 2>&1 && break; sleep 0.1; done
 rcli ping >/dev/null || { echo "private Redis did not start" >&2; cat "$work/redis.log" >&2; exit 1; }
 
-for c in U A B C D; do
+for c in U "${CONFIGS[@]}"; do
 	mkdir -p "$work/data-$c"
 	XDG_DATA_HOME="$work/data-$c" GODEBUG="${GODEBUG:+$GODEBUG,}gctrace=1" \
-		"$caddy" run --config "$work/$c.Caddyfile" --adapter caddyfile >"$work/$c.log" 2>&1 &
+		"${BIN[$c]}" run --config "$work/$c.Caddyfile" --adapter caddyfile >"$work/$c.log" 2>&1 &
 	PID[$c]=$!
 	pids+=("${PID[$c]}")
 done
 
 URL() { echo "http://127.0.0.1:${PORT[$1]}/v1/bench"; }
-for c in U A B C D; do
+for c in U "${CONFIGS[@]}"; do
 	code=000
 	for _ in $(seq 100); do
 		code="$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $BENCH_API_KEY" "$(URL "$c")" || true)"
@@ -225,7 +255,7 @@ measure() { # measure <round> <conns> <config>
 		END {
 			if (reqs < 1) { print "wrk reported no requests" > "/dev/stderr"; exit 1 }
 			us = 1e6 / tck / reqs
-			if (c != "D") { calls = 0; cmds = 0; rd = 0 }
+			if (c != "D" && c != "F") { calls = 0; cmds = 0; rd = 0 }
 			if (c == "A") up = 0
 			printf "%d\t%d\t%s\t%.0f\t%.3f\t%.3f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.3f\t%.3f\t%.3f\n",
 				r, n, c, rps, p50, p99, reqs, bad, gw * us, up * us, rd * us, gc * 1000 / reqs, calls / reqs, cmds / reqs
@@ -275,9 +305,9 @@ done
 echo
 echo "== results: medians over $ROUNDS rounds; ratios are paired (per round, then median)"
 echo "   CPU columns are process utime+stime per request served: gw = the Caddy under test,"
-echo "   up = the upstream Caddy, rds = redis-server (D only). GC = gateway GC cycles per 1k requests."
+echo "   up = the upstream Caddy, rds = redis-server (D, F). GC = gateway GC cycles per 1k requests."
 echo "   calls = Redis EVAL/EVALSHA calls (script round trips) per request; cmds = all Redis commands per"
-echo "   request, counting those a script runs inside Redis as well (D only; INFO commandstats deltas)."
+echo "   request, counting those a script runs inside Redis as well (D, F; INFO commandstats deltas)."
 for n in $CONNS; do
 	echo
 	echo "-- wrk -c$n"
@@ -307,9 +337,11 @@ for n in $CONNS; do
 				"calls", "cmds", "errors", "rps/B", "gw cpu/B", "all cpu/B"
 			name["A"] = "A bare respond"; name["B"] = "B bare reverse_proxy"
 			name["C"] = "C api_monetize embedded + proxy"; name["D"] = "D api_monetize Redis + proxy"
-			split("A B C D", order, " ")
-			for (o = 1; o <= 4; o++) {
+			name["E"] = "E foundation embedded + proxy"; name["F"] = "F foundation Redis + proxy"
+			split("A B C D E F", order, " ")
+			for (o = 1; o <= 6; o++) {
 				c = order[o]
+				if (rps[c] == "") continue
 				rr = ""; rg = ""; rt = ""
 				for (r in rounds) if ((r, c, "rps") in R && (r, "B", "rps") in R) {
 					rr = rr " " R[r, c, "rps"] / R[r, "B", "rps"]
@@ -319,9 +351,21 @@ for n in $CONNS; do
 				printf "%-34s %9.0f %13s %7.3f %7.3f %7.1f %6.1f %6.1f %6.2f %6s %6s %6d %9.3f %9.3f %9.3f\n",
 					name[c], median(rps[c]), minmax(rps[c]), median(p50[c]), median(p99[c]),
 					median(gw[c]), median(up[c]), median(rd[c]), median(gc[c]),
-					(c == "D" ? sprintf("%.2f", median(calls[c])) : "-"),
-					(c == "D" ? sprintf("%.2f", median(cmds[c])) : "-"),
+					(c == "D" || c == "F" ? sprintf("%.2f", median(calls[c])) : "-"),
+					(c == "D" || c == "F" ? sprintf("%.2f", median(cmds[c])) : "-"),
 					bad[c], median(rr), median(rg), median(rt)
+			}
+			# The cost of metering: each store against the foundation, paired per round.
+			split("C E D F", pair, " ")
+			for (o = 1; o <= 3; o += 2) {
+				c = pair[o]; f = pair[o + 1]
+				if (rps[f] == "") continue
+				rr = ""; rg = ""
+				for (r in rounds) if ((r, c, "rps") in R && (r, f, "rps") in R) {
+					rr = rr " " R[r, c, "rps"] / R[r, f, "rps"]
+					rg = rg " " R[r, c, "gw"] / R[r, f, "gw"]
+				}
+				printf "   %s against %s (paired): req/s %.3f, gateway CPU/req %.3f\n", c, f, median(rr), median(rg)
 			}
 		}' "$results"
 	awk -v n="$n" '$1 == n { if ($2 == "requests") reqs += $3; else calls[$2] += $3 }
