@@ -19,12 +19,16 @@ import (
 // Metering keys, under Options.KeyPrefix (P), all hash-tagged by subject
 // except the last:
 //
-//	P{<s>}:rl                  rate state "<TAT>,<interval>";
-//	                           the tier rate and the throttle both use it
+//	P{<s>}:rl                  rate state "<TAT>,<interval>" carried into the
+//	                           next period: written (PX until the TAT) only
+//	                           when the state reaches past the period's end
 //	P{<s>}:q:<period>          hash of the period, EXPIREAT period end +
 //	                           store.Retention, with the fields
 //	                             billed, overage, requests  the period's counters
 //	                             crossed     ",80,100,": thresholds crossed
+//	                             rl          the rate state "<TAT>,<interval>";
+//	                                         the tier rate and the throttle
+//	                                         both use it
 //	                             h:<hour>    "<billed>,<overage>,<requests>"
 //	                                         of one hour with usage
 //	                             w:<origin>  replay window of an origin
@@ -41,11 +45,17 @@ import (
 //	Poutbox:subjects           sorted set of subjects with outbox entries,
 //	                           scored by when their newest entry expires
 //
-// Everything a reservation reads and writes about its period is in the
-// period hash, so the common path is five commands inside one script
-// (TIME, GET and SET of the rate state, HMGET and HSET of the period):
-// write commands cost Redis several µs each inside a script, and the
-// script's cost caps the throughput of one Redis.
+// Everything a reservation reads and writes about its period, the rate
+// state included, is in the period hash, so the common path is three
+// commands inside one script (TIME, HMGET and HSET of the period): write
+// commands cost Redis several µs each inside a script, and the script's
+// cost caps the throughput of one Redis. The rate key is read only by the
+// first rated reservation of a period, and written only while the rate
+// state reaches past the period's end (the minutes before it, for usual
+// rates), so the GCRA state crosses period boundaries exactly. (A tier
+// change that moves a customer to another kind of period starts the new
+// period's state from the rate key as well, so it loses a state that ended
+// before the old period's end: at most one burst.)
 //
 // Replay windows live in the period hash of the reservations they track:
 // a replay carries the quota (and so the period) of its reservation, so the
@@ -72,8 +82,9 @@ const maxExact = 1 << 53
 
 // meterLua is the part shared by the reserve and settle scripts: it reads
 // the period hash once, and flush writes it back once. The common path of
-// a reservation runs five commands and no string scanning beyond the replay
-// window: threshold crossing is checked against ARGV 12 and 13 first.
+// a reservation runs three commands and no string scanning beyond the
+// replay window: threshold crossing is checked against ARGV 12 and 13
+// first.
 //
 // KEYS: 1 rate, 2 idempotency, 3 period, 4 outbox, 5 outbox subjects.
 // ARGV: 1 mode (meter, block, bill, throttle), 2 included, 3 expiry of the
@@ -106,7 +117,7 @@ local function idiv(a, b)
   return q
 end
 
-local p = redis.call('HMGET', KEYS[3], 'billed', 'overage', 'requests', 'crossed', ARGV[8], ARGV[11])
+local p = redis.call('HMGET', KEYS[3], 'billed', 'overage', 'requests', 'crossed', ARGV[8], ARGV[11], 'rl')
 local used = tonumber(p[1] or '0')
 local pover = tonumber(p[2] or '0')
 local preqs = tonumber(p[3] or '0')
@@ -225,6 +236,7 @@ func meterScript(body string) *redis.Script {
 	return redis.NewScript(strings.NewReplacer(
 		"@SEQ_WINDOW@", strconv.Itoa(store.SeqWindow),
 		"@IDEM_TTL@", strconv.FormatInt(int64(store.IdempotencyWindow/time.Second), 10),
+		"@RETENTION_S@", strconv.FormatInt(int64(store.Retention/time.Second), 10),
 	).Replace(meterLua + body))
 }
 
@@ -248,8 +260,13 @@ func meterScript(body string) *redis.Script {
 var reserveScript = meterScript(`
 local cost = tonumber(ARGV[14])
 
+-- storedTAT is the TAT read by rate (0: none).
+local storedTAT = 0
+
 -- rate decides cost under the policy and returns the decision and the new
--- TAT offset from now when admitted.
+-- TAT offset from now when admitted. The state is the period hash's rl
+-- field, or, before the period has one, the rate key, which holds the
+-- state whenever it reaches past the period's end (see below).
 local function rate(interval, burst, c)
   if interval == 0 then return {0, 1, 0, 0, 0, 0} end
   if interval < 0 then
@@ -258,10 +275,12 @@ local function rate(interval, burst, c)
   end
   local span = interval * burst
   local d = 0
-  local stored = redis.call('GET', KEYS[1])
+  local stored = p[7]
+  if not stored then stored = redis.call('GET', KEYS[1]) end
   if stored then
     local tat, from = string.match(stored, '^(%d+),(%d+)$')
     tat, from = tonumber(tat), tonumber(from)
+    if tat then storedTAT = tat end
     if tat and tat > now then
       d = tat - now
       if from ~= interval and from > 0 then
@@ -322,7 +341,15 @@ else
 end
 
 if nd then
-  redis.call('SET', KEYS[1], fmt(now + nd) .. ',' .. fmt(interval), 'PX', fmt(idiv(nd, 1000) + 1))
+  -- The state goes in the period hash; when it reaches past the period's
+  -- end (or did before this request), also in the rate key, which the
+  -- next period starts from: the GCRA carries over the boundary exactly.
+  local st = fmt(now + nd) .. ',' .. fmt(interval)
+  writes[#writes + 1], writes[#writes + 2] = 'rl', st
+  local boundary = (tonumber(ARGV[3]) - @RETENTION_S@) * 1000000
+  if now + nd > boundary or storedTAT > boundary then
+    redis.call('SET', KEYS[1], st, 'PX', fmt(idiv(nd, 1000) + 1))
+  end
 end
 local over = overage(used, cost)
 count(cost, over, 1)

@@ -179,7 +179,6 @@ func TestMeterKeys(t *testing.T) {
 	tag := prefix + "{acme}:"
 	periodEnd := q.PeriodEnd.Add(store.Retention)
 	wantKeys := map[string]time.Time{
-		tag + "rl":                 {}, // until the rate state is full again: within an hour
 		tag + "q:" + q.PeriodID:    periodEnd,
 		tag + "idem:retry-1":       time.Now().Add(store.IdempotencyWindow),
 		tag + "outbox":             periodEnd,
@@ -207,7 +206,7 @@ func TestMeterKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	slices.Sort(fields)
-	wantFields := []string{"billed", "crossed", "h:" + q.HourID, "h:" + hour2, "overage", "requests", "w:o1"}
+	wantFields := []string{"billed", "crossed", "h:" + q.HourID, "h:" + hour2, "overage", "requests", "rl", "w:o1"}
 	slices.Sort(wantFields)
 	if !slices.Equal(fields, wantFields) {
 		t.Errorf("period hash fields:\n got  %q\n want %q", fields, wantFields)
@@ -465,5 +464,35 @@ func TestFirstLevel(t *testing.T) {
 		if l := firstLevel(q); l != -1 {
 			t.Errorf("%s quota of %d units: level %d, want -1 (nothing to cross)", q.Mode, q.Included, l)
 		}
+	}
+}
+
+// TestRateStateCrossesPeriods checks that the rate state follows a
+// customer into the next period: units spent just before a period ends
+// still count in the next one (the state, kept in the period hash, reaches
+// past the period's end, so it is carried in the rate key).
+func TestRateStateCrossesPeriods(t *testing.T) {
+	s := openStore(t, Options{KeyPrefix: newPrefix(t)})
+	ctx := context.Background()
+	rate := limiter.Policy{Limit: 10, Period: time.Hour}
+	now := time.Now().UTC()
+	ending := store.Quota{PeriodID: "ending", PeriodEnd: now.Add(2 * time.Second), HourID: metering.TimeID(now.Truncate(time.Hour)), Mode: store.QuotaMeter}
+	next := store.Quota{PeriodID: "next", PeriodEnd: now.AddDate(0, 1, 0), HourID: ending.HourID, Mode: store.QuotaMeter}
+
+	out, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Rate: rate, Cost: 10, Quota: ending, Origin: "o", Seq: 1})
+	if err != nil || !out.Allowed || out.Rate.Remaining != 0 {
+		t.Fatalf("spending the burst: %+v, %v", out, err)
+	}
+	out, err = s.Reserve(ctx, store.Reservation{Subject: "acme", Rate: rate, Cost: 1, Quota: next, Origin: "o", Seq: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out.Allowed || out.Rate.RetryAfter < 5*time.Minute {
+		t.Errorf("first reservation of the next period: %+v; want denied for about 6 minutes (the burst was spent)", out)
+	}
+	// A cost-0 reservation reports the state: nothing left.
+	out, err = s.Reserve(ctx, store.Reservation{Subject: "acme", Rate: rate, Cost: 0, Quota: next, Origin: "o", Seq: 3})
+	if err != nil || out.Rate.Remaining != 0 {
+		t.Errorf("rate state in the next period: %+v, %v; want Remaining 0", out, err)
 	}
 }

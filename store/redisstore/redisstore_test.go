@@ -125,27 +125,43 @@ func TestContractShared(t *testing.T) {
 	})
 }
 
+// ratePeriod is the period of the reservations rateAt makes.
+func ratePeriod() metering.Period { return metering.PeriodRule{}.Period(time.Now(), time.Time{}) }
+
 // rateAt makes a rate-limit decision alone (a reservation under p with a
 // meter-only quota) and returns it with the Redis time it was made at.
 func rateAt(ctx context.Context, s *Store, subject string, p limiter.Policy, cost int64) (limiter.Decision, int64, error) {
-	period := metering.PeriodRule{}.Period(time.Now(), time.Time{})
+	period := ratePeriod()
 	out, now, err := s.reserve(ctx, store.Reservation{Subject: subject, Rate: p, Cost: cost, Quota: store.Quota{
 		PeriodID: period.ID(), PeriodEnd: period.End, HourID: metering.TimeID(period.Start),
 	}})
 	return out.Rate, now, err
 }
 
-// readTAT returns the stored TAT of subject under prefix and the interval
-// it was stored under, zeros when none. The key name is spelled out to pin
-// the documented layout.
+// readTAT returns the rate state of subject under prefix in the period of
+// rateAt (the period hash's rl field), zeros when none. Key and field names
+// are spelled out to pin the documented layout.
 func readTAT(t *testing.T, c *redis.Client, prefix, subject string) (tat, interval int64) {
 	t.Helper()
+	v, err := c.HGet(context.Background(), prefix+"{"+subject+"}:q:"+ratePeriod().ID(), "rl").Result()
+	return parseTAT(t, v, err)
+}
+
+// readCarriedTAT returns the rate state in subject's rate key, which holds
+// it for the next period while it reaches past the period's end.
+func readCarriedTAT(t *testing.T, c *redis.Client, prefix, subject string) (tat, interval int64) {
+	t.Helper()
 	v, err := c.Get(context.Background(), prefix+"{"+subject+"}:rl").Result()
+	return parseTAT(t, v, err)
+}
+
+func parseTAT(t *testing.T, v string, err error) (tat, interval int64) {
+	t.Helper()
 	if errors.Is(err, redis.Nil) {
 		return 0, 0
 	}
 	if err != nil {
-		t.Fatalf("GET TAT: %v", err)
+		t.Fatalf("reading the rate state: %v", err)
 	}
 	a, b, ok := strings.Cut(v, ",")
 	tat, err1 := strconv.ParseInt(a, 10, 64)
@@ -228,6 +244,14 @@ func checkStep(t *testing.T, c *redis.Client, s *Store, prefix, subject string, 
 	}
 	if wantTAT >= 1<<53 {
 		t.Fatalf("step %d: TAT %d is not exact in a Lua double", step, wantTAT)
+	}
+	// While the state reaches past the period's end (or did before this
+	// step), the rate key carries it, until the TAT.
+	if end := ratePeriod().End.UnixMicro(); wantTAT <= end && before <= end {
+		return
+	}
+	if carried, ci := readCarriedTAT(t, c, prefix, subject); carried != wantTAT || ci != p.Interval() {
+		t.Fatalf("step %d: carried TAT %d under %d, want %d under %d", step, carried, ci, wantTAT, p.Interval())
 	}
 	pttl, err := c.PTTL(ctx, prefix+"{"+subject+"}:rl").Result()
 	if err != nil {
