@@ -10,7 +10,10 @@
 //
 // Keys, under Options.KeyPrefix (P):
 //
-//	P{<subject>}:rl        GCRA TAT, integer µs since the epoch (PX = time to full + 1ms)
+//	P{<subject>}:q:<period> the period's hash: usage counters, hours, the
+//	                       GCRA state and replay windows (see meter.go)
+//	P{<subject>}:rl        GCRA state carried into the next period, while
+//	                       it reaches past the period's end
 //	Psecret                the key secret
 //	Pcust:<id>             customer JSON
 //	Pcustomers             sorted set of customer ids (score 0: ordered by id)
@@ -19,9 +22,10 @@
 //	Pcustkeys:{<customer>} sorted set of a customer's key hashes, scored by creation µs
 //	Pchanges               pub/sub channel: one message per customer or key change
 //
-// Only the rate-limit key is needed on the request path; it is hash-tagged
-// per subject. The metadata operations touch several keys in one
-// transaction and assume they live on one node.
+// On the request path only the metering scripts run, on keys hash-tagged
+// per subject (and, when a threshold is crossed, the global outbox index).
+// The metadata operations touch several keys in one transaction and
+// assume they live on one node.
 package redisstore
 
 import (
