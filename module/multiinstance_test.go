@@ -355,6 +355,16 @@ func isResetBeforeResponse(err error) bool {
 		strings.Contains(err.Error(), "connection reset by peer")
 }
 
+// isDialError reports an error from connecting: the attempt that failed
+// sent nothing. (net/http retries a GET whose reused connection the server
+// closed on a new connection by itself; when that dial is then reset by a
+// listener closing on reload, the error is a dial error although the first
+// connection was reused.)
+func isDialError(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
 // maxResetRetries bounds the retries of one request under retryResets.
 const maxResetRetries = 3
 
@@ -376,8 +386,8 @@ func (c *tally) get(client *http.Client, url, key string) (int, http.Header, str
 		req.Header.Set("X-API-Key", key)
 		res, err := client.Do(req)
 		if err != nil {
-			if c.retryResets && attempt < maxResetRetries && !reused.Load() && !responded.Load() &&
-				isResetBeforeResponse(err) {
+			if c.retryResets && attempt < maxResetRetries && !responded.Load() &&
+				(!reused.Load() && isResetBeforeResponse(err) || isDialError(err)) {
 				c.mu.Lock()
 				c.resets++
 				c.mu.Unlock()

@@ -233,7 +233,7 @@ func testReloadUnderLoad(t *testing.T, storeLines string) {
 		t.Errorf("big customer: %d requests admitted and %d units remaining, want them to add up to the burst %d (statuses %v)",
 			admitted, remaining, reloadBigBurst, big.statuses)
 	}
-	t.Logf("%d reloads under load: big customer %v, small customer %v; %d requests retried after their new connection was reset",
+	t.Logf("%d reloads under load: big customer %v, small customer %v; %d requests retried after a connection was reset or refused before any response",
 		reloadCount, big.statuses, small.statuses, big.resets+small.resets)
 
 	client.CloseIdleConnections()
