@@ -474,12 +474,13 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 	if origin == "" {
 		seq = 0 // no replay window without an origin
 	}
+	ts := thresholds(q.Thresholds)
 	return meterCall{
 		keys: s.scriptKeys(subject, q.PeriodID, idemKey),
 		args: []any{
 			mode, q.Included, q.PeriodEnd.Add(store.Retention).Unix(), flag(idemKey != ""),
-			seq, flag(replay), q.PeriodID, "h:" + q.HourID, thresholds(q.Thresholds), subject,
-			"w:" + origin, firstLevel(q), allCrossed(q.Thresholds),
+			seq, flag(replay), q.PeriodID, "h:" + q.HourID, ts, subject,
+			"w:" + origin, firstLevel(q), allCrossed(ts),
 		},
 	}, nil
 }
@@ -499,13 +500,13 @@ func thresholds(ts []int) string {
 	return b.String()
 }
 
-// allCrossed is the period hash's crossed field once every threshold has
-// been crossed in the order given: ",80,100,120,".
-func allCrossed(ts []int) string {
-	if t := thresholds(ts); t != "" {
-		return "," + t + ","
+// allCrossed is the period hash's crossed field once every threshold of
+// ts (as encoded by thresholds) has been crossed in order: ",80,100,120,".
+func allCrossed(ts string) string {
+	if ts == "" {
+		return ","
 	}
-	return ","
+	return "," + ts + ","
 }
 
 // firstLevel is the least usage at which q reaches one of its thresholds,
