@@ -74,6 +74,24 @@ type Key struct {
 // Active reports whether the key may still be used.
 func (k Key) Active() bool { return k.RevokedAt.IsZero() }
 
+// MergeConfig returns stored, the customer as the store holds it, updated
+// by c, the same customer declared in the configuration, by the rule of
+// Store.UpsertConfigCustomer: contact fields (Email, StripeCustomerID,
+// Anchor when set) from c, and Tier from c only when c.ConfigTier differs
+// from the stored ConfigTier.
+func (stored Customer) MergeConfig(c Customer) Customer {
+	stored.Email = c.Email
+	stored.StripeCustomerID = c.StripeCustomerID
+	if !c.Anchor.IsZero() {
+		stored.Anchor = c.Anchor
+	}
+	if c.ConfigTier != stored.ConfigTier {
+		stored.Tier = c.Tier
+		stored.ConfigTier = c.ConfigTier
+	}
+	return stored
+}
+
 // Store is the persistence contract shared by every backend. All methods are
 // safe for concurrent use. Methods return ErrNotFound for missing records and
 // errors wrapping ErrUnavailable when the backend cannot be reached.

@@ -176,15 +176,7 @@ func (s *Store) UpsertConfigCustomer(_ context.Context, c store.Customer) (store
 		if err := json.Unmarshal(old, &cur); err != nil {
 			return decodeErr("customer", c.ID, err)
 		}
-		cur.Email = c.Email
-		cur.StripeCustomerID = c.StripeCustomerID
-		if !c.Anchor.IsZero() {
-			cur.Anchor = c.Anchor
-		}
-		if c.ConfigTier != cur.ConfigTier {
-			cur.Tier = c.Tier
-			cur.ConfigTier = c.ConfigTier
-		}
+		cur = cur.MergeConfig(c)
 		c = cur
 		v, err := json.Marshal(cur)
 		if err != nil {

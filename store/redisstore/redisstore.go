@@ -373,15 +373,7 @@ func (s *Store) UpsertConfigCustomer(ctx context.Context, c store.Customer) (sto
 			if err := decode("customer", c.ID, old, &cur); err != nil {
 				return err
 			}
-			cur.Email = c.Email
-			cur.StripeCustomerID = c.StripeCustomerID
-			if !c.Anchor.IsZero() {
-				cur.Anchor = c.Anchor
-			}
-			if c.ConfigTier != cur.ConfigTier {
-				cur.Tier = c.Tier
-				cur.ConfigTier = c.ConfigTier
-			}
+			cur = cur.MergeConfig(c)
 			result = cur
 			data, err := json.Marshal(cur)
 			if err != nil {
