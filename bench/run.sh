@@ -6,6 +6,8 @@
 #   CADDY=/path/to/caddy bash bench/run.sh  # skip the build, use this binary
 #   GOGC=400 bash bench/run.sh              # GOGC/GOMAXPROCS/GOMEMLIMIT go to every Caddy
 #   FOUNDATION=65f76dd bash bench/run.sh    # also run that git revision's build (E, F below)
+#   COMPARE=HEAD bash bench/run.sh          # also run C and D on that revision's build (G, H)
+#   COMPARE_CADDY=/path/to/caddy bash ...   # the same with a binary built before
 #
 # Other knobs: WARMUP (s per config, 2), THREADS (wrk -t, 1), BASE_PORT
 # (18180; uses BASE_PORT+1..+40), BENCH_RESULTS=<file> keeps the raw
@@ -25,6 +27,11 @@
 # rounds, so metering's cost is measured against it in one run:
 #   E  foundation build, embedded store   + reverse_proxy to the upstream
 #   F  foundation build, Redis store      + reverse_proxy (database 1 of the same Redis)
+# With COMPARE=<git revision> (or COMPARE_CADDY=<binary>) it also runs C's
+# and D's configurations on that build, in the same rounds, to measure a
+# change before and after in one run:
+#   G  compared build, embedded store      (C's configuration)
+#   H  compared build, Redis store         (D's configuration, database 2)
 # C and D have one tier (rate 100000000/min and a 10^9-unit monthly quota
 # with overage billing, so every request is rate-limited, reserved against
 # the quota and metered; nothing is ever denied) and one
@@ -53,6 +60,9 @@ BASE_PORT="${BASE_PORT:-18180}"
 CONFIGS=(A B C D)
 FOUNDATION="${FOUNDATION:-}"
 [[ -n "$FOUNDATION" ]] && CONFIGS+=(E F)
+COMPARE="${COMPARE:-}"
+COMPARE_CADDY="${COMPARE_CADDY:-}"
+[[ -n "$COMPARE" || -n "$COMPARE_CADDY" ]] && CONFIGS+=(G H)
 
 for v in ROUNDS DURATION WARMUP THREADS BASE_PORT; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "$v must be a whole number" >&2; exit 2; }
@@ -65,9 +75,9 @@ done
 
 # Ports: sites, upstream, admin endpoints, Redis.
 declare -A PORT=([A]=$((BASE_PORT + 1)) [B]=$((BASE_PORT + 2)) [C]=$((BASE_PORT + 3)) [D]=$((BASE_PORT + 4))
-	[E]=$((BASE_PORT + 5)) [F]=$((BASE_PORT + 6)) [U]=$((BASE_PORT + 10)))
+	[E]=$((BASE_PORT + 5)) [F]=$((BASE_PORT + 6)) [G]=$((BASE_PORT + 7)) [H]=$((BASE_PORT + 8)) [U]=$((BASE_PORT + 10)))
 declare -A ADMIN=([A]=$((BASE_PORT + 21)) [B]=$((BASE_PORT + 22)) [C]=$((BASE_PORT + 23)) [D]=$((BASE_PORT + 24))
-	[E]=$((BASE_PORT + 25)) [F]=$((BASE_PORT + 26)) [U]=$((BASE_PORT + 30)))
+	[E]=$((BASE_PORT + 25)) [F]=$((BASE_PORT + 26)) [G]=$((BASE_PORT + 27)) [H]=$((BASE_PORT + 28)) [U]=$((BASE_PORT + 30)))
 REDIS_PORT=$((BASE_PORT + 40))
 
 work="$(mktemp -d)"
@@ -80,9 +90,12 @@ cleanup() {
 	for pid in "${pids[@]}"; do
 		wait "$pid" 2>/dev/null || true
 	done
-	if [[ -d "$work/foundation" ]]; then
-		git worktree remove --force "$work/foundation" 2>/dev/null || true
-	fi
+	local wt
+	for wt in foundation compare; do
+		if [[ -d "$work/$wt" ]]; then
+			git worktree remove --force "$work/$wt" 2>/dev/null || true
+		fi
+	done
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -122,15 +135,25 @@ fi
 "$caddy" list-modules | grep -qx http.handlers.api_monetize ||
 	{ echo "$caddy has no http.handlers.api_monetize module" >&2; exit 1; }
 declare -A BIN=([U]="$caddy" [A]="$caddy" [B]="$caddy" [C]="$caddy" [D]="$caddy")
+build_rev() { # build_rev <git revision> <name>: Caddy from that revision's xcaddy.json, at $work/caddy-<name>
+	echo "building $1 from its own xcaddy.json ..."
+	{ git worktree add --detach --quiet "$work/$2" "$1" &&
+		go -C "$work/$2/build" run . -o "$work/caddy-$2"; } >"$work/build-$2.log" 2>&1 ||
+		{ tail -30 "$work/build-$2.log" >&2; exit 1; }
+	git worktree remove --force "$work/$2"
+}
 if [[ -n "$FOUNDATION" ]]; then
-	echo "building the foundation ($FOUNDATION) from its own xcaddy.json ..."
-	{ git worktree add --detach --quiet "$work/foundation" "$FOUNDATION" &&
-		go -C "$work/foundation/build" run . -o "$work/caddy-foundation"; } >"$work/build-foundation.log" 2>&1 ||
-		{ tail -30 "$work/build-foundation.log" >&2; exit 1; }
-	git worktree remove --force "$work/foundation"
+	build_rev "$FOUNDATION" foundation
 	BIN[E]="$work/caddy-foundation"
 	BIN[F]="$work/caddy-foundation"
 fi
+if [[ -n "$COMPARE_CADDY" ]]; then
+	BIN[G]="$COMPARE_CADDY"
+elif [[ -n "$COMPARE" ]]; then
+	build_rev "$COMPARE" compare
+	BIN[G]="$work/caddy-compare"
+fi
+[[ -n "${BIN[G]:-}" ]] && BIN[H]="${BIN[G]}"
 
 # ---- configuration ----
 # The key and the HMAC secret are random per run and reach Caddy through
@@ -171,6 +194,8 @@ upstream="reverse_proxy 127.0.0.1:${PORT[U]}"
 { global "${ADMIN[D]}" "redis redis://127.0.0.1:$REDIS_PORT/0"; site "${PORT[D]}" api_monetize "$upstream"; } >"$work/D.Caddyfile"
 { global "${ADMIN[E]}" "" foundation; site "${PORT[E]}" api_monetize "$upstream"; } >"$work/E.Caddyfile"
 { global "${ADMIN[F]}" "redis redis://127.0.0.1:$REDIS_PORT/1" foundation; site "${PORT[F]}" api_monetize "$upstream"; } >"$work/F.Caddyfile"
+{ global "${ADMIN[G]}" ""; site "${PORT[G]}" api_monetize "$upstream"; } >"$work/G.Caddyfile"
+{ global "${ADMIN[H]}" "redis redis://127.0.0.1:$REDIS_PORT/2"; site "${PORT[H]}" api_monetize "$upstream"; } >"$work/H.Caddyfile"
 
 # ---- processes ----
 declare -A PID
@@ -255,7 +280,7 @@ measure() { # measure <round> <conns> <config>
 		END {
 			if (reqs < 1) { print "wrk reported no requests" > "/dev/stderr"; exit 1 }
 			us = 1e6 / tck / reqs
-			if (c != "D" && c != "F") { calls = 0; cmds = 0; rd = 0 }
+			if (c != "D" && c != "F" && c != "H") { calls = 0; cmds = 0; rd = 0 }
 			if (c == "A") up = 0
 			printf "%d\t%d\t%s\t%.0f\t%.3f\t%.3f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.3f\t%.3f\t%.3f\n",
 				r, n, c, rps, p50, p99, reqs, bad, gw * us, up * us, rd * us, gc * 1000 / reqs, calls / reqs, cmds / reqs
@@ -305,9 +330,9 @@ done
 echo
 echo "== results: medians over $ROUNDS rounds; ratios are paired (per round, then median)"
 echo "   CPU columns are process utime+stime per request served: gw = the Caddy under test,"
-echo "   up = the upstream Caddy, rds = redis-server (D, F). GC = gateway GC cycles per 1k requests."
+echo "   up = the upstream Caddy, rds = redis-server (D, F, H). GC = gateway GC cycles per 1k requests."
 echo "   calls = Redis EVAL/EVALSHA calls (script round trips) per request; cmds = all Redis commands per"
-echo "   request, counting those a script runs inside Redis as well (D, F; INFO commandstats deltas)."
+echo "   request, counting those a script runs inside Redis as well (D, F, H; INFO commandstats deltas)."
 for n in $CONNS; do
 	echo
 	echo "-- wrk -c$n"
@@ -338,8 +363,9 @@ for n in $CONNS; do
 			name["A"] = "A bare respond"; name["B"] = "B bare reverse_proxy"
 			name["C"] = "C api_monetize embedded + proxy"; name["D"] = "D api_monetize Redis + proxy"
 			name["E"] = "E foundation embedded + proxy"; name["F"] = "F foundation Redis + proxy"
-			split("A B C D E F", order, " ")
-			for (o = 1; o <= 6; o++) {
+			name["G"] = "G compared build, embedded"; name["H"] = "H compared build, Redis"
+			split("A B C D E F G H", order, " ")
+			for (o = 1; o <= 8; o++) {
 				c = order[o]
 				if (rps[c] == "") continue
 				rr = ""; rg = ""; rt = ""
@@ -351,13 +377,14 @@ for n in $CONNS; do
 				printf "%-34s %9.0f %13s %7.3f %7.3f %7.1f %6.1f %6.1f %6.2f %6s %6s %6d %9.3f %9.3f %9.3f\n",
 					name[c], median(rps[c]), minmax(rps[c]), median(p50[c]), median(p99[c]),
 					median(gw[c]), median(up[c]), median(rd[c]), median(gc[c]),
-					(c == "D" || c == "F" ? sprintf("%.2f", median(calls[c])) : "-"),
-					(c == "D" || c == "F" ? sprintf("%.2f", median(cmds[c])) : "-"),
+					(c == "D" || c == "F" || c == "H" ? sprintf("%.2f", median(calls[c])) : "-"),
+					(c == "D" || c == "F" || c == "H" ? sprintf("%.2f", median(cmds[c])) : "-"),
 					bad[c], median(rr), median(rg), median(rt)
 			}
-			# The cost of metering: each store against the foundation, paired per round.
-			split("C E D F", pair, " ")
-			for (o = 1; o <= 3; o += 2) {
+			# The cost of metering: each store against the foundation, paired per
+			# round; and this build against the compared one.
+			split("C E D F C G D H", pair, " ")
+			for (o = 1; o <= 7; o += 2) {
 				c = pair[o]; f = pair[o + 1]
 				if (rps[f] == "") continue
 				rr = ""; rg = ""

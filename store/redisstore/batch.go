@@ -33,9 +33,8 @@ var errSendTimeout = errors.New("redisstore: timed out waiting to send")
 
 // scriptCall is one metering script call.
 type scriptCall struct {
-	script *redis.Script
-	keys   []string
-	args   []any
+	script *luaScript
+	args   *command
 	// deadline bounds the call: its pipeline ends by then, and it is not
 	// sent after it.
 	deadline time.Time
@@ -43,24 +42,53 @@ type scriptCall struct {
 	// taken is set when a leader takes the call: from then on it is sent
 	// (or fails) whatever its caller does.
 	taken atomic.Bool
-	// Once done is closed, err is set when the call was not sent, and cmd
-	// holds the reply otherwise.
-	err  error
-	cmd  *redis.Cmd
-	done chan struct{}
+	// Once done is closed, the call has its reply, or err: not sent, an
+	// I/O error (the call may have run) or an error reply.
+	reply []int64
+	err   error
+	done  chan struct{}
 }
+
+// lane is a pipeline lane: its connection, dialed on first use and again
+// after an I/O error.
+type lane struct{ conn *conn }
 
 // batcher groups concurrent script calls into pipelines.
 type batcher struct {
-	client *redis.Client
-	lanes  chan struct{} // a token per pipeline in flight
+	dialer *dialer
+	lanes  chan *lane // the lanes not in use
+	closed atomic.Bool
+	// drops counts connections dropped after an I/O error.
+	drops atomic.Int64
 
 	mu      sync.Mutex
 	pending []*scriptCall // guarded by mu: calls not yet taken, oldest first
 }
 
-func newBatcher(client *redis.Client) *batcher {
-	return &batcher{client: client, lanes: make(chan struct{}, maxLanes)}
+func newBatcher(d *dialer) *batcher {
+	b := &batcher{dialer: d, lanes: make(chan *lane, maxLanes)}
+	for range maxLanes {
+		b.lanes <- &lane{}
+	}
+	return b
+}
+
+// close closes the lanes' connections once their pipelines in flight
+// end; calls after it fail with redis.ErrClosed.
+func (b *batcher) close() {
+	b.closed.Store(true)
+	held := make([]*lane, 0, maxLanes)
+	for range maxLanes {
+		l := <-b.lanes
+		if l.conn != nil {
+			_ = l.conn.nc.Close()
+			l.conn = nil
+		}
+		held = append(held, l)
+	}
+	for _, l := range held {
+		b.lanes <- l
+	}
 }
 
 // do sends c and waits until it is done, or ctx ends (it then returns
@@ -75,9 +103,9 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 	b.mu.Unlock()
 	for !c.taken.Load() {
 		select {
-		case b.lanes <- struct{}{}:
-			b.lead()
-			<-b.lanes
+		case l := <-b.lanes:
+			b.lead(l)
+			b.lanes <- l
 		case <-ctx.Done():
 			b.mu.Lock()
 			defer b.mu.Unlock()
@@ -102,10 +130,11 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 }
 
 // lead takes up to maxBatch pending calls, fails those past their
-// deadline, sends the others as one pipeline that ends by the earliest of
-// their deadlines, and hands every caller its reply. The pipeline is not
-// cut short when the leader's own caller goes away: others wait for it.
-func (b *batcher) lead() {
+// deadline, sends the others on l as one pipeline that ends by the
+// earliest of their deadlines, and hands every caller its reply. The
+// pipeline is not cut short when the leader's own caller goes away: others
+// wait for it.
+func (b *batcher) lead(l *lane) {
 	b.mu.Lock()
 	n := min(len(b.pending), maxBatch)
 	batch := make([]*scriptCall, n)
@@ -116,51 +145,92 @@ func (b *batcher) lead() {
 	}
 	b.mu.Unlock()
 	now := time.Now()
-	var live []*scriptCall
+	live := batch[:0:0]
 	var first time.Time
 	for _, c := range batch {
 		if !now.Before(c.deadline) {
 			c.err = errSendTimeout
 			continue
 		}
-		if live == nil || c.deadline.Before(first) {
+		if len(live) == 0 || c.deadline.Before(first) {
 			first = c.deadline
 		}
 		live = append(live, c)
 	}
 	if len(live) > 0 {
-		ctx, cancel := context.WithDeadline(context.Background(), first)
-		b.exec(ctx, live, false)
-		cancel()
+		b.exec(l, live, first)
 	}
 	for _, c := range batch {
 		close(c.done)
 	}
 }
 
-// exec sends batch as one pipeline of EVALSHA, or of EVAL (which also
-// loads the script) for calls that Redis answered NOSCRIPT: those did not
-// run, so sending them again counts nothing twice.
-func (b *batcher) exec(ctx context.Context, batch []*scriptCall, eval bool) {
-	pipe := b.client.Pipeline()
-	for _, c := range batch {
-		if eval {
-			c.cmd = c.script.Eval(ctx, pipe, c.keys, c.args...)
-		} else {
-			c.cmd = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
-		}
-	}
-	_, _ = pipe.Exec(ctx)
-	if eval {
+// exec sends batch on l as one pipeline of EVALSHA, then, for the calls
+// that Redis answered NOSCRIPT (which did not run, so sending them again
+// counts nothing twice), one of EVAL, which also loads the script.
+func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
+	if b.closed.Load() {
+		fail(batch, redis.ErrClosed)
 		return
 	}
-	var unknown []*scriptCall
-	for _, c := range batch {
-		if redis.HasErrorPrefix(c.cmd.Err(), "NOSCRIPT") {
-			unknown = append(unknown, c)
-		}
+	if l.conn != nil && l.conn.stale(b.drops.Load()) {
+		b.drop(l)
 	}
-	if len(unknown) > 0 {
-		b.exec(ctx, unknown, true)
+	drops := b.drops.Load()
+	if l.conn == nil {
+		c, err := b.dialer.open(deadline)
+		if err != nil {
+			fail(batch, err)
+			return
+		}
+		l.conn = c
+	}
+	c := l.conn
+	if err := c.nc.SetDeadline(deadline); err != nil {
+		b.drop(l)
+		fail(batch, err)
+		return
+	}
+	for eval := false; len(batch) > 0; eval = true {
+		c.w = c.w[:0]
+		for _, call := range batch {
+			c.w = appendCall(c.w, call.script, call.args, eval)
+		}
+		if _, err := c.nc.Write(c.w); err != nil {
+			b.drop(l)
+			fail(batch, err)
+			return
+		}
+		unknown := batch[:0:0]
+		for i, call := range batch {
+			vals, reply, err := c.read()
+			if err != nil {
+				b.drop(l)
+				fail(batch[i:], err)
+				return
+			}
+			if !eval && noScript(reply) {
+				unknown = append(unknown, call)
+				continue
+			}
+			call.reply, call.err = vals, reply
+		}
+		batch = unknown
+	}
+	c.used, c.drops = time.Now(), drops
+}
+
+// drop closes l's connection, found closed or after an I/O error (replies
+// of a pipeline cut short would otherwise answer the next one), and has
+// the other lanes check theirs before their next pipeline.
+func (b *batcher) drop(l *lane) {
+	b.drops.Add(1)
+	_ = l.conn.nc.Close()
+	l.conn = nil
+}
+
+func fail(calls []*scriptCall, err error) {
+	for _, c := range calls {
+		c.err = err
 	}
 }

@@ -232,8 +232,8 @@ end
 
 // meterScript returns a metering script: meterLua and then body, with the
 // constants written in.
-func meterScript(body string) *redis.Script {
-	return redis.NewScript(strings.NewReplacer(
+func meterScript(body string) *luaScript {
+	return newLuaScript(strings.NewReplacer(
 		"@SEQ_WINDOW@", strconv.Itoa(store.SeqWindow),
 		"@IDEM_TTL@", strconv.FormatInt(int64(store.IdempotencyWindow/time.Second), 10),
 		"@RETENTION_S@", strconv.FormatInt(int64(store.Retention/time.Second), 10),
@@ -408,52 +408,12 @@ func (s *Store) periodKey(subject, period string) string {
 func (s *Store) outboxKey(subject string) string { return s.prefix + "{" + subject + "}:outbox" }
 func (s *Store) outboxSubjectsKey() string       { return s.prefix + "outbox:subjects" }
 
-// scriptKeys returns the keys of the metering scripts (see meterLua) as
-// substrings of one string, to save allocations on the request path:
-// rate, idempotency (P{s}:idem: when there is no key: declared, never
-// used), period, outbox, outbox subjects.
-func (s *Store) scriptKeys(subject, period, idemKey string) []string {
-	tagged := [4][2]string{{"rl"}, {"idem:", idemKey}, {"q:", period}, {"outbox"}}
-	n := len(s.prefix) + len("outbox:subjects")
-	for _, parts := range tagged {
-		n += len(s.prefix) + len(subject) + 3 + len(parts[0]) + len(parts[1])
-	}
-	var b strings.Builder
-	b.Grow(n)
-	var ends [5]int
-	for i, parts := range tagged {
-		b.WriteString(s.prefix)
-		b.WriteByte('{')
-		b.WriteString(subject)
-		b.WriteString("}:")
-		b.WriteString(parts[0])
-		b.WriteString(parts[1])
-		ends[i] = b.Len()
-	}
-	b.WriteString(s.prefix)
-	b.WriteString("outbox:subjects")
-	ends[4] = b.Len()
-	all := b.String()
-	keys := make([]string, len(ends))
-	start := 0
-	for i, end := range ends {
-		keys[i], start = all[start:end], end
-	}
-	return keys
-}
-
-var _ store.Meter = (*Store)(nil)
-
-// meterCall is what Reserve and Settle have in common: the keys and the
-// first 13 script arguments.
-type meterCall struct {
-	keys []string
-	args []any
-}
-
 // newMeterCall validates and encodes the common part of a reservation or
-// settlement.
-func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin string, seq int64, replay bool) (meterCall, error) {
+// settlement: the keys of the metering scripts and their first 13
+// arguments (see meterLua), written straight into the command sent. The
+// keys are rate, idempotency (P{s}:idem: when there is no key: declared,
+// never used), period, outbox and outbox subjects.
+func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin string, seq int64, replay bool) (*command, error) {
 	var mode string
 	switch q.Mode {
 	case store.QuotaMeter:
@@ -461,52 +421,65 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 	case store.QuotaBlock, store.QuotaBill, store.QuotaThrottle:
 		mode = q.Mode
 	default:
-		return meterCall{}, fmt.Errorf("redisstore: unknown quota mode %q", q.Mode)
+		return nil, fmt.Errorf("redisstore: unknown quota mode %q", q.Mode)
 	}
 	switch {
 	case subject == "":
-		return meterCall{}, errors.New("redisstore: empty subject")
+		return nil, errors.New("redisstore: empty subject")
 	case q.PeriodID == "" || q.HourID == "" || q.PeriodEnd.IsZero():
-		return meterCall{}, errors.New("redisstore: quota without a period id, period end or hour id")
+		return nil, errors.New("redisstore: quota without a period id, period end or hour id")
 	case q.Included < 0 || q.Included >= maxExact || seq < 0 || seq >= maxExact:
-		return meterCall{}, errors.New("redisstore: included units or seq out of range")
+		return nil, errors.New("redisstore: included units or seq out of range")
 	}
 	if origin == "" {
 		seq = 0 // no replay window without an origin
 	}
-	ts := thresholds(q.Thresholds)
-	return meterCall{
-		keys: s.scriptKeys(subject, q.PeriodID, idemKey),
-		args: []any{
-			mode, q.Included, q.PeriodEnd.Add(store.Retention).Unix(), flag(idemKey != ""),
-			seq, flag(replay), q.PeriodID, "h:" + q.HourID, ts, subject,
-			"w:" + origin, firstLevel(q), allCrossed(ts),
-		},
-	}, nil
+	var ts [64]byte
+	levels := appendThresholds(ts[:0], q.Thresholds)
+	c := &command{b: make([]byte, 0, 384+2*len(s.prefix)+5*len(subject)+len(q.PeriodID)+len(idemKey)+len(origin)+2*len(levels))}
+	tagged := s.prefix + "{" + subject + "}:"
+	c.int(5)
+	c.str(tagged, "rl")
+	c.str(tagged+"idem:", idemKey)
+	c.str(tagged+"q:", q.PeriodID)
+	c.str(tagged, "outbox")
+	c.str(s.prefix, "outbox:subjects")
+	c.str(mode, "")
+	c.int(q.Included)
+	c.int(q.PeriodEnd.Add(store.Retention).Unix())
+	c.int(flag(idemKey != ""))
+	c.int(seq)
+	c.int(flag(replay))
+	c.str(q.PeriodID, "")
+	c.str("h:", q.HourID)
+	c.bytes(levels)
+	c.str(subject, "")
+	c.str("w:", origin)
+	c.int(firstLevel(q))
+	// The crossed field once every threshold is crossed: ",80,100,120,".
+	var all [66]byte
+	crossed := append(append(all[:0], ','), levels...)
+	if len(levels) > 0 {
+		crossed = append(crossed, ',')
+	}
+	c.bytes(crossed)
+	return c, nil
 }
 
-// thresholds encodes thresholds for the metering scripts: "80,100,120".
-func thresholds(ts []int) string {
-	var b strings.Builder
+// appendThresholds appends thresholds encoded for the metering scripts:
+// "80,100,120".
+func appendThresholds(b []byte, ts []int) []byte {
+	start := len(b)
 	for _, t := range ts {
 		if t <= 0 {
 			continue
 		}
-		if b.Len() > 0 {
-			b.WriteByte(',')
+		if len(b) > start {
+			b = append(b, ',')
 		}
-		b.WriteString(strconv.Itoa(t))
+		b = strconv.AppendInt(b, int64(t), 10)
 	}
-	return b.String()
-}
-
-// allCrossed is the period hash's crossed field once every threshold of
-// ts (as encoded by thresholds) has been crossed in order: ",80,100,120,".
-func allCrossed(ts string) string {
-	if ts == "" {
-		return ","
-	}
-	return "," + ts + ","
+	return b
 }
 
 // firstLevel is the least usage at which q reaches one of its thresholds,
@@ -536,7 +509,7 @@ func firstLevel(q store.Quota) int64 {
 	return level
 }
 
-func flag(b bool) int {
+func flag(b bool) int64 {
 	if b {
 		return 1
 	}
@@ -558,7 +531,7 @@ func policyArgs(p limiter.Policy) (interval, burst int64) {
 
 // run runs a metering script under the breaker and OpTimeout, in a
 // pipeline shared with concurrent calls (see batcher).
-func (s *Store) run(ctx context.Context, script *redis.Script, c meterCall, args ...any) ([]int64, error) {
+func (s *Store) run(ctx context.Context, script *luaScript, args *command) ([]int64, error) {
 	probe, err := s.breaker.allow()
 	if err != nil {
 		return nil, err
@@ -567,21 +540,11 @@ func (s *Store) run(ctx context.Context, script *redis.Script, c meterCall, args
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
-	call := &scriptCall{script: script, keys: c.keys, args: append(c.args, args...), deadline: deadline}
-	var r []int64
+	call := &scriptCall{script: script, args: args, deadline: deadline}
 	if err = s.scripts.do(ctx, call); err == nil {
 		err = call.err
 	}
-	if err == nil {
-		if err = call.cmd.Err(); err == nil {
-			if n, ok := call.cmd.Val().(int64); ok {
-				r = []int64{n}
-			} else {
-				r, err = call.cmd.Int64Slice()
-			}
-		}
-	}
-	return r, s.finish(ctx, probe, err)
+	return call.reply, s.finish(ctx, probe, err)
 }
 
 // Reserve implements store.Meter with one EVALSHA round trip: the replay
@@ -633,7 +596,10 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	}
 	ri, rb := policyArgs(r.Rate)
 	ti, tb := policyArgs(r.Quota.Throttle)
-	v, err := s.run(ctx, reserveScript, c, r.Cost, ri, rb, ti, tb)
+	for _, a := range [...]int64{r.Cost, ri, rb, ti, tb} {
+		c.int(a)
+	}
+	v, err := s.run(ctx, reserveScript, c)
 	if err != nil {
 		return store.Reserved{}, 0, err
 	}
@@ -679,7 +645,10 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 	if err != nil {
 		return err
 	}
-	_, err = s.run(ctx, settleScript, c, st.Reserved, st.Overage, st.Actual)
+	for _, a := range [...]int64{st.Reserved, st.Overage, st.Actual} {
+		c.int(a)
+	}
+	_, err = s.run(ctx, settleScript, c)
 	return err
 }
 

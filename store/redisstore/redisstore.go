@@ -23,7 +23,9 @@
 //	Pchanges               pub/sub channel: one message per customer or key change
 //
 // On the request path only the metering scripts run, on keys hash-tagged
-// per subject (and, when a threshold is crossed, the global outbox index).
+// per subject (and, when a threshold is crossed, the global outbox index),
+// over connections of their own (see batch.go and resp.go); everything
+// else goes through go-redis.
 // The metadata operations touch several keys in one transaction and
 // assume they live on one node.
 package redisstore
@@ -142,9 +144,9 @@ func New(o Options) (*Store, error) {
 	ro.DialerRetries = 1
 	// Keep the connection handshake to HELLO (and AUTH/SELECT when set).
 	ro.DisableIdentity = true
-	// Pipelines (the batched metering scripts) share the main pool: a
-	// separate pipeline pool would dial again on the main pool when it
-	// cannot connect, doubling the attempts of an outage.
+	// Pipelines share the main pool: a separate pipeline pool would dial
+	// again on the main pool when it cannot connect, doubling the attempts
+	// of an outage.
 	ro.PipelinePoolSize = -1
 	ro.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
 	if o.dial != nil {
@@ -152,9 +154,13 @@ func New(o Options) (*Store, error) {
 	}
 	life, end := context.WithCancel(context.Background())
 	client := redis.NewClient(ro)
+	co := client.Options() // with go-redis's default dialer filled in
 	return &Store{
-		client:    client,
-		scripts:   newBatcher(client),
+		client: client,
+		scripts: newBatcher(&dialer{
+			dial: co.Dialer, network: co.Network, addr: co.Addr,
+			username: co.Username, password: co.Password, db: co.DB,
+		}),
 		prefix:    o.KeyPrefix,
 		opTimeout: o.OpTimeout,
 		breaker:   newBreaker(o.BreakerFailures, o.BreakerCooldown),
@@ -168,6 +174,7 @@ func New(o Options) (*Store, error) {
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		s.end()
+		s.scripts.close()
 		s.closeErr = s.client.Close()
 	})
 	return s.closeErr
