@@ -40,8 +40,10 @@
 # connection count, the config order rotated every round so machine drift
 # hits all alike. Per run it records wrk's req/s and p50/p99, the processes'
 # utime+stime from /proc/<pid>/stat, GC cycles (GODEBUG=gctrace=1) and, for D,
-# Redis INFO commandstats. It prints medians over the rounds and paired
-# ratios (taken per round, then the median) of C and D to B.
+# Redis INFO commandstats. It prints medians over the rounds, paired
+# ratios (taken per round, then the median) of C and D to B, and the
+# quartiles of those pairings (throughput ratio and added gateway CPU in
+# µs), which show how far one round's machine noise reaches.
 #
 # Needs wrk, redis-server and redis-cli (installed with apt-get when missing
 # and running as root), curl and go. Everything listens on 127.0.0.1 only,
@@ -395,6 +397,28 @@ for n in $CONNS; do
 				printf "   %s against %s (paired): req/s %.3f, gateway CPU/req %.3f\n", c, f, median(rr), median(rg)
 			}
 		}' "$results"
+	# The spread of the paired comparisons with B: quartiles over the rounds.
+	awk -F'\t' -v n="$n" '
+		function sortq(s, p,   a, k, i, j, v, x) {
+			k = split(s, a, " ")
+			for (i = 2; i <= k; i++) { v = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+			x = (k - 1) * p + 1; i = int(x)
+			return (i >= k) ? a[k] + 0 : a[i] + (x - i) * (a[i + 1] - a[i])
+		}
+		$2 == n { R[$1, $3, "rps"] = $4; R[$1, $3, "gw"] = $9; rounds[$1] = 1; seen[$3] = 1 }
+		END {
+			split("C D E F G H", order, " ")
+			for (o = 1; o <= 6; o++) {
+				c = order[o]; if (!(c in seen)) continue
+				rr = ""; dg = ""; k = 0
+				for (r in rounds) if ((r, c, "rps") in R && (r, "B", "rps") in R) {
+					rr = rr " " R[r, c, "rps"] / R[r, "B", "rps"]; dg = dg " " R[r, c, "gw"] - R[r, "B", "gw"]; k++
+				}
+				printf "   %s against B, paired over %d rounds (quartiles): req/s %.3f %.3f %.3f; added gateway CPU %+.1f %+.1f %+.1f us/req\n",
+					c, k, sortq(rr, 0.25), sortq(rr, 0.5), sortq(rr, 0.75), sortq(dg, 0.25), sortq(dg, 0.5), sortq(dg, 0.75)
+			}
+		}
+	' "$results"
 	awk -v n="$n" '$1 == n { if ($2 == "requests") reqs += $3; else calls[$2] += $3 }
 		END {
 			if (reqs == 0) exit
