@@ -8,6 +8,7 @@
 #   FOUNDATION=65f76dd bash bench/run.sh    # also run that git revision's build (E, F below)
 #   COMPARE=HEAD bash bench/run.sh          # also run C and D on that revision's build (G, H)
 #   COMPARE_CADDY=/path/to/caddy bash ...   # the same with a binary built before
+#   TOGETHER=10 bash bench/run.sh           # also 10 rounds of each config loaded at once with B
 #
 # Other knobs: WARMUP (s per config, 2), THREADS (wrk -t, 1), BASE_PORT
 # (18180; uses BASE_PORT+1..+40), BENCH_RESULTS=<file> keeps the raw
@@ -45,6 +46,13 @@
 # quartiles of those pairings (throughput ratio and added gateway CPU in
 # µs), which show how far one round's machine noise reaches.
 #
+# TOGETHER=<rounds> then pairs in time as well: each round loads every
+# config but A and B at the same moment as B (two wrk, each with half of the
+# first CONNS value's connections, for DURATION), so both see the same
+# machine, and prints the quartiles of the added gateway CPU per request
+# and of the throughput ratio. Much less noisy than comparing runs taken
+# one after the other on a shared machine.
+#
 # Needs wrk, redis-server and redis-cli (installed with apt-get when missing
 # and running as root), curl and go. Everything listens on 127.0.0.1 only,
 # every run is bounded by DURATION, and every process started here is killed
@@ -58,6 +66,7 @@ DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 CONNS="${CONNS:-32}"
 THREADS="${THREADS:-1}"
+TOGETHER="${TOGETHER:-0}"
 BASE_PORT="${BASE_PORT:-18180}"
 CONFIGS=(A B C D)
 FOUNDATION="${FOUNDATION:-}"
@@ -66,11 +75,11 @@ COMPARE="${COMPARE:-}"
 COMPARE_CADDY="${COMPARE_CADDY:-}"
 [[ -n "$COMPARE" || -n "$COMPARE_CADDY" ]] && CONFIGS+=(G H)
 
-for v in ROUNDS DURATION WARMUP THREADS BASE_PORT; do
+for v in ROUNDS DURATION WARMUP THREADS TOGETHER BASE_PORT; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "$v must be a whole number" >&2; exit 2; }
 done
-((ROUNDS >= 1 && ROUNDS <= 50 && DURATION >= 1 && DURATION <= 120)) ||
-	{ echo "ROUNDS must be 1..50 and DURATION 1..120 s" >&2; exit 2; }
+((ROUNDS >= 1 && ROUNDS <= 50 && TOGETHER <= 50 && DURATION >= 1 && DURATION <= 120)) ||
+	{ echo "ROUNDS must be 1..50, TOGETHER 0..50 and DURATION 1..120 s" >&2; exit 2; }
 for c in $CONNS; do
 	[[ "$c" =~ ^[0-9]+$ ]] && ((c >= 1 && c <= 1000)) || { echo "CONNS must list numbers 1..1000" >&2; exit 2; }
 done
@@ -324,6 +333,36 @@ for ((r = 1; r <= ROUNDS; r++)); do
 	done
 done
 
+# together <round> <config>: <config> and B loaded at the same time.
+together() {
+	local r=$1 c=$2 half=$((( ${CONNS%% *} + 1) / 2)) b0 c0 b1 c1 wpid
+	b0=$(cpu_ticks "${PID[B]}"); c0=$(cpu_ticks "${PID[$c]}")
+	run_wrk B "$half" "$DURATION" "$work/together-B.out" &
+	wpid=$!
+	run_wrk "$c" "$half" "$DURATION" "$work/together-c.out"
+	wait "$wpid"
+	b1=$(cpu_ticks "${PID[B]}"); c1=$(cpu_ticks "${PID[$c]}")
+	awk -v r="$r" -v c="$c" -v tck="$CLK_TCK" -v gb=$((b1 - b0)) -v gc=$((c1 - c0)) '
+		/ requests in / { if (FILENAME ~ /-B.out$/) rb = $1; else rc = $1 }
+		END {
+			if (rb < 1 || rc < 1) { print "wrk reported no requests" > "/dev/stderr"; exit 1 }
+			printf "%d\t%s\t%.2f\t%.2f\t%.4f\n", r, c, gb * 1e6 / tck / rb, gc * 1e6 / tck / rc, rc / rb
+		}' "$work/together-B.out" "$work/together-c.out" >>"$work/together.tsv"
+	tail -1 "$work/together.tsv" | awk -F'\t' '{ printf "  together %d  %s with B  gw %.1f vs %.1f us/req (%+.1f)  req/s ratio %.3f\n", $1, $2, $4, $3, $4 - $3, $5 }'
+}
+if ((TOGETHER > 0)); then
+	echo
+	echo "== together: each config loaded at the same time as B (wrk -c$((( ${CONNS%% *} + 1) / 2)) each)"
+	: >"$work/together.tsv"
+	for ((r = 1; r <= TOGETHER; r++)); do
+		for c in "${CONFIGS[@]}"; do
+			[[ "$c" == A || "$c" == B ]] && continue
+			together "$r" "$c"
+			sleep 1
+		done
+	done
+fi
+
 for c in "${CONFIGS[@]}"; do
 	kill -0 "${PID[$c]}" 2>/dev/null || { echo "config $c's Caddy exited during the benchmark" >&2; exit 1; }
 done
@@ -427,6 +466,27 @@ for n in $CONNS; do
 			printf "\n"
 		}' "$work/redis-D.txt"
 done
+
+if ((TOGETHER > 0)); then
+	echo
+	echo "-- together with B, $TOGETHER rounds (quartiles 25 % / median / 75 %)"
+	awk -F'\t' '
+		function sortq(s, p,   a, k, i, j, v, x) {
+			k = split(s, a, " ")
+			for (i = 2; i <= k; i++) { v = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+			x = (k - 1) * p + 1; i = int(x)
+			return (i >= k) ? a[k] + 0 : a[i] + (x - i) * (a[i + 1] - a[i])
+		}
+		{ d[$2] = d[$2] " " ($4 - $3); q[$2] = q[$2] " " $5; b[$2] = b[$2] " " $3 }
+		END {
+			split("C D E F G H", order, " ")
+			for (o = 1; o <= 6; o++) {
+				c = order[o]; if (!(c in d)) continue
+				printf "   %s: added gateway CPU %+.1f / %+.1f / %+.1f us/req (B itself %.1f us/req); req/s ratio to B %.3f / %.3f / %.3f\n",
+					c, sortq(d[c], 0.25), sortq(d[c], 0.5), sortq(d[c], 0.75), sortq(b[c], 0.5), sortq(q[c], 0.25), sortq(q[c], 0.5), sortq(q[c], 0.75)
+			}
+		}' "$work/together.tsv"
+fi
 
 if awk -F'\t' '$8 > 0 { bad = 1 } END { exit !bad }' "$results"; then
 	echo
