@@ -173,7 +173,9 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		fail(batch, redis.ErrClosed)
 		return
 	}
-	if l.conn != nil && l.conn.stale(b.drops.Load()) {
+	// The deadline goes on first: the check reads the socket, and the last
+	// pipeline's deadline has passed.
+	if l.conn != nil && (l.conn.nc.SetDeadline(deadline) != nil || l.conn.stale(b.drops.Load())) {
 		b.drop(l)
 	}
 	drops := b.drops.Load()
@@ -186,11 +188,6 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		l.conn = c
 	}
 	c := l.conn
-	if err := c.nc.SetDeadline(deadline); err != nil {
-		b.drop(l)
-		fail(batch, err)
-		return
-	}
 	for eval := false; len(batch) > 0; eval = true {
 		c.w = c.w[:0]
 		for _, call := range batch {

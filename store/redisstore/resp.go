@@ -121,7 +121,8 @@ type dialer struct {
 // for a close by the server (a restart) before use.
 const idleCheck = time.Second
 
-// open returns a connection ready for scripts, by deadline.
+// open returns a connection ready for scripts, with deadline set, by
+// deadline.
 func (d *dialer) open(deadline time.Time) (*conn, error) {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
@@ -154,11 +155,9 @@ func (d *dialer) open(deadline time.Time) (*conn, error) {
 		hs = append(append(hs, "*2\r\n"...), sel.b...)
 		replies++
 	}
-	if replies > 0 {
-		err = nc.SetDeadline(deadline)
-		if err == nil {
-			_, err = nc.Write(hs)
-		}
+	err = nc.SetDeadline(deadline)
+	if err == nil && replies > 0 {
+		_, err = nc.Write(hs)
 		for range replies {
 			if err != nil {
 				break
@@ -169,10 +168,10 @@ func (d *dialer) open(deadline time.Time) (*conn, error) {
 				err = fmt.Errorf("connection handshake: %s", line)
 			}
 		}
-		if err != nil {
-			_ = nc.Close()
-			return nil, err
-		}
+	}
+	if err != nil {
+		_ = nc.Close()
+		return nil, err
 	}
 	return c, nil
 }

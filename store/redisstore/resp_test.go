@@ -7,9 +7,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -167,6 +169,37 @@ func TestScriptConnectionKilled(t *testing.T) {
 	}
 	if got := usage(); got != counted {
 		t.Errorf("%d units counted, want %d (a failed pipeline counts nothing)", got, counted)
+	}
+}
+
+// TestIdleConnectionKept checks that the check of an idle metering
+// connection keeps a healthy one: no new dial after an idle spell.
+func TestIdleConnectionKept(t *testing.T) {
+	var dials atomic.Int64
+	var d net.Dialer
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		return d.DialContext(ctx, network, addr) // a *net.TCPConn: checkable
+	}})
+	ctx := context.Background()
+	q := testQuota(store.QuotaBill, 100)
+	held := <-s.scripts.lanes // one lane, so every call uses the same connection
+	t.Cleanup(func() { s.scripts.lanes <- held })
+	for i := range 3 {
+		if _, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q}); err != nil {
+			t.Fatal(err)
+		}
+		// As if idle for longer than idleCheck, long past the deadline of the
+		// last pipeline.
+		l := <-s.scripts.lanes
+		l.conn.used = l.conn.used.Add(-2 * idleCheck)
+		if err := l.conn.nc.SetDeadline(time.Now().Add(-time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		s.scripts.lanes <- l
+		if n := dials.Load(); n != 1 {
+			t.Fatalf("after %d idle spells: %d dials, want 1 (the healthy connection kept)", i+1, n)
+		}
 	}
 }
 
