@@ -368,6 +368,15 @@ for c in "${CONFIGS[@]}"; do
 done
 
 # ---- summary ----
+# sortq(s, p): the p-quantile (0..1, interpolated) of the numbers listed in s.
+QUANTILE_AWK='
+function sortq(s, p,   a, k, i, j, v, x) {
+	k = split(s, a, " ")
+	for (i = 2; i <= k; i++) { v = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+	x = (k - 1) * p + 1; i = int(x)
+	return (i >= k) ? a[k] + 0 : a[i] + (x - i) * (a[i + 1] - a[i])
+}
+'
 echo
 echo "== results: medians over $ROUNDS rounds; ratios are paired (per round, then median)"
 echo "   CPU columns are process utime+stime per request served: gw = the Caddy under test,"
@@ -437,13 +446,7 @@ for n in $CONNS; do
 			}
 		}' "$results"
 	# The spread of the paired comparisons with B: quartiles over the rounds.
-	awk -F'\t' -v n="$n" '
-		function sortq(s, p,   a, k, i, j, v, x) {
-			k = split(s, a, " ")
-			for (i = 2; i <= k; i++) { v = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
-			x = (k - 1) * p + 1; i = int(x)
-			return (i >= k) ? a[k] + 0 : a[i] + (x - i) * (a[i + 1] - a[i])
-		}
+	awk -F'\t' -v n="$n" "$QUANTILE_AWK"'
 		$2 == n { R[$1, $3, "rps"] = $4; R[$1, $3, "gw"] = $9; rounds[$1] = 1; seen[$3] = 1 }
 		END {
 			split("C D E F G H", order, " ")
@@ -470,13 +473,7 @@ done
 if ((TOGETHER > 0)); then
 	echo
 	echo "-- together with B, $TOGETHER rounds (quartiles 25 % / median / 75 %)"
-	awk -F'\t' '
-		function sortq(s, p,   a, k, i, j, v, x) {
-			k = split(s, a, " ")
-			for (i = 2; i <= k; i++) { v = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
-			x = (k - 1) * p + 1; i = int(x)
-			return (i >= k) ? a[k] + 0 : a[i] + (x - i) * (a[i + 1] - a[i])
-		}
+	awk -F'\t' "$QUANTILE_AWK"'
 		{ d[$2] = d[$2] " " ($4 - $3); q[$2] = q[$2] " " $5; b[$2] = b[$2] " " $3 }
 		END {
 			split("C D E F G H", order, " ")

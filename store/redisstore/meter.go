@@ -401,12 +401,26 @@ flush()
 return 1
 `)
 
-// Metering key names (see the list above).
+// Metering key names (see the list above): a subject's keys are its tag
+// and then one of these.
+const (
+	rateKeySuffix         = "rl"
+	idemKeySuffix         = "idem:" // + the idempotency key
+	periodKeySuffix       = "q:"    // + the period id
+	outboxKeySuffix       = "outbox"
+	outboxSubjectsKeyName = "outbox:subjects" // after the prefix only
+)
+
+// tag is the start of every key of subject, hash-tagged by it.
+func (s *Store) tag(subject string) string { return s.prefix + "{" + subject + "}:" }
+
 func (s *Store) periodKey(subject, period string) string {
-	return s.prefix + "{" + subject + "}:q:" + period
+	return s.tag(subject) + periodKeySuffix + period
 }
-func (s *Store) outboxKey(subject string) string { return s.prefix + "{" + subject + "}:outbox" }
-func (s *Store) outboxSubjectsKey() string       { return s.prefix + "outbox:subjects" }
+func (s *Store) outboxKey(subject string) string { return s.tag(subject) + outboxKeySuffix }
+func (s *Store) outboxSubjectsKey() string       { return s.prefix + outboxSubjectsKeyName }
+
+var _ store.Meter = (*Store)(nil)
 
 // newMeterCall validates and encodes the common part of a reservation or
 // settlement: the keys of the metering scripts and their first 13
@@ -437,13 +451,13 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 	var ts [64]byte
 	levels := appendThresholds(ts[:0], q.Thresholds)
 	c := &command{b: make([]byte, 0, 384+2*len(s.prefix)+5*len(subject)+len(q.PeriodID)+len(idemKey)+len(origin)+2*len(levels))}
-	tagged := s.prefix + "{" + subject + "}:"
+	tag := s.tag(subject)
 	c.int(5)
-	c.str(tagged, "rl")
-	c.str(tagged+"idem:", idemKey)
-	c.str(tagged+"q:", q.PeriodID)
-	c.str(tagged, "outbox")
-	c.str(s.prefix, "outbox:subjects")
+	c.str(tag, rateKeySuffix)
+	c.str(tag+idemKeySuffix, idemKey)
+	c.str(tag+periodKeySuffix, q.PeriodID)
+	c.str(tag, outboxKeySuffix)
+	c.str(s.prefix, outboxSubjectsKeyName)
 	c.str(mode, "")
 	c.int(q.Included)
 	c.int(q.PeriodEnd.Add(store.Retention).Unix())

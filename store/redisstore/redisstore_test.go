@@ -311,36 +311,6 @@ func TestAdmitRemainingExact(t *testing.T) {
 	}
 }
 
-// countingHook records the commands a client sends.
-type countingHook struct {
-	mu   sync.Mutex
-	cmds []string
-}
-
-func (h *countingHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h *countingHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		h.mu.Lock()
-		h.cmds = append(h.cmds, cmd.Name())
-		h.mu.Unlock()
-		return next(ctx, cmd)
-	}
-}
-
-func (h *countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		h.mu.Lock()
-		names := make([]string, len(cmds))
-		for i, c := range cmds {
-			names[i] = c.Name()
-		}
-		h.cmds = append(h.cmds, "pipeline("+strings.Join(names, " ")+")")
-		h.mu.Unlock()
-		return next(ctx, cmds)
-	}
-}
-
 func TestNewDoesNoIO(t *testing.T) {
 	var dials atomic.Int64
 	s, err := New(Options{URL: "redis://127.0.0.1:1/3", dial: func(ctx context.Context, network, addr string) (net.Conn, error) {

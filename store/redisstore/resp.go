@@ -80,19 +80,25 @@ func (c *command) int(v int64) {
 // appendCall appends to w the call of script with args: EVALSHA, or EVAL
 // (which also loads the script) when eval is set.
 func appendCall(w []byte, script *luaScript, args *command, eval bool) []byte {
-	w = append(w, '*')
-	w = strconv.AppendInt(w, int64(args.n+2), 10)
+	w = appendArray(w, args.n+2)
 	if eval {
-		w = append(w, "\r\n$4\r\nEVAL\r\n$"...)
+		w = append(w, "$4\r\nEVAL\r\n$"...)
 		w = strconv.AppendInt(w, int64(len(script.src)), 10)
 		w = append(w, '\r', '\n')
 		w = append(w, script.src...)
 	} else {
-		w = append(w, "\r\n$7\r\nEVALSHA\r\n$40\r\n"...)
+		w = append(w, "$7\r\nEVALSHA\r\n$40\r\n"...)
 		w = append(w, script.sha...)
 	}
 	w = append(w, '\r', '\n')
 	return append(w, args.b...)
+}
+
+// appendArray appends the header of a RESP array of n elements.
+func appendArray(w []byte, n int) []byte {
+	w = append(w, '*')
+	w = strconv.AppendInt(w, int64(n), 10)
+	return append(w, '\r', '\n')
 }
 
 // conn is a connection for metering scripts.
@@ -144,15 +150,14 @@ func (d *dialer) open(deadline time.Time) (*conn, error) {
 			auth.str(d.username, "")
 		}
 		auth.str(d.password, "")
-		hs = append(strconv.AppendInt(append(hs, '*'), int64(auth.n), 10), '\r', '\n')
-		hs = append(hs, auth.b...)
+		hs = append(appendArray(hs, auth.n), auth.b...)
 		replies++
 	}
 	if d.db != 0 {
 		var sel command
 		sel.str("SELECT", "")
 		sel.int(int64(d.db))
-		hs = append(append(hs, "*2\r\n"...), sel.b...)
+		hs = append(appendArray(hs, sel.n), sel.b...)
 		replies++
 	}
 	err = nc.SetDeadline(deadline)
