@@ -112,14 +112,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-need() { # need <command> <debian package>
-	command -v "$1" >/dev/null && return
-	if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-		DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >/dev/null ||
-			{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >/dev/null; }
-	fi
-	command -v "$1" >/dev/null || { echo "missing $1 (Debian package $2)" >&2; exit 1; }
-}
+. bench/need.sh
 need wrk wrk
 need redis-server redis-server
 need redis-cli redis-tools

@@ -104,8 +104,7 @@ local included = tonumber(ARGV[2])
 local seq = tonumber(ARGV[5])
 local replay = ARGV[6] == '1'
 local W = @SEQ_WINDOW@
-
-local function fmt(n) return string.format('%d', n) end
+local format, match, sub = string.format, string.match, string.sub
 
 local function idiv(a, b)
   local q = math.floor(a / b)
@@ -138,21 +137,22 @@ end
 local function count(billed, over, requests)
   local hb, ho, hr = 0, 0, 0
   if p[5] then
-    local b, o, r = string.match(p[5], '^(%-?%d+),(%-?%d+),(%-?%d+)$')
+    local b, o, r = match(p[5], '^(%-?%d+),(%-?%d+),(%-?%d+)$')
     if r then hb, ho, hr = tonumber(b), tonumber(o), tonumber(r) end
   end
   local n = #writes
-  writes[n + 1], writes[n + 2] = 'billed', fmt(used + billed)
-  writes[n + 3], writes[n + 4] = 'overage', fmt(pover + over)
-  writes[n + 5], writes[n + 6] = 'requests', fmt(preqs + requests)
-  writes[n + 7], writes[n + 8] = ARGV[8], fmt(hb + billed) .. ',' .. fmt(ho + over) .. ',' .. fmt(hr + requests)
+  writes[n + 1], writes[n + 2] = 'billed', format('%d', used + billed)
+  writes[n + 3], writes[n + 4] = 'overage', format('%d', pover + over)
+  writes[n + 5], writes[n + 6] = 'requests', format('%d', preqs + requests)
+  writes[n + 7], writes[n + 8] = ARGV[8], format('%d,%d,%d', hb + billed, ho + over, hr + requests)
 end
 
 -- cross records the thresholds reached at usage u and not crossed before
--- in the period, and writes one outbox entry each.
+-- in the period, writes one outbox entry each, and returns them (nil for
+-- none).
 local function cross(u)
   local crossed = p[4] or ','
-  if u < tonumber(ARGV[12]) or ARGV[12] == '-1' or crossed == ARGV[13] then return {} end
+  if ARGV[12] == '-1' or crossed == ARGV[13] or u < tonumber(ARGV[12]) then return nil end
   local got = {}
   -- reached: u*100 >= th*included, exactly
   local q = idiv(included, 100)
@@ -166,7 +166,7 @@ local function cross(u)
       got[#got + 1] = th
     end
   end
-  if #got == 0 then return got end
+  if #got == 0 then return nil end
   writes[#writes + 1], writes[#writes + 2] = 'crossed', x
   while true do
     local head = redis.call('LINDEX', KEYS[4], 0)
@@ -181,7 +181,7 @@ local function cross(u)
   local left = tonumber(ARGV[3]) - nows
   if redis.call('TTL', KEYS[4]) < left then redis.call('EXPIREAT', KEYS[4], ARGV[3]) end
   redis.call('ZADD', KEYS[5], 'GT', ARGV[3], ARGV[10])
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', fmt(nows))
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', format('%d', nows))
   if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIREAT', KEYS[5], ARGV[3]) end
   return got
 end
@@ -191,7 +191,7 @@ end
 local high, state = 0, nil
 local track = seq > 0
 if track and p[6] then
-  local h, s = string.match(p[6], '^(%d+),([012]+)$')
+  local h, s = match(p[6], '^(%d+),([012]+)$')
   if h and #s == W then high, state = tonumber(h), s end
 end
 
@@ -200,7 +200,7 @@ local function slot()
   if seq > high then return '0' end
   local i = high - seq
   if i >= W then return nil end
-  return string.sub(state, i + 1, i + 1)
+  return sub(state, i + 1, i + 1)
 end
 
 -- mark sets the state of seq, sliding the window up to it.
@@ -210,15 +210,15 @@ local function mark(c)
     if shift >= W or not state then
       state = c .. string.rep('0', W - 1)
     else
-      state = c .. string.rep('0', shift - 1) .. string.sub(state, 1, W - shift)
+      state = c .. string.rep('0', shift - 1) .. sub(state, 1, W - shift)
     end
     high = seq
   else
     local i = high - seq
     if i >= W then return end
-    state = string.sub(state, 1, i) .. c .. string.sub(state, i + 2)
+    state = sub(state, 1, i) .. c .. sub(state, i + 2)
   end
-  writes[#writes + 1], writes[#writes + 2] = ARGV[11], fmt(high) .. ',' .. state
+  writes[#writes + 1], writes[#writes + 2] = ARGV[11], format('%d,%s', high, state)
 end
 
 -- flush writes the period hash fields set, and the hash's expiry when it
@@ -263,22 +263,23 @@ local cost = tonumber(ARGV[14])
 -- storedTAT is the TAT read by rate (0: none).
 local storedTAT = 0
 
--- rate decides cost under the policy and returns the decision and the new
--- TAT offset from now when admitted. The state is the period hash's rl
--- field, or, before the period has one, the rate key, which holds the
--- state whenever it reaches past the period's end (see below).
+-- rate decides cost under the policy and returns the decision (applied,
+-- allowed, remaining, retry after, reset after, cost exceeds burst) and,
+-- when admitted, the new TAT offset from now. The state is the period
+-- hash's rl field, or, before the period has one, the rate key, which holds
+-- the state whenever it reaches past the period's end (see below).
 local function rate(interval, burst, c)
-  if interval == 0 then return {0, 1, 0, 0, 0, 0} end
+  if interval == 0 then return 0, 1, 0, 0, 0, 0 end
   if interval < 0 then
-    if c > 0 then return {1, 0, 0, 0, 0, 1} end
-    return {1, 0, 0, 0, 0, 0}
+    if c > 0 then return 1, 0, 0, 0, 0, 1 end
+    return 1, 0, 0, 0, 0, 0
   end
   local span = interval * burst
   local d = 0
   local stored = p[7]
   if not stored then stored = redis.call('GET', KEYS[1]) end
   if stored then
-    local tat, from = string.match(stored, '^(%d+),(%d+)$')
+    local tat, from = match(stored, '^(%d+),(%d+)$')
     tat, from = tonumber(tat), tonumber(from)
     if tat then storedTAT = tat end
     if tat and tat > now then
@@ -292,19 +293,22 @@ local function rate(interval, burst, c)
   end
   local avail = 0
   if span > d then avail = idiv(span - d, interval) end
-  if c <= 0 then return {1, 1, avail, 0, d, 0} end
-  if c > burst then return {1, 0, avail, 0, d, 1} end
+  if c <= 0 then return 1, 1, avail, 0, d, 0 end
+  if c > burst then return 1, 0, avail, 0, d, 1 end
   local nd = d + interval * c
-  if nd > span then return {1, 0, avail, nd - span, d, 0} end
-  return {1, 1, idiv(span - nd, interval), 0, nd, 0}, nd
+  if nd > span then return 1, 0, avail, nd - span, d, 0 end
+  return 1, 1, idiv(span - nd, interval), 0, nd, 0, nd
 end
 
-local function reply(allowed, rd, throttled, qex, u, over, dup, crossed)
-  local out = {allowed, rd[1], rd[2], rd[3], rd[4], rd[5], rd[6], throttled, qex, u, over, dup, now}
-  for _, c in ipairs(crossed or {}) do out[#out + 1] = c end
+-- reply is the script's reply; the rate decision comes last, as rate
+-- returns it (applied, allowed, remaining, retry, reset, exceeds).
+local function reply(allowed, throttled, qex, u, over, dup, crossed, applied, ok, avail, retry, reset, exceeds)
+  local out = {allowed, applied, ok, avail, retry, reset, exceeds, throttled, qex, u, over, dup, now}
+  if crossed then
+    for i = 1, #crossed do out[13 + i] = crossed[i] end
+  end
   return out
 end
-local none = {0, 1, 0, 0, 0, 0} -- no policy applied
 
 local interval, burst = tonumber(ARGV[15]), tonumber(ARGV[16])
 local throttled = 0
@@ -313,30 +317,31 @@ if mode == 'throttle' and used >= included then
   interval, burst = tonumber(ARGV[17]), tonumber(ARGV[18])
 end
 
+-- A duplicate or a replay applies no policy: 0, 1, 0, 0, 0, 0.
 if cost <= 0 then
-  return reply(1, rate(interval, burst, 0), throttled, 0, used, 0, 0)
+  return reply(1, throttled, 0, used, 0, 0, nil, rate(interval, burst, 0))
 end
 if replay and track and slot() ~= '0' then
-  return reply(1, none, 0, 0, used, 0, 1)
+  return reply(1, 0, 0, used, 0, 1, nil, 0, 1, 0, 0, 0, 0)
 end
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
   if track then
     mark('2')
     flush()
   end
-  return reply(1, none, 0, 0, used, 0, 1)
+  return reply(1, 0, 0, used, 0, 1, nil, 0, 1, 0, 0, 0, 0)
 end
 
-local rd, nd = none, nil
+local applied, ok, avail, retry, reset, exceeds, nd = 0, 1, 0, 0, 0, 0, nil
 if replay then
   throttled = 0
 else
   if mode == 'block' and used + cost > included then
-    return reply(0, rate(interval, burst, 0), throttled, 1, used, 0, 0)
+    return reply(0, throttled, 1, used, 0, 0, nil, rate(interval, burst, 0))
   end
-  rd, nd = rate(interval, burst, cost)
-  if rd[2] == 0 then
-    return reply(0, rd, throttled, 0, used, 0, 0)
+  applied, ok, avail, retry, reset, exceeds, nd = rate(interval, burst, cost)
+  if ok == 0 then
+    return reply(0, throttled, 0, used, 0, 0, nil, applied, ok, avail, retry, reset, exceeds)
   end
 end
 
@@ -344,11 +349,11 @@ if nd then
   -- The state goes in the period hash; when it reaches past the period's
   -- end (or did before this request), also in the rate key, which the
   -- next period starts from: the GCRA carries over the boundary exactly.
-  local st = fmt(now + nd) .. ',' .. fmt(interval)
+  local st = format('%d,%d', now + nd, interval)
   writes[#writes + 1], writes[#writes + 2] = 'rl', st
   local boundary = (tonumber(ARGV[3]) - @RETENTION_S@) * 1000000
   if now + nd > boundary or storedTAT > boundary then
-    redis.call('SET', KEYS[1], st, 'PX', fmt(idiv(nd, 1000) + 1))
+    redis.call('SET', KEYS[1], st, 'PX', format('%d', idiv(nd, 1000) + 1))
   end
 end
 local over = overage(used, cost)
@@ -357,7 +362,7 @@ if ARGV[4] == '1' then redis.call('SET', KEYS[2], '1', 'EX', @IDEM_TTL@) end
 if track then mark('1') end
 local got = cross(used + cost)
 flush()
-return reply(1, rd, throttled, 0, used + cost, over, 0, got)
+return reply(1, throttled, 0, used + cost, over, 0, got, applied, ok, avail, retry, reset, exceeds)
 `)
 
 // settleScript is one settlement (see Store.Settle). Its own ARGV:
