@@ -93,24 +93,40 @@ func Hash(secret []byte, key string) string {
 // Hasher computes Hash for one secret without setting HMAC up again for
 // every key: it reuses keyed HMAC states. It is safe for concurrent use.
 type Hasher struct {
-	pool sync.Pool
+	pool sync.Pool // of *hmacState
+}
+
+// hmacState is a keyed HMAC and its scratch buffer, reused across keys.
+type hmacState struct {
+	mac hash.Hash
+	buf []byte
 }
 
 // NewHasher returns a Hasher for secret.
 func NewHasher(secret []byte) *Hasher {
 	secret = bytes.Clone(secret)
-	return &Hasher{pool: sync.Pool{New: func() any { return hmac.New(sha256.New, secret) }}}
+	return &Hasher{pool: sync.Pool{New: func() any { return &hmacState{mac: hmac.New(sha256.New, secret)} }}}
+}
+
+// Sum returns the HMAC-SHA256 of key: Hash before hex encoding. It does not
+// allocate, and leaves no copy of key behind.
+func (h *Hasher) Sum(key string) [sha256.Size]byte {
+	s := h.pool.Get().(*hmacState)
+	s.mac.Reset()
+	s.buf = append(s.buf[:0], key...)
+	s.mac.Write(s.buf)
+	clear(s.buf)
+	s.buf = s.mac.Sum(s.buf[:0])
+	var sum [sha256.Size]byte
+	copy(sum[:], s.buf)
+	h.pool.Put(s)
+	return sum
 }
 
 // Hash returns Hash(secret, key).
 func (h *Hasher) Hash(key string) string {
-	m := h.pool.Get().(hash.Hash)
-	m.Reset()
-	m.Write([]byte(key))
-	var sum [sha256.Size]byte
-	out := hex.EncodeToString(m.Sum(sum[:0]))
-	h.pool.Put(m)
-	return out
+	sum := h.Sum(key)
+	return hex.EncodeToString(sum[:])
 }
 
 // ID derives a key's public identifier from its hash.

@@ -1,6 +1,7 @@
 package apikey
 
 import (
+	"encoding/hex"
 	"regexp"
 	"strings"
 	"testing"
@@ -157,6 +158,18 @@ func TestHasherMatchesHash(t *testing.T) {
 	}
 	if NewHasher([]byte("another secret")).Hash("key-one-0123456789abcdef") == h.Hash("key-one-0123456789abcdef") {
 		t.Error("different secrets gave the same hash")
+	}
+	// Sum is Hash before hex encoding, for a long key too (longer than the
+	// digest, so a reused buffer must not leak into the next one).
+	for _, k := range []string{strings.Repeat("long-key-", 20), "key-one-0123456789abcdef"} {
+		sum := h.Sum(k)
+		if got, want := hex.EncodeToString(sum[:]), Hash(secret, k); got != want {
+			t.Errorf("Hasher.Sum(%q) = %s, want %s", k, got, want)
+		}
+	}
+	h.Sum("warm-up-0123456789abcdef") // the pool's state exists
+	if n := testing.AllocsPerRun(100, func() { h.Sum("key-one-0123456789abcdef") }); n != 0 && !raceEnabled {
+		t.Errorf("Hasher.Sum allocates %.0f times per key", n)
 	}
 }
 

@@ -3,6 +3,7 @@ package module
 import (
 	"fmt"
 	"net/http"
+	"net/textproto"
 	"strings"
 	"time"
 
@@ -24,7 +25,7 @@ type caller struct {
 }
 
 // defaultKeySources are used when a handler configures no key_from.
-var defaultKeySources = []KeySource{{Header: "X-API-Key"}, {Bearer: true}}
+var defaultKeySources = []KeySource{{Header: "X-API-Key", canonical: "X-Api-Key"}, {Bearer: true}}
 
 // authenticate identifies the caller of r from the key in sources. When it
 // returns false it has written the error response (401, 403 or 503).
@@ -57,7 +58,7 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, sources []Key
 		storeUnavailable(w, r, logger, nil, "secret", err)
 		return caller{}, nil, false
 	}
-	entry, err := a.shared.registry.lookup(ctx, st, hasher.Hash(key), time.Now())
+	entry, err := a.shared.registry.lookup(ctx, st, hasher.Sum(key), time.Now())
 	if err != nil {
 		storeUnavailable(w, r, logger, nil, "lookup", err)
 		return caller{}, nil, false
@@ -88,7 +89,9 @@ func extractKey(r *http.Request, sources []KeySource) string {
 		var v string
 		switch {
 		case s.Header != "":
-			v = r.Header.Get(s.Header)
+			if vs := r.Header[s.canonical]; len(vs) > 0 {
+				v = vs[0]
+			}
 		case s.Query != "":
 			v = r.URL.Query().Get(s.Query)
 		case s.Bearer:
@@ -125,7 +128,8 @@ func checkKeySources(sources []KeySource) ([]KeySource, error) {
 	if len(sources) == 0 {
 		return defaultKeySources, nil
 	}
-	for _, s := range sources {
+	checked := make([]KeySource, len(sources))
+	for i, s := range sources {
 		n := 0
 		for _, set := range []bool{s.Header != "", s.Query != "", s.Bearer} {
 			if set {
@@ -135,8 +139,10 @@ func checkKeySources(sources []KeySource) ([]KeySource, error) {
 		if n != 1 {
 			return nil, fmt.Errorf("key_from: each source sets exactly one of header, query or bearer")
 		}
+		s.canonical = textproto.CanonicalMIMEHeaderKey(s.Header)
+		checked[i] = s
 	}
-	return sources, nil
+	return checked, nil
 }
 
 func invalidKey(w http.ResponseWriter, r *http.Request) {

@@ -121,6 +121,9 @@ type KeySource struct {
 	Query string `json:"query,omitempty"`
 	// Bearer takes the key from "Authorization: Bearer <key>".
 	Bearer bool `json:"bearer,omitempty"`
+
+	// canonical is Header in canonical form, the request's header map key.
+	canonical string
 }
 
 // OverQuota is what a tier does beyond its included units.

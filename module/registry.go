@@ -2,6 +2,8 @@ package module
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"sync"
 	"time"
@@ -9,20 +11,24 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
-// registry caches key lookups (key hash -> key and customer) so that an
+// registry caches key lookups (key digest -> key and customer) so that an
 // allowed request does not need a store round trip to authenticate. Every
 // change to customers or keys, seen through Store.Watch or made by this
 // process, empties it; entries also expire, as a backstop.
 type registry struct {
 	mu      sync.RWMutex
-	entries map[string]regEntry
+	entries map[digest]regEntry
 	// stale holds the entries of before the last invalidation: served only
 	// when the store cannot be reached, so that callers known a moment ago
 	// are not refused during an outage (or right after it, while the
 	// store's circuit breaker cools down).
-	stale map[string]regEntry
+	stale map[digest]regEntry
 	gen   uint64
 }
+
+// digest is a key's HMAC-SHA256 (apikey.Hasher.Sum): the stored hash
+// before hex encoding.
+type digest = [sha256.Size]byte
 
 // regEntry is a cached lookup. found is false for a hash with no active key,
 // so unknown keys don't reach the store on every request.
@@ -42,23 +48,23 @@ const (
 )
 
 func newRegistry() *registry {
-	return &registry{entries: make(map[string]regEntry)}
+	return &registry{entries: make(map[digest]regEntry)}
 }
 
-// lookup returns the active key with this hash and its customer. found is
-// false when no active key has this hash.
-func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now time.Time) (regEntry, error) {
+// lookup returns the active key with this digest and its customer. found
+// is false when no active key has it.
+func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now time.Time) (regEntry, error) {
 	r.mu.RLock()
-	e, ok := r.entries[hash]
+	e, ok := r.entries[sum]
 	gen := r.gen
 	r.mu.RUnlock()
 	if ok && now.Before(e.expires) {
 		return e, nil
 	}
 
-	e, err := fetch(ctx, st, hash, now)
+	e, err := fetch(ctx, st, hex.EncodeToString(sum[:]), now)
 	if errors.Is(err, store.ErrUnavailable) {
-		if last, ok := r.last(hash); ok {
+		if last, ok := r.last(sum); ok {
 			return last, nil
 		}
 	}
@@ -69,9 +75,9 @@ func (r *registry) lookup(ctx context.Context, st store.Store, hash string, now 
 	r.mu.Lock()
 	if r.gen == gen { // nothing changed while we were reading
 		if len(r.entries) >= registryMaxEntries {
-			r.stale, r.entries = r.entries, make(map[string]regEntry)
+			r.stale, r.entries = r.entries, make(map[digest]regEntry)
 		}
-		r.entries[hash] = e
+		r.entries[sum] = e
 	}
 	r.mu.Unlock()
 	return e, nil
@@ -98,15 +104,15 @@ func fetch(ctx context.Context, st store.Store, hash string, now time.Time) (reg
 	return regEntry{key: k, customer: c, found: true, expires: now.Add(registryTTL), customerID: c.ID, keyID: k.ID}, nil
 }
 
-// last returns the last lookup of hash seen, expired or invalidated, for
+// last returns the last lookup of sum seen, expired or invalidated, for
 // use while the store is unreachable.
-func (r *registry) last(hash string) (regEntry, bool) {
+func (r *registry) last(sum digest) (regEntry, bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	if e, ok := r.entries[hash]; ok {
+	if e, ok := r.entries[sum]; ok {
 		return e, true
 	}
-	e, ok := r.stale[hash]
+	e, ok := r.stale[sum]
 	return e, ok
 }
 
@@ -116,7 +122,7 @@ func (r *registry) invalidate() {
 	r.gen++
 	if len(r.entries) > 0 {
 		r.stale = r.entries
-		r.entries = make(map[string]regEntry)
+		r.entries = make(map[digest]regEntry)
 	}
 	r.mu.Unlock()
 }
