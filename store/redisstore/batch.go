@@ -96,6 +96,9 @@ func (b *batcher) close() {
 // had, it may still run). c is done by its deadline without a timer of its
 // own: a lane frees up when a pipeline in flight ends, by the deadline of
 // calls queued before c, and the pipeline c goes in ends by c's deadline.
+// While c waits, the first of a free lane and its reply wins: when another
+// caller took c, its reply ends the wait (without it, the caller would
+// wait for a lane and lead the next pipeline before returning).
 func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 	c.done = make(chan struct{})
 	b.mu.Lock()
@@ -103,6 +106,8 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 	b.mu.Unlock()
 	for !c.taken.Load() {
 		select {
+		case <-c.done: // another caller took c, and its reply is in
+			return nil
 		case l := <-b.lanes:
 			b.lead(l)
 			b.lanes <- l

@@ -35,6 +35,9 @@ func holdLanes(s *Store) (release func()) {
 type wire struct {
 	mu        sync.Mutex
 	pipelines []string
+	// onScripts, when set, runs before the i-th write of metering scripts
+	// (counting from 0) goes out.
+	onScripts func(i int)
 }
 
 func (w *wire) dial(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -44,6 +47,13 @@ func (w *wire) dial(ctx context.Context, network, addr string) (net.Conn, error)
 		return nil, err
 	}
 	return &scriptConn{Conn: c, w: w}, nil
+}
+
+// hook sets onScripts.
+func (w *wire) hook(f func(i int)) {
+	w.mu.Lock()
+	w.onScripts = f
+	w.mu.Unlock()
 }
 
 // scripts returns the pipelines of metering scripts written so far.
@@ -85,8 +95,13 @@ func (c *scriptConn) Write(b []byte) (int, error) {
 	}
 	if scripts {
 		c.w.mu.Lock()
+		i := len(c.w.pipelines)
 		c.w.pipelines = append(c.w.pipelines, "pipeline("+strings.Join(names, " ")+")")
+		hook := c.w.onScripts
 		c.w.mu.Unlock()
+		if hook != nil {
+			hook(i)
+		}
 	}
 	return c.Conn.Write(b)
 }
@@ -158,6 +173,89 @@ func TestConcurrentReservationsSharePipelines(t *testing.T) {
 	u, err := s.Usage(ctx, "acme", q.PeriodID)
 	if err != nil || u.Counters != (store.Counters{Billed: 25, Requests: 25}) {
 		t.Errorf("Usage = %+v, %v; want 25 units in 25 requests", u.Counters, err)
+	}
+}
+
+// TestSentCallReturnsAtOnce checks that a caller whose call another caller
+// took and sent returns as soon as its reply is in, rather than waiting for
+// a lane and leading the next pipeline first: here the next pipeline is
+// held back until both callers of the first one have returned.
+func TestSentCallReturnsAtOnce(t *testing.T) {
+	w := &wire{}
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: 5 * time.Second, dial: w.dial})
+	ctx := context.Background()
+	q := testQuota(store.QuotaBill, 100)
+	reserve := func(seq int64) error {
+		_, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: seq})
+		return err
+	}
+	if err := reserve(1); err != nil {
+		t.Fatal(err)
+	}
+	warm := len(w.scripts())
+
+	held := make([]*lane, 0, maxLanes)
+	for range maxLanes {
+		held = append(held, <-s.scripts.lanes)
+	}
+	third := make(chan error, 1)
+	proceed := make(chan struct{})
+	var unblock sync.Once
+	given := 0 // held lanes given back
+	// On failure too, before the store closes (Close waits for every lane).
+	t.Cleanup(func() {
+		unblock.Do(func() { close(proceed) })
+		for _, l := range held[given:] {
+			s.scripts.lanes <- l
+		}
+	})
+	first := make(chan error, 2)
+	for seq := range int64(2) {
+		go func() { first <- reserve(seq + 2) }()
+	}
+	waitPending(t, s, 2)
+
+	// The first pipeline carries both calls; while it goes out a third
+	// call queues, and its pipeline waits until the first two returned.
+	w.hook(func(i int) {
+		switch i - warm {
+		case 0: // on the leader's goroutine: no t.Fatal here
+			go func() { third <- reserve(4) }()
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+				s.scripts.mu.Lock()
+				queued := len(s.scripts.pending)
+				s.scripts.mu.Unlock()
+				if queued == 1 {
+					break
+				}
+			}
+		case 1:
+			<-proceed
+		}
+	})
+	s.scripts.lanes <- held[0] // one lane: the first pipeline's leader takes it
+	given = 1
+	for range 2 {
+		select {
+		case err := <-first:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a caller whose call was sent by another did not return before the next pipeline went out")
+		}
+	}
+	unblock.Do(func() { close(proceed) })
+	if err := <-third; err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"pipeline(evalsha evalsha)", "pipeline(evalsha)"}
+	if got := w.scripts()[warm:]; !slices.Equal(got, want) {
+		t.Errorf("Redis got %q, want %q", got, want)
+	}
+	u, err := s.Usage(ctx, "acme", q.PeriodID)
+	if err != nil || u.Counters != (store.Counters{Billed: 4, Requests: 4}) {
+		t.Errorf("Usage = %+v, %v; want 4 units", u.Counters, err)
 	}
 }
 
