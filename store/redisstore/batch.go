@@ -3,6 +3,7 @@ package redisstore
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +20,9 @@ import (
 // There is no background goroutine: a caller that finds a free lane leads,
 // sending every call pending at that moment (its own included) as one
 // pipeline, while the callers whose calls it took wait for their results.
+// A lane that frees up while calls are pending is handed to the caller of
+// the oldest one, which leads next; callers whose calls are in flight only
+// wait for their replies.
 const (
 	// maxLanes is how many pipelines of metering scripts may be in flight
 	// at once (each on its own connection).
@@ -47,6 +51,10 @@ type scriptCall struct {
 	reply []int64
 	err   error
 	done  chan struct{}
+	// handoff receives the lane this call's caller is to lead with; handed
+	// (guarded by the batcher's mu) is set when one is sent.
+	handoff chan *lane
+	handed  bool
 }
 
 // lane is a pipeline lane: its connection, dialed on first use and again
@@ -56,13 +64,28 @@ type lane struct{ conn *conn }
 // batcher groups concurrent script calls into pipelines.
 type batcher struct {
 	dialer *dialer
-	lanes  chan *lane // the lanes not in use
+	lanes  chan *lane // the lanes not in use: free only while no pending call waits for one
 	closed atomic.Bool
 	// drops counts connections dropped after an I/O error.
 	drops atomic.Int64
 
 	mu      sync.Mutex
 	pending []*scriptCall // guarded by mu: calls not yet taken, oldest first
+}
+
+// release gives l, free again, to the caller of the oldest pending call
+// not handed a lane yet, or back to the free lanes.
+func (b *batcher) release(l *lane) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, c := range b.pending {
+		if !c.handed {
+			c.handed = true
+			c.handoff <- l
+			return
+		}
+	}
+	b.lanes <- l
 }
 
 func newBatcher(d *dialer) *batcher {
@@ -96,41 +119,44 @@ func (b *batcher) close() {
 // had, it may still run). c is done by its deadline without a timer of its
 // own: a lane frees up when a pipeline in flight ends, by the deadline of
 // calls queued before c, and the pipeline c goes in ends by c's deadline.
-// While c waits, the first of a free lane and its reply wins: when another
-// caller took c, its reply ends the wait (without it, the caller would
-// wait for a lane and lead the next pipeline before returning).
+// Its caller leads when it finds a lane free or is handed one; otherwise
+// (another caller took c) the reply ends its wait.
 func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 	c.done = make(chan struct{})
+	c.handoff = make(chan *lane, 1)
 	b.mu.Lock()
 	b.pending = append(b.pending, c)
+	var free *lane
+	select {
+	case free = <-b.lanes:
+	default:
+	}
 	b.mu.Unlock()
-	for !c.taken.Load() {
+	if free != nil {
+		b.lead(free)
+		b.release(free)
+	}
+	for {
 		select {
-		case <-c.done: // another caller took c, and its reply is in
+		case <-c.done:
 			return nil
-		case l := <-b.lanes:
+		case l := <-c.handoff:
 			b.lead(l)
-			b.lanes <- l
+			b.release(l)
 		case <-ctx.Done():
 			b.mu.Lock()
-			defer b.mu.Unlock()
-			if c.taken.Load() {
-				return ctx.Err()
+			if !c.taken.Load() {
+				b.pending = slices.DeleteFunc(b.pending, func(p *scriptCall) bool { return p == c })
 			}
-			for i, p := range b.pending {
-				if p == c {
-					b.pending = append(b.pending[:i], b.pending[i+1:]...)
-					break
-				}
+			b.mu.Unlock()
+			// A lane handed to c and not taken yet goes to the next caller.
+			select {
+			case l := <-c.handoff:
+				b.release(l)
+			default:
 			}
 			return ctx.Err()
 		}
-	}
-	select {
-	case <-c.done:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
 	}
 }
 
@@ -145,10 +171,23 @@ func (b *batcher) lead(l *lane) {
 	batch := make([]*scriptCall, n)
 	copy(batch, b.pending)
 	b.pending = append(b.pending[:0], b.pending[n:]...)
+	// A lane handed to a caller whose call this pipeline takes is not
+	// needed by it any more: it goes to the next one.
+	var spare []*lane
 	for _, c := range batch {
 		c.taken.Store(true)
+		if c.handed {
+			select {
+			case h := <-c.handoff:
+				spare = append(spare, h)
+			default: // its caller has it already, and leads with it
+			}
+		}
 	}
 	b.mu.Unlock()
+	for _, h := range spare {
+		b.release(h)
+	}
 	now := time.Now()
 	live := batch[:0:0]
 	var first time.Time

@@ -24,7 +24,7 @@ func holdLanes(s *Store) (release func()) {
 	}
 	return func() {
 		for _, l := range held {
-			s.scripts.lanes <- l
+			s.scripts.release(l)
 		}
 	}
 }
@@ -176,87 +176,162 @@ func TestConcurrentReservationsSharePipelines(t *testing.T) {
 	}
 }
 
+// laneTest is a store whose script writes are recorded (after one warm-up
+// reservation) and whose lanes the test holds, giving them back one at a
+// time with give; its cleanup unblocks the hooks and gives back the rest
+// (Close waits for every lane).
+type laneTest struct {
+	s     *Store
+	w     *wire
+	q     store.Quota
+	warm  int // script writes before the test's
+	held  []*lane
+	given int
+	// hold[i] holds back the test's i-th script write until unblocked.
+	hold    []chan struct{}
+	unblock []sync.Once
+}
+
+func newLaneTest(t *testing.T, holds int) *laneTest {
+	lt := &laneTest{w: &wire{}, q: testQuota(store.QuotaBill, 100)}
+	lt.s = openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: 5 * time.Second, dial: lt.w.dial})
+	if err := lt.reserve(1); err != nil {
+		t.Fatal(err)
+	}
+	lt.warm = len(lt.w.scripts())
+	for range maxLanes {
+		lt.held = append(lt.held, <-lt.s.scripts.lanes)
+	}
+	lt.unblock = make([]sync.Once, holds)
+	for range holds {
+		lt.hold = append(lt.hold, make(chan struct{}))
+	}
+	t.Cleanup(func() {
+		for i := range lt.hold {
+			lt.release(i)
+		}
+		for _, l := range lt.held[lt.given:] {
+			lt.s.scripts.release(l)
+		}
+	})
+	return lt
+}
+
+func (lt *laneTest) reserve(seq int64) error {
+	_, err := lt.s.Reserve(context.Background(), store.Reservation{Subject: "acme", Cost: 1, Quota: lt.q, Origin: "o", Seq: seq})
+	return err
+}
+
+// give gives the next held lane back.
+func (lt *laneTest) give() {
+	lt.s.scripts.release(lt.held[lt.given])
+	lt.given++
+}
+
+// release lets the test's i-th script write go out.
+func (lt *laneTest) release(i int) { lt.unblock[i].Do(func() { close(lt.hold[i]) }) }
+
+// returned waits for n results on c, failing with why after 10 s.
+func returned(t *testing.T, c <-chan error, n int, why string) {
+	t.Helper()
+	for range n {
+		select {
+		case err := <-c:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal(why)
+		}
+	}
+}
+
+// check checks that the test's calls went out as want and were each
+// counted once.
+func (lt *laneTest) check(t *testing.T, want []string, units int64) {
+	t.Helper()
+	if got := lt.w.scripts()[lt.warm:]; !slices.Equal(got, want) {
+		t.Errorf("Redis got %q, want %q", got, want)
+	}
+	u, err := lt.s.Usage(context.Background(), "acme", lt.q.PeriodID)
+	if err != nil || u.Counters != (store.Counters{Billed: units, Requests: units}) {
+		t.Errorf("Usage = %+v, %v; want %d units", u.Counters, err, units)
+	}
+}
+
 // TestSentCallReturnsAtOnce checks that a caller whose call another caller
 // took and sent returns as soon as its reply is in, rather than waiting for
 // a lane and leading the next pipeline first: here the next pipeline is
 // held back until both callers of the first one have returned.
 func TestSentCallReturnsAtOnce(t *testing.T) {
-	w := &wire{}
-	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: 5 * time.Second, dial: w.dial})
-	ctx := context.Background()
-	q := testQuota(store.QuotaBill, 100)
-	reserve := func(seq int64) error {
-		_, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: seq})
-		return err
-	}
-	if err := reserve(1); err != nil {
-		t.Fatal(err)
-	}
-	warm := len(w.scripts())
-
-	held := make([]*lane, 0, maxLanes)
-	for range maxLanes {
-		held = append(held, <-s.scripts.lanes)
-	}
-	third := make(chan error, 1)
-	proceed := make(chan struct{})
-	var unblock sync.Once
-	given := 0 // held lanes given back
-	// On failure too, before the store closes (Close waits for every lane).
-	t.Cleanup(func() {
-		unblock.Do(func() { close(proceed) })
-		for _, l := range held[given:] {
-			s.scripts.lanes <- l
-		}
-	})
+	lt := newLaneTest(t, 2)
 	first := make(chan error, 2)
 	for seq := range int64(2) {
-		go func() { first <- reserve(seq + 2) }()
+		go func() { first <- lt.reserve(seq + 2) }()
 	}
-	waitPending(t, s, 2)
+	waitPending(t, lt.s, 2)
 
 	// The first pipeline carries both calls; while it goes out a third
 	// call queues, and its pipeline waits until the first two returned.
-	w.hook(func(i int) {
-		switch i - warm {
+	third := make(chan error, 1)
+	lt.w.hook(func(i int) {
+		switch i - lt.warm {
 		case 0: // on the leader's goroutine: no t.Fatal here
-			go func() { third <- reserve(4) }()
+			go func() { third <- lt.reserve(4) }()
 			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-				s.scripts.mu.Lock()
-				queued := len(s.scripts.pending)
-				s.scripts.mu.Unlock()
+				lt.s.scripts.mu.Lock()
+				queued := len(lt.s.scripts.pending)
+				lt.s.scripts.mu.Unlock()
 				if queued == 1 {
 					break
 				}
 			}
 		case 1:
-			<-proceed
+			<-lt.hold[1]
 		}
 	})
-	s.scripts.lanes <- held[0] // one lane: the first pipeline's leader takes it
-	given = 1
-	for range 2 {
-		select {
-		case err := <-first:
-			if err != nil {
-				t.Fatal(err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("a caller whose call was sent by another did not return before the next pipeline went out")
+	lt.give() // one lane: the first pipeline's leader takes it
+	returned(t, first, 2, "a caller whose call was sent by another did not return before the next pipeline went out")
+	lt.release(1)
+	returned(t, third, 1, "the third call did not return")
+	lt.check(t, []string{"pipeline(evalsha evalsha)", "pipeline(evalsha)"}, 4)
+}
+
+// TestFreedLaneGoesToPendingCall checks that a lane freed while calls are
+// pending is handed to the caller of the oldest of them, not to a caller
+// whose call is in flight on another lane: that one returns with its reply
+// while the next pipeline is still held back.
+func TestFreedLaneGoesToPendingCall(t *testing.T) {
+	lt := newLaneTest(t, 2)
+	sent := make(chan struct{})
+	lt.w.hook(func(i int) {
+		switch i - lt.warm {
+		case 0:
+			close(sent)
+			<-lt.hold[0]
+		case 1:
+			<-lt.hold[1]
 		}
+	})
+
+	// Two calls go out in one pipeline, held in flight.
+	first := make(chan error, 2)
+	for seq := range int64(2) {
+		go func() { first <- lt.reserve(seq + 2) }()
 	}
-	unblock.Do(func() { close(proceed) })
-	if err := <-third; err != nil {
-		t.Fatal(err)
-	}
-	want := []string{"pipeline(evalsha evalsha)", "pipeline(evalsha)"}
-	if got := w.scripts()[warm:]; !slices.Equal(got, want) {
-		t.Errorf("Redis got %q, want %q", got, want)
-	}
-	u, err := s.Usage(ctx, "acme", q.PeriodID)
-	if err != nil || u.Counters != (store.Counters{Billed: 4, Requests: 4}) {
-		t.Errorf("Usage = %+v, %v; want 4 units", u.Counters, err)
-	}
+	waitPending(t, lt.s, 2)
+	lt.give()
+	<-sent
+	// A third call queues; the other lane frees up and must go to it.
+	third := make(chan error, 1)
+	go func() { third <- lt.reserve(4) }()
+	waitPending(t, lt.s, 1)
+	lt.give()
+	lt.release(0)
+	returned(t, first, 2, "a caller whose call was in flight took the freed lane and led the next pipeline before returning")
+	lt.release(1)
+	returned(t, third, 1, "the third call did not return")
+	lt.check(t, []string{"pipeline(evalsha evalsha)", "pipeline(evalsha)"}, 4)
 }
 
 // TestQueuedCallTimesOutUnsent checks that a reservation still queued at

@@ -83,7 +83,7 @@ func TestScriptConnectionKilled(t *testing.T) {
 	hold := func() (put func()) {
 		l := <-s.scripts.lanes
 		var once sync.Once
-		put = func() { once.Do(func() { s.scripts.lanes <- l }) }
+		put = func() { once.Do(func() { s.scripts.release(l) }) }
 		t.Cleanup(put)
 		return put
 	}
@@ -101,7 +101,7 @@ func TestScriptConnectionKilled(t *testing.T) {
 		}
 		for _, l := range free {
 			f(l)
-			s.scripts.lanes <- l
+			s.scripts.release(l)
 		}
 	}
 	// restart has the server close every metering connection; busy leaves
@@ -184,7 +184,7 @@ func TestIdleConnectionKept(t *testing.T) {
 	ctx := context.Background()
 	q := testQuota(store.QuotaBill, 100)
 	held := <-s.scripts.lanes // one lane, so every call uses the same connection
-	t.Cleanup(func() { s.scripts.lanes <- held })
+	t.Cleanup(func() { s.scripts.release(held) })
 	for i := range 3 {
 		if _, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q}); err != nil {
 			t.Fatal(err)
@@ -196,7 +196,7 @@ func TestIdleConnectionKept(t *testing.T) {
 		if err := l.conn.nc.SetDeadline(time.Now().Add(-time.Second)); err != nil {
 			t.Fatal(err)
 		}
-		s.scripts.lanes <- l
+		s.scripts.release(l)
 		if n := dials.Load(); n != 1 {
 			t.Fatalf("after %d idle spells: %d dials, want 1 (the healthy connection kept)", i+1, n)
 		}
