@@ -109,8 +109,10 @@ func (b *batcher) close() {
 		}
 		held = append(held, l)
 	}
+	// Through release: a call that arrived meanwhile waits to be handed a
+	// lane (and then fails with ErrClosed).
 	for _, l := range held {
-		b.lanes <- l
+		b.release(l)
 	}
 }
 
