@@ -109,16 +109,21 @@ func (c *scriptConn) Write(b []byte) (int, error) {
 // waitPending waits until n script calls are queued in s.
 func waitPending(t *testing.T, s *Store, n int) {
 	t.Helper()
+	if got := awaitPending(s, n); got != n {
+		t.Fatalf("%d script calls queued, want %d", got, n)
+	}
+}
+
+// awaitPending waits up to 10 s until n script calls are queued in s, and
+// returns how many are; it can run off the test's goroutine.
+func awaitPending(s *Store, n int) int {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		s.scripts.mu.Lock()
 		got := len(s.scripts.pending)
 		s.scripts.mu.Unlock()
-		if got == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d script calls queued, want %d", got, n)
+		if got == n || time.Now().After(deadline) {
+			return got
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -278,14 +283,7 @@ func TestSentCallReturnsAtOnce(t *testing.T) {
 		switch i - lt.warm {
 		case 0: // on the leader's goroutine: no t.Fatal here
 			go func() { third <- lt.reserve(4) }()
-			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-				lt.s.scripts.mu.Lock()
-				queued := len(lt.s.scripts.pending)
-				lt.s.scripts.mu.Unlock()
-				if queued == 1 {
-					break
-				}
-			}
+			awaitPending(lt.s, 1) // the test fails below if it never queues
 		case 1:
 			<-lt.hold[1]
 		}
