@@ -2,6 +2,7 @@ package redisstore
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -24,19 +25,25 @@ import (
 //	                           when the state reaches past the period's end
 //	P{<s>}:q:<period>          hash of the period, EXPIREAT period end +
 //	                           store.Retention, with the fields
-//	                             billed, overage, requests  the period's counters
+//	                             c           the period's counters and rate
+//	                                         state: billed, overage, requests,
+//	                                         TAT, interval (0, 0: no rate
+//	                                         state); the tier rate and the
+//	                                         throttle both use the state
 //	                             crossed     ",80,100,": thresholds crossed
-//	                             rl          the rate state "<TAT>,<interval>";
-//	                                         the tier rate and the throttle
-//	                                         both use it
-//	                             h:<hour>    "<billed>,<overage>,<requests>"
-//	                                         of one hour with usage
-//	                             w:<origin>  replay window of an origin
-//	                                         "<highest seq>,<state>": state has
+//	                             h:<hour>    billed, overage, requests of one
+//	                                         hour with usage
+//	                             w:<origin>  replay window of an origin: the
+//	                                         highest seq, then its state,
 //	                                         store.SeqWindow digits, the i-th
 //	                                         for seq highest-i: 0 none,
 //	                                         1 reserved, 2 settled (or
 //	                                         nothing to settle)
+//	                           Numbers in c, h: and w: are little-endian
+//	                           int64s, 8 bytes each (struct.pack "<i8" in the
+//	                           scripts): reading and writing them costs the
+//	                           script far less than decimal text (strtod and
+//	                           sprintf were a fifth of its instructions).
 //	P{<s>}:idem:<key>          an idempotency key held or billed; EX store.IdempotencyWindow
 //	P{<s>}:outbox              list of threshold events, oldest first:
 //	                           "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>";
@@ -104,7 +111,7 @@ local included = tonumber(ARGV[2])
 local seq = tonumber(ARGV[5])
 local replay = ARGV[6] == '1'
 local W = @SEQ_WINDOW@
-local format, match, sub = string.format, string.match, string.sub
+local format, sub, spack, sunpack = string.format, string.sub, struct.pack, struct.unpack
 
 local function idiv(a, b)
   local q = math.floor(a / b)
@@ -116,12 +123,14 @@ local function idiv(a, b)
   return q
 end
 
-local p = redis.call('HMGET', KEYS[3], 'billed', 'overage', 'requests', 'crossed', ARGV[8], ARGV[11], 'rl')
-local used = tonumber(p[1] or '0')
-local pover = tonumber(p[2] or '0')
-local preqs = tonumber(p[3] or '0')
+local p = redis.call('HMGET', KEYS[3], 'c', 'crossed', ARGV[8], ARGV[11])
+-- The period's counters and rate state (tat 0 and from 0: none), as
+-- read; flush writes cb, co, cr, ctat, cfrom back when cdirty.
+local used, pover, preqs, tat, from = 0, 0, 0, 0, 0
+if p[1] then used, pover, preqs, tat, from = sunpack('<i8i8i8i8i8', p[1]) end
+local cb, co, cr, ctat, cfrom, cdirty = used, pover, preqs, tat, from, false
 
--- writes holds the period hash fields to set, written by flush.
+-- writes holds the other period hash fields to set, written by flush.
 local writes = {}
 
 -- metering.Overage
@@ -136,22 +145,17 @@ end
 -- count adds to the period's and the hour's counters.
 local function count(billed, over, requests)
   local hb, ho, hr = 0, 0, 0
-  if p[5] then
-    local b, o, r = match(p[5], '^(%-?%d+),(%-?%d+),(%-?%d+)$')
-    if r then hb, ho, hr = tonumber(b), tonumber(o), tonumber(r) end
-  end
+  if p[3] then hb, ho, hr = sunpack('<i8i8i8', p[3]) end
+  cb, co, cr, cdirty = cb + billed, co + over, cr + requests, true
   local n = #writes
-  writes[n + 1], writes[n + 2] = 'billed', format('%d', used + billed)
-  writes[n + 3], writes[n + 4] = 'overage', format('%d', pover + over)
-  writes[n + 5], writes[n + 6] = 'requests', format('%d', preqs + requests)
-  writes[n + 7], writes[n + 8] = ARGV[8], format('%d,%d,%d', hb + billed, ho + over, hr + requests)
+  writes[n + 1], writes[n + 2] = ARGV[8], spack('<i8i8i8', hb + billed, ho + over, hr + requests)
 end
 
 -- cross records the thresholds reached at usage u and not crossed before
 -- in the period, writes one outbox entry each, and returns them (nil for
 -- none).
 local function cross(u)
-  local crossed = p[4] or ','
+  local crossed = p[2] or ','
   if ARGV[12] == '-1' or crossed == ARGV[13] or u < tonumber(ARGV[12]) then return nil end
   local got = {}
   -- reached: u*100 >= th*included, exactly
@@ -190,10 +194,7 @@ end
 -- seen and one state digit per seq below it.
 local high, state = 0, nil
 local track = seq > 0
-if track and p[6] then
-  local h, s = match(p[6], '^(%d+),([012]+)$')
-  if h and #s == W then high, state = tonumber(h), s end
-end
+if track and p[4] and #p[4] == 8 + W then high, state = sunpack('<i8', p[4]), sub(p[4], 9) end
 
 -- slot is the state of seq: '0' when above the window, nil below it.
 local function slot()
@@ -218,15 +219,18 @@ local function mark(c)
     if i >= W then return end
     state = sub(state, 1, i) .. c .. sub(state, i + 2)
   end
-  writes[#writes + 1], writes[#writes + 2] = ARGV[11], format('%d,%s', high, state)
+  writes[#writes + 1], writes[#writes + 2] = ARGV[11], spack('<i8', high) .. state
 end
 
 -- flush writes the period hash fields set, and the hash's expiry when it
 -- had no counters yet.
 local function flush()
+  if cdirty then
+    writes[#writes + 1], writes[#writes + 2] = 'c', spack('<i8i8i8i8i8', cb, co, cr, ctat, cfrom)
+  end
   if #writes == 0 then return end
   redis.call('HSET', KEYS[3], unpack(writes))
-  if not p[3] then redis.call('EXPIREAT', KEYS[3], ARGV[3]) end
+  if not p[1] then redis.call('EXPIREAT', KEYS[3], ARGV[3]) end
 end
 `
 
@@ -254,9 +258,9 @@ func meterScript(body string) *luaScript {
 // 14 cost, 15 and 16 the tier rate's interval (µs) and burst, 17 and 18
 // the throttle's; an interval of 0 means no policy, -1 an invalid one.
 //
-// It returns {allowed, rate applied, rate allowed, remaining,
-// retry_after_us, reset_after_us, cost_exceeds_burst, throttled,
-// quota_exceeded, used, overage, duplicate, now_us, crossed...}.
+// It returns {flags, remaining, retry_after_us, reset_after_us, used,
+// overage, now_us, crossed...}, flags holding one bit each (see
+// reserveFlags).
 var reserveScript = meterScript(`
 local cost = tonumber(ARGV[14])
 
@@ -276,19 +280,21 @@ local function rate(interval, burst, c)
   end
   local span = interval * burst
   local d = 0
-  local stored = p[7]
-  if not stored then stored = redis.call('GET', KEYS[1]) end
-  if stored then
-    local tat, from = match(stored, '^(%d+),(%d+)$')
-    tat, from = tonumber(tat), tonumber(from)
-    if tat then storedTAT = tat end
-    if tat and tat > now then
-      d = tat - now
-      if from ~= interval and from > 0 then
-        local owed = idiv(d + from - 1, from)
-        if owed > burst then owed = burst end
-        d = owed * interval
-      end
+  local stat, sfrom = tat, from
+  if sfrom == 0 then
+    local stored = redis.call('GET', KEYS[1])
+    if stored then
+      local a, b = string.match(stored, '^(%d+),(%d+)$')
+      stat, sfrom = tonumber(a) or 0, tonumber(b) or 0
+    end
+  end
+  storedTAT = stat
+  if stat > now then
+    d = stat - now
+    if sfrom ~= interval and sfrom > 0 then
+      local owed = idiv(d + sfrom - 1, sfrom)
+      if owed > burst then owed = burst end
+      d = owed * interval
     end
   end
   local avail = 0
@@ -301,11 +307,13 @@ local function rate(interval, burst, c)
 end
 
 -- reply is the script's reply; the rate decision comes last, as rate
--- returns it (applied, allowed, remaining, retry, reset, exceeds).
+-- returns it (applied, allowed, remaining, retry, reset, exceeds). The
+-- seven flags go in one integer, one bit each (see reserveFlags).
 local function reply(allowed, throttled, qex, u, over, dup, crossed, applied, ok, avail, retry, reset, exceeds)
-  local out = {allowed, applied, ok, avail, retry, reset, exceeds, throttled, qex, u, over, dup, now}
+  local out = {allowed + 2 * applied + 4 * ok + 8 * exceeds + 16 * throttled + 32 * qex + 64 * dup,
+    avail, retry, reset, u, over, now}
   if crossed then
-    for i = 1, #crossed do out[13 + i] = crossed[i] end
+    for i = 1, #crossed do out[7 + i] = crossed[i] end
   end
   return out
 end
@@ -349,11 +357,10 @@ if nd then
   -- The state goes in the period hash; when it reaches past the period's
   -- end (or did before this request), also in the rate key, which the
   -- next period starts from: the GCRA carries over the boundary exactly.
-  local st = format('%d,%d', now + nd, interval)
-  writes[#writes + 1], writes[#writes + 2] = 'rl', st
+  ctat, cfrom, cdirty = now + nd, interval, true
   local boundary = (tonumber(ARGV[3]) - @RETENTION_S@) * 1000000
   if now + nd > boundary or storedTAT > boundary then
-    redis.call('SET', KEYS[1], st, 'PX', format('%d', idiv(nd, 1000) + 1))
+    redis.call('SET', KEYS[1], format('%d,%d', now + nd, interval), 'PX', format('%d', idiv(nd, 1000) + 1))
   end
 end
 local over = overage(used, cost)
@@ -622,31 +629,48 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	if err != nil {
 		return store.Reserved{}, 0, err
 	}
-	if len(v) < 13 {
-		return store.Reserved{}, 0, fmt.Errorf("redisstore: reserve script returned %d values, want at least 13", len(v))
+	if len(v) < 7 {
+		return store.Reserved{}, 0, fmt.Errorf("redisstore: reserve script returned %d values, want at least 7", len(v))
 	}
+	f := reserveFlags(v[0])
 	out := store.Reserved{
-		Allowed:       v[0] == 1,
-		Throttled:     v[7] == 1,
-		QuotaExceeded: v[8] == 1,
-		Used:          v[9],
-		Overage:       v[10],
-		Duplicate:     v[11] == 1,
+		Allowed:       f&flagAllowed != 0,
+		Throttled:     f&flagThrottled != 0,
+		QuotaExceeded: f&flagQuotaExceeded != 0,
+		Used:          v[4],
+		Overage:       v[5],
+		Duplicate:     f&flagDuplicate != 0,
 	}
-	if v[1] == 1 {
+	if f&flagRateApplied != 0 {
 		out.Rate = limiter.Decision{
-			Allowed:          v[2] == 1,
-			Remaining:        v[3],
-			RetryAfter:       time.Duration(v[4]) * time.Microsecond,
-			ResetAfter:       time.Duration(v[5]) * time.Microsecond,
-			CostExceedsBurst: v[6] == 1,
+			Allowed:          f&flagRateAllowed != 0,
+			Remaining:        v[1],
+			RetryAfter:       time.Duration(v[2]) * time.Microsecond,
+			ResetAfter:       time.Duration(v[3]) * time.Microsecond,
+			CostExceedsBurst: f&flagCostExceedsBurst != 0,
 		}
 	}
-	for _, t := range v[13:] {
+	for _, t := range v[7:] {
 		out.Crossed = append(out.Crossed, int(t))
 	}
-	return out, v[12], nil
+	return out, v[6], nil
 }
+
+// reserveFlags is the first value of the reserve script's reply: one bit
+// per yes/no answer, so the reply has seven integers instead of thirteen.
+type reserveFlags int64
+
+// The bits of reserveFlags, as the reserve script's reply function sets
+// them.
+const (
+	flagAllowed reserveFlags = 1 << iota
+	flagRateApplied
+	flagRateAllowed
+	flagCostExceedsBurst
+	flagThrottled
+	flagQuotaExceeded
+	flagDuplicate
+)
 
 // Settle implements store.Meter with one EVALSHA round trip. Actual below
 // Reserved takes the released units off the reservation's overage first;
@@ -710,38 +734,41 @@ func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.Peri
 	return u, nil
 }
 
-// counters reads the counters of a period hash.
+// counters reads the counters of a period hash: the first three numbers
+// of its c field (none: no usage yet).
 func counters(fields map[string]string) (store.Counters, error) {
-	var c store.Counters
-	for name, dst := range map[string]*int64{"billed": &c.Billed, "overage": &c.Overage, "requests": &c.Requests} {
-		v, ok := fields[name]
-		if !ok {
-			continue
-		}
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil {
-			return store.Counters{}, permanent{fmt.Errorf("redisstore: corrupt counter %s %q", name, v)}
-		}
-		*dst = n
+	v, ok := fields["c"]
+	if !ok {
+		return store.Counters{}, nil
 	}
-	return c, nil
-}
-
-// hourCounters reads an hour field of a period hash:
-// "<billed>,<overage>,<requests>".
-func hourCounters(v string) (store.Counters, error) {
-	var n [3]int64
-	f := strings.Split(v, ",")
-	if len(f) != len(n) {
-		return store.Counters{}, permanent{fmt.Errorf("redisstore: corrupt hour counters %q", v)}
-	}
-	for i := range n {
-		var err error
-		if n[i], err = strconv.ParseInt(f[i], 10, 64); err != nil {
-			return store.Counters{}, permanent{fmt.Errorf("redisstore: corrupt hour counters %q", v)}
-		}
+	n, ok := packedInts(v, 5)
+	if !ok {
+		return store.Counters{}, permanent{fmt.Errorf("redisstore: corrupt period counters %q", v)}
 	}
 	return store.Counters{Billed: n[0], Overage: n[1], Requests: n[2]}, nil
+}
+
+// hourCounters reads an hour field of a period hash: billed, overage,
+// requests.
+func hourCounters(v string) (store.Counters, error) {
+	n, ok := packedInts(v, 3)
+	if !ok {
+		return store.Counters{}, permanent{fmt.Errorf("redisstore: corrupt hour counters %q", v)}
+	}
+	return store.Counters{Billed: n[0], Overage: n[1], Requests: n[2]}, nil
+}
+
+// packedInts decodes a field the scripts wrote with struct.pack: count
+// little-endian int64s, and nothing else.
+func packedInts(v string, count int) ([]int64, bool) {
+	if len(v) != 8*count {
+		return nil, false
+	}
+	n := make([]int64, count)
+	for i := range n {
+		n[i] = int64(binary.LittleEndian.Uint64([]byte(v[8*i : 8*i+8])))
+	}
+	return n, true
 }
 
 // ThresholdEvents implements store.Meter: the subject's outbox, or every

@@ -139,12 +139,22 @@ func rateAt(ctx context.Context, s *Store, subject string, p limiter.Policy, cos
 }
 
 // readTAT returns the rate state of subject under prefix in the period of
-// rateAt (the period hash's rl field), zeros when none. Key and field names
-// are spelled out to pin the documented layout.
+// rateAt (the 4th and 5th numbers of the period hash's c field), zeros when
+// none. Key and field names are spelled out to pin the documented layout.
 func readTAT(t *testing.T, c *redis.Client, prefix, subject string) (tat, interval int64) {
 	t.Helper()
-	v, err := c.HGet(context.Background(), prefix+"{"+subject+"}:q:"+ratePeriod().ID(), "rl").Result()
-	return parseTAT(t, v, err)
+	v, err := c.HGet(context.Background(), prefix+"{"+subject+"}:q:"+ratePeriod().ID(), "c").Result()
+	if errors.Is(err, redis.Nil) {
+		return 0, 0
+	}
+	if err != nil {
+		t.Fatalf("reading the rate state: %v", err)
+	}
+	n, ok := packedInts(v, 5)
+	if !ok {
+		t.Fatalf("period field c %q is not five packed int64s", v)
+	}
+	return n[3], n[4]
 }
 
 // readCarriedTAT returns the rate state in subject's rate key, which holds

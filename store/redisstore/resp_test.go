@@ -50,8 +50,10 @@ func TestScriptsAuthAndSelect(t *testing.T) {
 	if err := conn.Select(ctx, 3).Err(); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := conn.HGet(ctx, s.periodKey("acme", q.PeriodID), "billed").Result(); err != nil || got != "2" {
-		t.Errorf("billed units in database 3 = %q, %v; want 2", got, err)
+	if got, err := conn.HGet(ctx, s.periodKey("acme", q.PeriodID), "c").Result(); err != nil {
+		t.Errorf("period counters in database 3: %v", err)
+	} else if c, err := counters(map[string]string{"c": got}); err != nil || c.Billed != 2 {
+		t.Errorf("billed units in database 3 = %+v, %v; want 2", c, err)
 	}
 
 	u.User = url.UserPassword(user, "wrong-"+pass)
