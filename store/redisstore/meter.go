@@ -87,31 +87,37 @@ import (
 // successor.
 const maxExact = 1 << 53
 
+// maxMeterNumbers is how many numbers a metering script call carries at
+// most: six shared ones and the reserve script's five.
+const maxMeterNumbers = 11
+
 // meterLua is the part shared by the reserve and settle scripts: it reads
 // the period hash once, and flush writes it back once. The common path of
-// a reservation runs three commands and no string scanning beyond the
-// replay window: threshold crossing is checked against ARGV 12 and 13
-// first.
+// a reservation runs three commands and no string scanning: threshold
+// crossing is checked against the least usage that reaches a threshold and
+// ARGV 8 first.
 //
 // KEYS: 1 rate, 2 idempotency, 3 period, 4 outbox, 5 outbox subjects.
-// ARGV: 1 mode (meter, block, bill, throttle), 2 included, 3 expiry of the
-// period (Unix s), 4 has an idempotency key (0/1), 5 seq (0: none),
-// 6 replay (0/1), 7 period id, 8 the hour's field (h:<hour id>),
-// 9 thresholds ("80,100,120"), 10 subject, 11 the replay window's field
-// (w:<origin>), 12 the least usage that reaches a threshold (-1: none can
-// be crossed), 13 the crossed field once every threshold is crossed in
-// order (",80,100,120,"); the script's own arguments follow. The replay
-// window's size and the idempotency TTL are written into the source.
+// ARGV: 1 mode (meter, block, bill, throttle), 2 the numbers, packed as
+// little-endian int64s (see command.ints): included, expiry of the period
+// (Unix s), has an idempotency key (0/1), seq (0: none), replay (0/1), the
+// least usage that reaches a threshold (-1: none can be crossed), and
+// then the script's own numbers; 3 period id, 4 the hour's field
+// (h:<hour id>), 5 thresholds ("80,100,120"), 6 subject, 7 the replay
+// window's field (w:<origin>), 8 the crossed field once every threshold is
+// crossed in order (",80,100,120,"). Numbers travel packed because
+// tonumber (strtod) is among the costliest things a script does. The
+// replay window's size and the idempotency TTL are written into the
+// source.
 const meterLua = `
 local t = redis.call('TIME')
 local nows = tonumber(t[1])
 local now = nows * 1000000 + tonumber(t[2])
-local mode = ARGV[1]
-local included = tonumber(ARGV[2])
-local seq = tonumber(ARGV[5])
-local replay = ARGV[6] == '1'
-local W = @SEQ_WINDOW@
 local format, sub, spack, sunpack = string.format, string.sub, struct.pack, struct.unpack
+local mode = ARGV[1]
+local included, expiry, idem, seq, replay, level = sunpack('<i8i8i8i8i8i8', ARGV[2])
+idem, replay = idem == 1, replay == 1
+local W = @SEQ_WINDOW@
 
 local function idiv(a, b)
   local q = math.floor(a / b)
@@ -123,7 +129,7 @@ local function idiv(a, b)
   return q
 end
 
-local p = redis.call('HMGET', KEYS[3], 'c', 'crossed', ARGV[8], ARGV[11])
+local p = redis.call('HMGET', KEYS[3], 'c', 'crossed', ARGV[4], ARGV[7])
 -- The period's counters and rate state (tat 0 and from 0: none), as
 -- read; flush writes cb, co, cr, ctat, cfrom back when cdirty.
 local used, pover, preqs, tat, from = 0, 0, 0, 0, 0
@@ -148,7 +154,7 @@ local function count(billed, over, requests)
   if p[3] then hb, ho, hr = sunpack('<i8i8i8', p[3]) end
   cb, co, cr, cdirty = cb + billed, co + over, cr + requests, true
   local n = #writes
-  writes[n + 1], writes[n + 2] = ARGV[8], spack('<i8i8i8', hb + billed, ho + over, hr + requests)
+  writes[n + 1], writes[n + 2] = ARGV[4], spack('<i8i8i8', hb + billed, ho + over, hr + requests)
 end
 
 -- cross records the thresholds reached at usage u and not crossed before
@@ -156,13 +162,13 @@ end
 -- none).
 local function cross(u)
   local crossed = p[2] or ','
-  if ARGV[12] == '-1' or crossed == ARGV[13] or u < tonumber(ARGV[12]) then return nil end
+  if level < 0 or crossed == ARGV[8] or u < level then return nil end
   local got = {}
   -- reached: u*100 >= th*included, exactly
   local q = idiv(included, 100)
   local r = included - q * 100
   local x = crossed
-  for ts in string.gmatch(ARGV[9], '%d+') do
+  for ts in string.gmatch(ARGV[5], '%d+') do
     local th = tonumber(ts)
     if not string.find(x, ',' .. ts .. ',', 1, true) and not (q > 0 and th > 9007199254740992 / q)
         and u >= th * q + idiv(th * r + 99, 100) then
@@ -180,13 +186,13 @@ local function cross(u)
     redis.call('LPOP', KEYS[4])
   end
   for _, th in ipairs(got) do
-    redis.call('RPUSH', KEYS[4], string.format('%s|%d|%d|%d|%d|%s', ARGV[7], th, u, included, now, ARGV[3]))
+    redis.call('RPUSH', KEYS[4], format('%s|%d|%d|%d|%d|%d', ARGV[3], th, u, included, now, expiry))
   end
-  local left = tonumber(ARGV[3]) - nows
-  if redis.call('TTL', KEYS[4]) < left then redis.call('EXPIREAT', KEYS[4], ARGV[3]) end
-  redis.call('ZADD', KEYS[5], 'GT', ARGV[3], ARGV[10])
+  local left, exp = expiry - nows, format('%d', expiry)
+  if redis.call('TTL', KEYS[4]) < left then redis.call('EXPIREAT', KEYS[4], exp) end
+  redis.call('ZADD', KEYS[5], 'GT', exp, ARGV[6])
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', format('%d', nows))
-  if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIREAT', KEYS[5], ARGV[3]) end
+  if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIREAT', KEYS[5], exp) end
   return got
 end
 
@@ -219,7 +225,7 @@ local function mark(c)
     if i >= W then return end
     state = sub(state, 1, i) .. c .. sub(state, i + 2)
   end
-  writes[#writes + 1], writes[#writes + 2] = ARGV[11], spack('<i8', high) .. state
+  writes[#writes + 1], writes[#writes + 2] = ARGV[7], spack('<i8', high) .. state
 end
 
 -- flush writes the period hash fields set, and the hash's expiry when it
@@ -230,7 +236,7 @@ local function flush()
   end
   if #writes == 0 then return end
   redis.call('HSET', KEYS[3], unpack(writes))
-  if not p[1] then redis.call('EXPIREAT', KEYS[3], ARGV[3]) end
+  if not p[1] then redis.call('EXPIREAT', KEYS[3], format('%d', expiry)) end
 end
 `
 
@@ -254,15 +260,15 @@ func meterScript(body string) *luaScript {
 // corrected to exact floors, and numbers are written with %d (tostring
 // would round to 14 digits).
 //
-// reserveScript is one reservation (see Store.Reserve). Its own ARGV:
-// 14 cost, 15 and 16 the tier rate's interval (µs) and burst, 17 and 18
-// the throttle's; an interval of 0 means no policy, -1 an invalid one.
+// reserveScript is one reservation (see Store.Reserve). Its own numbers:
+// cost, the tier rate's interval (µs) and burst, the throttle's; an
+// interval of 0 means no policy, -1 an invalid one.
 //
 // It returns {flags, remaining, retry_after_us, reset_after_us, used,
 // overage, now_us, crossed...}, flags holding one bit each (see
 // reserveFlags).
 var reserveScript = meterScript(`
-local cost = tonumber(ARGV[14])
+local cost, interval, burst, tInterval, tBurst = sunpack('<i8i8i8i8i8', ARGV[2], 49)
 
 -- storedTAT is the TAT read by rate (0: none).
 local storedTAT = 0
@@ -318,11 +324,10 @@ local function reply(allowed, throttled, qex, u, over, dup, crossed, applied, ok
   return out
 end
 
-local interval, burst = tonumber(ARGV[15]), tonumber(ARGV[16])
 local throttled = 0
 if mode == 'throttle' and used >= included then
   throttled = 1
-  interval, burst = tonumber(ARGV[17]), tonumber(ARGV[18])
+  interval, burst = tInterval, tBurst
 end
 
 -- A duplicate or a replay applies no policy: 0, 1, 0, 0, 0, 0.
@@ -332,7 +337,7 @@ end
 if replay and track and slot() ~= '0' then
   return reply(1, 0, 0, used, 0, 1, nil, 0, 1, 0, 0, 0, 0)
 end
-if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
+if idem and redis.call('EXISTS', KEYS[2]) == 1 then
   if track then
     mark('2')
     flush()
@@ -358,25 +363,25 @@ if nd then
   -- end (or did before this request), also in the rate key, which the
   -- next period starts from: the GCRA carries over the boundary exactly.
   ctat, cfrom, cdirty = now + nd, interval, true
-  local boundary = (tonumber(ARGV[3]) - @RETENTION_S@) * 1000000
+  local boundary = (expiry - @RETENTION_S@) * 1000000
   if now + nd > boundary or storedTAT > boundary then
     redis.call('SET', KEYS[1], format('%d,%d', now + nd, interval), 'PX', format('%d', idiv(nd, 1000) + 1))
   end
 end
 local over = overage(used, cost)
 count(cost, over, 1)
-if ARGV[4] == '1' then redis.call('SET', KEYS[2], '1', 'EX', @IDEM_TTL@) end
+if idem then redis.call('SET', KEYS[2], '1', 'EX', @IDEM_TTL@) end
 if track then mark('1') end
 local got = cross(used + cost)
 flush()
 return reply(1, throttled, 0, used + cost, over, 0, got, applied, ok, avail, retry, reset, exceeds)
 `)
 
-// settleScript is one settlement (see Store.Settle). Its own ARGV:
-// 14 reserved, 15 the reservation's overage, 16 actual. It returns 1 when
+// settleScript is one settlement (see Store.Settle). Its own numbers:
+// reserved, the reservation's overage, actual. It returns 1 when
 // applied, 0 when a replay was skipped.
 var settleScript = meterScript(`
-local reserved, resOver, actual = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
+local reserved, resOver, actual = sunpack('<i8i8i8', ARGV[2], 49)
 if replay and track and slot() ~= '1' then return 0 end
 local billed, over, requests = 0, 0, 0
 -- taken returns the overage to take back when d units are released: the
@@ -396,7 +401,7 @@ local function taken(d)
 end
 if actual <= 0 then
   billed, over, requests = -reserved, -taken(reserved), -1
-  if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
+  if idem then redis.call('DEL', KEYS[2]) end
 elseif actual < reserved then
   billed = actual - reserved
   over = -taken(reserved - actual)
@@ -434,12 +439,12 @@ func (s *Store) outboxSubjectsKey() string       { return s.prefix + outboxSubje
 
 var _ store.Meter = (*Store)(nil)
 
-// newMeterCall validates and encodes the common part of a reservation or
-// settlement: the keys of the metering scripts and their first 13
-// arguments (see meterLua), written straight into the command sent. The
+// newMeterCall validates and encodes a reservation or settlement: the keys
+// of the metering scripts and their arguments (see meterLua), own being
+// the script's own numbers, written straight into the command sent. The
 // keys are rate, idempotency (P{s}:idem: when there is no key: declared,
 // never used), period, outbox and outbox subjects.
-func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin string, seq int64, replay bool) (*command, error) {
+func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin string, seq int64, replay bool, own []int64) (*command, error) {
 	var mode string
 	switch q.Mode {
 	case store.QuotaMeter:
@@ -471,17 +476,14 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 	c.str(tag, outboxKeySuffix)
 	c.str(s.prefix, outboxSubjectsKeyName)
 	c.str(mode, "")
-	c.int(q.Included)
-	c.int(q.PeriodEnd.Add(store.Retention).Unix())
-	c.int(flag(idemKey != ""))
-	c.int(seq)
-	c.int(flag(replay))
+	var nums [maxMeterNumbers]int64
+	n := append(nums[:0], q.Included, q.PeriodEnd.Add(store.Retention).Unix(), flag(idemKey != ""), seq, flag(replay), firstLevel(q))
+	c.ints(append(n, own...))
 	c.str(q.PeriodID, "")
 	c.str("h:", q.HourID)
 	c.bytes(levels)
 	c.str(subject, "")
 	c.str("w:", origin)
-	c.int(firstLevel(q))
 	// The crossed field once every threshold is crossed: ",80,100,120,".
 	var all [66]byte
 	crossed := append(append(all[:0], ','), levels...)
@@ -616,14 +618,11 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	if r.Cost < 0 || r.Cost >= maxExact {
 		return store.Reserved{}, 0, fmt.Errorf("redisstore: cost %d out of range", r.Cost)
 	}
-	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.Origin, r.Seq, r.Replay)
-	if err != nil {
-		return store.Reserved{}, 0, err
-	}
 	ri, rb := policyArgs(r.Rate)
 	ti, tb := policyArgs(r.Quota.Throttle)
-	for _, a := range [...]int64{r.Cost, ri, rb, ti, tb} {
-		c.int(a)
+	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.Origin, r.Seq, r.Replay, []int64{r.Cost, ri, rb, ti, tb})
+	if err != nil {
+		return store.Reserved{}, 0, err
 	}
 	v, err := s.run(ctx, reserveScript, c)
 	if err != nil {
@@ -684,12 +683,9 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 		st.Overage < 0 || st.Overage > st.Reserved {
 		return fmt.Errorf("redisstore: settlement amounts out of range (reserved %d, overage %d, actual %d)", st.Reserved, st.Overage, st.Actual)
 	}
-	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.Origin, st.Seq, st.Replay)
+	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.Origin, st.Seq, st.Replay, []int64{st.Reserved, st.Overage, st.Actual})
 	if err != nil {
 		return err
-	}
-	for _, a := range [...]int64{st.Reserved, st.Overage, st.Actual} {
-		c.int(a)
 	}
 	_, err = s.run(ctx, settleScript, c)
 	return err

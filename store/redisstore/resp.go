@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha1"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -69,6 +70,19 @@ func appendBulk[T string | []byte](w []byte, a, b T) []byte {
 	w = append(w, a...)
 	w = append(w, b...)
 	return append(w, '\r', '\n')
+}
+
+// ints appends one argument holding vs as little-endian int64s, 8 bytes
+// each, which a script reads with struct.unpack('<i8...').
+func (c *command) ints(vs []int64) {
+	c.b = append(c.b, '$')
+	c.b = strconv.AppendInt(c.b, int64(8*len(vs)), 10)
+	c.b = append(c.b, '\r', '\n')
+	for _, v := range vs {
+		c.b = binary.LittleEndian.AppendUint64(c.b, uint64(v))
+	}
+	c.b = append(c.b, '\r', '\n')
+	c.n++
 }
 
 // int appends the argument v in decimal.
