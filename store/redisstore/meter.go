@@ -197,17 +197,16 @@ local function cross(u)
 end
 
 -- The replay window of (subject, origin) in this period: the highest seq
--- seen and one state digit per seq below it.
-local high, state = 0, nil
+-- seen and one state digit per seq below it; slot is the state of seq as
+-- read: '0' when above the window, nil below it.
+local high, state, slot = 0, nil, '0'
 local track = seq > 0
-if track and p[4] and #p[4] == 8 + W then high, state = sunpack('<i8', p[4]), sub(p[4], 9) end
-
--- slot is the state of seq: '0' when above the window, nil below it.
-local function slot()
-  if seq > high then return '0' end
-  local i = high - seq
-  if i >= W then return nil end
-  return sub(state, i + 1, i + 1)
+if track and p[4] and #p[4] == 8 + W then
+  high, state = sunpack('<i8c@SEQ_WINDOW@', p[4])
+  if seq <= high then
+    slot = nil
+    if high - seq < W then slot = sub(state, high - seq + 1, high - seq + 1) end
+  end
 end
 
 -- mark sets the state of seq, sliding the window up to it.
@@ -216,6 +215,8 @@ local function mark(c)
     local shift = seq - high
     if shift >= W or not state then
       state = c .. string.rep('0', W - 1)
+    elseif shift == 1 then
+      state = c .. sub(state, 1, W - 1)
     else
       state = c .. string.rep('0', shift - 1) .. sub(state, 1, W - shift)
     end
@@ -225,7 +226,7 @@ local function mark(c)
     if i >= W then return end
     state = sub(state, 1, i) .. c .. sub(state, i + 2)
   end
-  writes[#writes + 1], writes[#writes + 2] = ARGV[7], spack('<i8', high) .. state
+  writes[#writes + 1], writes[#writes + 2] = ARGV[7], spack('<i8c0', high, state)
 end
 
 -- flush writes the period hash fields set, and the hash's expiry when it
@@ -334,7 +335,7 @@ end
 if cost <= 0 then
   return reply(1, throttled, 0, used, 0, 0, nil, rate(interval, burst, 0))
 end
-if replay and track and slot() ~= '0' then
+if replay and track and slot ~= '0' then
   return reply(1, 0, 0, used, 0, 1, nil, 0, 1, 0, 0, 0, 0)
 end
 if idem and redis.call('EXISTS', KEYS[2]) == 1 then
@@ -382,7 +383,7 @@ return reply(1, throttled, 0, used + cost, over, 0, got, applied, ok, avail, ret
 // applied, 0 when a replay was skipped.
 var settleScript = meterScript(`
 local reserved, resOver, actual = sunpack('<i8i8i8', ARGV[2], 49)
-if replay and track and slot() ~= '1' then return 0 end
+if replay and track and slot ~= '1' then return 0 end
 local billed, over, requests = 0, 0, 0
 -- taken returns the overage to take back when d units are released: the
 -- reservation's own overage first, and as much more as keeps the period's
