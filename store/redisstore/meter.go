@@ -43,7 +43,8 @@ import (
 //	                           int64s, 8 bytes each (struct.pack "<i8" in the
 //	                           scripts): reading and writing them costs the
 //	                           script far less than decimal text (strtod and
-//	                           sprintf were a fifth of its instructions).
+//	                           sprintf were about a tenth of its
+//	                           instructions).
 //	P{<s>}:idem:<key>          an idempotency key held or billed; EX store.IdempotencyWindow
 //	P{<s>}:outbox              list of threshold events, oldest first:
 //	                           "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>";
