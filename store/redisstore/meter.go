@@ -23,7 +23,7 @@ import (
 //	P{<s>}:rl                  rate state "<TAT>,<interval>" carried into the
 //	                           next period: written (PX until the TAT) only
 //	                           when the state reaches past the period's end
-//	P{<s>}:q:<period>          hash of the period, EXPIREAT period end +
+//	P{<s>}:u:<period>          hash of the period, EXPIREAT period end +
 //	                           store.Retention, with the fields
 //	                             c           the period's counters and rate
 //	                                         state: billed, overage, requests,
@@ -44,7 +44,11 @@ import (
 //	                           scripts): reading and writing them costs the
 //	                           script far less than decimal text (strtod and
 //	                           sprintf were about a tenth of its
-//	                           instructions).
+//	                           instructions). Development builds before
+//	                           2026-11-27 kept decimal text in
+//	                           P{<s>}:q:<period>; the new name keeps such a
+//	                           hash from being read as packed numbers (it is
+//	                           not migrated: no release had it).
 //	P{<s>}:idem:<key>          an idempotency key held or billed; EX store.IdempotencyWindow
 //	P{<s>}:outbox              list of threshold events, oldest first:
 //	                           "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>";
@@ -425,7 +429,7 @@ return 1
 const (
 	rateKeySuffix         = "rl"
 	idemKeySuffix         = "idem:" // + the idempotency key
-	periodKeySuffix       = "q:"    // + the period id
+	periodKeySuffix       = "u:"    // + the period id
 	outboxKeySuffix       = "outbox"
 	outboxSubjectsKeyName = "outbox:subjects" // after the prefix only
 )

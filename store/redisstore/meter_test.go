@@ -179,7 +179,7 @@ func TestMeterKeys(t *testing.T) {
 	tag := prefix + "{acme}:"
 	periodEnd := q.PeriodEnd.Add(store.Retention)
 	wantKeys := map[string]time.Time{
-		tag + "q:" + q.PeriodID:    periodEnd,
+		tag + "u:" + q.PeriodID:    periodEnd,
 		tag + "idem:retry-1":       time.Now().Add(store.IdempotencyWindow),
 		tag + "outbox":             periodEnd,
 		prefix + "outbox:subjects": periodEnd,
@@ -201,7 +201,7 @@ func TestMeterKeys(t *testing.T) {
 	if !slices.Equal(keys, want) {
 		t.Fatalf("keys after 50 reservations:\n got  %q\n want %q", keys, want)
 	}
-	fields, err := c.HKeys(ctx, tag+"q:"+q.PeriodID).Result()
+	fields, err := c.HKeys(ctx, tag+"u:"+q.PeriodID).Result()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,7 @@
 //
 // Keys, under Options.KeyPrefix (P):
 //
-//	P{<subject>}:q:<period> the period's hash: usage counters, hours, the
+//	P{<subject>}:u:<period> the period's hash: usage counters, hours, the
 //	                       GCRA state and replay windows (see meter.go)
 //	P{<subject>}:rl        GCRA state carried into the next period, while
 //	                       it reaches past the period's end

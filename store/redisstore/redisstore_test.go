@@ -143,7 +143,7 @@ func rateAt(ctx context.Context, s *Store, subject string, p limiter.Policy, cos
 // none. Key and field names are spelled out to pin the documented layout.
 func readTAT(t *testing.T, c *redis.Client, prefix, subject string) (tat, interval int64) {
 	t.Helper()
-	v, err := c.HGet(context.Background(), prefix+"{"+subject+"}:q:"+ratePeriod().ID(), "c").Result()
+	v, err := c.HGet(context.Background(), prefix+"{"+subject+"}:u:"+ratePeriod().ID(), "c").Result()
 	if errors.Is(err, redis.Nil) {
 		return 0, 0
 	}
