@@ -259,10 +259,13 @@ func TestCommandEncoding(t *testing.T) {
 	c.str("k{", "a}")
 	c.bytes([]byte("80,100"))
 	c.int(-5)
+	c.ints([]int64{1, -2}) // little-endian int64s, as struct.unpack('<i8i8') reads them
 	s := &luaScript{src: "return 1", sha: strings.Repeat("e", 40)}
 	got := string(appendCall(nil, s, &c, false)) + string(appendCall(nil, s, &c, true))
-	want := "*6\r\n$7\r\nEVALSHA\r\n$40\r\n" + strings.Repeat("e", 40) + "\r\n$1\r\n1\r\n$4\r\nk{a}\r\n$6\r\n80,100\r\n$2\r\n-5\r\n" +
-		"*6\r\n$4\r\nEVAL\r\n$8\r\nreturn 1\r\n$1\r\n1\r\n$4\r\nk{a}\r\n$6\r\n80,100\r\n$2\r\n-5\r\n"
+	args := "$1\r\n1\r\n$4\r\nk{a}\r\n$6\r\n80,100\r\n$2\r\n-5\r\n" +
+		"$16\r\n\x01\x00\x00\x00\x00\x00\x00\x00\xfe\xff\xff\xff\xff\xff\xff\xff\r\n"
+	want := "*7\r\n$7\r\nEVALSHA\r\n$40\r\n" + strings.Repeat("e", 40) + "\r\n" + args +
+		"*7\r\n$4\r\nEVAL\r\n$8\r\nreturn 1\r\n" + args
 	if got != want {
 		t.Errorf("encoded %q, want %q", got, want)
 	}
