@@ -496,3 +496,34 @@ func TestRateStateCrossesPeriods(t *testing.T) {
 		t.Errorf("rate state in the next period: %+v, %v; want Remaining 0", out, err)
 	}
 }
+
+// TestPackedCounters decodes the period hash's packed fields as the
+// scripts write them, and refuses a field of the wrong length as corrupt
+// (a permanent error, not a store outage).
+func TestPackedCounters(t *testing.T) {
+	var c command
+	c.ints([]int64{7, 2, 3, 1_700_000_000_000_000, 60_000_000})
+	field := string(c.b[len("$40\r\n") : len(c.b)-2])
+	got, err := counters(map[string]string{"c": field, "crossed": ",80,"})
+	if err != nil || got != (store.Counters{Billed: 7, Overage: 2, Requests: 3}) {
+		t.Errorf("counters = %+v, %v; want billed 7, overage 2, requests 3", got, err)
+	}
+	if got, err := counters(map[string]string{}); err != nil || got != (store.Counters{}) {
+		t.Errorf("counters of an empty hash = %+v, %v; want zeros", got, err)
+	}
+	var h command
+	h.ints([]int64{-4, 0, -1}) // a release in a later hour than its reservation
+	hour, err := hourCounters(string(h.b[len("$24\r\n") : len(h.b)-2]))
+	if err != nil || hour != (store.Counters{Billed: -4, Requests: -1}) {
+		t.Errorf("hourCounters = %+v, %v; want billed -4, requests -1", hour, err)
+	}
+	for _, bad := range []string{"7,2,3", field[:39], field + "x"} {
+		var p permanent
+		if _, err := counters(map[string]string{"c": bad}); !errors.As(err, &p) {
+			t.Errorf("counters(%q): %v, want a permanent error", bad, err)
+		}
+	}
+	if _, err := hourCounters("1,0,1"); err == nil {
+		t.Error("hourCounters accepted decimal text")
+	}
+}
