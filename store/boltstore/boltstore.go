@@ -74,6 +74,9 @@ type options struct {
 	onFlushError  func(error)
 	// clock replaces time.Now for metering, in tests.
 	clock func() time.Time
+	// segmentSize is the size write-ahead log segments are mapped with
+	// (segmentSize by default), 0 to write them with write(2); tests set it.
+	segmentSize int
 }
 
 // WithLockTimeout sets how long Open waits for another process to release
@@ -88,7 +91,7 @@ func WithLockTimeout(d time.Duration) Option {
 // Open replays the metering write-ahead log and starts a goroutine that
 // checkpoints it until Close.
 func Open(path string, opts ...Option) (*Store, error) {
-	o := options{lockTimeout: DefaultLockTimeout, flushInterval: DefaultFlushInterval}
+	o := options{lockTimeout: DefaultLockTimeout, flushInterval: DefaultFlushInterval, segmentSize: segmentSize}
 	for _, opt := range opts {
 		opt(&o)
 	}

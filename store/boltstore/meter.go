@@ -168,11 +168,16 @@ type meter struct {
 	nextPrune, lastPrune int64
 
 	// seg is the segment being written, segID its id and segSize its
-	// length; segBroken is set when a failed write could not be undone.
+	// length (of the frames written, in a mapped segment); segBroken is set
+	// when a failed write could not be undone. segMem is seg mapped into
+	// memory, nil when frames are written with write(2); mapSize is the
+	// size a segment is mapped with, 0 for none.
 	seg       *os.File
 	segID     uint64
 	segSize   int64
 	segBroken bool
+	segMem    []byte
+	mapSize   int
 	// oldSegs are closed segments, to delete once a checkpoint covering
 	// them has committed.
 	oldSegs []uint64
@@ -199,6 +204,7 @@ func openMeter(db *bolt.DB, path string, rates *limiter.Local, o options) (*mete
 		nextPrune:    1<<63 - 1,
 		stop:         make(chan struct{}),
 		done:         make(chan struct{}),
+		mapSize:      o.segmentSize,
 	}
 	if m.clock == nil {
 		m.clock = time.Now
@@ -228,11 +234,11 @@ func openMeter(db *bolt.DB, path string, rates *limiter.Local, o options) (*mete
 		m.oldSegs = append(m.oldSegs, id)
 	}
 	m.segID++
-	if m.seg, err = createSegment(path, m.segID); err != nil {
+	if m.seg, m.segMem, err = m.createSegment(m.segID); err != nil {
 		return nil, fmt.Errorf("boltstore: write-ahead log: %w", err)
 	}
 	if err := m.checkpoint(); err != nil {
-		_ = m.seg.Close()
+		_ = m.closeSegment()
 		return nil, err
 	}
 	go m.loop(o.flushInterval)
@@ -328,7 +334,7 @@ func (m *meter) close() error {
 	m.closed = true
 	m.mu.Unlock()
 	err := m.checkpoint()
-	if cerr := m.seg.Close(); err == nil {
+	if cerr := m.closeSegment(); err == nil {
 		err = cerr
 	}
 	if err == nil {
@@ -574,15 +580,23 @@ func overageTaken(s store.Settlement, cur periodState, back int64) int64 {
 	return max(0, min(r, back, cur.Overage))
 }
 
-// log appends d to the current segment with one write. After a failed
-// write, later records go to a new segment. The caller holds mu.
+// log appends d to the current segment: a copy into a mapped segment (a
+// new one when it is full), or one write. After a failed write, later
+// records go to a new segment. The caller holds mu.
 func (m *meter) log(d *delta) error {
-	if m.segBroken {
+	m.buf = appendFrame(m.buf[:0], d)
+	if m.segBroken || (m.segMem != nil && m.segSize+int64(len(m.buf)) > int64(len(m.segMem))) {
 		if err := m.rotate(); err != nil {
 			return fmt.Errorf("%w: boltstore: write-ahead log: %w", store.ErrUnavailable, err)
 		}
 	}
-	m.buf = appendFrame(m.buf[:0], d)
+	if m.segMem != nil {
+		if m.segSize+int64(len(m.buf)) > int64(len(m.segMem)) {
+			return fmt.Errorf("%w: boltstore: write-ahead log: a %d-byte record does not fit in a segment", store.ErrUnavailable, len(m.buf))
+		}
+		m.segSize += int64(copy(m.segMem[m.segSize:], m.buf))
+		return nil
+	}
 	n, err := m.seg.Write(m.buf)
 	if err == nil {
 		m.segSize += int64(n)
@@ -601,14 +615,46 @@ func (m *meter) log(d *delta) error {
 // rotate closes the current segment and starts the next one. The caller
 // holds mu.
 func (m *meter) rotate() error {
-	f, err := createSegment(m.path, m.segID+1)
+	f, mem, err := m.createSegment(m.segID + 1)
 	if err != nil {
 		return err
 	}
-	_ = m.seg.Close() // written without buffering: nothing is lost
+	_ = m.closeSegment() // written without buffering: nothing is lost
 	m.oldSegs = append(m.oldSegs, m.segID)
-	m.seg, m.segID, m.segSize, m.segBroken = f, m.segID+1, 0, false
+	m.seg, m.segMem, m.segID, m.segSize, m.segBroken = f, mem, m.segID+1, 0, false
 	return nil
+}
+
+// createSegment creates segment id and maps it into memory, or, where it
+// cannot be preallocated and mapped (or mapSize is 0), leaves it to be
+// written with write(2) (mem nil).
+func (m *meter) createSegment(id uint64) (f *os.File, mem []byte, err error) {
+	if f, err = createSegment(m.path, id); err != nil || m.mapSize == 0 {
+		return f, nil, err
+	}
+	mem, err = mapSegment(f, m.mapSize)
+	if err != nil {
+		// Give back whatever fallocate reserved: write(2) appends.
+		if terr := f.Truncate(0); terr != nil {
+			_ = f.Close()
+			_ = removeSegment(m.path, id)
+			return nil, nil, terr
+		}
+		return f, nil, nil
+	}
+	return f, mem, nil
+}
+
+// closeSegment closes the current segment; a mapped one is unmapped and
+// cut to its frames first (a failed cut leaves zeros, which end its replay
+// all the same).
+func (m *meter) closeSegment() error {
+	if m.segMem != nil {
+		_ = unmapSegment(m.segMem)
+		m.segMem = nil
+		_ = m.seg.Truncate(m.segSize)
+	}
+	return m.seg.Close()
 }
 
 // apply makes the change d in memory, live or during replay. The caller

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -47,6 +48,10 @@ func (c *fakeClock) advance(d time.Duration) { c.us.Add(d.Microseconds()) }
 // noFlush is a flush interval long enough that no background checkpoint
 // runs during a test: checkpoints happen when the test says so.
 var noFlush = WithFlushInterval(time.Hour)
+
+// writeLog has the write-ahead log appended to with write(2), as where
+// segments cannot be mapped into memory.
+var writeLog Option = func(o *options) { o.segmentSize = 0 }
 
 // thisMonth is a quota of the current calendar month (UTC) in bill mode
 // with 100 included units and thresholds 80, 100 and 120, counted in the
@@ -240,6 +245,48 @@ func TestMeterReplaysLog(t *testing.T) {
 	}
 }
 
+// TestMeterMappedSegments fills small mapped segments: each full one is
+// replaced by a new one and cut to its frames, and a crash at any point
+// replays every reservation once.
+func TestMeterMappedSegments(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("segments are mapped into memory on Linux only")
+	}
+	path := filepath.Join(t.TempDir(), "store.db")
+	q := thisMonth()
+	s := openTemp(t, path, noFlush, func(o *options) { o.segmentSize = 512 })
+	if s.meter.segMem == nil {
+		t.Fatal("the segment is not mapped")
+	}
+	for range 60 {
+		mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q})
+	}
+	ids := segments(t, path)
+	if len(ids) < 4 {
+		t.Fatalf("segments %v after 60 reservations in 512-byte segments, want several", ids)
+	}
+	for _, id := range ids[:len(ids)-1] {
+		ignored, err := readSegment(segmentPath(path, id), func(*delta) {})
+		if info, serr := os.Stat(segmentPath(path, id)); err != nil || serr != nil || ignored != 0 || info.Size() == 0 || info.Size() > 512 {
+			t.Errorf("full segment %d: %v, %v, %d bytes ignored; want only its frames, at most 512 bytes", id, err, serr, ignored)
+		}
+	}
+	crashed := openTemp(t, copyStore(t, path, t.TempDir()), noFlush)
+	if u := mustUsage(t, crashed, "acme", q); u.Billed != 60 || u.Requests != 60 {
+		t.Errorf("after a crash: %+v, want 60 units in 60 requests", u.Counters)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if ids := segments(t, path); len(ids) != 0 {
+		t.Errorf("segments %v left after Close, want none", ids)
+	}
+	reopened := openTemp(t, path, noFlush)
+	if u := mustUsage(t, reopened, "acme", q); u.Billed != 60 || u.Requests != 60 {
+		t.Errorf("after Close and Open: %+v, want 60 units in 60 requests", u.Counters)
+	}
+}
+
 // TestMeterCrashAfterCheckpointCommit recreates a process killed between a
 // checkpoint's commit and the deletion of the segment it covers: the
 // segment must not be applied again.
@@ -285,35 +332,45 @@ func TestMeterIgnoresTornTail(t *testing.T) {
 		"BadChecksum": func(f []byte) []byte { g := slices.Clone(f); g[len(g)-1] ^= 1; return g },
 		"Zeros":       func(f []byte) []byte { return make([]byte, len(f)) },
 	} {
-		t.Run(name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "store.db")
-			s := openTemp(t, path, noFlush)
-			fillSome(t, s, q)
-			want := stateOf(t, s, "acme", q)
+		for mode, opt := range map[string]Option{"Mapped": noFlush, "Written": writeLog} {
+			t.Run(name+"/"+mode, func(t *testing.T) {
+				path := filepath.Join(t.TempDir(), "store.db")
+				s := openTemp(t, path, noFlush, opt)
+				fillSome(t, s, q)
+				want := stateOf(t, s, "acme", q)
 
-			crashed := copyStore(t, path, t.TempDir())
-			ids := segments(t, crashed)
-			frame := appendFrame(nil, &delta{subject: "acme", periodID: q.PeriodID, periodEnd: q.PeriodEnd.UnixMicro(), hourID: q.HourID, billed: 1000, requests: 1})
-			f, err := os.OpenFile(segmentPath(crashed, ids[len(ids)-1]), os.O_WRONLY|os.O_APPEND, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := f.Write(tail(frame)); err != nil {
-				t.Fatal(err)
-			}
-			f.Close()
+				// The damaged record goes right after the last intact one
+				// (a mapped segment's unwritten rest is zeros).
+				crashed := copyStore(t, path, t.TempDir())
+				ids := segments(t, crashed)
+				seg := segmentPath(crashed, ids[len(ids)-1])
+				ignored, err := readSegment(seg, func(*delta) {})
+				info, serr := os.Stat(seg)
+				if err != nil || serr != nil {
+					t.Fatal(err, serr)
+				}
+				frame := appendFrame(nil, &delta{subject: "acme", periodID: q.PeriodID, periodEnd: q.PeriodEnd.UnixMicro(), hourID: q.HourID, billed: 1000, requests: 1})
+				f, err := os.OpenFile(seg, os.O_WRONLY, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := f.WriteAt(tail(frame), info.Size()-ignored); err != nil {
+					t.Fatal(err)
+				}
+				f.Close()
 
-			r := openTemp(t, crashed, noFlush)
-			if got := stateOf(t, r, "acme", q); !got.equal(want) {
-				t.Errorf("after replaying a log with a damaged last record:\n got  %+v\n want %+v", got, want)
-			}
-			// New records go to a new segment and survive another crash.
-			mustReserve(t, r, store.Reservation{Subject: "acme", Cost: 1, Quota: q})
-			again := openTemp(t, copyStore(t, crashed, t.TempDir()), noFlush)
-			if u := mustUsage(t, again, "acme", q); u.Billed != 86 {
-				t.Errorf("after a second crash: billed %d, want 86", u.Billed)
-			}
-		})
+				r := openTemp(t, crashed, noFlush)
+				if got := stateOf(t, r, "acme", q); !got.equal(want) {
+					t.Errorf("after replaying a log with a damaged last record:\n got  %+v\n want %+v", got, want)
+				}
+				// New records go to a new segment and survive another crash.
+				mustReserve(t, r, store.Reservation{Subject: "acme", Cost: 1, Quota: q})
+				again := openTemp(t, copyStore(t, crashed, t.TempDir()), noFlush)
+				if u := mustUsage(t, again, "acme", q); u.Billed != 86 {
+					t.Errorf("after a second crash: billed %d, want 86", u.Billed)
+				}
+			})
+		}
 	}
 }
 
@@ -498,7 +555,7 @@ func TestMeterCheckpointFailureLosesNothing(t *testing.T) {
 func TestMeterLogWriteFailure(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "store.db")
 	q := thisMonth()
-	s := openTemp(t, path, noFlush)
+	s := openTemp(t, path, noFlush, writeLog) // a copy into a mapped segment cannot fail
 	mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q})
 	s.meter.mu.Lock()
 	s.meter.seg.Close()

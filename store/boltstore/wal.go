@@ -27,6 +27,22 @@ import (
 // leaves behind, and nothing is ever appended after it, because a segment
 // is only written by the process that created it.
 
+// Where it can (Linux), the segment being written is preallocated on disk,
+// segmentSize bytes, and mapped into memory: appending a frame is a copy
+// into the mapping, with no system call. A process killed after the copy
+// loses nothing, as with write(2) (the pages are the file's, in the page
+// cache, and the kernel writes them back); a machine that stops before
+// writeback loses the same unsynced tail either way. The preallocated,
+// unwritten rest of the segment reads as zeros, a frame of length 0, so it
+// ends the segment's replay like a torn frame; a segment is truncated to
+// its frames when it is closed. Where the file cannot be preallocated or
+// mapped, frames are written with write(2).
+
+// segmentSize is the disk space a mapped segment reserves: a segment
+// holding that much is replaced by a new one. It is far above a frame's
+// largest size (frameHeader + maxRecordSize).
+const segmentSize = 4 << 20
+
 // frameHeader is the size of a frame's length and checksum.
 const frameHeader = 8
 
@@ -274,9 +290,10 @@ func listSegments(path string) ([]uint64, error) {
 
 // createSegment creates the empty segment id for appending. Writes go to
 // the end of the file whatever happened before (O_APPEND), so a failed
-// write that was truncated away leaves no gap.
+// write that was truncated away leaves no gap. It is opened for reading
+// too, which a shared writable mapping needs.
 func createSegment(path string, id uint64) (*os.File, error) {
-	return os.OpenFile(segmentPath(path, id), os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	return os.OpenFile(segmentPath(path, id), os.O_RDWR|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
 }
 
 // removeSegment deletes segment id; a segment already gone is no error.
