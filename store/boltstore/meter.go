@@ -234,7 +234,7 @@ func openMeter(db *bolt.DB, path string, rates *limiter.Local, o options) (*mete
 		m.oldSegs = append(m.oldSegs, id)
 	}
 	m.segID++
-	if m.seg, m.segMem, err = m.createSegment(m.segID); err != nil {
+	if m.seg, m.segMem, err = m.newSegment(m.segID); err != nil {
 		return nil, fmt.Errorf("boltstore: write-ahead log: %w", err)
 	}
 	if err := m.checkpoint(); err != nil {
@@ -615,7 +615,7 @@ func (m *meter) log(d *delta) error {
 // rotate closes the current segment and starts the next one. The caller
 // holds mu.
 func (m *meter) rotate() error {
-	f, mem, err := m.createSegment(m.segID + 1)
+	f, mem, err := m.newSegment(m.segID + 1)
 	if err != nil {
 		return err
 	}
@@ -625,10 +625,10 @@ func (m *meter) rotate() error {
 	return nil
 }
 
-// createSegment creates segment id and maps it into memory, or, where it
+// newSegment creates segment id and maps it into memory, or, where it
 // cannot be preallocated and mapped (or mapSize is 0), leaves it to be
 // written with write(2) (mem nil).
-func (m *meter) createSegment(id uint64) (f *os.File, mem []byte, err error) {
+func (m *meter) newSegment(id uint64) (f *os.File, mem []byte, err error) {
 	if f, err = createSegment(m.path, id); err != nil || m.mapSize == 0 {
 		return f, nil, err
 	}
