@@ -332,10 +332,10 @@ func TestMeterIgnoresTornTail(t *testing.T) {
 		"BadChecksum": func(f []byte) []byte { g := slices.Clone(f); g[len(g)-1] ^= 1; return g },
 		"Zeros":       func(f []byte) []byte { return make([]byte, len(f)) },
 	} {
-		for mode, opt := range map[string]Option{"Mapped": noFlush, "Written": writeLog} {
+		for mode, opts := range map[string][]Option{"Mapped": {noFlush}, "Written": {noFlush, writeLog}} {
 			t.Run(name+"/"+mode, func(t *testing.T) {
 				path := filepath.Join(t.TempDir(), "store.db")
-				s := openTemp(t, path, noFlush, opt)
+				s := openTemp(t, path, opts...)
 				fillSome(t, s, q)
 				want := stateOf(t, s, "acme", q)
 
