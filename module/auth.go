@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
@@ -19,17 +20,17 @@ type caller struct {
 	key      store.Key
 	customer store.Customer
 	tier     *tierRuntime
-	// customerID and keyID are the placeholder values, boxed once per
-	// cached lookup rather than per request.
-	customerID, keyID any
+	// placeholders provides the request placeholders (see Handler).
+	placeholders caddy.ReplacerFunc
 }
 
 // defaultKeySources are used when a handler configures no key_from.
 var defaultKeySources = []KeySource{{Header: "X-API-Key", canonical: "X-Api-Key"}, {Bearer: true}}
 
-// authenticate identifies the caller of r from the key in sources. When it
-// returns false it has written the error response (401, 403 or 503).
-func (a *App) authenticate(w http.ResponseWriter, r *http.Request, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
+// authenticate identifies the caller of r, arrived at now, from the key in
+// sources. When it returns false it has written the error response (401,
+// 403 or 503).
+func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
 	m := getMetrics()
 	key := extractKey(r, sources)
 	if key == "" {
@@ -58,7 +59,7 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, sources []Key
 		storeUnavailable(w, r, logger, nil, "secret", err)
 		return caller{}, nil, false
 	}
-	entry, err := a.shared.registry.lookup(ctx, st, hasher.Sum(key), time.Now())
+	entry, err := a.shared.registry.lookup(ctx, st, hasher.Sum(key), now)
 	if err != nil {
 		storeUnavailable(w, r, logger, nil, "lookup", err)
 		return caller{}, nil, false
@@ -80,7 +81,7 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, sources []Key
 		}, 0)
 		return caller{}, nil, false
 	}
-	return caller{key: entry.key, customer: entry.customer, tier: tier, customerID: entry.customerID, keyID: entry.keyID}, st, true
+	return caller{key: entry.key, customer: entry.customer, tier: tier, placeholders: entry.placeholders}, st, true
 }
 
 // extractKey returns the API key from the first source that has one.

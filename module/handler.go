@@ -87,15 +87,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // settles the cost once the response is known.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	app := h.app
-	c, st, ok := app.authenticate(w, r, h.KeyFrom, h.logger)
+	now := time.Now()
+	c, st, ok := app.authenticate(w, r, now, h.KeyFrom, h.logger)
 	if !ok {
 		return nil
 	}
 	tier := c.tier
 	if repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); repl != nil {
-		repl.Set("http.api_monetize.customer", c.customerID)
-		repl.Set("http.api_monetize.tier", tier.nameValue)
-		repl.Set("http.api_monetize.key_id", c.keyID)
+		repl.Map(c.placeholders)
 	}
 	allowed, err := tier.allows(r)
 	if err != nil {
@@ -107,7 +106,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	cost := h.cost(r)
-	now := time.Now()
 	res, period := app.reservation(c, cost, r, now)
 	out, degraded, err := app.reserve(r.Context(), st, res, tier)
 	if err != nil {

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
@@ -37,8 +39,10 @@ type regEntry struct {
 	customer store.Customer
 	found    bool
 	expires  time.Time
-	// customerID and keyID are boxed for the request placeholders.
-	customerID, keyID any
+	// placeholders provides the request placeholders of this caller
+	// (see Handler), built once per lookup so that a request only adds it
+	// to its replacer.
+	placeholders caddy.ReplacerFunc
 }
 
 const (
@@ -101,7 +105,23 @@ func fetch(ctx context.Context, st store.Store, hash string, now time.Time) (reg
 	if err != nil {
 		return regEntry{}, err
 	}
-	return regEntry{key: k, customer: c, found: true, expires: now.Add(registryTTL), customerID: c.ID, keyID: k.ID}, nil
+	return regEntry{key: k, customer: c, found: true, expires: now.Add(registryTTL), placeholders: placeholders(c.ID, c.Tier, k.ID)}, nil
+}
+
+// placeholders provides {http.api_monetize.customer}, .tier and .key_id.
+func placeholders(customerID, tier, keyID string) caddy.ReplacerFunc {
+	var customerValue, tierValue, keyValue any = customerID, tier, keyID // boxed once
+	return func(key string) (any, bool) {
+		switch key {
+		case "http.api_monetize.customer":
+			return customerValue, true
+		case "http.api_monetize.tier":
+			return tierValue, true
+		case "http.api_monetize.key_id":
+			return keyValue, true
+		}
+		return nil, false
+	}
 }
 
 // last returns the last lookup of sum seen, expired or invalidated, for

@@ -25,8 +25,6 @@ const (
 // tierRuntime is a tier compiled for the request path.
 type tierRuntime struct {
 	Tier
-	// nameValue is Name boxed for the tier placeholder.
-	nameValue any
 	hasRate   bool
 	policy    limiter.Policy
 	endpoints caddyhttp.MatchPath
@@ -72,7 +70,7 @@ func (a *App) compileTiers() error {
 		if _, dup := a.tierByName[t.Name]; dup {
 			return fmt.Errorf("tier %q is defined twice", t.Name)
 		}
-		rt := &tierRuntime{Tier: t, nameValue: t.Name, onStoreError: t.OnStoreError}
+		rt := &tierRuntime{Tier: t, onStoreError: t.OnStoreError}
 		switch rt.onStoreError {
 		case "":
 			rt.onStoreError = storeErrorLocal
