@@ -32,8 +32,9 @@ func init() {
 // background work. Configure it with the api_monetize global option.
 type App struct {
 	// Redis is the URL of a Redis server shared by every Caddy instance
-	// (redis://[user:password@]host:port/db, rediss:// for TLS). Empty means
-	// the embedded store in Caddy's data directory.
+	// (redis://[user:password@]host:port/db, rediss:// for TLS,
+	// unix:///path/redis.sock?db=N for a local Unix socket). Empty means the
+	// embedded store in Caddy's data directory.
 	Redis string `json:"redis,omitempty"`
 	// RedisPrefix is prepended to every Redis key, so several deployments
 	// can share one Redis. Default: "am:".

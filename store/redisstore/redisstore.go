@@ -63,8 +63,9 @@ const (
 
 // Options configures New.
 type Options struct {
-	// URL locates Redis: redis://[user:password@]host[:port][/db] or
-	// rediss:// for TLS, as parsed by go-redis's ParseURL. Timeout and
+	// URL locates Redis: redis://[user:password@]host[:port][/db],
+	// rediss:// for TLS or unix://[user:password@]/path?db=N for a Unix
+	// socket, as parsed by go-redis's ParseURL. Timeout and
 	// retry parameters in the URL are overridden by OpTimeout.
 	URL string
 	// KeyPrefix starts every Redis key and the change channel

@@ -9,6 +9,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -318,6 +320,67 @@ func TestAdmitRemainingExact(t *testing.T) {
 				t.Errorf("Remaining sequence (-1 = denied):\n got  %v\n want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+// TestUnixSocketURL checks that a Redis reached through a Unix socket
+// (unix:// URL, with a database number) serves the whole store: customers
+// through go-redis, and reservations through the metering connections,
+// which dial the same way.
+func TestUnixSocketURL(t *testing.T) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Skip("redis-server not installed")
+	}
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "redis.sock")
+	cmd := exec.Command(bin, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700",
+		"--save", "", "--appendonly", "no", "--dir", dir)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redis-server on %s did not start", sock)
+		}
+	}
+
+	s := openStore(t, Options{URL: "unix://" + sock + "?db=3"})
+	ctx := context.Background()
+	if err := s.CreateCustomer(ctx, store.Customer{ID: "acme", Tier: "pro"}); err != nil {
+		t.Fatalf("CreateCustomer: %v", err)
+	}
+	if c, err := s.GetCustomer(ctx, "acme"); err != nil || c.Tier != "pro" {
+		t.Fatalf("GetCustomer = %+v, %v", c, err)
+	}
+	q := testQuota(store.QuotaBlock, 2)
+	for i, want := range []bool{true, true, false} {
+		out, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q})
+		if err != nil || out.Allowed != want {
+			t.Fatalf("reservation %d: allowed %v, %v; want %v", i+1, out.Allowed, err, want)
+		}
+	}
+	u, err := s.Usage(ctx, "acme", q.PeriodID)
+	if err != nil || u.Counters != (store.Counters{Billed: 2, Requests: 2}) {
+		t.Errorf("Usage = %+v, %v; want 2 units in 2 requests", u.Counters, err)
+	}
+
+	// Everything went to database 3.
+	for db, want := range map[int]bool{3: true, 0: false} {
+		raw := redis.NewClient(&redis.Options{Network: "unix", Addr: sock, DB: db})
+		n, err := raw.DBSize(ctx).Result()
+		_ = raw.Close()
+		if err != nil || (n > 0) != want {
+			t.Errorf("database %d holds %d keys (%v); want keys: %v", db, n, err, want)
+		}
 	}
 }
 
