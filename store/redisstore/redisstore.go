@@ -228,11 +228,12 @@ func (s *Store) call(ctx context.Context, op func(ctx context.Context) error) er
 // unchanged for the store's own errors, wrapping store.ErrUnavailable when
 // Redis was unreachable, slow or refused service.
 func (s *Store) finish(ctx context.Context, probe bool, err error) error {
-	var p permanent
-	switch {
-	case err == nil:
+	if err == nil {
 		s.breaker.done(probe, healthy)
 		return nil
+	}
+	var p permanent
+	switch {
 	case errors.As(err, &p):
 		s.breaker.done(probe, healthy)
 		return err

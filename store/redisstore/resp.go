@@ -45,8 +45,8 @@ func (replyError) RedisError() {}
 // noScript reports whether err is Redis's answer to an EVALSHA of a script
 // it does not have: the script did not run.
 func noScript(err error) bool {
-	var r replyError
-	return errors.As(err, &r) && strings.HasPrefix(string(r), "NOSCRIPT")
+	r, ok := err.(replyError) // as read: never wrapped
+	return ok && strings.HasPrefix(string(r), "NOSCRIPT")
 }
 
 // command is a RESP array of bulk strings being encoded: the arguments of
