@@ -62,6 +62,12 @@ type App struct {
 	// UpgradeURL is where 403 and 429 responses tell callers to upgrade
 	// their plan.
 	UpgradeURL string `json:"upgrade_url,omitempty"`
+	// RateLimitHeaders chooses the rate-limit headers sent to identified
+	// callers: "both" (default) sends RateLimit-Policy and RateLimit (the
+	// IETF draft) and X-RateLimit-Limit, -Remaining and -Reset; "ietf" the
+	// first two, "legacy" the last three, "none" neither. Retry-After on
+	// 429 and 503 responses is always sent.
+	RateLimitHeaders string `json:"rate_limit_headers,omitempty"`
 	// Currency is the ISO 4217 code prices are in (lower case). Default:
 	// "usd".
 	Currency string `json:"currency,omitempty"`
@@ -94,6 +100,7 @@ type App struct {
 	Keys []KeyConfig `json:"keys,omitempty"`
 
 	billOn       metering.BillOn
+	headers      headerSet
 	maxUsageCost int64
 	tiers        []*tierRuntime
 	tierByName   map[string]*tierRuntime
@@ -144,6 +151,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 	case "", "read_only", "read_write":
 	default:
 		return fmt.Errorf("admin_api: expected read_only or read_write, got %q", a.AdminAPI)
+	}
+	var err error
+	if a.headers, err = parseHeaderSet(a.RateLimitHeaders); err != nil {
+		return err
 	}
 	if err := a.compileMetering(); err != nil {
 		return err

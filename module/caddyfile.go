@@ -240,6 +240,15 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 			return d.Errf("upgrade_url '%s': %v", v, err)
 		}
 		a.UpgradeURL = v
+	case "rate_limit_headers":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if _, err := parseHeaderSet(v); err != nil {
+			return d.Err(err.Error())
+		}
+		a.RateLimitHeaders = v
 	case "currency":
 		v, err := single(d, p.seen)
 		if err != nil {
@@ -290,7 +299,7 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 	case "notify":
 		return p.notify(d)
 	default:
-		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, key_secret, admin_api, upgrade_url, currency, bill_on, usage_cost_header, thresholds, tier, customer, key", name)
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, tier, customer, key, stripe, notify", name)
 	}
 	return nil
 }

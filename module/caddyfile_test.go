@@ -119,6 +119,7 @@ func TestParseAppAllOptions(t *testing.T) {
 		redis_prefix shop:
 		admin_api read_write
 		upgrade_url https://example.com/pricing
+		rate_limit_headers ietf
 		store_timeout 2s
 		key_secret 0123456789abcdef
 		key literal-demo-key-0123456789 acme
@@ -139,12 +140,13 @@ func TestParseAppAllOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := &App{
-		Redis:        "rediss://user:{env.REDIS_PASSWORD}@redis.internal:6380/2",
-		RedisPrefix:  "shop:",
-		AdminAPI:     "read_write",
-		UpgradeURL:   "https://example.com/pricing",
-		StoreTimeout: caddy.Duration(2 * time.Second),
-		KeySecret:    "0123456789abcdef",
+		Redis:            "rediss://user:{env.REDIS_PASSWORD}@redis.internal:6380/2",
+		RedisPrefix:      "shop:",
+		AdminAPI:         "read_write",
+		UpgradeURL:       "https://example.com/pricing",
+		RateLimitHeaders: "ietf",
+		StoreTimeout:     caddy.Duration(2 * time.Second),
+		KeySecret:        "0123456789abcdef",
 		Tiers: []Tier{{
 			Name:         "metered",
 			Price:        &Price{AmountMicros: 12_345_678, Interval: "year"},
@@ -414,6 +416,8 @@ func TestParseAppErrors(t *testing.T) {
 		{"redis_prefix empty", "api_monetize {\n\tredis_prefix \"\"\n}", 2, "non-empty prefix", ""},
 		{"admin_api", "api_monetize {\n\tadmin_api yes\n}", 2, "read_only or read_write", ""},
 		{"admin_api twice", "api_monetize {\n\tadmin_api read_only\n\tadmin_api read_write\n}", 3, "given twice", ""},
+		{"rate_limit_headers", "api_monetize {\n\ttier free\n\trate_limit_headers draft\n}", 3, `expected both, ietf, legacy or none, got "draft"`, ""},
+		{"rate_limit_headers twice", "api_monetize {\n\trate_limit_headers none\n\trate_limit_headers ietf\n}", 3, "given twice", ""},
 		{"upgrade_url relative", "api_monetize {\n\tupgrade_url /pricing\n}", 2, "absolute URL", ""},
 		{"upgrade_url scheme", "api_monetize {\n\tupgrade_url ftp://example.com/p\n}", 2, "absolute URL", ""},
 		{"store_timeout", "api_monetize {\n\tstore_timeout soon\n}", 2, "positive duration", ""},

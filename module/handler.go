@@ -113,7 +113,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	if !(degraded && tier.onStoreError == storeErrorAllow) {
-		setMeterHeaders(w.Header(), tier, out, period, now)
+		setMeterHeaders(w.Header(), app.headers, tier, out, period, now)
 	}
 	if !out.Allowed {
 		h.denied(w, r, tier, out, cost, period, now)

@@ -1,6 +1,7 @@
 package module
 
 import (
+	"fmt"
 	"math/bits"
 	"net/http"
 	"strconv"
@@ -10,6 +11,31 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
+
+// headerSet is which rate-limit headers responses carry (App.RateLimitHeaders).
+type headerSet uint8
+
+const (
+	// headersIETF: RateLimit-Policy and RateLimit.
+	headersIETF headerSet = 1 << iota
+	// headersLegacy: X-RateLimit-Limit, -Remaining and -Reset.
+	headersLegacy
+)
+
+// parseHeaderSet reads a rate_limit_headers value.
+func parseHeaderSet(v string) (headerSet, error) {
+	switch v {
+	case "", "both":
+		return headersIETF | headersLegacy, nil
+	case "ietf":
+		return headersIETF, nil
+	case "legacy":
+		return headersLegacy, nil
+	case "none":
+		return 0, nil
+	}
+	return 0, fmt.Errorf("rate_limit_headers: expected both, ietf, legacy or none, got %q", v)
+}
 
 // policyState is one policy's item in the rate-limit headers.
 type policyState struct {
@@ -22,7 +48,7 @@ type policyState struct {
 }
 
 // setMeterHeaders writes the state of every policy that applied to the
-// caller: RateLimit-Policy and RateLimit
+// caller, in the headers of set: RateLimit-Policy and RateLimit
 // (draft-ietf-httpapi-ratelimit-headers-10, RFC 9651 lists; the rate or
 // throttle item, then the quota item) and the de-facto
 // X-RateLimit-Limit/Remaining/Reset (Reset in epoch seconds) for the most
@@ -34,7 +60,10 @@ type policyState struct {
 //
 // It runs on every request, so all values are built in one buffer and
 // share one string.
-func setMeterHeaders(h http.Header, t *tierRuntime, out store.Reserved, period metering.Period, now time.Time) {
+func setMeterHeaders(h http.Header, set headerSet, t *tierRuntime, out store.Reserved, period metering.Period, now time.Time) {
+	if set == 0 {
+		return
+	}
 	var items [2]policyState
 	n := 0
 	switch {
@@ -58,59 +87,69 @@ func setMeterHeaders(h http.Header, t *tierRuntime, out store.Reserved, period m
 	if n == 0 {
 		return
 	}
-	most := 0
-	if n == 2 && moreRestrictive(items[1], items[0]) {
-		most = 1
-	}
-	m := items[most]
 
 	buf := make([]byte, 0, 256)
 	var ends [5]int
-	for i, it := range items[:n] {
-		if i > 0 {
-			buf = append(buf, ", "...)
+	k := 0
+	if set&headersIETF != 0 {
+		for i, it := range items[:n] {
+			if i > 0 {
+				buf = append(buf, ", "...)
+			}
+			if it.policy != "" {
+				buf = append(buf, it.policy...)
+			} else {
+				buf = append(buf, it.quotedName...)
+				buf = append(buf, ";q="...)
+				buf = strconv.AppendInt(buf, it.limit, 10)
+				buf = append(buf, ";w="...)
+				buf = strconv.AppendInt(buf, it.window, 10)
+			}
 		}
-		if it.policy != "" {
-			buf = append(buf, it.policy...)
-		} else {
+		ends[k], k = len(buf), k+1
+		for i, it := range items[:n] {
+			if i > 0 {
+				buf = append(buf, ", "...)
+			}
 			buf = append(buf, it.quotedName...)
-			buf = append(buf, ";q="...)
-			buf = strconv.AppendInt(buf, it.limit, 10)
-			buf = append(buf, ";w="...)
-			buf = strconv.AppendInt(buf, it.window, 10)
+			buf = append(buf, ";r="...)
+			buf = strconv.AppendInt(buf, it.remaining, 10)
+			buf = append(buf, ";t="...)
+			buf = strconv.AppendInt(buf, it.wait, 10)
 		}
+		ends[k], k = len(buf), k+1
 	}
-	ends[0] = len(buf)
-	for i, it := range items[:n] {
-		if i > 0 {
-			buf = append(buf, ", "...)
+	if set&headersLegacy != 0 {
+		m := items[0]
+		if n == 2 && moreRestrictive(items[1], items[0]) {
+			m = items[1]
 		}
-		buf = append(buf, it.quotedName...)
-		buf = append(buf, ";r="...)
-		buf = strconv.AppendInt(buf, it.remaining, 10)
-		buf = append(buf, ";t="...)
-		buf = strconv.AppendInt(buf, it.wait, 10)
+		buf = strconv.AppendInt(buf, m.limit, 10)
+		ends[k], k = len(buf), k+1
+		buf = strconv.AppendInt(buf, m.remaining, 10)
+		ends[k], k = len(buf), k+1
+		const second = int64(time.Second)
+		buf = strconv.AppendInt(buf, (now.UnixNano()+second-1)/second+m.wait, 10) // never before the reset
+		ends[k], k = len(buf), k+1
 	}
-	ends[1] = len(buf)
-	buf = strconv.AppendInt(buf, m.limit, 10)
-	ends[2] = len(buf)
-	buf = strconv.AppendInt(buf, m.remaining, 10)
-	ends[3] = len(buf)
-	const second = int64(time.Second)
-	buf = strconv.AppendInt(buf, (now.UnixNano()+second-1)/second+m.wait, 10) // never before the reset
-	ends[4] = len(buf)
 
+	// One string and one slice hold every value.
 	all := string(buf)
-	vals := make([]string, 5)
-	start := 0
-	for i, end := range ends {
-		vals[i], start = all[start:end], end
+	vals := make([]string, k)
+	from := 0
+	for i, end := range ends[:k] {
+		vals[i], from = all[from:end], end
 	}
-	h["Ratelimit-Policy"] = vals[0:1:1]
-	h["Ratelimit"] = vals[1:2:2]
-	h["X-Ratelimit-Limit"] = vals[2:3:3]
-	h["X-Ratelimit-Remaining"] = vals[3:4:4]
-	h["X-Ratelimit-Reset"] = vals[4:5:5]
+	if set&headersIETF != 0 {
+		h["Ratelimit-Policy"] = vals[0:1:1]
+		h["Ratelimit"] = vals[1:2:2]
+		vals = vals[2:]
+	}
+	if set&headersLegacy != 0 {
+		h["X-Ratelimit-Limit"] = vals[0:1:1]
+		h["X-Ratelimit-Remaining"] = vals[1:2:2]
+		h["X-Ratelimit-Reset"] = vals[2:3:3]
+	}
 }
 
 // rateState is the header state of a GCRA decision.

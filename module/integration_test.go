@@ -351,6 +351,63 @@ func testRateLimitAndHeaders(t *testing.T, cfg testConfig) {
 	}
 }
 
+// TestRateLimitHeaderChoice checks rate_limit_headers: each choice sends
+// exactly its headers, with the same values as by default, and a 429
+// keeps Retry-After even when no rate-limit header is sent.
+func TestRateLimitHeaderChoice(t *testing.T) {
+	ietf := []string{"RateLimit-Policy", "RateLimit"}
+	legacy := []string{"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"}
+	for _, tc := range []struct {
+		mode      string
+		sent, not []string
+	}{
+		{"ietf", ietf, legacy},
+		{"legacy", legacy, ietf},
+		{"none", nil, append(ietf, legacy...)},
+	} {
+		t.Run(tc.mode, func(t *testing.T) {
+			newTester(t, testConfig{
+				storeLine: "store_path " + filepath.Join(t.TempDir(), "store.db"),
+				extra:     "rate_limit_headers " + tc.mode,
+			})
+			for i := int64(1); i <= 10; i++ {
+				r := call(t, "/v1/basic/hello", freeKey)
+				if r.status != http.StatusOK {
+					t.Fatalf("call %d: status %d", i, r.status)
+				}
+				for _, h := range tc.sent {
+					if r.header.Get(h) == "" {
+						t.Errorf("call %d: no %s header: %v", i, h, r.header)
+					}
+				}
+				for _, h := range tc.not {
+					if v := r.header.Get(h); v != "" {
+						t.Errorf("call %d: %s: %q sent, want none", i, h, v)
+					}
+				}
+				switch tc.mode {
+				case "ietf":
+					if got, want := r.header.Get("RateLimit"), fmt.Sprintf(`"free-min";r=%d;t=`, 10-i); !strings.HasPrefix(got, want) {
+						t.Errorf("RateLimit = %q, want prefix %q", got, want)
+					}
+				case "legacy":
+					if got := headerInt(t, r, "X-RateLimit-Remaining"); got != 10-i || headerInt(t, r, "X-RateLimit-Limit") != 10 {
+						t.Errorf("call %d: X-RateLimit-Limit/Remaining %v", i, r.header)
+					}
+				}
+			}
+			r := call(t, "/v1/basic/hello", freeKey)
+			if r.status != http.StatusTooManyRequests {
+				t.Fatalf("11th call: status %d", r.status)
+			}
+			if retry := headerInt(t, r, "Retry-After"); retry < 1 || retry > 6 {
+				t.Errorf("Retry-After = %d, want 1..6", retry)
+			}
+			r.problem(t)
+		})
+	}
+}
+
 func TestCostWeighting(t *testing.T) { forEachStore(t, testCostWeighting) }
 
 func testCostWeighting(t *testing.T, cfg testConfig) {
