@@ -9,6 +9,8 @@
 #   COMPARE=HEAD bash bench/run.sh          # also run C and D on that revision's build (G, H)
 #   COMPARE_CADDY=/path/to/caddy bash ...   # the same with a binary built before
 #   TOGETHER=10 bash bench/run.sh           # also 10 rounds of each config loaded at once with B
+#   UPSTREAM_HEADERS=4 bash bench/run.sh    # the upstream adds 4 typical API response headers
+#   RATE_LIMIT_HEADERS=ietf bash bench/run.sh  # rate_limit_headers for C, D, G, H (default: both)
 #
 # Other knobs: WARMUP (s per config, 2), THREADS (wrk -t, 1), BASE_PORT
 # (18180; uses BASE_PORT+1..+40), BENCH_RESULTS=<file> keeps the raw
@@ -67,6 +69,8 @@ WARMUP="${WARMUP:-2}"
 CONNS="${CONNS:-32}"
 THREADS="${THREADS:-1}"
 TOGETHER="${TOGETHER:-0}"
+UPSTREAM_HEADERS="${UPSTREAM_HEADERS:-0}"
+RATE_LIMIT_HEADERS="${RATE_LIMIT_HEADERS:-}"
 BASE_PORT="${BASE_PORT:-18180}"
 CONFIGS=(A B C D)
 FOUNDATION="${FOUNDATION:-}"
@@ -75,11 +79,13 @@ COMPARE="${COMPARE:-}"
 COMPARE_CADDY="${COMPARE_CADDY:-}"
 [[ -n "$COMPARE" || -n "$COMPARE_CADDY" ]] && CONFIGS+=(G H)
 
-for v in ROUNDS DURATION WARMUP THREADS TOGETHER BASE_PORT; do
+for v in ROUNDS DURATION WARMUP THREADS TOGETHER UPSTREAM_HEADERS BASE_PORT; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "$v must be a whole number" >&2; exit 2; }
 done
-((ROUNDS >= 1 && ROUNDS <= 50 && TOGETHER <= 50 && DURATION >= 1 && DURATION <= 120)) ||
-	{ echo "ROUNDS must be 1..50, TOGETHER 0..50 and DURATION 1..120 s" >&2; exit 2; }
+((ROUNDS >= 1 && ROUNDS <= 50 && TOGETHER <= 50 && DURATION >= 1 && DURATION <= 120 && UPSTREAM_HEADERS <= 4)) ||
+	{ echo "ROUNDS must be 1..50, TOGETHER 0..50, DURATION 1..120 s and UPSTREAM_HEADERS 0..4" >&2; exit 2; }
+[[ "$RATE_LIMIT_HEADERS" =~ ^(|both|ietf|legacy|none)$ ]] ||
+	{ echo "RATE_LIMIT_HEADERS must be both, ietf, legacy or none" >&2; exit 2; }
 for c in $CONNS; do
 	[[ "$c" =~ ^[0-9]+$ ]] && ((c >= 1 && c <= 1000)) || { echo "CONNS must list numbers 1..1000" >&2; exit 2; }
 done
@@ -173,6 +179,9 @@ global() { # global <admin port> [api_monetize store line [foundation]]
 		printf '\tapi_monetize {\n'
 		[[ -n "$2" ]] && printf '\t\t%s\n' "$2"
 		printf '\t\tkey_secret {env.BENCH_KEY_SECRET}\n'
+		if (($# == 2)) && [[ -n "$RATE_LIMIT_HEADERS" ]]; then
+			printf '\t\trate_limit_headers %s\n' "$RATE_LIMIT_HEADERS"
+		fi
 		if (($# > 2)); then # the foundation's tier: a rate limit only
 			printf '\t\ttier pro {\n\t\t\trate 100000000/min\n\t\t\tendpoints /v1/*\n\t\t}\n'
 		else
@@ -191,7 +200,14 @@ site() { # site <port> <handler lines...>
 	printf '}\n'
 }
 upstream="reverse_proxy 127.0.0.1:${PORT[U]}"
-{ global "${ADMIN[U]}"; site "${PORT[U]}" 'respond "ok"'; } >"$work/U.Caddyfile"
+# The upstream answers "ok" with Content-Type, Content-Length, Date and
+# Server; UPSTREAM_HEADERS=n adds the first n of four headers a JSON API
+# typically sends as well. (Past eight entries a Go map leaves its small
+# form, so how many headers the response carries decides what five more
+# cost every proxy in front of it; B's response has five.)
+api_headers=('header Cache-Control "private, max-age=0"' 'header Vary Accept-Encoding'
+	'header X-Request-Id 01J9Z3Q4K8M2N5P7R0S3T6V9W1' 'header X-Content-Type-Options nosniff')
+{ global "${ADMIN[U]}"; site "${PORT[U]}" "${api_headers[@]:0:UPSTREAM_HEADERS}" 'respond "ok"'; } >"$work/U.Caddyfile"
 { global "${ADMIN[A]}"; site "${PORT[A]}" 'respond "ok"'; } >"$work/A.Caddyfile"
 { global "${ADMIN[B]}"; site "${PORT[B]}" "$upstream"; } >"$work/B.Caddyfile"
 { global "${ADMIN[C]}" ""; site "${PORT[C]}" api_monetize "$upstream"; } >"$work/C.Caddyfile"
@@ -306,6 +322,7 @@ echo "  $(go version 2>/dev/null || echo 'go: not in PATH')   $(wrk --version 2>
 echo "  CPU: $(nproc) x $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
 echo "  GOGC=${GOGC:-unset (Go default 100)}  GOMAXPROCS=${GOMAXPROCS:-unset (Go default: $(nproc) CPUs)}  GOMEMLIMIT=${GOMEMLIMIT:-unset}"
 echo "  wrk -t$THREADS -c{$CONNS} -d${DURATION}s, $ROUNDS rounds, order rotated per round; all on 127.0.0.1"
+echo "  upstream: respond \"ok\" with $UPSTREAM_HEADERS extra response headers (UPSTREAM_HEADERS); rate_limit_headers ${RATE_LIMIT_HEADERS:-both}"
 
 echo
 echo "== warm-up (${WARMUP}s per config)"
