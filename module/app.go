@@ -152,10 +152,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 	default:
 		return fmt.Errorf("admin_api: expected read_only or read_write, got %q", a.AdminAPI)
 	}
-	var err error
-	if a.headers, err = parseHeaderSet(a.RateLimitHeaders); err != nil {
+	headers, err := parseHeaderSet(a.RateLimitHeaders)
+	if err != nil {
 		return err
 	}
+	a.headers = headers
 	if err := a.compileMetering(); err != nil {
 		return err
 	}
