@@ -10,6 +10,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/apimonetize/caddy-api-monetize/limiter"
+	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
 // benchHandler provisions and starts an app and a handler outside a Caddy
@@ -97,4 +100,48 @@ func BenchmarkRequestSetup(b *testing.B) {
 			_ = httptest.NewRecorder()
 		}
 	})
+}
+
+// BenchmarkResponseHeaders is the cost of the rate-limit headers in a
+// proxied response's header map, per rate_limit_headers choice: the map
+// starts with Caddy's Server header, gets the plugin's headers, then the
+// four a minimal upstream sends (added as reverse_proxy copies them) and is
+// read once in full (as net/http writes it). Past eight entries a Go map
+// leaves its one-group form, so "both" (five headers) costs more than
+// their count alone suggests.
+func BenchmarkResponseHeaders(b *testing.B) {
+	h, stop := benchHandler(b, func(app *App) { app.StorePath = filepath.Join(b.TempDir(), "store.db") })
+	defer stop()
+	tier := h.app.tiers[0]
+	now := time.Now()
+	period, _ := tier.period(now, time.Time{})
+	out := store.Reserved{Allowed: true, Used: 1, Rate: limiter.Decision{Allowed: true, Remaining: 99}}
+	upstream := []string{"Content-Length", "Content-Type", "Date", "Via"}
+	for _, tc := range []struct {
+		choice string
+		sent   int
+	}{{"none", 0}, {"ietf", 2}, {"legacy", 3}, {"both", 5}} {
+		set, err := parseHeaderSet(tc.choice)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(tc.choice, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				hdr := make(http.Header)
+				hdr["Server"] = []string{"Caddy"}
+				setMeterHeaders(hdr, set, tier, out, period, now)
+				for _, k := range upstream {
+					hdr.Add(k, "x")
+				}
+				n := 0
+				for range hdr {
+					n++
+				}
+				if n != 5+tc.sent {
+					b.Fatalf("%d headers, want %d", n, 5+tc.sent)
+				}
+			}
+		})
+	}
 }
