@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/textproto"
+	"net/url"
 	"strings"
 	"time"
 
@@ -22,6 +23,8 @@ type caller struct {
 	tier     *tierRuntime
 	// placeholders provides the request placeholders (see Handler).
 	placeholders caddy.ReplacerFunc
+	// source is where the request carried the key.
+	source KeySource
 }
 
 // defaultKeySources are used when a handler configures no key_from.
@@ -32,7 +35,7 @@ var defaultKeySources = []KeySource{{Header: "X-API-Key", canonical: "X-Api-Key"
 // 403 or 503).
 func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
 	m := getMetrics()
-	key := extractKey(r, sources)
+	key, source := extractKey(r, sources)
 	if key == "" {
 		m.requests.WithLabelValues("none", decisionUnauthorized).Inc()
 		w.Header().Set("WWW-Authenticate", authenticateMissingHeader)
@@ -81,11 +84,12 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time
 		}, 0)
 		return caller{}, nil, false
 	}
-	return caller{key: entry.key, customer: entry.customer, tier: tier, placeholders: entry.placeholders}, st, true
+	return caller{key: entry.key, customer: entry.customer, tier: tier, placeholders: entry.placeholders, source: source}, st, true
 }
 
-// extractKey returns the API key from the first source that has one.
-func extractKey(r *http.Request, sources []KeySource) string {
+// extractKey returns the API key from the first source that has one, and
+// that source.
+func extractKey(r *http.Request, sources []KeySource) (string, KeySource) {
 	for _, s := range sources {
 		var v string
 		switch {
@@ -96,16 +100,60 @@ func extractKey(r *http.Request, sources []KeySource) string {
 		case s.Query != "":
 			v = r.URL.Query().Get(s.Query)
 		case s.Bearer:
-			auth := r.Header.Get("Authorization")
-			if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
-				v = auth[7:]
-			}
+			v = bearerToken(r.Header.Get("Authorization"))
 		}
 		if v = strings.TrimSpace(v); v != "" {
-			return v
+			return v, s
 		}
 	}
+	return "", KeySource{}
+}
+
+// bearerToken is the token of an "Authorization: Bearer <token>" value, or
+// "".
+func bearerToken(auth string) string {
+	if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
+		return auth[7:]
+	}
 	return ""
+}
+
+// removeKey takes the key out of r, from the source that carried it, so
+// that neither the next handlers nor the upstream see it: the header, or
+// every occurrence of the query parameter (in r.URL and r.RequestURI; the
+// other parameters are kept as sent).
+func removeKey(r *http.Request, s KeySource) {
+	switch {
+	case s.Header != "":
+		delete(r.Header, s.canonical)
+	case s.Bearer:
+		delete(r.Header, "Authorization")
+	case s.Query != "":
+		r.URL.RawQuery = withoutParam(r.URL.RawQuery, s.Query)
+		if path, query, ok := strings.Cut(r.RequestURI, "?"); ok {
+			r.RequestURI = path
+			if q := withoutParam(query, s.Query); q != "" {
+				r.RequestURI += "?" + q
+			}
+		}
+	}
+}
+
+// withoutParam is the raw query without the parameter name, matched as
+// url.ParseQuery decodes names; the other parameters keep their order and
+// encoding.
+func withoutParam(rawQuery, name string) string {
+	var kept []string
+	for part := range strings.SplitSeq(rawQuery, "&") {
+		k, _, _ := strings.Cut(part, "=")
+		if key, err := url.QueryUnescape(k); err == nil && key == name {
+			continue
+		}
+		if part != "" {
+			kept = append(kept, part)
+		}
+	}
+	return strings.Join(kept, "&")
 }
 
 // keyHint describes the key sources for error messages.

@@ -1,17 +1,27 @@
 package module
 
 import (
+	"net/http"
 	"net/http/httptest"
+	"sort"
+	"strings"
 	"testing"
 )
 
-// TestExtractKey checks key_from as a user writes it: header names in any
-// case, the sources tried in order, and only a Bearer Authorization taken.
-func TestExtractKey(t *testing.T) {
+// threeKeySources is key_from header api-key, query api_key, bearer.
+func threeKeySources(t *testing.T) []KeySource {
+	t.Helper()
 	sources, err := checkKeySources([]KeySource{{Header: "api-key"}, {Query: "api_key"}, {Bearer: true}})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return sources
+}
+
+// TestExtractKey checks key_from as a user writes it: header names in any
+// case, the sources tried in order, and only a Bearer Authorization taken.
+func TestExtractKey(t *testing.T) {
+	sources := threeKeySources(t)
 	for _, tc := range []struct {
 		name, url string
 		headers   map[string]string
@@ -25,21 +35,68 @@ func TestExtractKey(t *testing.T) {
 		{"empty header falls through", "/v1/x?api_key=q", map[string]string{"Api-Key": " "}, "q"},
 		{"none", "/v1/x", nil, ""},
 	} {
-		r := httptest.NewRequest("GET", tc.url, nil)
-		for k, v := range tc.headers {
-			r.Header.Set(k, v)
-		}
-		if got := extractKey(r, sources); got != tc.want {
+		r := testRequest(tc.url, tc.headers)
+		if got, _ := extractKey(r, sources); got != tc.want {
 			t.Errorf("%s: key %q, want %q", tc.name, got, tc.want)
 		}
 	}
 
 	r := httptest.NewRequest("GET", "/v1/x", nil)
 	r.Header.Set("x-api-key", "default-source")
-	if got := extractKey(r, defaultKeySources); got != "default-source" {
+	if got, _ := extractKey(r, defaultKeySources); got != "default-source" {
 		t.Errorf("default sources: key %q, want the X-API-Key header's", got)
 	}
 	if _, err := checkKeySources([]KeySource{{Header: "a", Bearer: true}}); err == nil {
 		t.Error("a source with both a header and bearer was accepted")
+	}
+}
+
+// testRequest is a GET of url with these headers.
+func testRequest(url string, headers map[string]string) *http.Request {
+	r := httptest.NewRequest("GET", url, nil)
+	for k, v := range headers {
+		r.Header.Set(k, v)
+	}
+	return r
+}
+
+// TestRemoveKey checks that a checked key leaves the request by the source
+// that carried it, and nothing else does: other headers, the other query
+// parameters in their order and encoding.
+func TestRemoveKey(t *testing.T) {
+	sources := threeKeySources(t)
+	for _, tc := range []struct {
+		name, url           string
+		headers             map[string]string
+		wantURI, wantHeader string // wantHeader: the headers left, as "Name=value;..."
+	}{
+		{"header", "/v1/x?api_key=q", map[string]string{"Api-Key": "k", "Authorization": "Bearer other"},
+			"/v1/x?api_key=q", "Authorization=Bearer other"},
+		{"query, every occurrence, others kept as sent", "/v1/x?a=1&api_key=k&b=%2F+x&api%5Fkey=k2&c",
+			map[string]string{"Authorization": "Bearer other"}, "/v1/x?a=1&b=%2F+x&c", "Authorization=Bearer other"},
+		{"query alone", "/v1/x?api_key=k", nil, "/v1/x", ""},
+		{"a parameter that only starts like it stays", "/v1/x?api_key_hint=1&api_key=k", nil, "/v1/x?api_key_hint=1", ""},
+		{"bearer", "/v1/x", map[string]string{"Authorization": "Bearer k", "X-Other": "1"}, "/v1/x", "X-Other=1"},
+	} {
+		r := testRequest(tc.url, tc.headers)
+		key, source := extractKey(r, sources)
+		if key == "" {
+			t.Fatalf("%s: no key found", tc.name)
+		}
+		removeKey(r, source)
+		if r.RequestURI != tc.wantURI || r.URL.RequestURI() != tc.wantURI {
+			t.Errorf("%s: RequestURI %q, URL %q, want %q", tc.name, r.RequestURI, r.URL.RequestURI(), tc.wantURI)
+		}
+		var left []string
+		for k, v := range r.Header {
+			left = append(left, k+"="+strings.Join(v, ","))
+		}
+		sort.Strings(left)
+		if got := strings.Join(left, ";"); got != tc.wantHeader {
+			t.Errorf("%s: headers left %q, want %q", tc.name, got, tc.wantHeader)
+		}
+		if k, _ := extractKey(r, sources); k == key {
+			t.Errorf("%s: the key can still be read from the request", tc.name)
+		}
 	}
 }

@@ -638,10 +638,12 @@ func (p *appParser) check() error {
 //	api_monetize [<matcher>] {
 //		cost     <path pattern> <units>   # first match wins; default cost 1
 //		key_from header <Name> | query <param> | bearer   # repeatable, tried in order
+//		forward_key                       # pass the key on to the upstream
 //	}
 //
 // The block is optional. Without key_from, the key is read from the
-// X-API-Key header, then from "Authorization: Bearer".
+// X-API-Key header, then from "Authorization: Bearer". Without
+// forward_key, the key is removed from the request once checked.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	if d.NextArg() {
@@ -675,9 +677,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := addKeySource(d, sources, &h.KeyFrom); err != nil {
 				return err
 			}
-		// Later handler options go here.
+		case "forward_key":
+			if d.NextArg() {
+				return d.Errf("forward_key: takes no argument, got '%s'", d.Val())
+			}
+			h.ForwardKey = true
 		default:
-			return d.Errf("api_monetize: unrecognized option '%s'; expected cost or key_from", opt)
+			return d.Errf("api_monetize: unrecognized option '%s'; expected cost, key_from or forward_key", opt)
 		}
 	}
 	return nil

@@ -590,6 +590,7 @@ func TestParseHandler(t *testing.T) {
 			Costs:   []Cost{{Path: "*", Units: 2}},
 			KeyFrom: []KeySource{{Query: "api_key"}, {Bearer: true}, {Header: "Api-Key"}},
 		}},
+		{"forward_key", "api_monetize {\n\tforward_key\n}", &Handler{ForwardKey: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := new(Handler)
@@ -627,6 +628,7 @@ func TestParseHandlerErrors(t *testing.T) {
 		{"unknown source", "api_monetize {\n\tkey_from cookie k\n}", 2, "got 'cookie'"},
 		{"no source", "api_monetize {\n\tkey_from\n}", 2, "expected 'header <Name>'"},
 		{"source twice", "api_monetize {\n\tkey_from bearer\n\tkey_from header X-Key\n\tkey_from bearer\n}", 4, "given twice (first at Testfile:2)"},
+		{"forward_key argument", "api_monetize {\n\tforward_key yes\n}", 2, "forward_key: takes no argument, got 'yes'"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkErr(t, new(Handler).UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)), tc.line, tc.want, "")

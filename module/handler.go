@@ -41,6 +41,12 @@ type Handler struct {
 	// KeyFrom lists where to look for the API key, in order. Default: the
 	// X-API-Key header, then "Authorization: Bearer".
 	KeyFrom []KeySource `json:"key_from,omitempty"`
+	// ForwardKey passes the API key on to the next handlers, and so to the
+	// upstream, as the client sent it. By default the key is taken out of
+	// the request once it is checked (its header, or its query
+	// parameter), so that it cannot reach the upstream or its logs; the
+	// upstream learns the caller from the placeholders.
+	ForwardKey bool `json:"forward_key,omitempty"`
 
 	app    *App
 	costs  []compiledCost
@@ -91,6 +97,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	c, st, ok := app.authenticate(w, r, now, h.KeyFrom, h.logger)
 	if !ok {
 		return nil
+	}
+	if !h.ForwardKey {
+		removeKey(r, c.source)
 	}
 	tier := c.tier
 	if repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); repl != nil {
