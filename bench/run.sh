@@ -11,6 +11,7 @@
 #   TOGETHER=10 bash bench/run.sh           # also 10 rounds of each config loaded at once with B
 #   UPSTREAM_HEADERS=4 bash bench/run.sh    # the upstream adds 4 typical API response headers
 #   RATE_LIMIT_HEADERS=ietf bash bench/run.sh  # rate_limit_headers for C, D, G, H (default: both)
+#   ONLY=C ROUNDS=30 DURATION=2 bash bench/run.sh  # just B and C, alternating every 2 s
 #
 # Other knobs: WARMUP (s per config, 2), THREADS (wrk -t, 1), BASE_PORT
 # (18180; uses BASE_PORT+1..+40), BENCH_RESULTS=<file> keeps the raw
@@ -78,6 +79,17 @@ FOUNDATION="${FOUNDATION:-}"
 COMPARE="${COMPARE:-}"
 COMPARE_CADDY="${COMPARE_CADDY:-}"
 [[ -n "$COMPARE" || -n "$COMPARE_CADDY" ]] && CONFIGS+=(G H)
+# ONLY="C" (or "C D", ...) runs just those configurations besides B: with
+# two configurations a pair's runs are seconds apart, so machine drift
+# reaches the pairing much less.
+ONLY="${ONLY:-}"
+if [[ -n "$ONLY" ]]; then
+	for c in $ONLY; do
+		[[ " ${CONFIGS[*]} " == *" $c "* && "$c" != B ]] ||
+			{ echo "ONLY lists configurations besides B (always run) among: ${CONFIGS[*]:2} A (G and H need COMPARE)" >&2; exit 2; }
+	done
+	read -ra CONFIGS <<<"B $ONLY"
+fi
 
 for v in ROUNDS DURATION WARMUP THREADS TOGETHER UPSTREAM_HEADERS BASE_PORT; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "$v must be a whole number" >&2; exit 2; }
@@ -471,7 +483,7 @@ for n in $CONNS; do
 			}
 		}
 	' "$results"
-	awk -v n="$n" '$1 == n { if ($2 == "requests") reqs += $3; else calls[$2] += $3 }
+	[[ -f "$work/redis-D.txt" ]] && awk -v n="$n" '$1 == n { if ($2 == "requests") reqs += $3; else calls[$2] += $3 }
 		END {
 			if (reqs == 0) exit
 			printf "   D: Redis commands per request (script-internal ones included):"
