@@ -100,22 +100,16 @@ func extractKey(r *http.Request, sources []KeySource) (string, KeySource) {
 		case s.Query != "":
 			v = r.URL.Query().Get(s.Query)
 		case s.Bearer:
-			v = bearerToken(r.Header.Get("Authorization"))
+			auth := r.Header.Get("Authorization")
+			if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
+				v = auth[7:]
+			}
 		}
 		if v = strings.TrimSpace(v); v != "" {
 			return v, s
 		}
 	}
 	return "", KeySource{}
-}
-
-// bearerToken is the token of an "Authorization: Bearer <token>" value, or
-// "".
-func bearerToken(auth string) string {
-	if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
-		return auth[7:]
-	}
-	return ""
 }
 
 // removeKey takes the key out of r, from the source that carried it, so
