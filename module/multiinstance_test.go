@@ -46,20 +46,36 @@ type caddyProcess struct {
 	allowErrors []string
 }
 
-// freePorts returns n distinct TCP ports that were free a moment ago.
+// freePorts returns n TCP ports that were free a moment ago and that it
+// has not returned before in this test binary.
 func freePorts(t *testing.T, n int) []int {
 	t.Helper()
-	ports := make([]int, n)
-	for i := range ports {
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	ports := make([]int, 0, n)
+	for len(ports) < n {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer l.Close() // held until all are chosen, so they differ
-		ports[i] = l.Addr().(*net.TCPAddr).Port
+		port := l.Addr().(*net.TCPAddr).Port
+		if handedOut.ports[port] {
+			continue // given to a process that may not have bound it yet
+		}
+		handedOut.ports[port] = true
+		ports = append(ports, port)
 	}
 	return ports
 }
+
+// handedOut holds every port freePorts returned in this test binary: once
+// released, a port can come back from the kernel before the process it was
+// chosen for binds it (a second Caddy then took one Caddy's admin port).
+var handedOut = struct {
+	sync.Mutex
+	ports map[int]bool
+}{ports: make(map[int]bool)}
 
 // startCaddy launches a Caddy process and waits until it serves.
 func startCaddy(t *testing.T, name string, caddyfile func(adminPort, httpPort int) string) *caddyProcess {

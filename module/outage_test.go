@@ -49,14 +49,10 @@ func startRedis(t *testing.T, port int) (stop func()) {
 	return stop
 }
 
+// freePort returns one port as freePorts does.
 func freePort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return freePorts(t, 1)[0]
 }
 
 // TestRedisOutage kills Redis under a running config: each tier's
