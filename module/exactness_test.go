@@ -210,7 +210,8 @@ func (l *meterLoad) send(client *http.Client, r meterReq) (int, error) {
 		l.maxLatency = max(l.maxLatency, took)
 		l.mu.Unlock()
 		if err != nil {
-			if l.retryResets && attempt < maxResetRetries && !reused.Load() && !responded.Load() && isResetBeforeResponse(err) {
+			if l.retryResets && attempt < maxResetRetries && !responded.Load() &&
+				(!reused.Load() && isResetBeforeResponse(err) || isDialError(err)) {
 				l.mu.Lock()
 				l.resets++
 				l.mu.Unlock()
