@@ -456,12 +456,5 @@ func TestReleaseKeepsOverageExact(t *testing.T) {
 // passes, and returns the last one read.
 func pollUsage(t *testing.T, p *caddyProcess, customer string, done func(usageView) bool) usageView {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		u := p.usage(t, customer)
-		if done(u) || time.Now().After(deadline) {
-			return u
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return eventually(15*time.Second, func() usageView { return p.usage(t, customer) }, done)
 }

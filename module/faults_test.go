@@ -163,6 +163,19 @@ func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() boo
 	}
 }
 
+// eventually calls get until done accepts its value or timeout has
+// passed, and returns the last value, for the caller to check and report.
+func eventually[T any](timeout time.Duration, get func() T, done func(T) bool) T {
+	deadline := time.Now().Add(timeout)
+	for {
+		v := get()
+		if done(v) || time.Now().After(deadline) {
+			return v
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // faultKey is the API key of the fault tests' customer.
 const faultKey = "fault-test-key-0123456789abc"
 

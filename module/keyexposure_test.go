@@ -118,15 +118,8 @@ func TestKeyKeptFromUpstreamAndLogs(t *testing.T) {
 	// Caddy writes an access log entry after the response; wait for all
 	// of them.
 	read := func(path string, entries int) string {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			b, _ := os.ReadFile(path)
-			if strings.Count(string(b), "\n") >= entries || time.Now().After(deadline) {
-				return string(b)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+		return eventually(5*time.Second, func() string { b, _ := os.ReadFile(path); return string(b) },
+			func(s string) bool { return strings.Count(s, "\n") >= entries })
 	}
 	logged := read(filtered, 2*len(ways))
 	if n := strings.Count(logged, "\n"); n != 2*len(ways) {

@@ -162,17 +162,14 @@ func TestRedisOutage(t *testing.T) {
 	// customers one by one (retrying while the breaker cools down) and the
 	// replay runs on its own, so wait for each customer's final count.
 	for customer, want := range map[string]int64{"c_local": 3, "c_allow": 5} {
-		var r response
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-			r = admin(t, http.MethodGet, "/api_monetize/customers/"+customer+"/usage", "")
+		replayed := func(r response) bool {
 			var v usageView
-			if r.status == http.StatusOK && json.Unmarshal([]byte(r.body), &v) == nil && v.Billed == want {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("%s: usage in Redis after the replay is %d %s, want %d units", customer, r.status, r.body, want)
-				break
-			}
+			return r.status == http.StatusOK && json.Unmarshal([]byte(r.body), &v) == nil && v.Billed == want
+		}
+		r := eventually(10*time.Second,
+			func() response { return admin(t, http.MethodGet, "/api_monetize/customers/"+customer+"/usage", "") }, replayed)
+		if !replayed(r) {
+			t.Errorf("%s: usage in Redis after the replay is %d %s, want %d units", customer, r.status, r.body, want)
 		}
 	}
 }
