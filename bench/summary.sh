@@ -24,7 +24,7 @@ done
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 awk -F'\t' -v OFS='\t' 'FNR == 1 { off = last } { $1 += off; if ($1 > last) last = $1; print }' "$@" >"$results"
-CONNS="$(cut -f2 "$results" | sort -un | tr '\n' ' ')"
+CONNS="$(awk -F'\t' '!seen[$2]++ { print $2 }' "$results" | tr '\n' ' ')" # in the runs' order
 ROUNDS="$(cut -f1 "$results" | sort -u | wc -l)"
 
 QUANTILE_AWK='
