@@ -28,7 +28,7 @@ func ParseMicros(s string) (int64, error) {
 		return 0, errors.New("empty amount")
 	case s[0] == '-':
 		return 0, fmt.Errorf("invalid amount %q: negative amounts are not allowed", s)
-	case strings.ContainsAny(s, "eE"):
+	case strings.ContainsAny(s, "eE") && strings.Trim(s, "0123456789.eE+-") == "":
 		return 0, fmt.Errorf("invalid amount %q: write it as a plain decimal, without an exponent", s)
 	case strings.Contains(s, ","):
 		return 0, fmt.Errorf("invalid amount %q: use '.' for decimals and no thousands separators", s)

@@ -94,24 +94,11 @@ func ParseOverQuota(args []string) (OverQuota, error) {
 		if len(rest) == 0 {
 			return OverQuota{}, errors.New("over_quota throttle: missing rate, e.g. throttle 50/min")
 		}
-		p, err := ParseRate(rest[0])
+		p, after, err := ParseRateArgs(rest)
 		if err != nil {
 			return OverQuota{}, fmt.Errorf("over_quota throttle: %w", err)
 		}
-		rest = rest[1:]
-		if len(rest) > 0 && rest[0] == "burst" {
-			if len(rest) < 2 {
-				return OverQuota{}, errors.New("over_quota throttle: missing burst size after burst")
-			}
-			b, err := strconv.ParseInt(rest[1], 10, 64)
-			if err != nil || b <= 0 {
-				return OverQuota{}, fmt.Errorf("over_quota throttle: invalid burst %q (want a positive integer)", rest[1])
-			}
-			p.Burst, rest = b, rest[2:]
-		}
-		if !p.Valid() {
-			return OverQuota{}, errors.New("over_quota throttle: rate and burst too large to enforce")
-		}
+		rest = after
 		o.Throttle = &p
 		if len(rest) > 0 && rest[0] == "bill" {
 			if len(rest) < 2 {
@@ -142,25 +129,68 @@ var rateUnits = map[string]time.Duration{
 
 // ParseRate parses a rate written "<units>/<window>", e.g. "50/min", into a
 // policy with Limit units per Period and the default burst (Limit). The
-// window is one of s, sec, second, m, min, minute, h, hour, d, day.
+// window is one of s, sec, second, m, min, minute, h, hour, d, day; the
+// units a whole number of at least 1, digits only.
 func ParseRate(s string) (limiter.Policy, error) {
 	n, unit, ok := strings.Cut(s, "/")
 	if !ok {
-		return limiter.Policy{}, fmt.Errorf("invalid rate %q (want <units>/<window>, e.g. 50/min)", s)
+		return limiter.Policy{}, fmt.Errorf("invalid rate %q: expected <units>/<window>, as in 100/min", s)
 	}
 	window, ok := rateUnits[unit]
 	if !ok {
-		return limiter.Policy{}, fmt.Errorf("invalid rate %q: unknown window %q (want sec, min, hour or day)", s, unit)
+		return limiter.Policy{}, fmt.Errorf("invalid rate %q: unknown window %q; expected s, sec, second, m, min, minute, h, hour, d or day", s, unit)
 	}
-	limit, err := strconv.ParseInt(n, 10, 64)
-	if err != nil || limit <= 0 || !allDigits(n) {
-		return limiter.Policy{}, fmt.Errorf("invalid rate %q: units must be a positive integer", s)
+	limit, err := ParseUnits(n)
+	if err != nil || limit == 0 {
+		return limiter.Policy{}, fmt.Errorf("invalid rate %q: the limit must be a whole number of at least 1 unit per window", s)
 	}
 	p := limiter.Policy{Limit: limit, Period: window}
 	if !p.Valid() {
 		return limiter.Policy{}, fmt.Errorf("invalid rate %q: too large to enforce", s)
 	}
 	return p, nil
+}
+
+// ParseRateArgs parses a rate and its optional burst from the start of
+// args, as the Caddyfile writes them after `rate` and `over_quota
+// throttle`: "<units>/<window> [burst <units>]". It returns the arguments
+// that follow. The burst is a whole number of at least 1, digits only.
+func ParseRateArgs(args []string) (p limiter.Policy, rest []string, err error) {
+	if len(args) == 0 {
+		return limiter.Policy{}, nil, errors.New("expected <units>/<window> [burst <units>], as in 100/min or 1000/min burst 200")
+	}
+	if p, err = ParseRate(args[0]); err != nil {
+		return limiter.Policy{}, nil, err
+	}
+	rest = args[1:]
+	if len(rest) > 0 && rest[0] == "burst" {
+		if len(rest) < 2 {
+			return limiter.Policy{}, nil, errors.New("expected burst <units> after the rate, as in 1000/min burst 200")
+		}
+		b, err := ParseUnits(rest[1])
+		if err != nil || b == 0 {
+			return limiter.Policy{}, nil, fmt.Errorf("invalid burst %q: must be a whole number of at least 1", rest[1])
+		}
+		p.Burst, rest = b, rest[2:]
+		if !p.Valid() {
+			return limiter.Policy{}, nil, fmt.Errorf("invalid rate %q burst %d: too large to enforce", args[0], b)
+		}
+	}
+	return p, rest, nil
+}
+
+// ParseUnits parses a whole, non-negative number of units written in
+// decimal digits only (no sign, no spaces), as quotas, bursts and cost
+// limits are written.
+func ParseUnits(s string) (int64, error) {
+	if s == "" || !allDigits(s) {
+		return 0, fmt.Errorf("invalid number %q: expected a whole number written in digits", s)
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("invalid number %q: too large", s)
+	}
+	return n, nil
 }
 
 // Overage is how many of cost units, spent when usedBefore units of the

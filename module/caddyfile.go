@@ -4,7 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"math"
+
 	"math/bits"
 	"net/mail"
 	"net/url"
@@ -21,6 +21,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/apimonetize/caddy-api-monetize/apikey"
+	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/metering"
 )
 
@@ -322,7 +323,7 @@ func (p *appParser) usageCostHeader(args []string) error {
 		if args[1] != "max" {
 			return fmt.Errorf("usage_cost_header %s: unexpected '%s'; only 'max <units>' may follow the header name", name, args[1])
 		}
-		limit, err := parseCount(args[2])
+		limit, err := metering.ParseUnits(args[2])
 		if err != nil || limit == 0 {
 			return fmt.Errorf("usage_cost_header %s: max must be a whole number of units ≥ 1, got '%s'", name, args[2])
 		}
@@ -492,7 +493,7 @@ func tierOption(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token
 		}
 		t.OverQuota = &OverQuota{Mode: oq.Mode, PriceMicros: oq.PriceMicros}
 		if p := oq.Throttle; p != nil {
-			t.OverQuota.Throttle = &Rate{Limit: p.Limit, Window: caddy.Duration(p.Period), Burst: p.Burst}
+			t.OverQuota.Throttle = rateOf(*p)
 		}
 	case "period":
 		args, err := lineArgs(d)
@@ -664,7 +665,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := checkPathPattern(args[0]); err != nil {
 				return d.Errf("cost: %v", err)
 			}
-			units, err := parseCount(args[1])
+			units, err := metering.ParseUnits(args[1])
 			if err != nil {
 				return d.Errf("cost %s: units must be a whole number ≥ 0, got '%s'", args[0], args[1])
 			}
@@ -936,7 +937,7 @@ func parsePrice(s string) (*Price, error) {
 		return &Price{Custom: true}, nil
 	}
 	amount, interval, hasInterval := strings.Cut(s, "/")
-	micros, err := parseMicros(amount)
+	micros, err := metering.ParseMicros(amount)
 	if err != nil {
 		return nil, err
 	}
@@ -952,37 +953,10 @@ func parsePrice(s string) (*Price, error) {
 	return &Price{AmountMicros: micros, Interval: interval}, nil
 }
 
-// parseMicros parses a non-negative decimal number with at most six
-// fraction digits into millionths, exactly: "49.00" is 49000000.
-func parseMicros(s string) (int64, error) {
-	switch {
-	case strings.HasPrefix(s, "-"):
-		return 0, errors.New("must not be negative")
-	case strings.Contains(s, ","):
-		return 0, errors.New("use '.' as the decimal separator, as in 49.00")
-	}
-	whole, frac, hasDot := strings.Cut(s, ".")
-	if whole == "" || (hasDot && frac == "") || !isDigits(whole) || !isDigits(frac) {
-		return 0, errors.New("expected a decimal number such as 49 or 49.99")
-	}
-	if len(frac) > 6 {
-		return 0, errors.New("at most 6 decimal places are supported")
-	}
-	var v int64
-	for _, c := range whole + frac + strings.Repeat("0", 6-len(frac)) {
-		digit := int64(c - '0')
-		if v > (math.MaxInt64-digit)/10 {
-			return 0, errors.New("too large")
-		}
-		v = v*10 + digit
-	}
-	return v, nil
-}
-
 // parseIncluded parses "<units>/month".
 func parseIncluded(s string) (*Included, error) {
 	n, interval, ok := strings.Cut(s, "/")
-	units, err := parseCount(n)
+	units, err := metering.ParseUnits(n)
 	if err != nil {
 		return nil, errors.New("expected a whole number of units per month, as in 50000/month")
 	}
@@ -992,43 +966,22 @@ func parseIncluded(s string) (*Included, error) {
 	return &Included{Units: units, Interval: "month"}, nil
 }
 
-// rateWindows maps the units accepted after "rate <n>/" to their window.
-var rateWindows = map[string]time.Duration{
-	"s": time.Second, "sec": time.Second, "second": time.Second,
-	"m": time.Minute, "min": time.Minute, "minute": time.Minute,
-	"h": time.Hour, "hour": time.Hour,
-	"d": 24 * time.Hour, "day": 24 * time.Hour,
+// parseRate parses the arguments of rate, "<n>/<window> [burst <b>]",
+// with metering.ParseRateArgs, the grammar over_quota throttle uses too.
+func parseRate(args []string) (*Rate, error) {
+	p, rest, err := metering.ParseRateArgs(args)
+	if err != nil {
+		return nil, err
+	}
+	if len(rest) > 0 {
+		return nil, fmt.Errorf("unexpected '%s'; only 'burst <units>' may follow the rate", rest[0])
+	}
+	return rateOf(p), nil
 }
 
-// parseRate parses the arguments "<n>/<unit> [burst <b>]".
-func parseRate(args []string) (*Rate, error) {
-	if len(args) != 1 && len(args) != 3 {
-		return nil, errors.New("expected <units>/<window> [burst <units>], as in 100/min or 1000/min burst 200")
-	}
-	n, unit, ok := strings.Cut(args[0], "/")
-	limit, err := parseCount(n)
-	if err != nil || !ok {
-		return nil, errors.New("expected <units>/<window>, as in 100/min")
-	}
-	if limit == 0 {
-		return nil, errors.New("the limit must be at least 1 unit per window; to block a tier, narrow its endpoints")
-	}
-	window, ok := rateWindows[unit]
-	if !ok {
-		return nil, fmt.Errorf("unknown window '%s'; expected s, sec, second, m, min, minute, h, hour, d or day", unit)
-	}
-	r := &Rate{Limit: limit, Window: caddy.Duration(window)}
-	if len(args) == 3 {
-		if args[1] != "burst" {
-			return nil, fmt.Errorf("unexpected '%s'; only 'burst <units>' may follow the rate", args[1])
-		}
-		burst, err := parseCount(args[2])
-		if err != nil || burst == 0 {
-			return nil, fmt.Errorf("burst must be a whole number ≥ 1, got '%s'", args[2])
-		}
-		r.Burst = burst
-	}
-	return r, nil
+// rateOf is the config form of a parsed rate policy.
+func rateOf(p limiter.Policy) *Rate {
+	return &Rate{Limit: p.Limit, Window: caddy.Duration(p.Period), Burst: p.Burst}
 }
 
 // parseThresholds parses the arguments of thresholds: distinct whole
@@ -1092,7 +1045,7 @@ func checkSLA(s string) error {
 	if !ok {
 		return errors.New("expected a percentage such as 99.9%")
 	}
-	micros, err := parseMicros(num)
+	micros, err := metering.ParseMicros(num)
 	if err != nil {
 		return fmt.Errorf("expected a percentage such as 99.9%%: %v", err)
 	}
@@ -1100,24 +1053,6 @@ func checkSLA(s string) error {
 		return errors.New("must be more than 0% and at most 100%")
 	}
 	return nil
-}
-
-// parseCount parses a non-negative decimal integer without sign.
-func parseCount(s string) (int64, error) {
-	if !isDigits(s) || s == "" {
-		return 0, errors.New("not a whole number")
-	}
-	return strconv.ParseInt(s, 10, 64)
-}
-
-// isDigits reports whether s holds only ASCII digits (true for "").
-func isDigits(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] < '0' || s[i] > '9' {
-			return false
-		}
-	}
-	return true
 }
 
 // Interface guards

@@ -3,7 +3,6 @@ package module
 import (
 	"encoding/json"
 	"fmt"
-	"math"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -350,27 +349,6 @@ func TestPrice(t *testing.T) {
 	}
 }
 
-func TestMicros(t *testing.T) {
-	for in, want := range map[string]int64{
-		"0":                    0,
-		"7":                    7_000_000,
-		"49.00":                49_000_000,
-		"99.9":                 99_900_000,
-		"0.000001":             1,
-		"9223372036854.775807": math.MaxInt64,
-	} {
-		got, err := parseMicros(in)
-		if err != nil || got != want {
-			t.Errorf("%s: got %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"9223372036854.775808", "10000000000000", "", ".5", "5.", "1.2.3", "+1", "1e3", "١"} {
-		if got, err := parseMicros(in); err == nil {
-			t.Errorf("%q: got %d, want an error", in, got)
-		}
-	}
-}
-
 func TestRateWindows(t *testing.T) {
 	for unit, want := range map[string]time.Duration{
 		"s": time.Second, "sec": time.Second, "second": time.Second,
@@ -428,9 +406,9 @@ func TestParseAppErrors(t *testing.T) {
 		{"tier extra", "api_monetize {\n\ttier pro plus {\n\t}\n}", 2, "unexpected 'plus'", ""},
 		{"tier twice", "api_monetize {\n\ttier pro\n\ttier free\n\ttier pro\n}", 4, "tier 'pro' is defined twice (first at Testfile:2)", ""},
 		{"tier unknown option", inTier("discount 10%"), 3, "unrecognized option 'discount'", ""},
-		{"price comma", inTier("price 49,00/month"), 3, "decimal separator", ""},
+		{"price comma", inTier("price 49,00/month"), 3, "use '.' for decimals", ""},
 		{"price precision", inTier("price 1.2345678/month"), 3, "at most 6 decimal places", ""},
-		{"price negative", inTier("price -1"), 3, "must not be negative", ""},
+		{"price negative", inTier("price -1"), 3, "negative amounts are not allowed", ""},
 		{"price week", inTier("price 49/week"), 3, "month or year", ""},
 		{"price no interval", inTier("price 49"), 3, "49/month", ""},
 		{"price word", inTier("price free"), 3, "decimal number", ""},
@@ -442,10 +420,11 @@ func TestParseAppErrors(t *testing.T) {
 		{"included negative", inTier("included -5/month"), 3, "whole number", ""},
 		{"included twice", inTier("included 1/month\nincluded 2/month"), 4, "given twice", ""},
 		{"rate zero", inTier("rate 0/min"), 3, "at least 1", ""},
-		{"rate week", inTier("rate 10/week"), 3, "unknown window 'week'", ""},
+		{"rate week", inTier("rate 10/week"), 3, "unknown window \"week\"", ""},
 		{"rate no window", inTier("rate 10"), 3, "<units>/<window>", ""},
-		{"rate burst zero", inTier("rate 10/min burst 0"), 3, "burst must be a whole number ≥ 1", ""},
-		{"rate burst negative", inTier("rate 10/min burst -3"), 3, "burst must be", ""},
+		{"rate burst zero", inTier("rate 10/min burst 0"), 3, "invalid burst \"0\": must be a whole number of at least 1", ""},
+		{"rate burst plus", inTier("rate 10/min burst +5"), 3, "invalid burst \"+5\"", ""},
+		{"rate burst negative", inTier("rate 10/min burst -3"), 3, "invalid burst \"-3\"", ""},
 		{"rate burst missing", inTier("rate 10/min burst"), 3, "burst <units>", ""},
 		{"rate other word", inTier("rate 10/min boost 5"), 3, "unexpected 'boost'", ""},
 		{"rate twice", inTier("rate 10/min\nrate 20/min"), 4, "'rate' is given twice", ""},
@@ -520,7 +499,7 @@ func TestParseAppErrors(t *testing.T) {
 		{"over_quota bill huge", inTier("included 1/month\nover_quota bill 9223372036855"), 4, "too large", ""},
 		{"over_quota throttle no rate", inTier("included 1/month\nover_quota throttle"), 4, "missing rate", ""},
 		{"over_quota throttle window", inTier("included 1/month\nover_quota throttle 50/week"), 4, "unknown window \"week\"", ""},
-		{"over_quota throttle zero", inTier("included 1/month\nover_quota throttle 0/min"), 4, "positive integer", ""},
+		{"over_quota throttle zero", inTier("included 1/month\nover_quota throttle 0/min"), 4, "at least 1 unit per window", ""},
 		{"over_quota throttle no window", inTier("included 1/month\nover_quota throttle 50"), 4, "invalid rate \"50\"", ""},
 		{"over_quota throttle burst", inTier("included 1/month\nover_quota throttle 50/min burst 0"), 4, "invalid burst \"0\"", ""},
 		{"over_quota throttle bill price", inTier("included 1/month\nover_quota throttle 50/min bill"), 4, "missing price per unit after bill", ""},
