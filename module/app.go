@@ -10,7 +10,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -157,6 +156,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.headers = headers
+	if err := a.validate(); err != nil {
+		return err
+	}
 	if err := a.compileMetering(); err != nil {
 		return err
 	}
@@ -206,25 +208,19 @@ func (a *App) compileMetering() error {
 		}
 	}
 	if len(a.BillOn) > 0 {
-		b, err := metering.ParseBillOn(a.BillOn)
+		classes, err := parseBillOn(a.BillOn)
 		if err != nil {
 			return err
 		}
-		a.billOn = b
+		a.billOn, _ = metering.ParseBillOn(classes) // parseBillOn checked each
 	}
 	a.maxUsageCost = a.MaxUsageCost
 	if a.maxUsageCost <= 0 {
 		a.maxUsageCost = 1_000_000
 	}
-	if a.Thresholds != nil {
-		args := make([]string, len(a.Thresholds))
-		for i, t := range a.Thresholds {
-			args[i] = strconv.Itoa(t)
-		}
-		if len(args) > 0 {
-			if _, err := metering.ParseThresholds(args); err != nil {
-				return err
-			}
+	if len(a.Thresholds) > 0 {
+		if _, err := parseThresholds(intArgs(a.Thresholds)); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -5,9 +5,7 @@ import (
 	"fmt"
 	"maps"
 
-	"math/bits"
 	"net/mail"
-	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,7 +16,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/apimonetize/caddy-api-monetize/apikey"
 	"github.com/apimonetize/caddy-api-monetize/limiter"
@@ -313,11 +310,8 @@ func (p *appParser) usageCostHeader(args []string) error {
 		return errors.New(usage)
 	}
 	name := args[0]
-	if strings.ContainsAny(name, "_.") {
-		return fmt.Errorf("usage_cost_header %s: header names with '_' or '.' are refused, as for key_from: Caddy drops such request headers, and CGI-style backends confuse them with the hyphenated name; use a hyphen instead, e.g. %s", name, strings.NewReplacer("_", "-", ".", "-").Replace(name))
-	}
-	if !validHeaderName(name) {
-		return fmt.Errorf("usage_cost_header: '%s' is not a valid header name", name)
+	if err := checkCostHeader(name); err != nil {
+		return err
 	}
 	if len(args) == 3 {
 		if args[1] != "max" {
@@ -361,39 +355,11 @@ func (p *appParser) tier(d *caddyfile.Dispenser) error {
 			return err
 		}
 	}
-	if err := checkQuota(&t, seen); err != nil {
-		return err
+	if err := t.checkQuota(); err != nil {
+		return blame(err, seen, tok)
 	}
 	p.app.Tiers = append(p.app.Tiers, t)
 	return nil
-}
-
-// checkQuota checks a tier's quota options against each other once its
-// block is read; seen holds the token of each option given.
-func checkQuota(t *Tier, seen map[string]caddyfile.Token) error {
-	if tok, ok := seen["over_quota"]; ok && t.Included == nil {
-		return errAt(tok, "tier %s: over_quota needs included, as in 'included 1000/month': it decides what happens once the included units are used up", t.Name)
-	}
-	if tok, ok := seen["thresholds"]; ok && t.Included == nil && len(t.Thresholds) > 0 {
-		return errAt(tok, "tier %s: thresholds needs included, as in 'included 1000/month': thresholds are percentages of the included units", t.Name)
-	}
-	if oq := t.OverQuota; oq != nil && oq.Throttle != nil && t.Rate != nil && !slower(oq.Throttle, t.Rate) {
-		return errAt(seen["over_quota"], "tier %s: over_quota throttle %s is not slower than the tier's rate %s; throttling beyond the quota needs a lower rate", t.Name, rateText(oq.Throttle), rateText(t.Rate))
-	}
-	return nil
-}
-
-// slower reports whether a admits fewer units per unit of time than b,
-// compared exactly: a.Limit/a.Window < b.Limit/b.Window.
-func slower(a, b *Rate) bool {
-	ah, al := bits.Mul64(uint64(a.Limit), uint64(b.Window))
-	bh, bl := bits.Mul64(uint64(b.Limit), uint64(a.Window))
-	return ah < bh || ah == bh && al < bl
-}
-
-// rateText writes r as in a Caddyfile, e.g. 50/min, for error messages.
-func rateText(r *Rate) string {
-	return strconv.FormatInt(r.Limit, 10) + "/" + windowName(time.Duration(r.Window))
 }
 
 // tierOption parses one line of a tier block; the cursor is on the option
@@ -615,11 +581,8 @@ func (p *appParser) check() error {
 	if len(p.tiers) == 0 {
 		return errAt(p.start, "api_monetize: no tier defined; add at least one 'tier <name> { ... }'")
 	}
-	if tok, ok := p.seen["store_path"]; ok && p.app.Redis != "" {
-		return errAt(tok, "store_path sets the embedded store's file, but redis is set: remove one of them")
-	}
-	if tok, ok := p.seen["redis_prefix"]; ok && p.app.Redis == "" {
-		return errAt(tok, "redis_prefix applies only to a Redis store: add 'redis <url>' or remove it")
+	if err := p.app.validate(); err != nil {
+		return blame(err, p.seen, p.start)
 	}
 	for _, r := range p.customerTiers {
 		if _, ok := p.tiers[r.name]; !ok {
@@ -840,6 +803,18 @@ func errAt(tok caddyfile.Token, format string, args ...any) error {
 	return d.Errf(format, args...)
 }
 
+// blame returns err at the line of the option it names (a *fieldError
+// whose option is in seen), else at the line of tok.
+func blame(err error, seen map[string]caddyfile.Token, tok caddyfile.Token) error {
+	var fe *fieldError
+	if errors.As(err, &fe) {
+		if at, ok := seen[fe.Option]; ok {
+			tok = at
+		}
+	}
+	return errAt(tok, "%s", err.Error())
+}
+
 // position is "file:line" of tok.
 func position(tok caddyfile.Token) string {
 	return tok.File + ":" + strconv.Itoa(tok.Line)
@@ -857,60 +832,6 @@ func names(m map[string]caddyfile.Token) string {
 // only known when the config is loaded.
 func hasPlaceholder(s string) bool {
 	return strings.Contains(s, "{") && strings.Contains(s, "}")
-}
-
-// checkName accepts tier names and customer ids: 1 to 64 ASCII letters,
-// digits, '.', '_' or '-'. They appear in response headers, metrics and
-// store keys.
-func checkName(s string) error {
-	if len(s) == 0 || len(s) > 64 {
-		return errors.New("must be 1 to 64 characters long")
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return errors.New("may only contain ASCII letters, digits, '.', '_' and '-'")
-		}
-	}
-	return nil
-}
-
-// checkPathPattern accepts Caddy path-matcher patterns, which start with
-// '/' or '*'.
-func checkPathPattern(p string) error {
-	if !strings.HasPrefix(p, "/") && !strings.HasPrefix(p, "*") {
-		return fmt.Errorf("path pattern '%s' must start with '/' or '*', as in /v1/*", p)
-	}
-	return nil
-}
-
-// checkRedisURL validates a literal Redis URL the way the store will parse
-// it. The URL is never echoed: it may hold a password.
-func checkRedisURL(v string) error {
-	if hasPlaceholder(v) {
-		return nil
-	}
-	if _, err := redis.ParseURL(v); err != nil {
-		const usage = "redis: expected a URL such as redis://[user:password@]host:6379/0 (rediss:// for TLS, or unix://)"
-		var urlErr *url.Error
-		if errors.As(err, &urlErr) {
-			return errors.New(usage)
-		}
-		return fmt.Errorf("%s: %v", usage, err)
-	}
-	return nil
-}
-
-// checkUpgradeURL accepts an absolute http(s) URL, or a placeholder.
-func checkUpgradeURL(v string) error {
-	if hasPlaceholder(v) {
-		return nil
-	}
-	u, err := url.Parse(v)
-	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-		return errors.New("expected an absolute URL such as https://example.com/pricing")
-	}
-	return nil
 }
 
 // validHeaderName reports whether s is an RFC 9110 field name (a token).
@@ -1037,22 +958,6 @@ func parseBillOn(args []string) ([]string, error) {
 		}
 	}
 	return out, nil
-}
-
-// checkSLA accepts "<percent>%" with 0 < percent ≤ 100.
-func checkSLA(s string) error {
-	num, ok := strings.CutSuffix(s, "%")
-	if !ok {
-		return errors.New("expected a percentage such as 99.9%")
-	}
-	micros, err := metering.ParseMicros(num)
-	if err != nil {
-		return fmt.Errorf("expected a percentage such as 99.9%%: %v", err)
-	}
-	if micros == 0 || micros > 100_000_000 {
-		return errors.New("must be more than 0% and at most 100%")
-	}
-	return nil
 }
 
 // Interface guards

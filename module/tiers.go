@@ -70,6 +70,9 @@ func (a *App) compileTiers() error {
 		if _, dup := a.tierByName[t.Name]; dup {
 			return fmt.Errorf("tier %q is defined twice", t.Name)
 		}
+		if err := t.validate(); err != nil {
+			return err
+		}
 		rt := &tierRuntime{Tier: t, onStoreError: t.OnStoreError}
 		switch rt.onStoreError {
 		case "":
@@ -127,10 +130,7 @@ func (t *tierRuntime) compileQuota(defaultThresholds []int) error {
 	if t.thresholds == nil {
 		t.thresholds = metering.DefaultThresholds()
 	}
-	if t.Included == nil {
-		if t.OverQuota != nil {
-			return fmt.Errorf("over_quota needs included")
-		}
+	if t.Included == nil { // Tier.validate refused over_quota without it
 		t.quotaMode = store.QuotaMeter
 		return nil
 	}

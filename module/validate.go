@@ -1,0 +1,247 @@
+package module
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/apimonetize/caddy-api-monetize/metering"
+)
+
+// The rules about what a configuration means live here, next to the config
+// structs, and Provision applies them, so a JSON config (Caddy's native
+// format, the admin /load endpoint) gets the same rules as a Caddyfile. The
+// Caddyfile layer calls the same functions while it parses, to blame the
+// offending line at adapt time; it keeps only syntax and positions.
+
+// fieldError is a rule broken by one option of a config struct; Option is
+// the option's Caddyfile name, so the Caddyfile layer can blame its line.
+type fieldError struct {
+	Option string
+	Err    error
+}
+
+func (e *fieldError) Error() string { return e.Err.Error() }
+func (e *fieldError) Unwrap() error { return e.Err }
+
+// optionErr wraps err as broken by option.
+func optionErr(option string, err error) error {
+	return &fieldError{Option: option, Err: err}
+}
+
+// validate checks the app-wide options that compileMetering and
+// compileTiers do not compile.
+func (a *App) validate() error {
+	if a.Redis != "" && a.StorePath != "" {
+		return optionErr("store_path", errors.New("store_path sets the embedded store's file, but redis is set: remove one of them"))
+	}
+	if a.RedisPrefix != "" && a.Redis == "" {
+		return optionErr("redis_prefix", errors.New("redis_prefix applies only to a Redis store: add 'redis <url>' or remove it"))
+	}
+	if err := checkRedisURL(a.Redis); err != nil {
+		return optionErr("redis", err)
+	}
+	if a.StoreTimeout < 0 {
+		return optionErr("store_timeout", errors.New("store_timeout must be a positive duration such as 100ms or 2s"))
+	}
+	if a.StoreFlushInterval < 0 {
+		return optionErr("store_flush_interval", errors.New("store_flush_interval must be a positive duration such as 1s or 200ms"))
+	}
+	if a.UpgradeURL != "" {
+		if err := checkUpgradeURL(a.UpgradeURL); err != nil {
+			return optionErr("upgrade_url", fmt.Errorf("upgrade_url '%s': %v", a.UpgradeURL, err))
+		}
+	}
+	if a.UsageCostHeader != "" {
+		if err := checkCostHeader(a.UsageCostHeader); err != nil {
+			return optionErr("usage_cost_header", err)
+		}
+	} else if a.MaxUsageCost != 0 {
+		return optionErr("usage_cost_header", errors.New("max_usage_cost applies only with usage_cost_header"))
+	}
+	if a.MaxUsageCost < 0 {
+		return optionErr("usage_cost_header", fmt.Errorf("usage_cost_header %s: max must be a whole number of units ≥ 1, got %d", a.UsageCostHeader, a.MaxUsageCost))
+	}
+	return nil
+}
+
+// validate checks a tier's own options and their consistency: its name,
+// path patterns, price, included units, SLA, and that its quota options fit
+// together. compileTiers checks the rest (rate, over_quota mode and rate,
+// on_store_error, period zone) while compiling them.
+func (t *Tier) validate() error {
+	if err := checkName(t.Name); err != nil {
+		return optionErr("tier", fmt.Errorf("tier '%s': %v", t.Name, err))
+	}
+	for _, list := range []struct {
+		option   string
+		patterns []string
+	}{{"endpoints", t.Endpoints}, {"exclude", t.Exclude}} {
+		for _, pat := range list.patterns {
+			if err := checkPathPattern(pat); err != nil {
+				return optionErr(list.option, fmt.Errorf("%s: %v", list.option, err))
+			}
+		}
+	}
+	if err := t.Price.validate(); err != nil {
+		return optionErr("price", fmt.Errorf("tier %s: price: %v", t.Name, err))
+	}
+	if inc := t.Included; inc != nil && inc.Interval != "month" {
+		return optionErr("included", fmt.Errorf("tier %s: included units are counted per month; write %d/month", t.Name, inc.Units))
+	}
+	if t.SLA != "" {
+		if err := checkSLA(t.SLA); err != nil {
+			return optionErr("sla", fmt.Errorf("sla '%s': %v", t.SLA, err))
+		}
+	}
+	return t.checkQuota()
+}
+
+// checkQuota checks a tier's quota options against each other.
+func (t *Tier) checkQuota() error {
+	if t.OverQuota != nil && t.Included == nil {
+		return optionErr("over_quota", fmt.Errorf("tier %s: over_quota needs included, as in 'included 1000/month': it decides what happens once the included units are used up", t.Name))
+	}
+	if t.Included == nil && len(t.Thresholds) > 0 {
+		return optionErr("thresholds", fmt.Errorf("tier %s: thresholds needs included, as in 'included 1000/month': thresholds are percentages of the included units", t.Name))
+	}
+	if len(t.Thresholds) > 0 {
+		if _, err := parseThresholds(intArgs(t.Thresholds)); err != nil {
+			return optionErr("thresholds", fmt.Errorf("tier %s: %v", t.Name, err))
+		}
+	}
+	if oq := t.OverQuota; oq != nil && oq.Throttle != nil && t.Rate != nil && !slower(oq.Throttle, t.Rate) {
+		return optionErr("over_quota", fmt.Errorf("tier %s: over_quota throttle %s is not slower than the tier's rate %s; throttling beyond the quota needs a lower rate", t.Name, rateText(oq.Throttle), rateText(t.Rate)))
+	}
+	return nil
+}
+
+// validate checks a price: custom, or a non-negative amount per month or
+// year. A nil price is free.
+func (p *Price) validate() error {
+	switch {
+	case p == nil:
+		return nil
+	case p.Custom && (p.AmountMicros != 0 || p.Interval != ""):
+		return errors.New("a custom price has no amount and no interval")
+	case p.Custom:
+		return nil
+	case p.AmountMicros < 0:
+		return errors.New("must not be negative")
+	case p.Interval != "month" && p.Interval != "year":
+		return fmt.Errorf("the interval must be month or year, as in 49.00/month, got '%s'", p.Interval)
+	}
+	return nil
+}
+
+// intArgs writes ns as Caddyfile arguments, to check them with the parser
+// of the same option.
+func intArgs(ns []int) []string {
+	s := make([]string, len(ns))
+	for i, n := range ns {
+		s[i] = strconv.Itoa(n)
+	}
+	return s
+}
+
+// slower reports whether a admits fewer units per unit of time than b,
+// compared exactly: a.Limit/a.Window < b.Limit/b.Window.
+func slower(a, b *Rate) bool {
+	ah, al := bits.Mul64(uint64(a.Limit), uint64(b.Window))
+	bh, bl := bits.Mul64(uint64(b.Limit), uint64(a.Window))
+	return ah < bh || ah == bh && al < bl
+}
+
+// rateText writes r as in a Caddyfile, e.g. 50/min, for error messages.
+func rateText(r *Rate) string {
+	return strconv.FormatInt(r.Limit, 10) + "/" + windowName(time.Duration(r.Window))
+}
+
+// checkName accepts tier names and customer ids: 1 to 64 ASCII letters,
+// digits, '.', '_' or '-'. They appear in response headers, metrics and
+// store keys.
+func checkName(s string) error {
+	if len(s) == 0 || len(s) > 64 {
+		return errors.New("must be 1 to 64 characters long")
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return errors.New("may only contain ASCII letters, digits, '.', '_' and '-'")
+		}
+	}
+	return nil
+}
+
+// checkPathPattern accepts Caddy path-matcher patterns, which start with
+// '/' or '*'.
+func checkPathPattern(p string) error {
+	if !strings.HasPrefix(p, "/") && !strings.HasPrefix(p, "*") {
+		return fmt.Errorf("path pattern '%s' must start with '/' or '*', as in /v1/*", p)
+	}
+	return nil
+}
+
+// checkRedisURL validates a literal Redis URL the way the store will parse
+// it; a placeholder or an empty URL passes. The URL is never echoed: it may
+// hold a password.
+func checkRedisURL(v string) error {
+	if v == "" || hasPlaceholder(v) {
+		return nil
+	}
+	if _, err := redis.ParseURL(v); err != nil {
+		const usage = "redis: expected a URL such as redis://[user:password@]host:6379/0 (rediss:// for TLS, or unix://)"
+		var urlErr *url.Error
+		if errors.As(err, &urlErr) {
+			return errors.New(usage)
+		}
+		return fmt.Errorf("%s: %v", usage, err)
+	}
+	return nil
+}
+
+// checkUpgradeURL accepts an absolute http(s) URL, or a placeholder.
+func checkUpgradeURL(v string) error {
+	if hasPlaceholder(v) {
+		return nil
+	}
+	u, err := url.Parse(v)
+	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return errors.New("expected an absolute URL such as https://example.com/pricing")
+	}
+	return nil
+}
+
+// checkCostHeader accepts the name of usage_cost_header: a valid header
+// name without '_' or '.'.
+func checkCostHeader(name string) error {
+	if strings.ContainsAny(name, "_.") {
+		return fmt.Errorf("usage_cost_header %s: header names with '_' or '.' are refused, as for key_from: Caddy drops such request headers, and CGI-style backends confuse them with the hyphenated name; use a hyphen instead, e.g. %s", name, strings.NewReplacer("_", "-", ".", "-").Replace(name))
+	}
+	if !validHeaderName(name) {
+		return fmt.Errorf("usage_cost_header: '%s' is not a valid header name", name)
+	}
+	return nil
+}
+
+// checkSLA accepts "<percent>%" with 0 < percent ≤ 100.
+func checkSLA(s string) error {
+	num, ok := strings.CutSuffix(s, "%")
+	if !ok {
+		return errors.New("expected a percentage such as 99.9%")
+	}
+	micros, err := metering.ParseMicros(num)
+	if err != nil {
+		return fmt.Errorf("expected a percentage such as 99.9%%: %v", err)
+	}
+	if micros == 0 || micros > 100_000_000 {
+		return errors.New("must be more than 0% and at most 100%")
+	}
+	return nil
+}
