@@ -178,8 +178,8 @@ type StripeConfig struct {
 	// DowngradeTo is the tier a customer falls back to when their
 	// subscription ends or stays unpaid.
 	DowngradeTo string `json:"downgrade_to,omitempty"`
-	// APIBase overrides Stripe's API URL; only for tests against a local
-	// Stripe double.
+	// APIBase overrides Stripe's API URL (https://api.stripe.com); only for
+	// tests against stripe-mock or a local Stripe double.
 	APIBase string `json:"api_base,omitempty"`
 }
 

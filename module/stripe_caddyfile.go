@@ -53,7 +53,7 @@ func (p *appParser) stripe(d *caddyfile.Dispenser) error {
 			switch {
 			case opt == "settle_grace" && (err != nil || dur < 0):
 				return d.Errf("stripe: settle_grace: expected a duration such as 2m, or 0 to report an hour as soon as it ends, got '%s'", v)
-			case err != nil || dur <= 0:
+			case opt != "settle_grace" && (err != nil || dur <= 0):
 				return d.Errf("stripe: %s: expected a positive duration such as 1h or 2m, got '%s'", opt, v)
 			}
 			switch opt {
