@@ -54,6 +54,7 @@ func (a *adminAPI) Provision(ctx caddy.Context) error {
 	mux.HandleFunc("GET /api_monetize/thresholds", a.thresholds)
 	mux.HandleFunc("GET /api_monetize/customers/{id}/thresholds", a.thresholds)
 	mux.HandleFunc("GET /api_monetize/stripe/reconciliation", a.stripeReconciliation)
+	mux.HandleFunc("POST /api_monetize/stripe/report", a.writable(a.stripeReport))
 	mux.HandleFunc("GET /api_monetize/notifications", a.listNotifications)
 	mux.HandleFunc("POST /api_monetize/notifications/{id}/replay", a.writable(a.replayNotification))
 	a.mux = mux

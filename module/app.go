@@ -112,6 +112,8 @@ type App struct {
 	// tasks are the background loops (Stripe reporter, notifier) Start runs
 	// until Stop; each returns when its context is done.
 	tasks []func(ctx context.Context)
+	// stripeRun reaches the running Stripe reporter; nil without Stripe.
+	stripeRun *stripeRunner
 
 	ready chan struct{} // closed when Start has upserted the configuration
 	// removedKeysRevoked is set once keys dropped from the configuration

@@ -159,8 +159,16 @@ type StripeConfig struct {
 	// ReportEvery is how often closed hours are reported. Default: 1h.
 	ReportEvery caddy.Duration `json:"report_every,omitempty"`
 	// SettleGrace is how long after an hour ends it is reported, so that
-	// late settlements land first. Default: 2m.
-	SettleGrace caddy.Duration `json:"settle_grace,omitempty"`
+	// late settlements land first. Nil means the default, 2m; 0 reports an
+	// hour as soon as it ends.
+	SettleGrace *caddy.Duration `json:"settle_grace,omitempty"`
+	// Namespace sets this deployment's meter event identifiers apart from
+	// those of other deployments (staging, another region) that report to
+	// the same Stripe account, since Stripe dedupes identifiers account-wide.
+	// Empty: a random namespace generated once and kept in the store, which
+	// every instance sharing the store uses. Set it when a store is copied
+	// into another deployment. May use placeholders.
+	Namespace string `json:"namespace,omitempty"`
 	// WebhookSecret is the webhook endpoint's signing secret (whsec_…);
 	// use {env.STRIPE_WEBHOOK_SECRET}.
 	WebhookSecret string `json:"webhook_secret,omitempty"`
@@ -170,8 +178,8 @@ type StripeConfig struct {
 	// DowngradeTo is the tier a customer falls back to when their
 	// subscription ends or stays unpaid.
 	DowngradeTo string `json:"downgrade_to,omitempty"`
-	// APIBase overrides Stripe's API URL; only for tests against a local
-	// Stripe double.
+	// APIBase overrides Stripe's API URL (https://api.stripe.com); only for
+	// tests against stripe-mock or a local Stripe double.
 	APIBase string `json:"api_base,omitempty"`
 }
 

@@ -47,6 +47,9 @@ func newAtomicDuration(d time.Duration) *atomic.Int64 {
 var (
 	stripeSecretPattern  = regexp.MustCompile(`^(sk|rk)_(test|live)_[A-Za-z0-9]+$`)
 	webhookSecretPattern = regexp.MustCompile(`^whsec_[A-Za-z0-9+/=_-]+$`)
+	// stripeNamespacePattern is what a configured identifier namespace may
+	// hold.
+	stripeNamespacePattern = regexp.MustCompile(`^[A-Za-z0-9._:/-]{1,100}$`)
 )
 
 // stripeSettings is the Stripe configuration with placeholders replaced and
@@ -57,6 +60,7 @@ type stripeSettings struct {
 	meter         string
 	reportEvery   time.Duration
 	settleGrace   time.Duration
+	namespace     string
 	webhookSecret string
 	pastDueGrace  time.Duration
 	downgradeTo   string
@@ -68,8 +72,8 @@ func (a *App) stripeSettings() (stripeSettings, error) {
 	repl := caddy.NewReplacer()
 	s := stripeSettings{
 		secretKey: repl.ReplaceAll(c.SecretKey, ""), apiBase: repl.ReplaceAll(c.APIBase, ""),
-		meter: c.Meter, reportEvery: time.Duration(c.ReportEvery), settleGrace: time.Duration(c.SettleGrace),
-		webhookSecret: repl.ReplaceAll(c.WebhookSecret, ""), pastDueGrace: time.Duration(c.PastDueGrace),
+		meter: c.Meter, reportEvery: time.Duration(c.ReportEvery), settleGrace: defaultSettleGrace,
+		namespace: repl.ReplaceAll(c.Namespace, ""), webhookSecret: repl.ReplaceAll(c.WebhookSecret, ""), pastDueGrace: time.Duration(c.PastDueGrace),
 		downgradeTo: c.DowngradeTo,
 	}
 	if s.secretKey == "" {
@@ -87,14 +91,17 @@ func (a *App) stripeSettings() (stripeSettings, error) {
 	if s.reportEvery == 0 {
 		s.reportEvery = defaultReportEvery
 	}
-	if s.settleGrace == 0 {
-		s.settleGrace = defaultSettleGrace
+	if c.SettleGrace != nil {
+		s.settleGrace = time.Duration(*c.SettleGrace) // 0 is zero, not the default
 	}
 	if s.pastDueGrace == 0 {
 		s.pastDueGrace = defaultPastDueGrace
 	}
 	if s.reportEvery < 0 || s.settleGrace < 0 || s.pastDueGrace < 0 {
 		return s, errors.New("stripe: report_every, settle_grace and past_due_grace must not be negative")
+	}
+	if c.Namespace != "" && !stripeNamespacePattern.MatchString(s.namespace) {
+		return s, errors.New("stripe: namespace: expected 1 to 100 letters, digits or . _ : / -")
 	}
 	if s.webhookSecret != "" && !webhookSecretPattern.MatchString(s.webhookSecret) {
 		return s, errors.New("stripe: webhook_secret must be the endpoint's signing secret (whsec_…)")
@@ -121,7 +128,9 @@ func (a *App) provisionStripe(ctx caddy.Context) error {
 		return err
 	}
 	rep := a.newReporter(s)
-	a.tasks = append(a.tasks, func(ctx context.Context) { a.runReporter(ctx, rep, s) })
+	run := &stripeRunner{passes: make(chan chan stripePass), done: make(chan struct{})}
+	a.stripeRun = run
+	a.tasks = append(a.tasks, func(ctx context.Context) { a.runReporter(ctx, rep, s, run) })
 	return nil
 }
 
@@ -132,6 +141,7 @@ func (a *App) newReporter(s stripeSettings) *stripereport.Reporter {
 	return &stripereport.Reporter{
 		Client:      stripereport.NewClient(s.secretKey, s.apiBase, stripeRequestTimeout),
 		Meter:       s.meter,
+		Namespace:   s.namespace,
 		SettleGrace: s.settleGrace,
 		Holder:      hex.EncodeToString(newSecret()[:12]),
 		LeaseTTL:    time.Duration(stripeLeaseTTL.Load()),
@@ -157,37 +167,37 @@ func (a *App) reportPeriods(c store.Customer, now time.Time) []string {
 	return []string{prev.ID(), cur.ID()}
 }
 
-// runReporter renews the lease every stripeLeaseEvery and, while it holds
-// it, reports every report_every; on stop it releases the lease so the
-// next instance (the new config of a reload) takes over at once.
-func (a *App) runReporter(ctx context.Context, rep *stripereport.Reporter, s stripeSettings) {
+// stripeRunner lets the admin API ask the running reporter for a pass
+// (POST /api_monetize/stripe/report), so that passes never overlap and the
+// pass uses the reporter's own lease.
+type stripeRunner struct {
+	// passes carries requests for a pass; the reporter answers on the
+	// channel sent (buffered, capacity 1).
+	passes chan chan stripePass
+	// done is closed when the reporter loop has returned.
+	done chan struct{}
+}
+
+// stripePass is the outcome of one reporter pass.
+type stripePass struct {
+	res stripereport.Result
+	err error
+}
+
+// runReporter reports every report_every and renews the lease every
+// stripeLeaseEvery; while it does not hold the lease it tries to take it
+// (and report) at the shorter of the two. It also runs the passes the admin
+// API asks for. On stop it releases the lease so the next instance (the
+// new config of a reload) takes over at once.
+func (a *App) runReporter(ctx context.Context, rep *stripereport.Reporter, s stripeSettings, run *stripeRunner) {
+	defer close(run.done)
 	logger := a.logger.Named("stripe")
-	m := getStripeMetrics()
-	t := time.NewTicker(time.Duration(stripeLeaseEvery.Load()))
-	defer t.Stop()
-	var lastReport time.Time
+	leaseEvery := time.Duration(stripeLeaseEvery.Load())
+	renew := time.NewTicker(leaseEvery)
+	defer renew.Stop()
+	next := time.NewTimer(0) // the first pass runs at start
+	defer next.Stop()
 	for {
-		if st, err := a.store(); err != nil {
-			logger.Warn("store not available", zap.Error(err))
-		} else {
-			rep.Store = st
-			if lastReport.IsZero() || time.Since(lastReport) >= s.reportEvery {
-				res, err := rep.Tick(ctx)
-				if res.Leader {
-					lastReport = time.Now()
-					m.unreported.Set(float64(res.Unreported))
-					m.events.WithLabelValues(stripereport.StateSent).Add(float64(res.Sent))
-					m.events.WithLabelValues(stripereport.StateFailed).Add(float64(res.Failed))
-					m.events.WithLabelValues(stripereport.StateTooOld).Add(float64(res.TooOld))
-				}
-				if err != nil && ctx.Err() == nil {
-					logger.Error("reporting usage to Stripe", zap.Error(err))
-				}
-			} else if _, err := st.TryLease(ctx, stripereport.LeaseName, rep.Holder, rep.LeaseTTL); err != nil && ctx.Err() == nil {
-				logger.Warn("could not renew the Stripe reporter lease", zap.Error(err))
-			}
-			a.applyPastDue(ctx, st, s)
-		}
 		select {
 		case <-ctx.Done():
 			if st, err := a.store(); err == nil {
@@ -196,9 +206,52 @@ func (a *App) runReporter(ctx context.Context, rep *stripereport.Reporter, s str
 				cancel()
 			}
 			return
-		case <-t.C:
+		case <-next.C:
+			res, _ := a.reportPass(ctx, rep)
+			wait := s.reportEvery
+			if !res.Leader {
+				wait = min(wait, leaseEvery)
+			}
+			next.Reset(wait)
+		case reply := <-run.passes:
+			res, err := a.reportPass(ctx, rep)
+			reply <- stripePass{res: res, err: err}
+		case <-renew.C:
+			st, err := a.store()
+			if err != nil {
+				logger.Warn("store not available", zap.Error(err))
+				continue
+			}
+			if _, err := st.TryLease(ctx, stripereport.LeaseName, rep.Holder, rep.LeaseTTL); err != nil && ctx.Err() == nil {
+				logger.Warn("could not renew the Stripe reporter lease", zap.Error(err))
+			}
+			a.applyPastDue(ctx, st, s)
 		}
 	}
+}
+
+// reportPass runs one reporter pass when the store is available and
+// updates the metrics when this instance led it.
+func (a *App) reportPass(ctx context.Context, rep *stripereport.Reporter) (stripereport.Result, error) {
+	logger := a.logger.Named("stripe")
+	st, err := a.store()
+	if err != nil {
+		logger.Warn("store not available", zap.Error(err))
+		return stripereport.Result{}, err
+	}
+	rep.Store = st
+	res, err := rep.Tick(ctx)
+	if res.Leader {
+		m := getStripeMetrics()
+		m.unreported.Set(float64(res.Unreported))
+		m.events.WithLabelValues(stripereport.StateSent).Add(float64(res.Sent))
+		m.events.WithLabelValues(stripereport.StateFailed).Add(float64(res.Failed))
+		m.events.WithLabelValues(stripereport.StateTooOld).Add(float64(res.TooOld))
+	}
+	if err != nil && ctx.Err() == nil {
+		logger.Error("reporting usage to Stripe", zap.Error(err))
+	}
+	return res, err
 }
 
 // stripeMetrics are the reporter's process-wide collectors.
@@ -217,7 +270,7 @@ func getStripeMetrics() *stripeMetrics {
 		stripeMetricsVal = &stripeMetrics{
 			unreported: prometheus.NewGauge(prometheus.GaugeOpts{
 				Namespace: "caddy", Subsystem: "api_monetize", Name: "unreported_units",
-				Help: "Billed units of closed hours that Stripe has not accepted (failed, waiting, or too old to send), as of the reporter's last run.",
+				Help: "Billed units of closed hours that Stripe has not accepted (failed, left for the next run, too old to send, or settled after the hour was sent), as of the reporter's last run.",
 			}),
 			events: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Namespace: "caddy", Subsystem: "api_monetize", Name: "stripe_hours_total",

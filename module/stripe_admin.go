@@ -1,10 +1,12 @@
 package module
 
 import (
+	"errors"
 	"net/http"
 	"time"
 
 	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
 
@@ -13,9 +15,19 @@ import (
 type reconciliationView struct {
 	// Period is the month asked for ("" = each customer's current period).
 	Period string `json:"period,omitempty"`
-	// LedgerUnits, ReportedUnits and UnreportedUnits total the rows.
-	LedgerUnits     int64 `json:"ledger_units"`
-	ReportedUnits   int64 `json:"reported_units"`
+	// Namespace is the namespace of this deployment's meter event
+	// identifiers (configured, or generated and kept in the store).
+	Namespace string `json:"namespace"`
+	// LedgerUnits and ReportedUnits total the rows.
+	LedgerUnits   int64 `json:"ledger_units"`
+	ReportedUnits int64 `json:"reported_units"`
+	// PendingUnits are units Stripe is not expected to have yet: hours
+	// not closed, or closed and not tried yet.
+	PendingUnits int64 `json:"pending_units"`
+	// UnreportedUnits are closed units Stripe has not accepted: failed and
+	// too-old hours, and what sent hours gained after they were sent. It
+	// is what the caddy_api_monetize_unreported_units metric counts, so an
+	// alert on it does not fire for the hour in progress.
 	UnreportedUnits int64 `json:"unreported_units"`
 	// Hours are the customer hours, by customer then hour.
 	Hours []stripereport.ReconcileRow `json:"hours"`
@@ -74,13 +86,81 @@ func (a *adminAPI) stripeReconciliation(w http.ResponseWriter, r *http.Request) 
 		writeStoreError(w, err)
 		return
 	}
-	v := reconciliationView{Period: month, Hours: rows}
+	ns := s.namespace
+	if ns == "" {
+		if ns, err = stripereport.StoredNamespace(r.Context(), st); err != nil {
+			writeStoreError(w, err)
+			return
+		}
+	}
+	v := reconciliationView{Period: month, Namespace: ns, Hours: rows}
 	for _, row := range rows {
 		v.LedgerUnits += row.LedgerUnits
 		v.ReportedUnits += row.ReportedUnits
-		if row.State != stripereport.StateSent {
-			v.UnreportedUnits += row.LedgerUnits
-		}
+		v.PendingUnits += row.PendingUnits()
+		v.UnreportedUnits += row.UnreportedUnits()
 	}
 	writeJSON(w, http.StatusOK, v)
+}
+
+// reportView is the answer of POST /api_monetize/stripe/report.
+type reportView struct {
+	// Sent, Failed and TooOld count the hours of the pass by outcome.
+	Sent   int `json:"sent"`
+	Failed int `json:"failed"`
+	TooOld int `json:"too_old"`
+	// UnreportedUnits are the closed units Stripe has not accepted after
+	// the pass (as the caddy_api_monetize_unreported_units metric).
+	UnreportedUnits int64 `json:"unreported_units"`
+	// Hours are the hours the pass sent, failed or found too old.
+	Hours []stripereport.HourResult `json:"hours"`
+	// Error is why the pass stopped early, if it did.
+	Error string `json:"error,omitempty"`
+}
+
+// stripeReport runs one reporter pass now and answers what it did. The
+// pass runs in the reporter's own loop, with its lease: on an instance
+// that does not hold the lease it answers 409 and sends nothing.
+func (a *adminAPI) stripeReport(w http.ResponseWriter, r *http.Request) {
+	run := a.app.stripeRun
+	if a.app.Stripe == nil || run == nil {
+		writeAdminError(w, http.StatusNotFound, "stripe is not configured")
+		return
+	}
+	reply := make(chan stripePass, 1)
+	select {
+	case run.passes <- reply:
+	case <-run.done:
+		writeAdminError(w, http.StatusServiceUnavailable, "the Stripe reporter of this configuration has stopped")
+		return
+	case <-r.Context().Done():
+		return
+	}
+	var p stripePass
+	select {
+	case p = <-reply:
+	case <-r.Context().Done():
+		return // the pass goes on; its result is in the metrics and the reconciliation
+	}
+	if !p.res.Leader && (p.err == nil || errors.Is(p.err, stripereport.ErrLeaseLost)) {
+		writeAdminError(w, http.StatusConflict, "another instance holds the Stripe reporter lease and reports; run this on that instance, or wait for its next run")
+		return
+	}
+	v := reportView{Sent: p.res.Sent, Failed: p.res.Failed, TooOld: p.res.TooOld, UnreportedUnits: p.res.Unreported, Hours: p.res.Hours}
+	if v.Hours == nil {
+		v.Hours = []stripereport.HourResult{}
+	}
+	status := http.StatusOK
+	if p.err != nil {
+		v.Error = p.err.Error()
+		switch {
+		case errors.Is(p.err, stripereport.ErrLeaseLost):
+			status = http.StatusConflict
+		case errors.Is(p.err, store.ErrUnavailable):
+			status = http.StatusServiceUnavailable
+		default:
+			status = http.StatusInternalServerError
+		}
+	}
+	writeJSON(w, status, v)
 }

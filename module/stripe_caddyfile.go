@@ -11,11 +11,12 @@ import (
 //		secret_key     <sk_…>          # required; use {env.STRIPE_SECRET_KEY}
 //		meter          <event name>    # default api_calls
 //		report_every   <duration>      # default 1h
-//		settle_grace   <duration>      # default 2m
+//		settle_grace   <duration>      # default 2m; 0 reports an hour as it ends
+//		namespace      <name>          # default: generated once per store
 //		webhook_secret <whsec_…>       # use {env.STRIPE_WEBHOOK_SECRET}
 //		past_due_grace <duration>      # default 72h
 //		downgrade_to   <tier>
-//		api_base       <url>           # only for tests against a local Stripe double
+//		api_base       <url>           # only for tests against stripe-mock or a double
 //	}
 //
 // Literal secrets are checked here; values with placeholders are checked
@@ -49,14 +50,18 @@ func (p *appParser) stripe(d *caddyfile.Dispenser) error {
 			cfg.Meter = v
 		case "report_every", "settle_grace", "past_due_grace":
 			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur < 0 || (dur == 0 && opt != "settle_grace") {
+			switch {
+			case opt == "settle_grace" && (err != nil || dur < 0):
+				return d.Errf("stripe: settle_grace: expected a duration such as 2m, or 0 to report an hour as soon as it ends, got '%s'", v)
+			case opt != "settle_grace" && (err != nil || dur <= 0):
 				return d.Errf("stripe: %s: expected a positive duration such as 1h or 2m, got '%s'", opt, v)
 			}
 			switch opt {
 			case "report_every":
 				cfg.ReportEvery = caddy.Duration(dur)
 			case "settle_grace":
-				cfg.SettleGrace = caddy.Duration(dur)
+				grace := caddy.Duration(dur)
+				cfg.SettleGrace = &grace
 			default:
 				cfg.PastDueGrace = caddy.Duration(dur)
 			}
@@ -68,10 +73,15 @@ func (p *appParser) stripe(d *caddyfile.Dispenser) error {
 		case "downgrade_to":
 			cfg.DowngradeTo = v
 			p.customerTiers = append(p.customerTiers, reference{name: v, tok: d.Token()})
+		case "namespace":
+			if !hasPlaceholder(v) && !stripeNamespacePattern.MatchString(v) {
+				return d.Errf("stripe: namespace: expected 1 to 100 letters, digits or . _ : / -, got '%s'", v)
+			}
+			cfg.Namespace = v
 		case "api_base":
 			cfg.APIBase = v
 		default:
-			return d.Errf("stripe: unrecognized option '%s'; expected secret_key, meter, report_every, settle_grace, webhook_secret, past_due_grace, downgrade_to or api_base", opt)
+			return d.Errf("stripe: unrecognized option '%s'; expected secret_key, meter, report_every, settle_grace, namespace, webhook_secret, past_due_grace, downgrade_to or api_base", opt)
 		}
 	}
 	if cfg.SecretKey == "" {

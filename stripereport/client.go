@@ -4,8 +4,10 @@
 // tiers. It holds no Caddy glue; the module package wires it into the app.
 //
 // Exactly once is built from three parts: each closed ledger hour becomes
-// one meter event whose identifier is derived from (customer, meter, hour),
-// so Stripe refuses a second copy for at least 24 hours; a durable "sent"
+// one meter event whose identifier is derived from (deployment namespace,
+// customer, Stripe customer, meter, hour) and pinned in the store before
+// the first try, so Stripe refuses a second copy for at least 24 hours and
+// every retry carries the same identifier; a durable "sent"
 // mark in the store is written only after Stripe accepted the event (or
 // answered that it already has it), so an hour is never sent again after
 // Stripe's memory expires; and a store lease makes one reporter work at a
@@ -45,9 +47,23 @@ func NewClient(secretKey, apiBase string, timeout time.Duration) *stripe.Client 
 }
 
 // Identifier is the meter event identifier of one ledger hour: a
-// deterministic hash of (customer, meter, hour), at most 100 characters as
-// Stripe requires, the same on every instance and after every restart.
-func Identifier(customer, meter, hourID string) string {
+// deterministic hash of (namespace, customer, Stripe customer, meter, hour),
+// at most 100 characters as Stripe requires, the same on every instance of a
+// deployment and after every restart. Stripe dedupes identifiers across the
+// whole account, so the namespace sets apart deployments (production,
+// staging) that report to one Stripe account, and the Stripe customer id
+// sets apart customers that share an id in two deployments.
+func Identifier(namespace, customer, stripeCustomerID, meter, hourID string) string {
+	sum := sha256.Sum256([]byte("am2\x00" + namespace + "\x00" + customer + "\x00" + stripeCustomerID + "\x00" + meter + "\x00" + hourID))
+	return "am2_" + hex.EncodeToString(sum[:20])
+}
+
+// LegacyIdentifier is the identifier versions before namespaces gave an
+// hour: a hash of (customer, meter, hour) only, the same in every
+// deployment. The reporter still uses it for an hour such a version tried
+// and did not see accepted, so a retry after the upgrade is deduped against
+// that try.
+func LegacyIdentifier(customer, meter, hourID string) string {
 	sum := sha256.Sum256([]byte("am1\x00" + customer + "\x00" + meter + "\x00" + hourID))
 	return "am1_" + hex.EncodeToString(sum[:20])
 }

@@ -23,12 +23,41 @@ type ReconcileRow struct {
 	// (last try failed; retried on the next tick) or too_old (outside
 	// Stripe's 35-day window, never sent).
 	State string `json:"state"`
-	// Identifier is the hour's meter event identifier.
+	// Closed reports that the hour ended settle_grace ago or more: it is
+	// reported on the next tick if it is not yet.
+	Closed bool `json:"closed"`
+	// Identifier is the hour's meter event identifier: the one it was
+	// sent (or first tried) under, else the one it will be sent under.
 	Identifier string `json:"identifier"`
 	// Error is the last error of a failed hour.
 	Error string `json:"error,omitempty"`
 	// SentAt is when Stripe accepted the hour.
 	SentAt time.Time `json:"sent_at,omitzero"`
+}
+
+// PendingUnits are the units of a row Stripe is not expected to have yet:
+// the whole hour while it is pending (open, or closed and not yet tried).
+func (row ReconcileRow) PendingUnits() int64 {
+	if row.State == StatePending {
+		return row.LedgerUnits
+	}
+	return 0
+}
+
+// UnreportedUnits are the units of a closed row Stripe has not accepted:
+// the whole hour when it failed or is too old, and what a sent hour's
+// ledger gained after it was sent. These are what the reporter's
+// Result.Unreported counts, except that a tick which stopped because Stripe
+// stopped answering also counts the closed hours it left for the next tick,
+// which are pending here.
+func (row ReconcileRow) UnreportedUnits() int64 {
+	switch row.State {
+	case StateFailed, StateTooOld:
+		return row.LedgerUnits
+	case StateSent:
+		return max(0, row.LedgerUnits-row.ReportedUnits)
+	}
+	return 0
 }
 
 // ReconcileInput is one customer and the period to reconcile.
@@ -43,6 +72,10 @@ type ReconcileInput struct {
 // sends nothing for them. Customers without a Stripe id are left out.
 func (r *Reporter) Reconcile(ctx context.Context, in []ReconcileInput) ([]ReconcileRow, error) {
 	now := r.now()
+	ns, err := r.namespace(ctx)
+	if err != nil {
+		return nil, err
+	}
 	rows := []ReconcileRow{}
 	for _, ci := range in {
 		c := ci.Customer
@@ -56,7 +89,7 @@ func (r *Reporter) Reconcile(ctx context.Context, in []ReconcileInput) ([]Reconc
 		for _, h := range hours {
 			row := ReconcileRow{
 				Customer: c.ID, StripeCustomerID: c.StripeCustomerID, Hour: h.hourID,
-				LedgerUnits: h.billed, Identifier: Identifier(c.ID, r.Meter, h.hourID), State: StatePending,
+				LedgerUnits: h.billed, Identifier: r.identifier(ns, c, h), State: StatePending, Closed: h.closed,
 			}
 			switch {
 			case h.mark != nil && h.mark.State == StateSent:

@@ -23,6 +23,11 @@ const (
 	// KindFailed holds the last error of an hour not yet accepted; it is
 	// removed once the hour is accepted.
 	KindFailed = "stripe_failed"
+	// KindTry pins the identifier of an hour before its first try, so
+	// every later try (after a crash, a restart, a new namespace or a new
+	// version) sends the hour under the same identifier; it is removed
+	// once the hour's mark is written.
+	KindTry = "stripe_try"
 	// LeaseName is the lease one reporter at a time holds.
 	LeaseName = "stripe_reporter"
 )
@@ -69,6 +74,12 @@ type failure struct {
 	At    time.Time `json:"at"`
 }
 
+// try is the content of a KindTry record.
+type try struct {
+	Identifier string    `json:"identifier"`
+	At         time.Time `json:"at"`
+}
+
 // Reporter sends each closed ledger hour of every Stripe customer to a
 // Billing Meter once. Run Tick periodically; it does nothing unless it
 // holds the lease.
@@ -79,6 +90,10 @@ type Reporter struct {
 	Store Store
 	// Meter is the meter's event name.
 	Meter string
+	// Namespace sets this deployment's meter event identifiers apart from
+	// those of other deployments reporting to the same Stripe account.
+	// Empty: the namespace kept in the store (see StoredNamespace).
+	Namespace string
 	// SettleGrace is how long after its end an hour is reported.
 	SettleGrace time.Duration
 	// Holder identifies this reporter in the lease; unique per instance.
@@ -111,8 +126,30 @@ type Result struct {
 	// TooOld is the number of hours newly found too old to send.
 	TooOld int
 	// Unreported is the number of closed units not accepted by Stripe
-	// after this tick (failed, still pending, or too old).
+	// after this tick: hours that failed, were left for the next tick after
+	// Stripe stopped answering, or are too old, and the growth of sent
+	// hours since they were sent.
 	Unreported int64
+	// Hours are the hours this tick tried or found too old, in order.
+	Hours []HourResult
+}
+
+// HourResult is one hour a tick handled.
+type HourResult struct {
+	// Customer is the customer id; StripeCustomerID its Stripe id.
+	Customer         string `json:"customer"`
+	StripeCustomerID string `json:"stripe_customer_id"`
+	// Hour is the UTC hour (metering.TimeID form).
+	Hour string `json:"hour"`
+	// Units is the hour's billed units: the event's value.
+	Units int64 `json:"units"`
+	// Identifier is the event's identifier.
+	Identifier string `json:"identifier"`
+	// Outcome is sent (Stripe accepted it, now or earlier), failed
+	// (retried on the next tick) or too_old (never sent).
+	Outcome string `json:"outcome"`
+	// Error is why a failed hour failed.
+	Error string `json:"error,omitempty"`
 }
 
 // ErrLeaseLost is returned when another reporter took the lease during a
@@ -144,6 +181,10 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 		return res, err
 	}
 	res.Leader = true
+	ns, err := r.namespace(ctx)
+	if err != nil {
+		return res, err
+	}
 	customers, err := r.Store.ListCustomers(ctx)
 	if err != nil {
 		return res, fmt.Errorf("listing customers: %w", err)
@@ -165,16 +206,17 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 		}
 		for _, h := range hours {
 			if h.mark != nil || !h.closed || h.billed <= 0 {
-				if h.mark != nil && h.mark.State == StateTooOld {
-					res.Unreported += h.billed
-				}
+				res.Unreported += h.unreported()
 				continue
 			}
 			id := c.ID + "|" + h.hourID
-			ident := Identifier(c.ID, r.Meter, h.hourID)
+			ident := r.identifier(ns, c, h)
+			hr := HourResult{Customer: c.ID, StripeCustomerID: c.StripeCustomerID, Hour: h.hourID, Units: h.billed, Identifier: ident}
 			if now.Sub(h.timestamp) > MaxAge {
 				res.TooOld++
 				res.Unreported += h.billed
+				hr.Outcome = StateTooOld
+				res.Hours = append(res.Hours, hr)
 				r.logger().Error("usage hour is too old for Stripe and was never reported",
 					zap.String("customer", c.ID), zap.String("hour", h.hourID), zap.Int64("units", h.billed))
 				if err := r.putMark(ctx, id, Mark{State: StateTooOld, Units: h.billed, Identifier: ident, At: now}, h.start); err != nil {
@@ -199,6 +241,15 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 					return res, err
 				}
 			}
+			if h.tried == "" {
+				// Pin the identifier before the first try: whatever
+				// changes before the hour is accepted, it is sent
+				// under this one.
+				data, _ := json.Marshal(try{Identifier: ident, At: r.now()})
+				if _, err := r.Store.PutRecord(ctx, store.Record{Kind: KindTry, ID: id, Data: data, Expires: h.start.Add(markTTL)}, false); err != nil {
+					return res, fmt.Errorf("writing the Stripe identifier of %s: %w", id, err)
+				}
+			}
 			last = time.Now()
 			out, sendErr := Send(ctx, r.Client, Event{
 				Meter: r.Meter, StripeCustomerID: c.StripeCustomerID, Value: h.billed,
@@ -211,7 +262,10 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 				if h.failed != nil {
 					_ = r.Store.DeleteRecord(ctx, KindFailed, id)
 				}
+				_ = r.Store.DeleteRecord(ctx, KindTry, id) // the mark holds the identifier now
 				res.Sent++
+				hr.Outcome = StateSent
+				res.Hours = append(res.Hours, hr)
 				continue
 			}
 			if ctx.Err() != nil {
@@ -219,6 +273,8 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 			}
 			res.Failed++
 			res.Unreported += h.billed
+			hr.Outcome, hr.Error = StateFailed, sendErr.Error()
+			res.Hours = append(res.Hours, hr)
 			r.logger().Error("reporting usage to Stripe failed",
 				zap.String("customer", c.ID), zap.String("hour", h.hourID), zap.Int64("units", h.billed),
 				zap.Bool("will_retry", true), zap.Error(sendErr))
@@ -250,6 +306,43 @@ type hourState struct {
 	billed    int64
 	mark      *Mark
 	failed    *failure
+	tried     string // the identifier pinned before the first try
+}
+
+// unreported is the units of the hour Stripe has not accepted, as far as
+// its records tell: a too-old hour's units, and what a sent hour's ledger
+// gained after it was sent (a settlement later than settle_grace).
+func (h hourState) unreported() int64 {
+	switch {
+	case h.mark == nil:
+		return 0
+	case h.mark.State == StateTooOld:
+		return h.billed
+	}
+	return max(0, h.billed-h.mark.Units)
+}
+
+// namespace is the configured namespace, else the store's.
+func (r *Reporter) namespace(ctx context.Context) (string, error) {
+	if r.Namespace != "" {
+		return r.Namespace, nil
+	}
+	return StoredNamespace(ctx, r.Store)
+}
+
+// identifier is the identifier an hour is (or was) sent under: the one
+// its mark or its pinned try records, the legacy one when a version before
+// namespaces tried it (it left a failure and no try), else a new one.
+func (r *Reporter) identifier(ns string, c store.Customer, h hourState) string {
+	switch {
+	case h.mark != nil && h.mark.Identifier != "":
+		return h.mark.Identifier
+	case h.tried != "":
+		return h.tried
+	case h.failed != nil:
+		return LegacyIdentifier(c.ID, r.Meter, h.hourID)
+	}
+	return Identifier(ns, c.ID, c.StripeCustomerID, r.Meter, h.hourID)
 }
 
 // hours reads a customer's ledger hours of the given periods with their
@@ -277,6 +370,17 @@ func (r *Reporter) hours(ctx context.Context, c store.Customer, periods []string
 			failBy[strings.TrimPrefix(rec.ID, c.ID+"|")] = &f
 		}
 	}
+	tries, err := r.Store.ListRecords(ctx, KindTry, c.ID+"|")
+	if err != nil {
+		return nil, fmt.Errorf("listing Stripe identifiers of %q: %w", c.ID, err)
+	}
+	triedBy := make(map[string]string, len(tries))
+	for _, rec := range tries {
+		var t try
+		if json.Unmarshal(rec.Data, &t) == nil && t.Identifier != "" {
+			triedBy[strings.TrimPrefix(rec.ID, c.ID+"|")] = t.Identifier
+		}
+	}
 	var out []hourState
 	index := make(map[string]int)
 	for _, pid := range periods {
@@ -300,7 +404,7 @@ func (r *Reporter) hours(ctx context.Context, c store.Customer, periods []string
 			out = append(out, hourState{
 				hourID: h.HourID, start: start, timestamp: start.Add(time.Hour - time.Second),
 				closed: !now.Before(start.Add(time.Hour + r.SettleGrace)),
-				billed: h.Billed, mark: markBy[h.HourID], failed: failBy[h.HourID],
+				billed: h.Billed, mark: markBy[h.HourID], failed: failBy[h.HourID], tried: triedBy[h.HourID],
 			})
 		}
 	}

@@ -17,7 +17,7 @@ func TestMeterEventRequestIsValidForStripe(t *testing.T) {
 	sc := NewClient("sk_test_123", base, 10*time.Second)
 	out, err := Send(context.Background(), sc, Event{
 		Meter: "api_calls", StripeCustomerID: "cus_ACME", Value: 1234,
-		Timestamp: time.Now().Add(-2 * time.Hour), Identifier: Identifier("acme", "api_calls", "20261110T100000Z"),
+		Timestamp: time.Now().Add(-2 * time.Hour), Identifier: Identifier("gen_0123456789abcdef0123456789abcdef", "acme", "cus_ACME", "api_calls", "20261110T100000Z"),
 	}, Retry{Attempts: 1})
 	if out != Accepted || err != nil {
 		t.Fatalf("stripe-mock refused the meter event: %v", err)
