@@ -17,15 +17,27 @@ import (
 // allowed request does not need a store round trip to authenticate. Every
 // change to customers or keys, seen through Store.Watch or made by this
 // process, empties it; entries also expire, as a backstop.
+//
+// While the store cannot be reached, the last lookup of a key is served
+// even when expired, so that callers known a moment ago are not refused
+// during an outage; but only lookups made since the last invalidation,
+// which reflect every change up to it. The lookups cached before an
+// invalidation (a revoked key, a customer's old tier) are never served
+// again: they wait in pending until the background revalidation
+// (revalidateLoop) has read them again from the store.
 type registry struct {
 	mu      sync.RWMutex
 	entries map[digest]regEntry
-	// stale holds the entries of before the last invalidation: served only
-	// when the store cannot be reached, so that callers known a moment ago
-	// are not refused during an outage (or right after it, while the
-	// store's circuit breaker cools down).
+	// stale holds the entries pushed out of entries when it was full,
+	// since the last invalidation: served only when the store cannot be
+	// reached.
 	stale map[digest]regEntry
-	gen   uint64
+	// pending holds the digests cached before the last invalidation and
+	// not read again since: never served.
+	pending map[digest]struct{}
+	gen     uint64
+	// wake tells revalidateLoop that pending has new digests.
+	wake chan struct{}
 }
 
 // digest is a key's HMAC-SHA256 (apikey.Hasher.Sum): the stored hash
@@ -52,7 +64,7 @@ const (
 )
 
 func newRegistry() *registry {
-	return &registry{entries: make(map[digest]regEntry)}
+	return &registry{entries: make(map[digest]regEntry), pending: make(map[digest]struct{}), wake: make(chan struct{}, 1)}
 }
 
 // lookup returns the active key with this digest and its customer. found
@@ -82,6 +94,7 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 			r.stale, r.entries = r.entries, make(map[digest]regEntry)
 		}
 		r.entries[sum] = e
+		delete(r.pending, sum)
 	}
 	r.mu.Unlock()
 	return e, nil
@@ -124,8 +137,8 @@ func placeholders(customerID, tier, keyID string) caddy.ReplacerFunc {
 	}
 }
 
-// last returns the last lookup of sum seen, expired or invalidated, for
-// use while the store is unreachable.
+// last returns the last lookup of sum seen since the last invalidation,
+// expired or not, for use while the store is unreachable.
 func (r *registry) last(sum digest) (regEntry, bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
@@ -136,13 +149,30 @@ func (r *registry) last(sum digest) (regEntry, bool) {
 	return e, ok
 }
 
-// invalidate forgets every cached lookup (keeping them as stale).
+// invalidate forgets every cached lookup, from the cache and from the
+// outage fallback alike, and has them read again in the background (see
+// revalidateLoop).
 func (r *registry) invalidate() {
 	r.mu.Lock()
 	r.gen++
+	for _, m := range []map[digest]regEntry{r.entries, r.stale} {
+		for sum := range m {
+			if len(r.pending) >= registryMaxEntries {
+				break
+			}
+			r.pending[sum] = struct{}{}
+		}
+	}
 	if len(r.entries) > 0 {
-		r.stale = r.entries
 		r.entries = make(map[digest]regEntry)
 	}
+	r.stale = nil
+	wake := len(r.pending) > 0
 	r.mu.Unlock()
+	if wake {
+		select {
+		case r.wake <- struct{}{}:
+		default:
+		}
+	}
 }

@@ -168,6 +168,12 @@ func (s *shared) start(logger *zap.Logger) error {
 				logger.Error("watching the store for changes stopped", zap.Error(err))
 			}
 		}()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer recoverLog(logger)
+			s.registry.revalidateLoop(ctx, st)
+		}()
 		if sp != nil {
 			s.wg.Add(1)
 			go func() {
