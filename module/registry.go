@@ -155,12 +155,16 @@ func (r *registry) last(sum digest) (regEntry, bool) {
 func (r *registry) invalidate() {
 	r.mu.Lock()
 	r.gen++
+	// Unknown keys are not read again: a scanner's keys must not turn each
+	// invalidation into as many store lookups.
 	for _, m := range []map[digest]regEntry{r.entries, r.stale} {
-		for sum := range m {
+		for sum, e := range m {
 			if len(r.pending) >= registryMaxEntries {
 				break
 			}
-			r.pending[sum] = struct{}{}
+			if e.found {
+				r.pending[sum] = struct{}{}
+			}
 		}
 	}
 	if len(r.entries) > 0 {

@@ -245,3 +245,27 @@ func stopRedis(t *testing.T, port int) {
 	}
 	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
 }
+
+// TestRegistryInvalidationSkipsUnknownKeys: the negative cache (unknown
+// keys, which a scanner controls) is not read again after an invalidation.
+func TestRegistryInvalidationSkipsUnknownKeys(t *testing.T) {
+	ctx := context.Background()
+	st, err := boltstore.Open(filepath.Join(t.TempDir(), "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	reg := newRegistry()
+	hasher := apikey.NewHasher([]byte("registry-test-secret-0123"))
+	for i := range 100 {
+		if e, err := reg.lookup(ctx, st, hasher.Sum(fmt.Sprintf("unknown-key-%d", i)), time.Now()); err != nil || e.found {
+			t.Fatalf("unknown key: %+v, %v", e, err)
+		}
+	}
+	reg.invalidate()
+	reg.mu.RLock()
+	defer reg.mu.RUnlock()
+	if len(reg.pending) != 0 {
+		t.Errorf("%d unknown keys to read again after an invalidation; want none", len(reg.pending))
+	}
+}
