@@ -619,8 +619,12 @@ func (s *Store) run(ctx context.Context, script *luaScript, args *command) ([]in
 //     non-zero only for replays and settlements beyond the quota.
 //   - The tier rate and the throttle share the subject's rate state, so
 //     units owed under one carry over to the other, capped at its burst.
-//   - A Duplicate (a held idempotency key, or a replay already applied)
-//     reports Used and no rate state (Rate zero, Throttled false).
+//   - A replay already applied is a Duplicate that reports Used and no
+//     rate state (Rate zero, Throttled false). A repeat of a held
+//     idempotency key is decided like any reservation (block quota, then
+//     the rate or throttle, whose units it spends) and reports that state;
+//     admitted, it is a Duplicate when it repeats the stored fingerprint
+//     within Reservation.IdempotencyRepeats.
 //   - Replay window: a Replay with a Seq above the highest seen, or within
 //     the last store.SeqWindow and never reserved, is applied. A Replay
 //     with a Seq more than store.SeqWindow below the highest Seq seen is
@@ -632,8 +636,9 @@ func (s *Store) run(ctx context.Context, script *luaScript, args *command) ([]in
 //     after that is applied.
 //   - A reservation without an Origin has no replay window: a Replay
 //     without an Origin is always applied.
-//   - A Replay is checked against its idempotency key too: if the key is
-//     held, it is a Duplicate.
+//   - A Replay is checked against its idempotency key too: if it repeats
+//     the held key's request within the bound, it is a Duplicate (and
+//     counts as a repeat).
 //   - A reservation whose Seq is already marked in the window (a non-Replay
 //     sent twice) is applied; only Replays are deduplicated.
 func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserved, error) {

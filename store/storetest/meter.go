@@ -35,6 +35,12 @@ import (
 //     quota); with Actual > Reserved the added units count after the
 //     period's current usage, so their overage is metering.Overage(used
 //     now, Actual-Reserved, Included). Added units can cross thresholds.
+//   - A repeat of an idempotency key is decided like any reservation (the
+//     block quota, the rate or throttle, whose units it spends); admitted,
+//     it is a Duplicate only with the stored fingerprint (never an empty
+//     one) and within IdempotencyRepeats; otherwise it is billed and the
+//     stored record is kept. A release forgets the key only when its
+//     fingerprint is the stored one.
 //   - A threshold t is crossed when used*100 >= t*Included and t was not
 //     crossed before in the period, so it is written once per period even
 //     after a release and a new climb.
