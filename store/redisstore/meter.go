@@ -113,7 +113,8 @@ const maxMeterNumbers = 13
 // then the script's own numbers; 3 period id, 4 the hour's field
 // (h:<hour id>), 5 thresholds ("80,100,120"), 6 subject, 7 the replay
 // window's field (w:<origin>), 8 the crossed field once every threshold is
-// crossed in order (",80,100,120,"), 9 the idempotency fingerprint.
+// crossed in order (",80,100,120,"), 9 the idempotency fingerprint (only
+// with an idempotency key).
 // Numbers travel packed because tonumber (strtod) is among the costliest
 // things a script does. The replay window's size is written into the
 // source.
@@ -271,13 +272,14 @@ func meterScript(body string) *luaScript {
 // reserveScript is one reservation (see Store.Reserve). Its own numbers:
 // cost, the tier rate's interval (µs) and burst, the throttle's (an
 // interval of 0 means no policy, -1 an invalid one), the most repeats of
-// an idempotency key that are duplicates and its window (ms).
+// an idempotency key that are duplicates and its window (ms), these two
+// only with an idempotency key.
 //
 // It returns {flags, remaining, retry_after_us, reset_after_us, used,
 // overage, now_us, crossed...}, flags holding one bit each (see
 // reserveFlags).
 var reserveScript = meterScript(`
-local cost, interval, burst, tInterval, tBurst, maxRepeats, idemTTL = sunpack('<i8i8i8i8i8i8i8', ARGV[2], 49)
+local cost, interval, burst, tInterval, tBurst = sunpack('<i8i8i8i8i8', ARGV[2], 49)
 
 -- storedTAT is the TAT read by rate (0: none).
 local storedTAT = 0
@@ -350,8 +352,9 @@ end
 -- duplicate (not counted) only when it repeats the same request (ARGV 9)
 -- fewer than maxRepeats times so far.
 local held, dup = false, false
-local repeats, fp
+local repeats, fp, maxRepeats, idemTTL
 if idem then
+  maxRepeats, idemTTL = sunpack('<i8i8', ARGV[2], 89)
   local rec = redis.call('GET', KEYS[2])
   if rec then
     held = true
@@ -422,7 +425,7 @@ local function taken(d)
 end
 if actual <= 0 then
   billed, over, requests = -reserved, -taken(reserved), -1
-  if idem and ARGV[9] ~= '' then
+  if idem and ARGV[9] and ARGV[9] ~= '' then
     -- Forget the key if this request stored it, so a retry is billed.
     local rec = redis.call('GET', KEYS[2])
     if rec and string.match(rec, '^%d+:(.*)$') == ARGV[9] then redis.call('DEL', KEYS[2]) end
@@ -518,7 +521,9 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, idemFP, ori
 		crossed = append(crossed, ',')
 	}
 	c.bytes(crossed)
-	c.str(idemFP, "")
+	if idemKey != "" {
+		c.str(idemFP, "")
+	}
 	return c, nil
 }
 
@@ -657,7 +662,11 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	if repeats < 0 || repeats >= maxExact || ttl < 1 || ttl >= maxExact {
 		return store.Reserved{}, 0, fmt.Errorf("redisstore: idempotency repeats %d or window %v out of range", repeats, r.IdempotencyTTL())
 	}
-	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.IdempotencyFingerprint, r.Origin, r.Seq, r.Replay, []int64{r.Cost, ri, rb, ti, tb, repeats, ttl})
+	own := []int64{r.Cost, ri, rb, ti, tb, repeats, ttl}
+	if r.IdempotencyKey == "" {
+		own = own[:5] // the script reads the last two only with a key
+	}
+	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.IdempotencyFingerprint, r.Origin, r.Seq, r.Replay, own)
 	if err != nil {
 		return store.Reserved{}, 0, err
 	}
