@@ -24,16 +24,20 @@ import (
 // which reflect every change up to it. The lookups cached before an
 // invalidation (a revoked key, a customer's old tier) are never served
 // again: they wait in pending until the background revalidation
-// (revalidateLoop) has read them again from the store.
+// (revalidateLoop) has read them again from the store. A resync (the store
+// connection was re-established: changes may have been missed, none is
+// known) empties the cache too but keeps serving its lookups during an
+// outage until they are read again, as the outage may have hidden changes
+// just as well.
 type registry struct {
 	mu      sync.RWMutex
 	entries map[digest]regEntry
-	// stale holds the entries pushed out of entries when it was full,
-	// since the last invalidation: served only when the store cannot be
-	// reached.
+	// stale holds the entries pushed out of entries when it was full, or
+	// by a resync, since the last invalidation: served only when the store
+	// cannot be reached.
 	stale map[digest]regEntry
-	// pending holds the digests cached before the last invalidation and
-	// not read again since: never served.
+	// pending holds the digests to read again: cached before the last
+	// invalidation (never served) or resync (served from stale meanwhile).
 	pending map[digest]struct{}
 	gen     uint64
 	// wake tells revalidateLoop that pending has new digests.
@@ -105,7 +109,11 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 func fetch(ctx context.Context, st store.Store, hash string, now time.Time) (regEntry, error) {
 	notFound := regEntry{expires: now.Add(registryNegativeTTL)}
 	k, err := st.KeyByHash(ctx, hash)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && !k.Active()) {
+	if err == nil && !k.Active() {
+		notFound.key = k // a revoked key: read again after invalidations
+		return notFound, nil
+	}
+	if errors.Is(err, store.ErrNotFound) {
 		return notFound, nil
 	}
 	if err != nil {
@@ -155,14 +163,12 @@ func (r *registry) last(sum digest) (regEntry, bool) {
 func (r *registry) invalidate() {
 	r.mu.Lock()
 	r.gen++
-	// Unknown keys are not read again: a scanner's keys must not turn each
-	// invalidation into as many store lookups.
 	for _, m := range []map[digest]regEntry{r.entries, r.stale} {
 		for sum, e := range m {
 			if len(r.pending) >= registryMaxEntries {
 				break
 			}
-			if e.found {
+			if e.known() {
 				r.pending[sum] = struct{}{}
 			}
 		}
@@ -171,9 +177,40 @@ func (r *registry) invalidate() {
 		r.entries = make(map[digest]regEntry)
 	}
 	r.stale = nil
-	wake := len(r.pending) > 0
+	r.wakeRevalidation()
 	r.mu.Unlock()
-	if wake {
+}
+
+// resync empties the cache after the store connection was re-established,
+// keeping its lookups as the outage fallback until they are read again.
+func (r *registry) resync() {
+	r.mu.Lock()
+	r.gen++
+	for sum, e := range r.entries {
+		if len(r.pending) >= registryMaxEntries {
+			break
+		}
+		if e.known() {
+			r.pending[sum] = struct{}{}
+		}
+	}
+	if len(r.entries) > 0 {
+		r.stale = r.entries
+		r.entries = make(map[digest]regEntry)
+	}
+	r.wakeRevalidation()
+	r.mu.Unlock()
+}
+
+// known reports whether e is worth reading again after an invalidation: a
+// key that exists, active or revoked. Unknown keys are not: a scanner's
+// keys must not turn each invalidation into as many store lookups.
+func (e regEntry) known() bool { return e.found || e.key.ID != "" }
+
+// wakeRevalidation tells revalidateLoop when pending is not empty. The
+// caller holds mu.
+func (r *registry) wakeRevalidation() {
+	if len(r.pending) > 0 {
 		select {
 		case r.wake <- struct{}{}:
 		default:

@@ -205,7 +205,11 @@ func TestRevokedKeyAcrossInstancesDuringOutage(t *testing.T) {
 			pro.found && pro.customer.Tier == "free" && ent.found
 	}
 	if !eventually(10*time.Second, known, func(ok bool) bool { return ok }) {
-		t.Fatal("B did not read the changed keys again within 10s")
+		reg.mu.RLock()
+		free, pro, ent := reg.entries[hasher.Sum(freeKey)], reg.entries[hasher.Sum(proKey)], reg.entries[hasher.Sum(entKey)]
+		t.Fatalf("B did not read the changed keys again within 10s: generation %d, %d pending; free found %v (expires %v), pro found %v tier %q, enterprise found %v",
+			reg.gen, len(reg.pending), free.found, free.expires, pro.found, pro.customer.Tier, ent.found)
+		reg.mu.RUnlock()
 	}
 
 	// Redis stalls.
@@ -267,5 +271,49 @@ func TestRegistryInvalidationSkipsUnknownKeys(t *testing.T) {
 	defer reg.mu.RUnlock()
 	if len(reg.pending) != 0 {
 		t.Errorf("%d unknown keys to read again after an invalidation; want none", len(reg.pending))
+	}
+}
+
+// TestRegistryResync: after the store connection is re-established (no
+// change known), the cached lookups keep serving during an outage until
+// they are read again, and then serve what the store says.
+func TestRegistryResync(t *testing.T) {
+	ctx := context.Background()
+	inner, err := boltstore.Open(filepath.Join(t.TempDir(), "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { inner.Close() })
+	st := &unreachableStore{Store: inner}
+	hasher := apikey.NewHasher([]byte("registry-test-secret-0123"))
+	if err := st.CreateCustomer(ctx, store.Customer{ID: "acme", Tier: "pro"}); err != nil {
+		t.Fatal(err)
+	}
+	key := apikey.Generate()
+	hash := hasher.Hash(key)
+	if _, err := st.PutKey(ctx, store.Key{ID: apikey.ID(hash), Hash: hash, CustomerID: "acme", CreatedAt: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	reg := newRegistry()
+	look := func() (regEntry, error) { return reg.lookup(ctx, st, hasher.Sum(key), time.Now()) }
+	if e, err := look(); err != nil || !e.found {
+		t.Fatalf("before: %+v, %v", e, err)
+	}
+	reg.resync()
+	st.down.Store(true)
+	if e, err := look(); err != nil || !e.found {
+		t.Errorf("a cached key during an outage right after a reconnection: %+v, %v; want served", e, err)
+	}
+	st.down.Store(false)
+	if _, err := st.RevokeKey(ctx, apikey.ID(hash)); err != nil {
+		t.Fatal(err)
+	}
+	reg.resync()
+	if err := reg.revalidate(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	st.down.Store(true)
+	if e, err := look(); err != nil || e.found {
+		t.Errorf("a key revoked before the read after a reconnection, during an outage: %+v, %v; want not found", e, err)
 	}
 }
