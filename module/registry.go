@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"maps"
 	"sync"
 	"time"
 
@@ -194,8 +195,13 @@ func (r *registry) resync() {
 			r.pending[sum] = struct{}{}
 		}
 	}
+	// A fallback kept by an earlier resync and not read again yet stays.
 	if len(r.entries) > 0 {
-		r.stale = r.entries
+		if r.stale == nil {
+			r.stale = r.entries
+		} else {
+			maps.Copy(r.stale, r.entries)
+		}
 		r.entries = make(map[digest]regEntry)
 	}
 	r.wakeRevalidation()
