@@ -195,9 +195,10 @@ func (r *registry) resync() {
 			r.pending[sum] = struct{}{}
 		}
 	}
-	// A fallback kept by an earlier resync and not read again yet stays.
+	// A fallback kept by an earlier resync and not read again yet stays
+	// (up to registryMaxEntries).
 	if len(r.entries) > 0 {
-		if r.stale == nil {
+		if r.stale == nil || len(r.stale) >= registryMaxEntries {
 			r.stale = r.entries
 		} else {
 			maps.Copy(r.stale, r.entries)
