@@ -84,6 +84,9 @@ type App struct {
 	// crossing is recorded once per customer and period. Default: 80 100
 	// 120.
 	Thresholds []int `json:"thresholds,omitzero"`
+	// Idempotency is how the Idempotency-Key request header is honoured.
+	// Nil: the defaults (a 24h window, 3 unbilled repeats).
+	Idempotency *IdempotencyConfig `json:"idempotency,omitempty"`
 	// Stripe connects the app to Stripe (usage reporting, catalog sync,
 	// subscription webhooks). Nil: no Stripe.
 	Stripe *StripeConfig `json:"stripe,omitempty"`
@@ -101,6 +104,7 @@ type App struct {
 	billOn       metering.BillOn
 	headers      headerSet
 	maxUsageCost int64
+	idempotency  idempotency
 	tiers        []*tierRuntime
 	tierByName   map[string]*tierRuntime
 	shared       *shared
@@ -220,6 +224,11 @@ func (a *App) compileMetering() error {
 	if a.maxUsageCost <= 0 {
 		a.maxUsageCost = 1_000_000
 	}
+	idem, err := compileIdempotency(a.Idempotency)
+	if err != nil {
+		return err
+	}
+	a.idempotency = idem
 	if len(a.Thresholds) > 0 {
 		if _, err := parseThresholds(intArgs(a.Thresholds)); err != nil {
 			return err

@@ -296,8 +296,10 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 		return p.stripe(d)
 	case "notify":
 		return p.notify(d)
+	case "idempotency":
+		return p.idempotency(d)
 	default:
-		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, tier, customer, key, stripe, notify", name)
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, tier, customer, key, stripe, notify", name)
 	}
 	return nil
 }

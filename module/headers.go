@@ -70,7 +70,7 @@ func setMeterHeaders(h http.Header, set headerSet, t *tierRuntime, out store.Res
 	case out.Throttled:
 		items[n] = rateState(t.throttleQuoted, t.throttleHeader, t.throttle, out.Rate)
 		n++
-	case t.hasRate && !out.Duplicate && !out.QuotaExceeded:
+	case t.hasRate && !out.QuotaExceeded:
 		items[n] = rateState(t.rateQuoted, t.policyHeader, t.policy, out.Rate)
 		n++
 	}

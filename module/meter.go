@@ -2,8 +2,6 @@ package module
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -38,10 +36,7 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 	if t.hasRate {
 		res.Rate = t.policy
 	}
-	if k := r.Header.Get("Idempotency-Key"); k != "" && cost > 0 {
-		sum := sha256.Sum256([]byte(k))
-		res.IdempotencyKey = hex.EncodeToString(sum[:16])
-	}
+	a.idempotency.apply(&res, r, cost)
 	if cost > 0 {
 		o := a.shared.liveOrigin()
 		res.Origin, res.Seq = o.id, o.seq.next(c.customer.ID)
@@ -119,7 +114,8 @@ func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, d
 		return
 	}
 	s := store.Settlement{
-		Subject: res.Subject, Quota: res.Quota, IdempotencyKey: res.IdempotencyKey,
+		Subject: res.Subject, Quota: res.Quota,
+		IdempotencyKey: res.IdempotencyKey, IdempotencyFingerprint: res.IdempotencyFingerprint,
 		Reserved: res.Cost, Overage: out.Overage, Actual: actual,
 		Origin: res.Origin, Seq: res.Seq,
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"maps"
 	"sync"
 	"time"
 
@@ -17,15 +18,31 @@ import (
 // allowed request does not need a store round trip to authenticate. Every
 // change to customers or keys, seen through Store.Watch or made by this
 // process, empties it; entries also expire, as a backstop.
+//
+// While the store cannot be reached, the last lookup of a key is served
+// even when expired, so that callers known a moment ago are not refused
+// during an outage; but only lookups made since the last invalidation,
+// which reflect every change up to it. The lookups cached before an
+// invalidation (a revoked key, a customer's old tier) are never served
+// again: they wait in pending until the background revalidation
+// (revalidateLoop) has read them again from the store. A resync (the store
+// connection was re-established: changes may have been missed, none is
+// known) empties the cache too but keeps serving its lookups during an
+// outage until they are read again, as the outage may have hidden changes
+// just as well.
 type registry struct {
 	mu      sync.RWMutex
 	entries map[digest]regEntry
-	// stale holds the entries of before the last invalidation: served only
-	// when the store cannot be reached, so that callers known a moment ago
-	// are not refused during an outage (or right after it, while the
-	// store's circuit breaker cools down).
+	// stale holds the entries pushed out of entries when it was full, or
+	// by a resync, since the last invalidation: served only when the store
+	// cannot be reached.
 	stale map[digest]regEntry
-	gen   uint64
+	// pending holds the digests to read again: cached before the last
+	// invalidation (never served) or resync (served from stale meanwhile).
+	pending map[digest]struct{}
+	gen     uint64
+	// wake tells revalidateLoop that pending has new digests.
+	wake chan struct{}
 }
 
 // digest is a key's HMAC-SHA256 (apikey.Hasher.Sum): the stored hash
@@ -52,7 +69,7 @@ const (
 )
 
 func newRegistry() *registry {
-	return &registry{entries: make(map[digest]regEntry)}
+	return &registry{entries: make(map[digest]regEntry), pending: make(map[digest]struct{}), wake: make(chan struct{}, 1)}
 }
 
 // lookup returns the active key with this digest and its customer. found
@@ -82,6 +99,7 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 			r.stale, r.entries = r.entries, make(map[digest]regEntry)
 		}
 		r.entries[sum] = e
+		delete(r.pending, sum)
 	}
 	r.mu.Unlock()
 	return e, nil
@@ -92,7 +110,11 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 func fetch(ctx context.Context, st store.Store, hash string, now time.Time) (regEntry, error) {
 	notFound := regEntry{expires: now.Add(registryNegativeTTL)}
 	k, err := st.KeyByHash(ctx, hash)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && !k.Active()) {
+	if err == nil && !k.Active() {
+		notFound.key = k // a revoked key: read again after invalidations
+		return notFound, nil
+	}
+	if errors.Is(err, store.ErrNotFound) {
 		return notFound, nil
 	}
 	if err != nil {
@@ -124,8 +146,8 @@ func placeholders(customerID, tier, keyID string) caddy.ReplacerFunc {
 	}
 }
 
-// last returns the last lookup of sum seen, expired or invalidated, for
-// use while the store is unreachable.
+// last returns the last lookup of sum seen since the last invalidation,
+// expired or not, for use while the store is unreachable.
 func (r *registry) last(sum digest) (regEntry, bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
@@ -136,13 +158,69 @@ func (r *registry) last(sum digest) (regEntry, bool) {
 	return e, ok
 }
 
-// invalidate forgets every cached lookup (keeping them as stale).
+// invalidate forgets every cached lookup, from the cache and from the
+// outage fallback alike, and has them read again in the background (see
+// revalidateLoop).
 func (r *registry) invalidate() {
 	r.mu.Lock()
 	r.gen++
+	for _, m := range []map[digest]regEntry{r.entries, r.stale} {
+		for sum, e := range m {
+			if len(r.pending) >= registryMaxEntries {
+				break
+			}
+			if e.known() {
+				r.pending[sum] = struct{}{}
+			}
+		}
+	}
 	if len(r.entries) > 0 {
-		r.stale = r.entries
 		r.entries = make(map[digest]regEntry)
 	}
+	r.stale = nil
+	r.wakeRevalidation()
 	r.mu.Unlock()
+}
+
+// resync empties the cache after the store connection was re-established,
+// keeping its lookups as the outage fallback until they are read again.
+func (r *registry) resync() {
+	r.mu.Lock()
+	r.gen++
+	for sum, e := range r.entries {
+		if len(r.pending) >= registryMaxEntries {
+			break
+		}
+		if e.known() {
+			r.pending[sum] = struct{}{}
+		}
+	}
+	// A fallback kept by an earlier resync and not read again yet stays
+	// (up to registryMaxEntries).
+	if len(r.entries) > 0 {
+		if r.stale == nil || len(r.stale) >= registryMaxEntries {
+			r.stale = r.entries
+		} else {
+			maps.Copy(r.stale, r.entries)
+		}
+		r.entries = make(map[digest]regEntry)
+	}
+	r.wakeRevalidation()
+	r.mu.Unlock()
+}
+
+// known reports whether e is worth reading again after an invalidation: a
+// key that exists, active or revoked. Unknown keys are not: a scanner's
+// keys must not turn each invalidation into as many store lookups.
+func (e regEntry) known() bool { return e.found || e.key.ID != "" }
+
+// wakeRevalidation tells revalidateLoop when pending is not empty. The
+// caller holds mu.
+func (r *registry) wakeRevalidation() {
+	if len(r.pending) > 0 {
+		select {
+		case r.wake <- struct{}{}:
+		default:
+		}
+	}
 }

@@ -164,9 +164,19 @@ func (s *shared) start(logger *zap.Logger) error {
 		go func() {
 			defer s.wg.Done()
 			defer recoverLog(logger)
-			if err := st.Watch(ctx, s.registry.invalidate); err != nil && ctx.Err() == nil {
+			watch := func() error { return st.Watch(ctx, s.registry.invalidate) }
+			if w, ok := st.(store.ResyncWatcher); ok {
+				watch = func() error { return w.WatchChanges(ctx, s.registry.invalidate, s.registry.resync) }
+			}
+			if err := watch(); err != nil && ctx.Err() == nil {
 				logger.Error("watching the store for changes stopped", zap.Error(err))
 			}
+		}()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer recoverLog(logger)
+			s.registry.revalidateLoop(ctx, st)
 		}()
 		if sp != nil {
 			s.wg.Add(1)

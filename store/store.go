@@ -144,3 +144,11 @@ type Store interface {
 	// Close releases the store's resources.
 	Close() error
 }
+
+// ResyncWatcher is implemented by stores whose Watch can miss changes
+// while disconnected (a shared store). WatchChanges is Watch telling the
+// two causes of a call apart: onChange after a change, onResync after a
+// (re-)connection, when changes may have been missed but none is known.
+type ResyncWatcher interface {
+	WatchChanges(ctx context.Context, onChange, onResync func()) error
+}

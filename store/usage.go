@@ -53,8 +53,12 @@ type Quota struct {
 // period ends (Stripe accepts meter events up to 35 days old).
 const Retention = 35 * 24 * time.Hour
 
-// IdempotencyWindow is how long an Idempotency-Key is remembered.
+// IdempotencyWindow is how long an Idempotency-Key is remembered when a
+// reservation does not say (Reservation.IdempotencyWindow zero).
 const IdempotencyWindow = 24 * time.Hour
+
+// MaxIdempotencyFingerprintLen is the longest fingerprint a store keeps.
+const MaxIdempotencyFingerprintLen = 64
 
 // Reservation asks to admit a request: its rate limit and its quota are
 // decided and its cost is reserved in one atomic step.
@@ -67,11 +71,29 @@ type Reservation struct {
 	Cost int64
 	// Quota is the period the cost is counted in.
 	Quota Quota
-	// IdempotencyKey, when set, identifies a client retry: if a reservation
-	// with the same key for the same subject is held or was billed within
-	// IdempotencyWindow, the request is admitted as a Duplicate and nothing
-	// is reserved or rate-limited.
+	// IdempotencyKey, when set, identifies a client retry. The first
+	// reservation of a key (or the first after its record expired) stores
+	// it with IdempotencyFingerprint for IdempotencyWindow. A later
+	// reservation of the same subject and key is a repeat: it is decided
+	// exactly like any reservation (block quota, rate limit or throttle,
+	// whose units it spends), and, when admitted, it is a Duplicate (not
+	// counted, not billed) only if its fingerprint is the stored one and
+	// fewer than IdempotencyRepeats repeats were Duplicates before it;
+	// otherwise it is counted and billed like any request, and the stored
+	// record is left as it is.
 	IdempotencyKey string
+	// IdempotencyFingerprint identifies what the request is (the caller's
+	// method, path, query and cost): a repeat with another fingerprint is
+	// another request. An empty fingerprint never matches. At most
+	// MaxIdempotencyFingerprintLen bytes.
+	IdempotencyFingerprint string
+	// IdempotencyRepeats is how many repeats of a key are Duplicates at
+	// most (0: none).
+	IdempotencyRepeats int64
+	// IdempotencyWindow is how long a key is remembered after the
+	// reservation that stored it; zero means the IdempotencyWindow
+	// constant.
+	IdempotencyWindow time.Duration
 	// Origin identifies the Caddy instance making the reservation, and Seq
 	// numbers its reservations of Subject (strictly increasing per
 	// (Origin, Subject), dense). A shared store remembers, per (Subject,
@@ -85,6 +107,15 @@ type Reservation struct {
 	// already served), is applied only if (Origin, Seq) was not applied,
 	// and does not touch rate-limit state.
 	Replay bool
+}
+
+// IdempotencyTTL is how long r's idempotency key is remembered:
+// r.IdempotencyWindow, or the IdempotencyWindow constant when it is zero.
+func (r Reservation) IdempotencyTTL() time.Duration {
+	if r.IdempotencyWindow > 0 {
+		return r.IdempotencyWindow
+	}
+	return IdempotencyWindow
 }
 
 // SeqWindow is how many recent sequence numbers per (Subject, Origin) a
@@ -109,7 +140,8 @@ type Reserved struct {
 	Used int64
 	// Overage is the part of this reservation counted beyond Included.
 	Overage int64
-	// Duplicate reports an idempotent retry: admitted, nothing reserved.
+	// Duplicate reports an idempotent repeat: admitted (its rate units
+	// spent), nothing counted or billed, nothing to settle.
 	Duplicate bool
 	// Crossed lists the thresholds this reservation crossed; each was
 	// written to the outbox in the same atomic step.
@@ -119,16 +151,19 @@ type Reserved struct {
 // Settlement corrects a reservation once the response is known. It is only
 // needed when the billed cost differs from the reserved one.
 type Settlement struct {
-	// Subject, Quota and IdempotencyKey are those of the reservation.
-	Subject        string
-	Quota          Quota
-	IdempotencyKey string
+	// Subject, Quota, IdempotencyKey and IdempotencyFingerprint are those
+	// of the reservation.
+	Subject                string
+	Quota                  Quota
+	IdempotencyKey         string
+	IdempotencyFingerprint string
 	// Reserved and Overage are what the reservation recorded.
 	Reserved int64
 	Overage  int64
 	// Actual is the cost to bill: 0 releases the reservation entirely (the
 	// response was not billable: the request count is taken back too, and
-	// the idempotency key is forgotten so a retry is billed).
+	// the idempotency key is forgotten when its stored fingerprint is this
+	// settlement's, so a retry is billed).
 	Actual int64
 	// Origin, Seq and Replay are those of the reservation; a replayed
 	// settlement is applied only if (Origin, Seq) was reserved and not yet

@@ -84,7 +84,9 @@ var (
 	// usageHours: periodKey followed by the hour id -> encodeCounters.
 	bucketUsageHours = []byte("usage_hours")
 	// usageIdempotency: string-encoded subject followed by the key ->
-	// expiry, 8 bytes big endian, microseconds since the epoch.
+	// expiry, 8 bytes big endian, microseconds since the epoch, then (not
+	// in records written before fingerprints) the repeats as a varint and
+	// the fingerprint.
 	bucketUsageIdem = []byte("usage_idempotency")
 	// usageThresholds: the outbox, 8-byte big-endian sequence ->
 	// store.ThresholdEvent as JSON.
@@ -124,6 +126,41 @@ type periodState struct {
 	crossed []int
 }
 
+// idemRecord is a remembered idempotency key: its expiry (microseconds),
+// the fingerprint of the request that stored it ("" for records written
+// before fingerprints: never matched) and how many repeats were
+// Duplicates.
+type idemRecord struct {
+	exp     int64
+	fp      string
+	repeats int64
+}
+
+// encode is the bbolt value of the record.
+func (r idemRecord) encode() []byte {
+	b := binary.BigEndian.AppendUint64(nil, uint64(r.exp))
+	b = binary.AppendVarint(b, r.repeats)
+	return append(b, r.fp...)
+}
+
+// decodeIdemRecord decodes a bbolt value: 8 bytes of expiry (a record
+// written before fingerprints), or the expiry, repeats and fingerprint.
+func decodeIdemRecord(v []byte) (idemRecord, bool) {
+	if len(v) < 8 {
+		return idemRecord{}, false
+	}
+	rec := idemRecord{exp: int64(binary.BigEndian.Uint64(v))}
+	if len(v) == 8 {
+		return rec, true
+	}
+	n, k := binary.Varint(v[8:])
+	if k <= 0 || n < 0 {
+		return idemRecord{}, false
+	}
+	rec.repeats, rec.fp = n, string(v[8+k:])
+	return rec, true
+}
+
 // idemExpiry is an entry of the idempotency-key expiry queue.
 type idemExpiry struct {
 	k   idemKey
@@ -149,7 +186,7 @@ type meter struct {
 	periods map[periodKey]*periodState
 	// hours holds the hourly ledger changes since the last checkpoint.
 	hours map[periodKey]map[string]*store.Counters
-	idem  map[idemKey]int64
+	idem  map[idemKey]idemRecord
 	// idemQueue lists idempotency keys in the order they were stored,
 	// from idemHead on; entries whose key has since been forgotten or
 	// stored again are skipped when they come up.
@@ -198,7 +235,7 @@ func openMeter(db *bolt.DB, path string, rates *limiter.Local, o options) (*mete
 		onFlushError: o.onFlushError,
 		periods:      make(map[periodKey]*periodState),
 		hours:        make(map[periodKey]map[string]*store.Counters),
-		idem:         make(map[idemKey]int64),
+		idem:         make(map[idemKey]idemRecord),
 		dirtyPeriods: make(map[periodKey]struct{}),
 		dirtyIdem:    make(map[idemKey]struct{}),
 		nextPrune:    1<<63 - 1,
@@ -275,17 +312,17 @@ func (m *meter) load() (uint64, error) {
 		err = tx.Bucket(bucketUsageIdem).ForEach(func(k, v []byte) error {
 			r := decoder{b: k}
 			subject := r.string()
-			if r.err != nil || len(v) != 8 {
+			rec, ok := decodeIdemRecord(v)
+			if r.err != nil || !ok {
 				return decodeErr("idempotency key", string(k), errCorrupt)
 			}
 			ik := idemKey{subject, string(r.b)}
-			exp := int64(binary.BigEndian.Uint64(v))
-			if exp <= now {
+			if rec.exp <= now {
 				m.dirtyIdem[ik] = struct{}{} // deleted by the first checkpoint
 				return nil
 			}
-			m.idem[ik] = exp
-			m.idemQueue = append(m.idemQueue, idemExpiry{ik, exp})
+			m.idem[ik] = rec
+			m.idemQueue = append(m.idemQueue, idemExpiry{ik, rec.exp})
 			return nil
 		})
 		if err != nil {
@@ -415,6 +452,9 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 		return store.Reserved{}, err
 	}
 	r.IdempotencyKey = idemID(r.IdempotencyKey)
+	if len(r.IdempotencyFingerprint) > store.MaxIdempotencyFingerprintLen {
+		return store.Reserved{}, fmt.Errorf("boltstore: idempotency fingerprint longer than %d bytes", store.MaxIdempotencyFingerprintLen)
+	}
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -446,14 +486,12 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 		res.Allowed = true
 		return res, nil
 	}
+	// A repeat of a held key is decided like any reservation; it is a
+	// Duplicate only when it repeats the same request within the bound.
 	ik := idemKey{r.Subject, r.IdempotencyKey}
-	if r.IdempotencyKey != "" {
-		if exp, ok := m.idem[ik]; ok && exp > us {
-			report()
-			res.Allowed, res.Duplicate = true, true
-			return res, nil
-		}
-	}
+	rec, held := m.idem[ik]
+	held = held && r.IdempotencyKey != "" && rec.exp > us
+	duplicate := held && rec.fp != "" && rec.fp == r.IdempotencyFingerprint && rec.repeats < r.IdempotencyRepeats
 	if q.Mode == store.QuotaBlock && !r.Replay && r.Cost > q.Included-used {
 		report()
 		res.QuotaExceeded = true
@@ -464,6 +502,19 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 		if !res.Rate.Allowed {
 			return res, nil
 		}
+	}
+	if duplicate {
+		rec.repeats++
+		d := delta{
+			subject: r.Subject, periodID: q.PeriodID, periodEnd: q.PeriodEnd.UnixMicro(), hourID: q.HourID,
+			idemOp: idemSet, idemKey: r.IdempotencyKey, idemExp: rec.exp, idemFP: rec.fp, idemRepeats: rec.repeats,
+		}
+		if err := m.log(&d); err != nil {
+			return store.Reserved{}, err
+		}
+		m.apply(&d)
+		res.Allowed, res.Duplicate = true, true
+		return res, nil
 	}
 	d := delta{
 		subject:   r.Subject,
@@ -477,8 +528,9 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 		d.overage = metering.Overage(used, r.Cost, q.Included)
 		d.crossed = newCrossings(p, used, used+r.Cost, q, us)
 	}
-	if r.IdempotencyKey != "" {
-		d.idemOp, d.idemKey, d.idemExp = idemPut, r.IdempotencyKey, us+store.IdempotencyWindow.Microseconds()
+	if r.IdempotencyKey != "" && !held {
+		d.idemOp, d.idemKey, d.idemExp = idemSet, r.IdempotencyKey, us+r.IdempotencyTTL().Microseconds()
+		d.idemFP = r.IdempotencyFingerprint
 	}
 	if err := m.log(&d); err != nil {
 		return store.Reserved{}, err
@@ -538,7 +590,9 @@ func (m *meter) settle(s store.Settlement) error {
 		d.billed = -min(s.Reserved, cur.Billed)
 		d.overage = -overageTaken(s, cur, s.Reserved)
 		d.requests = -min(1, cur.Requests)
-		if _, ok := m.idem[idemKey{s.Subject, s.IdempotencyKey}]; ok && s.IdempotencyKey != "" {
+		// Forget the key if this request stored it, so a retry is billed.
+		if rec, ok := m.idem[idemKey{s.Subject, s.IdempotencyKey}]; ok && s.IdempotencyKey != "" &&
+			rec.fp != "" && rec.fp == s.IdempotencyFingerprint {
 			d.idemOp, d.idemKey = idemDelete, s.IdempotencyKey
 		}
 	case s.Actual < s.Reserved:
@@ -688,10 +742,12 @@ func (m *meter) apply(d *delta) {
 		c.Requests += d.requests
 	}
 	switch d.idemOp {
-	case idemPut:
+	case idemPut, idemSet:
 		k := idemKey{d.subject, d.idemKey}
-		m.idem[k] = d.idemExp
-		m.idemQueue = append(m.idemQueue, idemExpiry{k, d.idemExp})
+		if old, ok := m.idem[k]; !ok || old.exp != d.idemExp {
+			m.idemQueue = append(m.idemQueue, idemExpiry{k, d.idemExp})
+		}
+		m.idem[k] = idemRecord{exp: d.idemExp, fp: d.idemFP, repeats: d.idemRepeats}
 		m.dirtyIdem[k] = struct{}{}
 	case idemDelete:
 		k := idemKey{d.subject, d.idemKey}
@@ -727,7 +783,7 @@ func (m *meter) prune(now int64) {
 		e := m.idemQueue[m.idemHead]
 		m.idemQueue[m.idemHead] = idemExpiry{}
 		m.idemHead++
-		if exp, ok := m.idem[e.k]; ok && exp == e.exp {
+		if rec, ok := m.idem[e.k]; ok && rec.exp == e.exp {
 			delete(m.idem, e.k)
 			m.dirtyIdem[e.k] = struct{}{}
 		}
@@ -767,7 +823,7 @@ type snapshot struct {
 	deleted []periodKey
 	periods map[periodKey]periodState
 	hours   map[periodKey]map[string]*store.Counters
-	idem    map[idemKey]int64 // 0: forget the key
+	idem    map[idemKey]idemRecord // zero: forget the key
 	events  []store.ThresholdEvent
 	oldSegs []uint64
 }
@@ -793,7 +849,7 @@ func (m *meter) checkpoint() error {
 		deleted: m.pruned,
 		periods: make(map[periodKey]periodState, len(m.dirtyPeriods)),
 		hours:   m.hours,
-		idem:    make(map[idemKey]int64, len(m.dirtyIdem)),
+		idem:    make(map[idemKey]idemRecord, len(m.dirtyIdem)),
 		events:  m.unsaved,
 		oldSegs: slices.Clone(m.oldSegs),
 	}
@@ -932,13 +988,13 @@ func (snap *snapshot) write(tx *bolt.Tx) error {
 			}
 		}
 	}
-	for k, exp := range snap.idem {
+	for k, rec := range snap.idem {
 		key := append(appendString(nil, k.subject), k.key...)
 		var err error
-		if exp == 0 {
+		if rec.exp == 0 {
 			err = idem.Delete(key)
 		} else {
-			err = idem.Put(key, binary.BigEndian.AppendUint64(nil, uint64(exp)))
+			err = idem.Put(key, rec.encode())
 		}
 		if err != nil {
 			return err

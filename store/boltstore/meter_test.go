@@ -2,6 +2,7 @@ package boltstore
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -153,14 +154,14 @@ func (a state) equal(b state) bool {
 // reservation holding the key "k1".
 func fillSome(t testing.TB, s *Store, q store.Quota) store.Reservation {
 	t.Helper()
-	keyed := store.Reservation{Subject: "acme", Cost: 30, Quota: q, IdempotencyKey: "k1"}
+	keyed := store.Reservation{Subject: "acme", Cost: 30, Quota: q, IdempotencyKey: "k1", IdempotencyFingerprint: "fp", IdempotencyRepeats: 3}
 	mustReserve(t, s, keyed)
 	mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 40, Quota: q})
 	q2 := q
 	q2.HourID = metering.TimeID(mustParseTimeID(t, q.HourID).Add(time.Hour))
-	released := store.Reservation{Subject: "acme", Cost: 5, Quota: q2, IdempotencyKey: "k2"}
+	released := store.Reservation{Subject: "acme", Cost: 5, Quota: q2, IdempotencyKey: "k2", IdempotencyFingerprint: "fp", IdempotencyRepeats: 3}
 	out := mustReserve(t, s, released)
-	if err := s.Settle(context.Background(), store.Settlement{Subject: "acme", Quota: q2, IdempotencyKey: "k2", Reserved: 5, Overage: out.Overage}); err != nil {
+	if err := s.Settle(context.Background(), store.Settlement{Subject: "acme", Quota: q2, IdempotencyKey: "k2", IdempotencyFingerprint: "fp", Reserved: 5, Overage: out.Overage}); err != nil {
 		t.Fatal(err)
 	}
 	adjusted := store.Reservation{Subject: "acme", Cost: 10, Quota: q2}
@@ -217,7 +218,7 @@ func TestMeterSurvivesCloseAndReopen(t *testing.T) {
 	if out := mustReserve(t, s, keyed); !out.Duplicate {
 		t.Errorf("retry of a key reserved before the restart: %+v; want a Duplicate", out)
 	}
-	if out := mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 5, Quota: q, IdempotencyKey: "k2"}); out.Duplicate {
+	if out := mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 5, Quota: q, IdempotencyKey: "k2", IdempotencyFingerprint: "fp", IdempotencyRepeats: 3}); out.Duplicate {
 		t.Error("the key of a reservation released before the restart is still remembered")
 	}
 }
@@ -471,7 +472,7 @@ func TestMeterIdempotencyWindow(t *testing.T) {
 	}
 	long := strings.Repeat("x", 5000) // kept as a hash
 	for _, key := range []string{"k1", long} {
-		mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q, IdempotencyKey: key})
+		mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q, IdempotencyKey: key, IdempotencyFingerprint: "fp", IdempotencyRepeats: 3})
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
@@ -483,7 +484,7 @@ func TestMeterIdempotencyWindow(t *testing.T) {
 	t.Cleanup(func() { s.Close() })
 	clock.advance(store.IdempotencyWindow - time.Second)
 	for _, key := range []string{"k1", long} {
-		if out := mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q, IdempotencyKey: key}); !out.Duplicate {
+		if out := mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q, IdempotencyKey: key, IdempotencyFingerprint: "fp", IdempotencyRepeats: 3}); !out.Duplicate {
 			t.Errorf("key %.8q within the window after a restart: %+v, want a Duplicate", key, out)
 		}
 	}
@@ -501,7 +502,7 @@ func TestMeterIdempotencyWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, key := range []string{"k1", long} {
-		if out := mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q, IdempotencyKey: key}); out.Duplicate {
+		if out := mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q, IdempotencyKey: key, IdempotencyFingerprint: "fp", IdempotencyRepeats: 3}); out.Duplicate {
 			t.Errorf("key %.8q after the window: a Duplicate, want it billed", key)
 		}
 	}
@@ -723,4 +724,98 @@ func BenchmarkReserve(b *testing.B) {
 			i++
 		}
 	})
+}
+
+// TestMeterIdempotencyRepeatsDurable checks that the count of unbilled
+// repeats of a key survives a restart, from a checkpoint and from the log
+// alone, and that records written before fingerprints load and never
+// match.
+func TestMeterIdempotencyRepeatsDurable(t *testing.T) {
+	q := thisMonth()
+	keyed := store.Reservation{Subject: "acme", Cost: 1, Quota: q, IdempotencyKey: "k1", IdempotencyFingerprint: "fp", IdempotencyRepeats: 3}
+	fill := func(t *testing.T, s *Store) {
+		mustReserve(t, s, keyed)
+		for range 2 {
+			if out := mustReserve(t, s, keyed); !out.Duplicate {
+				t.Fatalf("repeat: %+v, want a Duplicate", out)
+			}
+		}
+	}
+	// check expects one more Duplicate, then billed repeats.
+	check := func(t *testing.T, s *Store) {
+		t.Helper()
+		if out := mustReserve(t, s, keyed); !out.Duplicate {
+			t.Errorf("third repeat after the restart: %+v, want a Duplicate", out)
+		}
+		if out := mustReserve(t, s, keyed); out.Duplicate {
+			t.Error("fourth repeat after the restart: a Duplicate, want it billed (the count was lost)")
+		}
+		if u := mustUsage(t, s, "acme", q); u.Requests != 2 {
+			t.Errorf("requests %d, want 2", u.Requests)
+		}
+	}
+	t.Run("Checkpoint", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "store.db")
+		s, err := Open(path, noFlush)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fill(t, s)
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		check(t, openTemp(t, path))
+	})
+	t.Run("Log", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "store.db")
+		s := openTemp(t, path, noFlush)
+		fill(t, s)
+		check(t, openTemp(t, copyStore(t, path, t.TempDir()), noFlush))
+	})
+	t.Run("RecordWithoutFingerprint", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "store.db")
+		s, err := Open(path, noFlush)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		exp := time.Now().Add(time.Hour).UnixMicro()
+		err = db.Update(func(tx *bolt.Tx) error {
+			return tx.Bucket(bucketUsageIdem).Put(append(appendString(nil, "acme"), "k1"...), binary.BigEndian.AppendUint64(nil, uint64(exp)))
+		})
+		if err2 := db.Close(); err == nil {
+			err = err2
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		s = openTemp(t, path)
+		for range 2 {
+			if out := mustReserve(t, s, keyed); out.Duplicate {
+				t.Fatal("a repeat of a key stored without a fingerprint was a Duplicate")
+			}
+		}
+	})
+}
+
+// TestRecordIdemSetRoundTrip checks that a log record setting a key's
+// fingerprint and repeats decodes as written, and that an older idemPut
+// record still decodes (without a fingerprint).
+func TestRecordIdemSetRoundTrip(t *testing.T) {
+	for _, d := range []delta{
+		{subject: "s", periodID: "p", hourID: "h", idemOp: idemSet, idemKey: "k", idemExp: 7, idemFP: "fp", idemRepeats: 2},
+		{subject: "s", periodID: "p", hourID: "h", billed: 1, requests: 1, idemOp: idemPut, idemKey: "k", idemExp: 7},
+	} {
+		got, err := decodeRecord(appendRecord(nil, &d))
+		if err != nil || got.idemOp != d.idemOp || got.idemKey != d.idemKey || got.idemExp != d.idemExp ||
+			got.idemFP != d.idemFP || got.idemRepeats != d.idemRepeats || got.billed != d.billed {
+			t.Errorf("decodeRecord(appendRecord(%+v)) = %+v, %v", d, got, err)
+		}
+	}
 }

@@ -66,10 +66,15 @@ type delta struct {
 	// counters.
 	billed, overage, requests int64
 	// idemOp is idemNone, idemPut (remember idemKey until idemExp, in
-	// microseconds) or idemDelete (forget idemKey).
-	idemOp  byte
-	idemKey string
-	idemExp int64
+	// microseconds, without a fingerprint: records written before
+	// fingerprints), idemSet (remember idemKey until idemExp with
+	// fingerprint idemFP and idemRepeats repeats) or idemDelete (forget
+	// idemKey).
+	idemOp      byte
+	idemKey     string
+	idemExp     int64
+	idemFP      string
+	idemRepeats int64
 	// crossed are the thresholds this change crossed, each a new outbox
 	// entry.
 	crossed []crossing
@@ -80,6 +85,7 @@ const (
 	idemNone byte = iota
 	idemPut
 	idemDelete
+	idemSet
 )
 
 // crossing is a threshold crossed: its percentage, the used and included
@@ -121,6 +127,10 @@ func appendRecord(b []byte, d *delta) []byte {
 	if d.idemOp != idemNone {
 		b = appendString(b, d.idemKey)
 		b = binary.AppendVarint(b, d.idemExp)
+	}
+	if d.idemOp == idemSet {
+		b = appendString(b, d.idemFP)
+		b = binary.AppendVarint(b, d.idemRepeats)
 	}
 	b = binary.AppendUvarint(b, uint64(len(d.crossed)))
 	for _, c := range d.crossed {
@@ -215,6 +225,11 @@ func decodeRecord(p []byte) (delta, error) {
 	case idemPut, idemDelete:
 		d.idemKey = r.string()
 		d.idemExp = r.varint()
+	case idemSet:
+		d.idemKey = r.string()
+		d.idemExp = r.varint()
+		d.idemFP = r.string()
+		d.idemRepeats = r.varint()
 	default:
 		r.fail()
 	}

@@ -49,7 +49,10 @@ import (
 //	                           P{<s>}:q:<period>; the new name keeps such a
 //	                           hash from being read as packed numbers (it is
 //	                           not migrated: no release had it).
-//	P{<s>}:idem:<key>          an idempotency key held or billed; EX store.IdempotencyWindow
+//	P{<s>}:idem:<key>          an idempotency key held or billed:
+//	                           "<repeats>:<fingerprint>" (older records hold
+//	                           "1", which no fingerprint matches); PX the
+//	                           reservation's idempotency window
 //	P{<s>}:outbox              list of threshold events, oldest first:
 //	                           "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>";
 //	                           expired entries are popped from its head when
@@ -79,7 +82,7 @@ import (
 // per instance origin, a few outbox entries per period; all of them
 // expire. The only per-request keys are idempotency keys, bounded by the
 // request rate of callers that send Idempotency-Key over
-// store.IdempotencyWindow.
+// the idempotency window.
 //
 // Reserve and Settle also write Poutbox:subjects when a threshold is
 // crossed, which is outside the subject's hash slot, so metering does not
@@ -93,8 +96,8 @@ import (
 const maxExact = 1 << 53
 
 // maxMeterNumbers is how many numbers a metering script call carries at
-// most: six shared ones and the reserve script's five.
-const maxMeterNumbers = 11
+// most: six shared ones and the reserve script's seven.
+const maxMeterNumbers = 13
 
 // meterLua is the part shared by the reserve and settle scripts: it reads
 // the period hash once, and flush writes it back once. The common path of
@@ -110,9 +113,10 @@ const maxMeterNumbers = 11
 // then the script's own numbers; 3 period id, 4 the hour's field
 // (h:<hour id>), 5 thresholds ("80,100,120"), 6 subject, 7 the replay
 // window's field (w:<origin>), 8 the crossed field once every threshold is
-// crossed in order (",80,100,120,"). Numbers travel packed because
-// tonumber (strtod) is among the costliest things a script does. The
-// replay window's size and the idempotency TTL are written into the
+// crossed in order (",80,100,120,"), 9 the idempotency fingerprint (only
+// with an idempotency key).
+// Numbers travel packed because tonumber (strtod) is among the costliest
+// things a script does. The replay window's size is written into the
 // source.
 const meterLua = `
 local t = redis.call('TIME')
@@ -251,7 +255,6 @@ end
 func meterScript(body string) *luaScript {
 	return newLuaScript(strings.NewReplacer(
 		"@SEQ_WINDOW@", strconv.Itoa(store.SeqWindow),
-		"@IDEM_TTL@", strconv.FormatInt(int64(store.IdempotencyWindow/time.Second), 10),
 		"@RETENTION_S@", strconv.FormatInt(int64(store.Retention/time.Second), 10),
 	).Replace(meterLua + body))
 }
@@ -267,8 +270,10 @@ func meterScript(body string) *luaScript {
 // would round to 14 digits).
 //
 // reserveScript is one reservation (see Store.Reserve). Its own numbers:
-// cost, the tier rate's interval (µs) and burst, the throttle's; an
-// interval of 0 means no policy, -1 an invalid one.
+// cost, the tier rate's interval (µs) and burst, the throttle's (an
+// interval of 0 means no policy, -1 an invalid one), the most repeats of
+// an idempotency key that are duplicates and its window (ms), these two
+// only with an idempotency key.
 //
 // It returns {flags, remaining, retry_after_us, reset_after_us, used,
 // overage, now_us, crossed...}, flags holding one bit each (see
@@ -336,19 +341,26 @@ if mode == 'throttle' and used >= included then
   interval, burst = tInterval, tBurst
 end
 
--- A duplicate or a replay applies no policy: 0, 1, 0, 0, 0, 0.
+-- A replay already applied applies no policy: 0, 1, 0, 0, 0, 0.
 if cost <= 0 then
   return reply(1, throttled, 0, used, 0, 0, nil, rate(interval, burst, 0))
 end
 if replay and track and slot ~= '0' then
   return reply(1, 0, 0, used, 0, 1, nil, 0, 1, 0, 0, 0, 0)
 end
-if idem and redis.call('EXISTS', KEYS[2]) == 1 then
-  if track then
-    mark('2')
-    flush()
+-- A repeat of a held key is decided like any request below; it is a
+-- duplicate (not counted) only when it repeats the same request (ARGV 9)
+-- fewer than maxRepeats times so far.
+local held, dup = false, false
+local repeats, fp, maxRepeats, idemTTL
+if idem then
+  maxRepeats, idemTTL = sunpack('<i8i8', ARGV[2], 89)
+  local rec = redis.call('GET', KEYS[2])
+  if rec then
+    held = true
+    repeats, fp = string.match(rec, '^(%d+):(.*)$')
+    dup = fp ~= nil and fp ~= '' and fp == ARGV[9] and tonumber(repeats) < maxRepeats
   end
-  return reply(1, 0, 0, used, 0, 1, nil, 0, 1, 0, 0, 0, 0)
 end
 
 local applied, ok, avail, retry, reset, exceeds, nd = 0, 1, 0, 0, 0, 0, nil
@@ -374,9 +386,15 @@ if nd then
     redis.call('SET', KEYS[1], format('%d,%d', now + nd, interval), 'PX', format('%d', idiv(nd, 1000) + 1))
   end
 end
+if dup then
+  redis.call('SET', KEYS[2], format('%d:%s', tonumber(repeats) + 1, fp), 'KEEPTTL')
+  if track then mark('2') end
+  flush()
+  return reply(1, throttled, 0, used, 0, 1, nil, applied, ok, avail, retry, reset, exceeds)
+end
 local over = overage(used, cost)
 count(cost, over, 1)
-if idem then redis.call('SET', KEYS[2], '1', 'EX', @IDEM_TTL@) end
+if idem and not held then redis.call('SET', KEYS[2], '0:' .. ARGV[9], 'PX', format('%d', idemTTL)) end
 if track then mark('1') end
 local got = cross(used + cost)
 flush()
@@ -407,7 +425,11 @@ local function taken(d)
 end
 if actual <= 0 then
   billed, over, requests = -reserved, -taken(reserved), -1
-  if idem then redis.call('DEL', KEYS[2]) end
+  if idem and ARGV[9] and ARGV[9] ~= '' then
+    -- Forget the key if this request stored it, so a retry is billed.
+    local rec = redis.call('GET', KEYS[2])
+    if rec and string.match(rec, '^%d+:(.*)$') == ARGV[9] then redis.call('DEL', KEYS[2]) end
+  end
 elseif actual < reserved then
   billed = actual - reserved
   over = -taken(reserved - actual)
@@ -450,7 +472,7 @@ var _ store.Meter = (*Store)(nil)
 // the script's own numbers, written straight into the command sent. The
 // keys are rate, idempotency (P{s}:idem: when there is no key: declared,
 // never used), period, outbox and outbox subjects.
-func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin string, seq int64, replay bool, own []int64) (*command, error) {
+func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, idemFP, origin string, seq int64, replay bool, own []int64) (*command, error) {
 	var mode string
 	switch q.Mode {
 	case store.QuotaMeter:
@@ -467,13 +489,15 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 		return nil, errors.New("redisstore: quota without a period id, period end or hour id")
 	case q.Included < 0 || q.Included >= maxExact || seq < 0 || seq >= maxExact:
 		return nil, errors.New("redisstore: included units or seq out of range")
+	case len(idemFP) > store.MaxIdempotencyFingerprintLen:
+		return nil, fmt.Errorf("redisstore: idempotency fingerprint longer than %d bytes", store.MaxIdempotencyFingerprintLen)
 	}
 	if origin == "" {
 		seq = 0 // no replay window without an origin
 	}
 	var ts [64]byte
 	levels := appendThresholds(ts[:0], q.Thresholds)
-	c := &command{b: make([]byte, 0, 384+2*len(s.prefix)+5*len(subject)+len(q.PeriodID)+len(idemKey)+len(origin)+2*len(levels))}
+	c := &command{b: make([]byte, 0, 384+2*len(s.prefix)+5*len(subject)+len(q.PeriodID)+len(idemKey)+len(idemFP)+len(origin)+2*len(levels))}
 	tag := s.tag(subject)
 	c.int(5)
 	c.str(tag, rateKeySuffix)
@@ -497,6 +521,9 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, origin stri
 		crossed = append(crossed, ',')
 	}
 	c.bytes(crossed)
+	if idemKey != "" {
+		c.str(idemFP, "")
+	}
 	return c, nil
 }
 
@@ -597,8 +624,12 @@ func (s *Store) run(ctx context.Context, script *luaScript, args *command) ([]in
 //     non-zero only for replays and settlements beyond the quota.
 //   - The tier rate and the throttle share the subject's rate state, so
 //     units owed under one carry over to the other, capped at its burst.
-//   - A Duplicate (a held idempotency key, or a replay already applied)
-//     reports Used and no rate state (Rate zero, Throttled false).
+//   - A replay already applied is a Duplicate that reports Used and no
+//     rate state (Rate zero, Throttled false). A repeat of a held
+//     idempotency key is decided like any reservation (block quota, then
+//     the rate or throttle, whose units it spends) and reports that state;
+//     admitted, it is a Duplicate when it repeats the stored fingerprint
+//     within Reservation.IdempotencyRepeats.
 //   - Replay window: a Replay with a Seq above the highest seen, or within
 //     the last store.SeqWindow and never reserved, is applied. A Replay
 //     with a Seq more than store.SeqWindow below the highest Seq seen is
@@ -610,8 +641,9 @@ func (s *Store) run(ctx context.Context, script *luaScript, args *command) ([]in
 //     after that is applied.
 //   - A reservation without an Origin has no replay window: a Replay
 //     without an Origin is always applied.
-//   - A Replay is checked against its idempotency key too: if the key is
-//     held, it is a Duplicate.
+//   - A Replay is checked against its idempotency key too: if it repeats
+//     the held key's request within the bound, it is a Duplicate (and
+//     counts as a repeat).
 //   - A reservation whose Seq is already marked in the window (a non-Replay
 //     sent twice) is applied; only Replays are deduplicated.
 func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserved, error) {
@@ -626,7 +658,15 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	}
 	ri, rb := policyArgs(r.Rate)
 	ti, tb := policyArgs(r.Quota.Throttle)
-	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.Origin, r.Seq, r.Replay, []int64{r.Cost, ri, rb, ti, tb})
+	repeats, ttl := r.IdempotencyRepeats, r.IdempotencyTTL().Milliseconds()
+	if repeats < 0 || repeats >= maxExact || ttl < 1 || ttl >= maxExact {
+		return store.Reserved{}, 0, fmt.Errorf("redisstore: idempotency repeats %d or window %v out of range", repeats, r.IdempotencyTTL())
+	}
+	own := []int64{r.Cost, ri, rb, ti, tb, repeats, ttl}
+	if r.IdempotencyKey == "" {
+		own = own[:5] // the script reads the last two only with a key
+	}
+	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.IdempotencyFingerprint, r.Origin, r.Seq, r.Replay, own)
 	if err != nil {
 		return store.Reserved{}, 0, err
 	}
@@ -689,7 +729,7 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 		st.Overage < 0 || st.Overage > st.Reserved {
 		return fmt.Errorf("redisstore: settlement amounts out of range (reserved %d, overage %d, actual %d)", st.Reserved, st.Overage, st.Actual)
 	}
-	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.Origin, st.Seq, st.Replay, []int64{st.Reserved, st.Overage, st.Actual})
+	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.IdempotencyFingerprint, st.Origin, st.Seq, st.Replay, []int64{st.Reserved, st.Overage, st.Actual})
 	if err != nil {
 		return err
 	}

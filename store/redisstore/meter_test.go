@@ -122,18 +122,18 @@ func TestReserveOneRoundTrip(t *testing.T) {
 
 	warmed := len(w.scripts())
 	r := func(cost int64, key string) store.Reservation {
-		return store.Reservation{Subject: "rtt", Rate: rate, Cost: cost, Quota: q, IdempotencyKey: key, Origin: "o", Seq: 0}
+		return store.Reservation{Subject: "rtt", Rate: rate, Cost: cost, Quota: q, IdempotencyKey: key, IdempotencyFingerprint: "fp", IdempotencyRepeats: 3, Origin: "o", Seq: 0}
 	}
 	steps := []struct {
 		name string
 		r    store.Reservation
 		want func(store.Reserved) bool
 	}{
-		{"allowed, crossing a threshold", r(3, "k1"), func(o store.Reserved) bool { return o.Allowed && len(o.Crossed) == 0 }},
-		{"duplicate", r(3, "k1"), func(o store.Reserved) bool { return o.Duplicate }},
-		{"cost 0", r(0, ""), func(o store.Reserved) bool { return o.Allowed && o.Used == 3 }},
+		{"allowed, crossing a threshold", r(2, "k1"), func(o store.Reserved) bool { return o.Allowed && len(o.Crossed) == 0 }},
+		{"duplicate", r(1, "k1"), func(o store.Reserved) bool { return o.Duplicate && o.Used == 2 }},
+		{"cost 0", r(0, ""), func(o store.Reserved) bool { return o.Allowed && o.Used == 2 }},
 		{"rate denied", r(1, ""), func(o store.Reserved) bool { return !o.Allowed && !o.QuotaExceeded }},
-		{"quota denied", r(3, ""), func(o store.Reserved) bool { return o.QuotaExceeded }},
+		{"quota denied", r(4, ""), func(o store.Reserved) bool { return o.QuotaExceeded }},
 	}
 	for i, st := range steps {
 		st.r.Seq = int64(i + 1)
@@ -142,7 +142,7 @@ func TestReserveOneRoundTrip(t *testing.T) {
 			t.Fatalf("%s: %+v, %v", st.name, out, err)
 		}
 	}
-	if err := s.Settle(ctx, store.Settlement{Subject: "rtt", Quota: q, Reserved: 3, Actual: 2, Origin: "o", Seq: 1}); err != nil {
+	if err := s.Settle(ctx, store.Settlement{Subject: "rtt", Quota: q, Reserved: 2, Actual: 1, Origin: "o", Seq: 1}); err != nil {
 		t.Fatal(err)
 	}
 	want := slices.Repeat([]string{"pipeline(evalsha)"}, len(steps)+1)
@@ -419,7 +419,7 @@ func BenchmarkReserveRelease(b *testing.B) {
 	s := openStore(b, Options{KeyPrefix: newPrefix(b), OpTimeout: time.Second})
 	ctx := context.Background()
 	r := benchReservation("bench")
-	r.IdempotencyKey = "retry-1"
+	r.IdempotencyKey, r.IdempotencyFingerprint, r.IdempotencyRepeats = "retry-1", "fp", 3
 	b.ReportAllocs()
 	for b.Loop() {
 		r.Seq++
@@ -428,7 +428,7 @@ func BenchmarkReserveRelease(b *testing.B) {
 			b.Fatalf("Reserve: %+v, %v", out, err)
 		}
 		if err := s.Settle(ctx, store.Settlement{
-			Subject: r.Subject, Quota: r.Quota, IdempotencyKey: r.IdempotencyKey,
+			Subject: r.Subject, Quota: r.Quota, IdempotencyKey: r.IdempotencyKey, IdempotencyFingerprint: r.IdempotencyFingerprint,
 			Reserved: r.Cost, Overage: out.Overage, Origin: r.Origin, Seq: r.Seq,
 		}); err != nil {
 			b.Fatal(err)

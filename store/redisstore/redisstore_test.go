@@ -770,38 +770,44 @@ func TestWatchResubscribes(t *testing.T) {
 	watcher := openStore(t, Options{URL: testURL() + sep + "client_name=" + name, KeyPrefix: prefix})
 	writer := openStore(t, Options{KeyPrefix: prefix})
 
-	calls := make(chan struct{}, 100)
+	calls := make(chan string, 100)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- watcher.Watch(ctx, func() { calls <- struct{}{} }) }()
+	go func() {
+		done <- watcher.WatchChanges(ctx, func() { calls <- "change" }, func() { calls <- "resync" })
+	}()
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("Watch returned %v", err)
 		}
 	}()
-	wait := func(what string) {
+	// wait expects a call of kind want (onChange or onResync).
+	wait := func(what, want string) {
 		t.Helper()
 		select {
-		case <-calls:
+		case got := <-calls:
+			if got != want {
+				t.Fatalf("%s: a %s call, want %s", what, got, want)
+			}
 		case <-time.After(storetest.Timeout):
-			t.Fatalf("no onChange within %v %s", storetest.Timeout, what)
+			t.Fatalf("no call within %v %s", storetest.Timeout, what)
 		}
 	}
 
-	wait("after subscribing")
+	wait("after subscribing", "resync")
 	if err := writer.CreateCustomer(context.Background(), store.Customer{ID: "acme", Tier: "free"}); err != nil {
 		t.Fatal(err)
 	}
-	wait("after CreateCustomer")
+	wait("after CreateCustomer", "change")
 	if n := killPubSub(t, c, name); n != 1 {
 		t.Fatalf("killed %d subscribed connections named %s, want 1", n, name)
 	}
-	wait("after the subscription's connection was killed (re-subscription)")
+	wait("after the subscription's connection was killed (re-subscription)", "resync")
 	if _, err := writer.SetTier(context.Background(), "acme", "pro"); err != nil {
 		t.Fatal(err)
 	}
-	wait("after SetTier on the new subscription")
+	wait("after SetTier on the new subscription", "change")
 }
 
 func TestWatchEndsOnClose(t *testing.T) {

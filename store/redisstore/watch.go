@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
 // Watch timings. They bound background work, not requests.
@@ -29,6 +31,14 @@ const (
 // subscribed. After a connection error it re-subscribes with exponential
 // backoff. It returns nil when ctx is done or the Store is closed.
 func (s *Store) Watch(ctx context.Context, onChange func()) error {
+	return s.WatchChanges(ctx, onChange, onChange)
+}
+
+var _ store.ResyncWatcher = (*Store)(nil)
+
+// WatchChanges implements store.ResyncWatcher: Watch, calling onResync
+// instead of onChange after a successful (re-)subscription.
+func (s *Store) WatchChanges(ctx context.Context, onChange, onResync func()) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(s.life, cancel)
@@ -36,7 +46,7 @@ func (s *Store) Watch(ctx context.Context, onChange func()) error {
 
 	backoff := watchMinBackoff
 	for {
-		if s.watchOnce(ctx, onChange) {
+		if s.watchOnce(ctx, onChange, onResync) {
 			backoff = watchMinBackoff
 		}
 		t := time.NewTimer(backoff)
@@ -52,7 +62,7 @@ func (s *Store) Watch(ctx context.Context, onChange func()) error {
 
 // watchOnce subscribes and delivers changes until the subscription fails or
 // ctx is done. It reports whether the subscription was established.
-func (s *Store) watchOnce(ctx context.Context, onChange func()) (subscribed bool) {
+func (s *Store) watchOnce(ctx context.Context, onChange, onResync func()) (subscribed bool) {
 	ps := s.client.Subscribe(ctx)
 	defer ps.Close()
 	// Reading does not watch ctx; closing the subscription interrupts it.
@@ -62,7 +72,7 @@ func (s *Store) watchOnce(ctx context.Context, onChange func()) (subscribed bool
 	if err := s.subscribe(ctx, ps); err != nil {
 		return false
 	}
-	onChange()
+	onResync()
 	pinged := false
 	for {
 		msg, err := ps.ReceiveTimeout(ctx, watchPingInterval)

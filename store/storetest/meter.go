@@ -35,6 +35,12 @@ import (
 //     quota); with Actual > Reserved the added units count after the
 //     period's current usage, so their overage is metering.Overage(used
 //     now, Actual-Reserved, Included). Added units can cross thresholds.
+//   - A repeat of an idempotency key is decided like any reservation (the
+//     block quota, the rate or throttle, whose units it spends); admitted,
+//     it is a Duplicate only with the stored fingerprint (never an empty
+//     one) and within IdempotencyRepeats; otherwise it is billed and the
+//     stored record is kept. A release forgets the key only when its
+//     fingerprint is the stored one.
 //   - A threshold t is crossed when used*100 >= t*Included and t was not
 //     crossed before in the period, so it is written once per period even
 //     after a release and a new climb.
@@ -136,7 +142,8 @@ func (c *meterClient) settle(r store.Reservation, out store.Reserved, actual int
 // settlement is the Settlement the module sends for r.
 func settlement(r store.Reservation, out store.Reserved, actual int64) store.Settlement {
 	return store.Settlement{
-		Subject: r.Subject, Quota: r.Quota, IdempotencyKey: r.IdempotencyKey,
+		Subject: r.Subject, Quota: r.Quota,
+		IdempotencyKey: r.IdempotencyKey, IdempotencyFingerprint: r.IdempotencyFingerprint,
 		Reserved: r.Cost, Overage: out.Overage, Actual: actual,
 		Origin: r.Origin, Seq: r.Seq,
 	}
@@ -233,9 +240,19 @@ func withRate(r store.Reservation, p limiter.Policy) store.Reservation {
 	return r
 }
 
-// withKey returns r with an idempotency key.
+// keyRepeats is how many repeats of a key withKey lets be duplicates.
+const keyRepeats = 3
+
+// withKey returns r with an idempotency key, the fingerprint "same" and
+// keyRepeats unbilled repeats.
 func withKey(r store.Reservation, key string) store.Reservation {
-	r.IdempotencyKey = key
+	return withKeyFP(r, key, "same")
+}
+
+// withKeyFP returns r with an idempotency key and fingerprint fp, and
+// keyRepeats unbilled repeats.
+func withKeyFP(r store.Reservation, key, fp string) store.Reservation {
+	r.IdempotencyKey, r.IdempotencyFingerprint, r.IdempotencyRepeats = key, fp, keyRepeats
 	return r
 }
 
@@ -576,23 +593,112 @@ func testIdempotency(t *testing.T, client func(t *testing.T) *meterClient) {
 		c := client(t)
 		q := quota(cur, store.QuotaBill, 100)
 		q.Thresholds = []int{1}
-		rate := hourly(3, 3)
-		c.want(withRate(withKey(res("acme", q, 3), "retry-1"), rate), true, 3, 0)
-		// The rate is spent, yet a retry is admitted: it is not rate-limited.
-		for range 3 {
-			_, out := c.want(withRate(withKey(res("acme", q, 3), "retry-1"), rate), true, 3, 0)
-			if !out.Duplicate || len(out.Crossed) != 0 {
+		c.want(withKey(res("acme", q, 3), "retry-1"), true, 3, 0)
+		for range keyRepeats {
+			_, out := c.want(withKey(res("acme", q, 3), "retry-1"), true, 3, 0)
+			if !out.Duplicate || len(out.Crossed) != 0 || out.Overage != 0 {
 				t.Fatalf("retry with the same key: %+v; want a Duplicate", out)
 			}
 		}
 		c.usageWant("acme", cur.ID(), store.Counters{Billed: 3, Requests: 1})
 	})
-	t.Run("DuplicateWhenQuotaUsedUp", func(t *testing.T) {
+	t.Run("RepeatsBounded", func(t *testing.T) {
+		c := client(t)
+		q := quota(cur, store.QuotaBill, 100)
+		c.want(withKey(res("acme", q, 2), "retry-1"), true, 2, 0)
+		for range keyRepeats {
+			c.want(withKey(res("acme", q, 2), "retry-1"), true, 2, 0)
+		}
+		// Beyond keyRepeats, every repeat is billed.
+		for i := range 3 {
+			if _, out := c.want(withKey(res("acme", q, 2), "retry-1"), true, int64(4+2*i), 0); out.Duplicate {
+				t.Fatalf("repeat %d of a key allowing %d: a Duplicate", keyRepeats+1+i, keyRepeats)
+			}
+		}
+		c.usageWant("acme", cur.ID(), store.Counters{Billed: 8, Requests: 4})
+	})
+	t.Run("RepeatIsRateLimited", func(t *testing.T) {
+		c := client(t)
+		q := quota(cur, store.QuotaBill, 100)
+		rate := hourly(3, 3)
+		c.want(withRate(withKey(res("acme", q, 1), "retry-1"), rate), true, 1, 0)
+		for i := range 2 {
+			_, out := c.want(withRate(withKey(res("acme", q, 1), "retry-1"), rate), true, 1, 0)
+			if !out.Duplicate || !out.Rate.Allowed || out.Rate.Remaining != int64(1-i) {
+				t.Fatalf("repeat %d within the rate: %+v; want a Duplicate spending one unit (remaining %d)", i+1, out, 1-i)
+			}
+		}
+		// The repeats spent the rate: the next one is denied.
+		_, out := c.want(withRate(withKey(res("acme", q, 1), "retry-1"), rate), false, 1, 0)
+		if out.Duplicate || out.Rate.Allowed || out.Rate.RetryAfter <= 0 {
+			t.Errorf("repeat beyond the rate: %+v; want a rate denial", out)
+		}
+		c.want(withRate(res("acme", q, 1), rate), false, 1, 0)
+		c.usageWant("acme", cur.ID(), store.Counters{Billed: 1, Requests: 1})
+	})
+	t.Run("RepeatIsThrottled", func(t *testing.T) {
+		c := client(t)
+		q := quota(cur, store.QuotaThrottle, 2)
+		q.Throttle = hourly(1, 1)
+		c.want(withKey(res("acme", q, 2), "retry-1"), true, 2, 0)
+		_, out := c.want(withKey(res("acme", q, 2), "retry-1"), false, 2, 0)
+		if !out.Throttled || out.Duplicate {
+			t.Errorf("repeat of cost 2 over a throttle of burst 1: %+v; want a throttled denial", out)
+		}
+	})
+	t.Run("RepeatBlockedWhenQuotaUsedUp", func(t *testing.T) {
 		c := client(t)
 		q := quota(cur, store.QuotaBlock, 3)
 		c.want(withKey(res("acme", q, 3), "retry-1"), true, 3, 0)
-		if _, out := c.want(withKey(res("acme", q, 3), "retry-1"), true, 3, 0); !out.Duplicate {
-			t.Errorf("retry with the same key on a used-up quota: %+v; want an admitted Duplicate", out)
+		if _, out := c.want(withKey(res("acme", q, 3), "retry-1"), false, 3, 0); !out.QuotaExceeded || out.Duplicate {
+			t.Errorf("retry with the same key on a used-up quota: %+v; want QuotaExceeded", out)
+		}
+	})
+	t.Run("OtherRequestBilled", func(t *testing.T) {
+		c := client(t)
+		q := quota(cur, store.QuotaBill, 100)
+		c.want(withKeyFP(res("acme", q, 2), "k", "a"), true, 2, 0)
+		if _, out := c.want(withKeyFP(res("acme", q, 2), "k", "b"), true, 4, 0); out.Duplicate {
+			t.Error("another request with the key was a Duplicate")
+		}
+		if _, out := c.want(withKeyFP(res("acme", q, 2), "k", ""), true, 6, 0); out.Duplicate {
+			t.Error("a request without a fingerprint was a Duplicate")
+		}
+		// The key still belongs to the first request.
+		if _, out := c.want(withKeyFP(res("acme", q, 2), "k", "a"), true, 6, 0); !out.Duplicate {
+			t.Errorf("a repeat of the first request: %+v; want a Duplicate", out)
+		}
+		c.usageWant("acme", cur.ID(), store.Counters{Billed: 6, Requests: 3})
+	})
+	t.Run("ReleaseForgetsOnlyItsOwnKey", func(t *testing.T) {
+		c := client(t)
+		q := quota(cur, store.QuotaBill, 100)
+		c.want(withKeyFP(res("acme", q, 2), "k", "a"), true, 2, 0)
+		r, out := c.want(withKeyFP(res("acme", q, 2), "k", "b"), true, 4, 0)
+		c.settle(r, out, 0)
+		if _, out := c.want(withKeyFP(res("acme", q, 2), "k", "a"), true, 2, 0); !out.Duplicate {
+			t.Error("releasing another request with the key forgot the key")
+		}
+		c.usageWant("acme", cur.ID(), store.Counters{Billed: 2, Requests: 1})
+	})
+	t.Run("WindowExpires", func(t *testing.T) {
+		c := client(t)
+		q := quota(cur, store.QuotaBill, 100)
+		short := func(r store.Reservation) store.Reservation {
+			r.IdempotencyWindow = time.Second
+			return r
+		}
+		c.want(short(withKey(res("acme", q, 2), "retry-1")), true, 2, 0)
+		if _, out := c.want(short(withKey(res("acme", q, 2), "retry-1")), true, 2, 0); !out.Duplicate {
+			t.Fatal("repeat within the window: not a Duplicate")
+		}
+		time.Sleep(1100 * time.Millisecond) // the window is 1s
+		if _, out := c.want(short(withKey(res("acme", q, 2), "retry-1")), true, 4, 0); out.Duplicate {
+			t.Error("repeat after the window: a Duplicate")
+		}
+		// The billed repeat stored the key again, with a fresh count.
+		if _, out := c.want(short(withKey(res("acme", q, 2), "retry-1")), true, 4, 0); !out.Duplicate {
+			t.Error("repeat of the re-stored key: not a Duplicate")
 		}
 	})
 	t.Run("PerSubject", func(t *testing.T) {
@@ -605,7 +711,7 @@ func testIdempotency(t *testing.T, client func(t *testing.T) *meterClient) {
 	})
 	t.Run("ConcurrentRetries", func(t *testing.T) {
 		c := client(t)
-		q := quota(cur, store.QuotaBill, 100)
+		q := quota(cur, store.QuotaBill, 1000)
 		results := reserveConcurrently(t, []*meterClient{c}, 50, func(int) store.Reservation { return withKey(res("acme", q, 2), "retry-1") })
 		dups := 0
 		for _, o := range results {
@@ -616,10 +722,10 @@ func testIdempotency(t *testing.T, client func(t *testing.T) *meterClient) {
 				dups++
 			}
 		}
-		if dups != 49 {
-			t.Errorf("50 concurrent reservations with one key: %d duplicates, want 49", dups)
+		if dups != keyRepeats {
+			t.Errorf("50 concurrent reservations with one key: %d duplicates, want %d", dups, keyRepeats)
 		}
-		c.usageWant("acme", cur.ID(), store.Counters{Billed: 2, Requests: 1})
+		c.usageWant("acme", cur.ID(), store.Counters{Billed: 2 * (50 - keyRepeats), Requests: 50 - keyRepeats})
 	})
 }
 
