@@ -87,6 +87,10 @@ type shared struct {
 
 	secretMu sync.Mutex
 	hasher   atomic.Pointer[apikey.Hasher]
+	// secret is the key secret hasher was made from (guarded by secretMu).
+	secret []byte
+	// seed tracks the store's seed marker (see reseed.go).
+	seed seedState
 
 	watchOnce sync.Once
 	cancel    context.CancelFunc
@@ -98,8 +102,9 @@ type storeBox struct{ store.Store }
 func newShared(open opener, spoolDir string) *shared {
 	s := &shared{
 		openFn: open, spoolDir: spoolDir, registry: newRegistry(), local: limiter.NewLocal(),
-		logger: zap.NewNop(),
+		logger: zap.NewNop(), seed: newSeedState(),
 	}
+	s.registry.verifyMiss = s.verifyMiss
 	s.origin.Store(newOrigin())
 	return s
 }
@@ -200,6 +205,7 @@ func (s *shared) storedHasher(ctx context.Context) (*apikey.Hasher, error) {
 		return nil, fmt.Errorf("reading the key secret from the store: %w", err)
 	}
 	h := apikey.NewHasher(secret)
+	s.secret = secret
 	s.hasher.Store(h)
 	return h, nil
 }
