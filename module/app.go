@@ -125,6 +125,9 @@ type App struct {
 	removedKeysRevoked bool
 	bgCancel           context.CancelFunc
 	bgWG               sync.WaitGroup
+	// releaseRedisLog stops routing go-redis's log lines to this app's
+	// logger (see redisLogs); nil when the app does not use Redis.
+	releaseRedisLog func()
 }
 
 // CaddyModule returns the Caddy module information.
@@ -272,7 +275,11 @@ func (a *App) checkCustomers(repl *caddy.Replacer) error {
 func (a *App) Start() error {
 	bg, cancel := context.WithCancel(context.Background())
 	a.bgCancel = cancel
+	if a.Redis != "" {
+		a.releaseRedisLog = redisLogs.use(a.logger)
+	}
 	if err := a.shared.start(a.logger); err != nil {
+		a.stopRedisLog()
 		cancel()
 		return err
 	}
@@ -296,21 +303,28 @@ func (a *App) Start() error {
 
 // configResyncInterval is how often the configured customers and keys are
 // written again, so a store that lost its data (a Redis restarted without
-// persistence) gets them back without a reload. Unchanged records are not
-// rewritten.
+// persistence) gets them back without a reload, as a backstop: such a loss
+// is noticed within seedCheckInterval through the seed marker (reseed.go).
+// Unchanged customers are not rewritten.
 // Tests shorten it, so it is atomic.
 var configResyncInterval atomic.Int64
 
 func init() { configResyncInterval.Store(int64(time.Minute)) }
 
 // resyncLoop retries a failed initial sync with backoff, then re-asserts
-// the configuration every configResyncInterval until ctx is done.
+// the configuration every configResyncInterval, and at once when the
+// store's seed marker shows it lost its data (checked every
+// seedCheckInterval, or signalled by a key lookup), until ctx is done.
 func (a *App) resyncLoop(ctx context.Context, synced bool) {
 	defer a.bgWG.Done()
 	defer recoverLog(a.logger)
+	if st, err := a.store(); err == nil {
+		a.shared.warnPersistence(ctx, st, a.logger)
+	}
 	backoff := 100 * time.Millisecond
+	lastSync := time.Now()
 	for {
-		wait := time.Duration(configResyncInterval.Load())
+		wait := min(seedCheckInterval, time.Duration(configResyncInterval.Load()))
 		if !synced {
 			wait = backoff
 			backoff = min(2*backoff, 10*time.Second)
@@ -321,6 +335,17 @@ func (a *App) resyncLoop(ctx context.Context, synced bool) {
 			t.Stop()
 			return
 		case <-t.C:
+		case <-a.shared.seed.kick:
+			t.Stop()
+		}
+		if synced && time.Since(lastSync) < time.Duration(configResyncInterval.Load()) {
+			st, err := a.store()
+			if err != nil {
+				continue
+			}
+			if lost, _ := a.shared.checkSeed(ctx, st); !lost {
+				continue
+			}
 		}
 		err := a.syncConfig(ctx)
 		switch {
@@ -330,6 +355,10 @@ func (a *App) resyncLoop(ctx context.Context, synced bool) {
 			a.logger.Error("could not re-store the configured customers and keys", zap.Error(err))
 		}
 		synced = err == nil
+		if synced {
+			lastSync = time.Now()
+			backoff = 100 * time.Millisecond
+		}
 	}
 }
 
@@ -339,7 +368,15 @@ func (a *App) Stop() error {
 		a.bgCancel()
 	}
 	a.bgWG.Wait()
+	a.stopRedisLog()
 	return nil
+}
+
+// stopRedisLog stops routing go-redis's log lines to this app's logger.
+func (a *App) stopRedisLog() {
+	if a.releaseRedisLog != nil {
+		a.releaseRedisLog()
+	}
 }
 
 // Cleanup releases the shared store reference. It is safe to call on a
@@ -360,6 +397,15 @@ func (a *App) syncConfig(ctx context.Context) error {
 	st, err := a.shared.open()
 	if err != nil {
 		return err
+	}
+	token, err := a.shared.claimSeed(ctx, st)
+	if err != nil {
+		return fmt.Errorf("claiming the seed marker: %w", err)
+	}
+	if a.keyHasher == nil {
+		if err := a.shared.reassertSecret(ctx, st); err != nil {
+			return err
+		}
 	}
 	hasher, err := a.hasher(ctx)
 	if err != nil {
@@ -402,7 +448,7 @@ func (a *App) syncConfig(ctx context.Context) error {
 		a.shared.registry.invalidate()
 		a.removedKeysRevoked = true
 	}
-	return nil
+	return a.shared.confirmSeed(ctx, st, token)
 }
 
 // revokeUndeclaredKeys revokes the keys an earlier configuration declared

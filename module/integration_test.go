@@ -45,6 +45,7 @@ var testBinary string
 func TestMain(m *testing.M) {
 	testBinary, _ = os.Executable()
 	if os.Getenv(envRunCaddy) == "1" {
+		injectDiskFull()
 		os.Args = append([]string{"caddy"}, strings.Fields(os.Getenv(envCaddyArgs))...)
 		caddycmd.Main()
 		return

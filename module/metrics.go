@@ -55,15 +55,15 @@ func getMetrics() *metrics {
 			}, []string{"operation"}),
 			spooled: prometheus.NewCounter(prometheus.CounterOpts{
 				Namespace: ns, Subsystem: sub, Name: "spooled_records_total",
-				Help: "Usage records kept in the local spool while the store was unavailable.",
+				Help: "Usage records kept locally while the store was unavailable (the spool; memory for the embedded store).",
 			}),
 			replayed: prometheus.NewCounter(prometheus.CounterOpts{
 				Namespace: ns, Subsystem: sub, Name: "replayed_records_total",
-				Help: "Spooled usage records replayed into the store.",
+				Help: "Usage records kept locally and replayed into the store.",
 			}),
 			lostUsage: prometheus.NewCounter(prometheus.CounterOpts{
 				Namespace: ns, Subsystem: sub, Name: "lost_usage_records_total",
-				Help: "Usage records that could be neither stored nor spooled (spool full, or the embedded store failing).",
+				Help: "Usage records that could be neither stored nor kept for replay (spool or in-memory buffer full, or kept in memory when Caddy stopped).",
 			}),
 		}
 	})

@@ -43,6 +43,10 @@ type registry struct {
 	gen     uint64
 	// wake tells revalidateLoop that pending has new digests.
 	wake chan struct{}
+	// verifyMiss, when set, is asked about a lookup that found no active
+	// key; its error (wrapping store.ErrUnavailable when the store lost
+	// its data) replaces the miss.
+	verifyMiss func(ctx context.Context, st store.Store) error
 }
 
 // digest is a key's HMAC-SHA256 (apikey.Hasher.Sum): the stored hash
@@ -84,6 +88,9 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 	}
 
 	e, err := fetch(ctx, st, hex.EncodeToString(sum[:]), now)
+	if err == nil && !e.found && r.verifyMiss != nil {
+		err = r.verifyMiss(ctx, st)
+	}
 	if errors.Is(err, store.ErrUnavailable) {
 		if last, ok := r.last(sum); ok {
 			return last, nil

@@ -77,7 +77,12 @@ type shared struct {
 	// (empty for the embedded store); spool is open once started.
 	spoolDir string
 	spool    atomic.Pointer[spool.Spool]
-	logger   *zap.Logger
+	// mem keeps usage the embedded store could not write, for replay
+	// (nil for a shared store, which has the spool).
+	mem *memBuffer
+	// memLogged is when (Unix ns) keeping usage in mem was last logged.
+	memLogged atomic.Int64
+	logger    *zap.Logger
 	// origin identifies this process's reservations and numbers them (see
 	// store.Reservation.Origin). It is replaced by a fresh one when usage
 	// was spooled (originStale), so live reservations never advance the
@@ -87,6 +92,10 @@ type shared struct {
 
 	secretMu sync.Mutex
 	hasher   atomic.Pointer[apikey.Hasher]
+	// secret is the key secret hasher was made from (guarded by secretMu).
+	secret []byte
+	// seed tracks the store's seed marker (see reseed.go).
+	seed seedState
 
 	watchOnce sync.Once
 	cancel    context.CancelFunc
@@ -98,7 +107,11 @@ type storeBox struct{ store.Store }
 func newShared(open opener, spoolDir string) *shared {
 	s := &shared{
 		openFn: open, spoolDir: spoolDir, registry: newRegistry(), local: limiter.NewLocal(),
-		logger: zap.NewNop(),
+		logger: zap.NewNop(), seed: newSeedState(),
+	}
+	s.registry.verifyMiss = s.verifyMiss
+	if spoolDir == "" {
+		s.mem = newMemBuffer(memBufferMax)
 	}
 	s.origin.Store(newOrigin())
 	return s
@@ -178,12 +191,19 @@ func (s *shared) start(logger *zap.Logger) error {
 			defer recoverLog(logger)
 			s.registry.revalidateLoop(ctx, st)
 		}()
-		if sp != nil {
+		var buf replayer // a nil *Spool or *memBuffer would make it non-nil
+		switch {
+		case sp != nil:
+			buf = sp
+		case s.mem != nil:
+			buf = s.mem
+		}
+		if buf != nil {
 			s.wg.Add(1)
 			go func() {
 				defer s.wg.Done()
 				defer recoverLog(logger)
-				s.replayLoop(ctx, sp, st)
+				s.replayLoop(ctx, buf, st)
 			}()
 		}
 	})
@@ -210,6 +230,7 @@ func (s *shared) storedHasher(ctx context.Context) (*apikey.Hasher, error) {
 		return nil, fmt.Errorf("reading the key secret from the store: %w", err)
 	}
 	h := apikey.NewHasher(secret)
+	s.secret = secret
 	s.hasher.Store(h)
 	return h, nil
 }
@@ -221,6 +242,7 @@ func (s *shared) Destruct() error {
 		s.cancel()
 	}
 	s.wg.Wait()
+	s.dropMemBuffer()
 	var errs []error
 	if sp := s.spool.Load(); sp != nil {
 		errs = append(errs, sp.Close())
@@ -233,9 +255,10 @@ func (s *shared) Destruct() error {
 
 var _ caddy.Destructor = (*shared)(nil)
 
-// keep holds usage that could not be written to the store in the spool,
-// for replay. Without a spool (the embedded store) or when the spool is
-// full, the usage is lost: counted and logged.
+// keep holds usage that could not be written to the store for replay: in
+// the spool (shared store), or in memory (embedded store, see memBuffer).
+// When the spool or the buffer is full, the usage is lost: counted and
+// logged.
 func (s *shared) keep(rec spool.Record) {
 	m := getMetrics()
 	sp := s.spool.Load()
@@ -248,14 +271,30 @@ func (s *shared) keep(rec spool.Record) {
 		}
 		logStoreError(s.logger, "spool", err)
 	}
+	if s.mem != nil {
+		kept := s.mem.Append(rec)
+		if kept {
+			m.spooled.Inc()
+		} else {
+			m.lostUsage.Inc()
+		}
+		s.logMemBuffer(kept)
+		return
+	}
 	m.lostUsage.Inc()
 }
 
 // replayInterval is how often spooled usage is replayed while some waits.
 const replayInterval = 500 * time.Millisecond
 
+// replayer holds usage records for replay: a *spool.Spool or a *memBuffer.
+type replayer interface {
+	Pending() bool
+	Replay(ctx context.Context, m store.Meter) (int, error)
+}
+
 // replayLoop replays spooled usage into the store until ctx is done.
-func (s *shared) replayLoop(ctx context.Context, sp *spool.Spool, m store.Meter) {
+func (s *shared) replayLoop(ctx context.Context, sp replayer, m store.Meter) {
 	t := time.NewTicker(replayInterval)
 	defer t.Stop()
 	for {

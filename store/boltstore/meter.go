@@ -13,10 +13,12 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/apimonetize/caddy-api-monetize/internal/faultinject"
 	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
@@ -638,6 +640,9 @@ func overageTaken(s store.Settlement, cur periodState, back int64) int64 {
 // new one when it is full), or one write. After a failed write, later
 // records go to a new segment. The caller holds mu.
 func (m *meter) log(d *delta) error {
+	if err := faultinject.DiskWrite(); err != nil {
+		return fmt.Errorf("%w: boltstore: write-ahead log: %w", store.ErrUnavailable, err)
+	}
 	m.buf = appendFrame(m.buf[:0], d)
 	if m.segBroken || (m.segMem != nil && m.segSize+int64(len(m.buf)) > int64(len(m.segMem))) {
 		if err := m.rotate(); err != nil {
@@ -658,11 +663,16 @@ func (m *meter) log(d *delta) error {
 	}
 	// Cut off whatever part of the record reached the file, and continue
 	// in a new segment: if the truncation failed too, the torn frame ends
-	// this segment's replay, and nothing may come after it.
+	// this segment's replay, and nothing may come after it. A full disk
+	// that took none of the record leaves the segment as it was: it goes
+	// on, so that a disk refusing every write does not leave a new file
+	// per refused record.
 	if n > 0 {
 		_ = m.seg.Truncate(m.segSize)
 	}
-	m.segBroken = true
+	if n > 0 || !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) {
+		m.segBroken = true
+	}
 	return fmt.Errorf("%w: boltstore: write-ahead log: %w", store.ErrUnavailable, err)
 }
 

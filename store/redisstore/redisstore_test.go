@@ -323,19 +323,20 @@ func TestAdmitRemainingExact(t *testing.T) {
 	}
 }
 
-// TestUnixSocketURL checks that a Redis reached through a Unix socket
-// (unix:// URL, with a database number) serves the whole store: customers
-// through go-redis, and reservations through the metering connections,
-// which dial the same way.
-func TestUnixSocketURL(t *testing.T) {
+// privateRedis starts a redis-server of its own on a Unix socket, with
+// extra arguments after the defaults (no persistence), and returns the
+// socket's path. The server is killed when the test ends.
+func privateRedis(t *testing.T, extra ...string) (sock string) {
+	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		t.Skip("redis-server not installed")
 	}
 	dir := t.TempDir()
-	sock := filepath.Join(dir, "redis.sock")
-	cmd := exec.Command(bin, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700",
-		"--save", "", "--appendonly", "no", "--dir", dir)
+	sock = filepath.Join(dir, "redis.sock")
+	args := append([]string{"--port", "0", "--unixsocket", sock, "--unixsocketperm", "700",
+		"--save", "", "--appendonly", "no", "--dir", dir}, extra...)
+	cmd := exec.Command(bin, args...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -346,13 +347,20 @@ func TestUnixSocketURL(t *testing.T) {
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if c, err := net.Dial("unix", sock); err == nil {
 			c.Close()
-			break
+			return sock
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("redis-server on %s did not start", sock)
 		}
 	}
+}
 
+// TestUnixSocketURL checks that a Redis reached through a Unix socket
+// (unix:// URL, with a database number) serves the whole store: customers
+// through go-redis, and reservations through the metering connections,
+// which dial the same way.
+func TestUnixSocketURL(t *testing.T) {
+	sock := privateRedis(t)
 	s := openStore(t, Options{URL: "unix://" + sock + "?db=3"})
 	ctx := context.Background()
 	if err := s.CreateCustomer(ctx, store.Customer{ID: "acme", Tier: "pro"}); err != nil {

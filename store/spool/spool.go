@@ -552,7 +552,7 @@ func (s *Spool) replaySegment(ctx context.Context, m store.Meter, seg uint64) (i
 		if json.Unmarshal(payload, &rec) != nil || rec.validate() != nil {
 			s.skipped.Add(1)
 		} else {
-			if err := apply(ctx, m, rec); err != nil {
+			if err := Apply(ctx, m, rec); err != nil {
 				return applied, err
 			}
 			applied++
@@ -564,8 +564,9 @@ func (s *Spool) replaySegment(ctx context.Context, m store.Meter, seg uint64) (i
 	}
 }
 
-// apply sends one record to the store as a replay.
-func apply(ctx context.Context, m store.Meter, rec Record) error {
+// Apply sends rec to m as a replay (with Replay set): Reserve for a
+// reservation, Settle for a settlement.
+func Apply(ctx context.Context, m store.Meter, rec Record) error {
 	if rec.Reservation != nil {
 		r := *rec.Reservation
 		r.Replay = true

@@ -1,0 +1,91 @@
+package redisstore
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"strings"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Data loss: a Redis restarted without persistence (or flushed) comes back
+// empty while the Caddy instances keep running. The seed marker lets them
+// notice: whoever stores the configured customers and keys first claims the
+// marker (Pseeded) with a random token, and every instance remembers the
+// token it saw after its own seeding. A marker that is gone, or carries
+// another token, means the data this instance stored may be gone too.
+
+func (s *Store) seedKey() string { return s.prefix + "seeded" }
+
+// SeedMarker returns the seed marker's token, "" when there is none.
+func (s *Store) SeedMarker(ctx context.Context) (string, error) {
+	var token string
+	err := s.call(ctx, func(ctx context.Context) error {
+		v, err := s.client.Get(ctx, s.seedKey()).Result()
+		if errors.Is(err, redis.Nil) {
+			return nil
+		}
+		token = v
+		return err
+	})
+	return token, err
+}
+
+// ClaimSeedMarker sets the seed marker to token unless there is one, and
+// returns the marker's token (token, or the one already there).
+func (s *Store) ClaimSeedMarker(ctx context.Context, token string) (string, error) {
+	if token == "" {
+		return "", errors.New("redisstore: empty seed marker token")
+	}
+	var got string
+	err := s.call(ctx, func(ctx context.Context) error {
+		v, err := keySecretScript.Run(ctx, s.client, []string{s.seedKey()}, token).Text()
+		got = v
+		return err
+	})
+	return got, err
+}
+
+// Persistence is what a Redis server says about keeping its data on disk.
+type Persistence struct {
+	// AOF is true when the append-only file is on.
+	AOF bool
+	// RDB is true when snapshots are scheduled (save points configured).
+	RDB bool
+	// Known is false when the server refused CONFIG GET (managed Redis
+	// services often do) and INFO did not settle the question: it then
+	// reports only AOF.
+	Known bool
+}
+
+// Persistence asks Redis whether it persists its data: CONFIG GET save and
+// appendonly, or, where CONFIG is refused, INFO persistence. It bypasses
+// the circuit breaker: a refused command says nothing about availability.
+func (s *Store) Persistence(ctx context.Context) (Persistence, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.opTimeout)
+	defer cancel()
+	var p Persistence
+	save, err1 := s.client.ConfigGet(ctx, "save").Result()
+	aof, err2 := s.client.ConfigGet(ctx, "appendonly").Result()
+	if err1 == nil && err2 == nil {
+		p.RDB = strings.TrimSpace(save["save"]) != ""
+		p.AOF = aof["appendonly"] == "yes"
+		p.Known = true
+		return p, nil
+	}
+	info, err := s.client.Info(ctx, "persistence").Result()
+	if err != nil {
+		return p, err
+	}
+	sc := bufio.NewScanner(strings.NewReader(info))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "aof_enabled:"); ok {
+			p.AOF = v == "1"
+		}
+	}
+	// Without CONFIG, snapshots cannot be told apart from none; with the
+	// AOF on, the answer does not matter.
+	p.Known = p.AOF
+	return p, nil
+}
