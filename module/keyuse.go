@@ -74,8 +74,12 @@ func (u *keyUses) flush(ctx context.Context, st store.Store, now time.Time) (int
 		switch {
 		case used > s.flushed && now.Sub(s.written) >= interval:
 			due[id] = time.Unix(used, 0).UTC()
-		case used == s.flushed && now.Sub(time.Unix(used, 0)) > time.Hour:
-			delete(u.slots, id) // a later lookup makes a new slot
+		case used != 0 && used == s.flushed && now.Sub(time.Unix(used, 0)) > time.Hour:
+			// A lookup cached since (at most registryTTL old) would
+			// have been used within the hour, so none holds this slot
+			// but a stale one kept for a store outage; the next lookup
+			// makes a new slot.
+			delete(u.slots, id)
 		}
 	}
 	if len(due) == 0 {
