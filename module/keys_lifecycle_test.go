@@ -374,3 +374,34 @@ func testConfigKeyExpires(t *testing.T, cfg testConfig) {
 		t.Errorf("after declaring a new expiry the key expires at %v, want %v", k.ExpiresAt, later)
 	}
 }
+
+// TestKeyExpiryDuringStoreOutage: with Redis gone, a key cached before
+// the outage is still refused from its expiry on (the cached lookup knows
+// the expiry), while the tier's on_store_error allow serves it before.
+func TestKeyExpiryDuringStoreOutage(t *testing.T) {
+	port := freePort(t)
+	stop := startRedis(t, port)
+	const key = "outage-dated-key-0123456789"
+	expiry := time.Now().UTC().Add(2 * time.Hour).Truncate(time.Second)
+	newTester(t, testConfig{
+		storeLine: fmt.Sprintf("redis redis://127.0.0.1:%d/0", port),
+		extra: fmt.Sprintf(`tier allow_tier {
+			rate 100/hour
+			on_store_error allow
+		}
+		customer c_allow tier allow_tier
+		key %s c_allow expires %s`, key, expiry.Format(time.RFC3339)),
+	})
+	if r := call(t, "/v1/x", key); r.status != http.StatusOK { // cached
+		t.Fatalf("before the outage: %d %s", r.status, r.body)
+	}
+	stop()
+	// Past the cache's own lifetime, so the lookup must fall back to the
+	// last one seen.
+	freezeClock(t, expiry.Add(-time.Second))
+	if r := call(t, "/v1/x", key); r.status != http.StatusOK {
+		t.Fatalf("during the outage, before the expiry: %d %s", r.status, r.body)
+	}
+	freezeClock(t, expiry)
+	wantExpired(t, call(t, "/v1/x", key), expiry)
+}
