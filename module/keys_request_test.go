@@ -10,6 +10,8 @@ import (
 	"unicode"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
 // TestProvisionChecksKeyExpiry: JSON configuration gets the Caddyfile's
@@ -72,6 +74,26 @@ func FuzzDecodeKeyRequest(f *testing.F) {
 			if edit.overlap < 0 {
 				t.Fatalf("accepted an overlap of %v", edit.overlap)
 			}
+		}
+	})
+}
+
+// BenchmarkKeyLifecycleOnRequest is what the key lifecycle adds to an
+// authenticated request: the expiry check on the cached lookup and the
+// in-memory last-use record, from all goroutines on one key (the
+// contended case).
+func BenchmarkKeyLifecycleOnRequest(b *testing.B) {
+	uses := newKeyUses()
+	k := store.Key{ID: "key_0123456789abcdef", ExpiresAt: time.Now().Add(time.Hour)}
+	slot := uses.slot(k.ID)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			now := clockNow()
+			if k.Expired(now) {
+				b.Fatal("expired")
+			}
+			slot.record(now)
 		}
 	})
 }
