@@ -17,40 +17,26 @@ func freezeClock(t *testing.T, at time.Time) {
 	t.Cleanup(func() { frozenClock.Store(nil) })
 }
 
-// keyJSON is a key as the admin API shows it.
-type keyJSON struct {
-	ID         string     `json:"id"`
-	Key        string     `json:"key"`
-	Name       string     `json:"name"`
-	Prefix     string     `json:"prefix"`
-	CreatedAt  time.Time  `json:"created_at"`
-	ExpiresAt  *time.Time `json:"expires_at"`
-	RevokedAt  *time.Time `json:"revoked_at"`
-	LastUsedAt *time.Time `json:"last_used_at"`
-	Status     string     `json:"status"`
-	Replaces   string     `json:"replaces"`
-}
-
-func decodeKey(t *testing.T, r response, want int) keyJSON {
+func decodeKey(t *testing.T, r response, want int) keyView {
 	t.Helper()
 	if r.status != want {
 		t.Fatalf("status %d, want %d: %s", r.status, want, r.body)
 	}
-	var k keyJSON
+	var k keyView
 	if err := json.Unmarshal([]byte(r.body), &k); err != nil {
 		t.Fatalf("key JSON: %v: %s", err, r.body)
 	}
 	return k
 }
 
-func listKeys(t *testing.T, customer string) map[string]keyJSON {
+func listKeys(t *testing.T, customer string) map[string]keyView {
 	t.Helper()
 	r := admin(t, http.MethodGet, "/api_monetize/customers/"+customer+"/keys", "")
-	var list []keyJSON
+	var list []keyView
 	if r.status != http.StatusOK || json.Unmarshal([]byte(r.body), &list) != nil {
 		t.Fatalf("list keys: %d %s", r.status, r.body)
 	}
-	byID := make(map[string]keyJSON, len(list))
+	byID := make(map[string]keyView, len(list))
 	for _, k := range list {
 		if k.Key != "" {
 			t.Errorf("the key list shows a key itself: %s", r.body)

@@ -48,7 +48,7 @@ func testKeyExpiringNotifications(t *testing.T, storeLines string) {
 
 	now := time.Now().UTC().Truncate(time.Second)
 	expiry := now.Add(30 * 24 * time.Hour)
-	create := func(customer, body string) keyJSON {
+	create := func(customer, body string) keyView {
 		return decodeKey(t, admin(t, http.MethodPost, "/api_monetize/customers/"+customer+"/keys", body), http.StatusCreated)
 	}
 	month := create("acme", `{"name":"ci","expires_at":"`+expiry.Format(time.RFC3339)+`"}`)
