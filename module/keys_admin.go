@@ -269,14 +269,21 @@ func (a *App) updateKey(ctx context.Context, st store.Store, id string, ch store
 	return k, nil
 }
 
-// revokeKeyAs revokes a key, recording who did it.
+// revokeKeyAs revokes a key, recording who did it (once: revoking a
+// revoked key again changes nothing and records nothing).
 func (a *App) revokeKeyAs(ctx context.Context, st store.Store, id, actor, remote string) (store.Key, error) {
+	before, err := st.KeyByID(ctx, id)
+	if err != nil {
+		return store.Key{}, err
+	}
 	k, err := st.RevokeKey(ctx, id)
 	if err != nil {
 		return store.Key{}, err
 	}
 	a.shared.registry.invalidate()
-	a.audit(ctx, st, auditEntry{Actor: actor, RemoteAddr: remote, Action: auditKeyRevoked, KeyID: k.ID, Customer: k.CustomerID, Name: k.Name})
+	if before.Active() {
+		a.audit(ctx, st, auditEntry{Actor: actor, RemoteAddr: remote, Action: auditKeyRevoked, KeyID: k.ID, Customer: k.CustomerID, Name: k.Name})
+	}
 	return k, nil
 }
 
