@@ -50,8 +50,12 @@ func (u *keyUses) slot(keyID string) *keyUse {
 }
 
 // record notes a use at now: one atomic load per request, and a store
-// only when the second changed.
+// only when the second changed. A lookup made without a slot (nil) records
+// nothing.
 func (s *keyUse) record(now time.Time) {
+	if s == nil {
+		return
+	}
 	sec := now.Unix()
 	for {
 		old := s.used.Load()
