@@ -16,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/store/boltstore"
 )
 
 // lifecycleCaddyfile is the shared configuration of the multi-instance
@@ -212,5 +213,35 @@ func testKeyLastUseUnderLoad(t *testing.T, instances ...func(app *App)) {
 	}
 	if !k.LastUsedAt.Equal(last) {
 		t.Errorf("stored last use %v, want %v (the last request's second)", k.LastUsedAt, last)
+	}
+}
+
+// TestKeyLastUseWrittenOnStop: the app writes the last uses it holds when
+// it stops (a shutdown, or the old config of a reload), so a use is not
+// lost for want of a minute.
+func TestKeyLastUseWrittenOnStop(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	at := time.Now().UTC().Truncate(time.Second).Add(-time.Hour)
+	freezeClock(t, at)
+	h, stop := benchHandler(t, func(app *App) { app.StorePath = path })
+	r := httptest.NewRequest(http.MethodGet, "/v1/items", nil)
+	r.Header.Set("X-API-Key", "bench-key-0123456789abcdef")
+	caddyhttp.NewTestReplacer(r)
+	w := httptest.NewRecorder()
+	if err := h.ServeHTTP(w, r, caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error { return nil })); err != nil || w.Code != http.StatusOK {
+		t.Fatalf("status %d, err %v", w.Code, err)
+	}
+	stop()
+	st, err := boltstore.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	keys, err := st.ListKeys(t.Context(), "acme")
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("ListKeys = %v, %v", keys, err)
+	}
+	if !keys[0].LastUsedAt.Equal(at) {
+		t.Errorf("last use after stop = %v, want %v", keys[0].LastUsedAt, at)
 	}
 }
