@@ -22,8 +22,6 @@ import (
 // before its expiry gets only the 1-day one, and a revoked key none.
 func TestKeyExpiringNotifications(t *testing.T) {
 	fastNotify()
-	defer keyExpiryScanInterval.Store(keyExpiryScanInterval.Load())
-	keyExpiryScanInterval.Store(int64(time.Millisecond))
 	t.Run("embedded", func(t *testing.T) {
 		testKeyExpiringNotifications(t, "store_path "+filepath.Join(t.TempDir(), "store.db"))
 	})
@@ -138,5 +136,75 @@ func testKeyExpiringNotifications(t *testing.T, storeLines string) {
 	}
 	if all := listed(t, testAdminBase, "?customer=acme"); len(all) != 6 { // 2 notices × (2 webhooks + email)
 		t.Errorf("acme has %d notifications listed, want 6", len(all))
+	}
+}
+
+// TestKeyExpiringAcrossInstancesAndReload: two Caddy processes on one
+// Redis both scan for keys about to expire and are both reloaded while
+// the notices go out; each channel receives each notice exactly once.
+func TestKeyExpiringAcrossInstancesAndReload(t *testing.T) {
+	t.Setenv(envNotifyFast, "1")
+	secret := notifyEnv(t)
+	hookA := notifytest.NewReceiver(t, secret, 1)
+	hookB := notifytest.NewReceiver(t, notifyBadSecret, 0)
+	smtpSrv := notifytest.NewSMTPServer(t, notifytest.SMTPOptions{User: "mailer", Password: "mail-password"})
+	storeLines := "redis " + testRedisURL + "\n\t\tredis_prefix " + redisTestPrefix(t)
+	variant := func(extra string) func(adminPort, httpPort int) string {
+		return func(adminPort, httpPort int) string {
+			return notifyConfig(adminPort, httpPort, storeLines, hookA.URL, hookB.URL, smtpSrv.Addr, extra)
+		}
+	}
+	procs := []*caddyProcess{launchCaddy(t, "caddy1", variant("")), launchCaddy(t, "caddy2", variant(""))}
+	for _, p := range procs {
+		p.waitServing(t)
+	}
+	soon := time.Now().UTC().Add(3 * 24 * time.Hour).Truncate(time.Second).Format(time.RFC3339)
+	var ids []string
+	for i, customer := range []string{"acme", "late", "quiet"} {
+		p := procs[i%2]
+		k := decodeKey(t, do(t, http.MethodPost, p.adminBase+"/api_monetize/customers/"+customer+"/keys", nil, `{"expires_at":"`+soon+`"}`), http.StatusCreated)
+		ids = append(ids, k.ID+"/7d")
+		if i == 1 {
+			for _, p := range procs { // reload both while the notices are created and sent
+				p.load(t, variant("cost /v1/other 2")(p.adminPort, p.httpPort))
+			}
+		}
+	}
+	slices.Sort(ids)
+	waitFor(t, 30*time.Second, "every notice on both webhooks and by email", func() bool {
+		a, _ := hookA.Accepted()
+		b, _ := hookB.Accepted()
+		return len(a) >= len(ids) && len(b) >= len(ids) && len(smtpSrv.Mails()) >= 2
+	})
+	// A sentinel key, created after all that, is announced after anything
+	// still on its way.
+	sentinel := decodeKey(t, do(t, http.MethodPost, procs[1].adminBase+"/api_monetize/customers/quiet/keys", nil, `{"expires_at":"`+soon+`"}`), http.StatusCreated)
+	ids = append(ids, sentinel.ID+"/7d")
+	slices.Sort(ids)
+	waitFor(t, 30*time.Second, "the sentinel's notice", func() bool {
+		a, _ := hookA.Accepted()
+		b, _ := hookB.Accepted()
+		return len(a) >= len(ids) && len(b) >= len(ids)
+	})
+	for name, r := range map[string]*notifytest.Receiver{"webhook A": hookA, "webhook B": hookB} {
+		unique, total := r.Accepted()
+		var got []string
+		for _, d := range unique {
+			var p notify.KeyExpiringPayload
+			if err := json.Unmarshal(d.Body, &p); err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, p.Data.KeyID+"/"+p.Data.Notice)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, ids) || total != len(unique) {
+			t.Errorf("%s accepted %v in %d deliveries; want each of %v once", name, got, total, ids)
+		}
+		if bad := r.Invalid(); len(bad) > 0 {
+			t.Errorf("%s: signatures that did not verify: %v", name, bad)
+		}
+	}
+	if n := len(smtpSrv.Mails()); n != 2 { // acme and late have addresses, quiet none
+		t.Errorf("%d mails, want 2", n)
 	}
 }
