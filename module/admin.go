@@ -10,7 +10,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
-	"github.com/apimonetize/caddy-api-monetize/apikey"
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
@@ -48,8 +47,12 @@ func (a *adminAPI) Provision(ctx caddy.Context) error {
 	mux.HandleFunc("GET /api_monetize/customers/{id}", a.getCustomer)
 	mux.HandleFunc("PUT /api_monetize/customers/{id}/tier", a.writable(a.setTier))
 	mux.HandleFunc("GET /api_monetize/customers/{id}/keys", a.listKeys)
-	mux.HandleFunc("POST /api_monetize/customers/{id}/keys", a.writable(a.issueKey))
+	mux.HandleFunc("POST /api_monetize/customers/{id}/keys", a.writable(a.createKey))
+	mux.HandleFunc("GET /api_monetize/keys/{id}", a.getKey)
+	mux.HandleFunc("PATCH /api_monetize/keys/{id}", a.writable(a.patchKey))
+	mux.HandleFunc("POST /api_monetize/keys/{id}/roll", a.writable(a.rollKey))
 	mux.HandleFunc("DELETE /api_monetize/keys/{id}", a.writable(a.revokeKey))
+	mux.HandleFunc("GET /api_monetize/audit", a.listAudit)
 	mux.HandleFunc("GET /api_monetize/customers/{id}/usage", a.usage)
 	mux.HandleFunc("GET /api_monetize/thresholds", a.thresholds)
 	mux.HandleFunc("GET /api_monetize/customers/{id}/thresholds", a.thresholds)
@@ -94,17 +97,36 @@ type customerView struct {
 
 // keyView is a key as the admin API lists it: never the key or its hash.
 type keyView struct {
-	ID         string    `json:"id"`
-	CustomerID string    `json:"customer_id"`
-	Prefix     string    `json:"prefix"`
-	CreatedAt  time.Time `json:"created_at"`
-	RevokedAt  time.Time `json:"revoked_at,omitzero"`
+	ID         string     `json:"id"`
+	CustomerID string     `json:"customer_id"`
+	Prefix     string     `json:"prefix"`
+	Name       string     `json:"name"`
+	CreatedAt  time.Time  `json:"created_at"`
+	ExpiresAt  *time.Time `json:"expires_at"`
+	RevokedAt  *time.Time `json:"revoked_at"`
+	LastUsedAt *time.Time `json:"last_used_at"`
+	// Status is active, expiring (within 7 days), expired or revoked.
+	Status string `json:"status"`
 	// Key is the key itself, present only in the response that issued it.
 	Key string `json:"key,omitempty"`
+	// Replaces is the key a roll replaced, in the roll's response.
+	Replaces string `json:"replaces,omitempty"`
 }
 
 func newKeyView(k store.Key) keyView {
-	return keyView{ID: k.ID, CustomerID: k.CustomerID, Prefix: k.Prefix, CreatedAt: k.CreatedAt, RevokedAt: k.RevokedAt}
+	return keyView{
+		ID: k.ID, CustomerID: k.CustomerID, Prefix: k.Prefix, Name: k.Name, CreatedAt: k.CreatedAt,
+		ExpiresAt: timeOrNil(k.ExpiresAt), RevokedAt: timeOrNil(k.RevokedAt), LastUsedAt: timeOrNil(k.LastUsedAt),
+		Status: k.Status(clockNow()),
+	}
+}
+
+// timeOrNil is nil for the zero time, so that JSON shows null.
+func timeOrNil(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
 }
 
 var customerIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$`)
@@ -238,50 +260,16 @@ func (a *adminAPI) listKeys(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, views)
 }
 
-func (a *adminAPI) issueKey(w http.ResponseWriter, r *http.Request) {
-	st, ok := a.store(w)
-	if !ok {
-		return
-	}
-	ctx := r.Context()
-	c, err := st.GetCustomer(ctx, r.PathValue("id"))
-	if err != nil {
-		writeStoreError(w, err)
-		return
-	}
-	hasher, err := a.app.hasher(ctx)
-	if err != nil {
-		writeStoreError(w, err)
-		return
-	}
-	key := apikey.Generate()
-	hash := hasher.Hash(key)
-	k, err := st.PutKey(ctx, store.Key{
-		ID: apikey.ID(hash), Hash: hash, CustomerID: c.ID,
-		Prefix: apikey.DisplayPrefix(key), CreatedAt: time.Now().UTC(),
-	})
-	if err != nil {
-		writeStoreError(w, err)
-		return
-	}
-	a.app.shared.registry.invalidate()
-	v := newKeyView(k)
-	v.Key = key
-	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, http.StatusCreated, v)
-}
-
 func (a *adminAPI) revokeKey(w http.ResponseWriter, r *http.Request) {
 	st, ok := a.store(w)
 	if !ok {
 		return
 	}
-	k, err := st.RevokeKey(r.Context(), r.PathValue("id"))
+	k, err := a.app.revokeKeyAs(r.Context(), st, r.PathValue("id"), actorAdminAPI, r.RemoteAddr)
 	if err != nil {
 		writeStoreError(w, err)
 		return
 	}
-	a.app.shared.registry.invalidate()
 	writeJSON(w, http.StatusOK, newKeyView(k))
 }
 

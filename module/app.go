@@ -203,6 +203,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.sharedKey = key
 	a.shared = val.(*shared)
+	a.tasks = append(a.tasks, a.keyUseLoop)
 	if err := a.provisionStripe(ctx); err != nil {
 		return err
 	}
@@ -258,6 +259,9 @@ func (a *App) checkCustomers(repl *caddy.Replacer) error {
 	for i, k := range a.Keys {
 		if !customers[k.Customer] {
 			return fmt.Errorf("key #%d: unknown customer %q", i+1, k.Customer)
+		}
+		if _, err := parseKeyExpiry(k.Expires); err != nil {
+			return fmt.Errorf("key #%d of customer %q: %v", i+1, k.Customer, err)
 		}
 		key := repl.ReplaceAll(k.Key, "")
 		if err := apikey.Check(key); err != nil {
@@ -432,15 +436,21 @@ func (a *App) syncConfig(ctx context.Context) error {
 		key := repl.ReplaceAll(k.Key, "")
 		hash := hasher.Hash(key)
 		declared[hash] = true
-		if _, err := st.PutKey(ctx, store.Key{
+		expires, _ := parseKeyExpiry(k.Expires) // checked in Provision
+		stored, err := st.PutKey(ctx, store.Key{
 			ID: apikey.ID(hash), Hash: hash, CustomerID: k.Customer,
 			Prefix: apikey.DisplayPrefix(key), CreatedAt: now, FromConfig: true,
-		}); err != nil {
+			ExpiresAt: expires, ConfigExpiresAt: expires,
+		})
+		if err != nil {
 			return fmt.Errorf("storing a key of customer %q: %w", k.Customer, err)
+		}
+		if stored.CreatedAt.Equal(now) {
+			a.audit(ctx, st, auditEntry{Actor: actorConfig, Action: auditKeyCreated, KeyID: stored.ID, Customer: stored.CustomerID, ExpiresAt: stored.ExpiresAt})
 		}
 	}
 	if !a.removedKeysRevoked {
-		if err := revokeUndeclaredKeys(ctx, st, declared); err != nil {
+		if err := a.revokeUndeclaredKeys(ctx, st, declared); err != nil {
 			return err
 		}
 		// Revoked keys stop working at once here; other processes learn
@@ -454,7 +464,7 @@ func (a *App) syncConfig(ctx context.Context) error {
 // revokeUndeclaredKeys revokes the keys an earlier configuration declared
 // and this one no longer does. Only a starting app calls it, so an old
 // config still running during a reload never revokes the new config's keys.
-func revokeUndeclaredKeys(ctx context.Context, st store.Store, declared map[string]bool) error {
+func (a *App) revokeUndeclaredKeys(ctx context.Context, st store.Store, declared map[string]bool) error {
 	customers, err := st.ListCustomers(ctx)
 	if err != nil {
 		return fmt.Errorf("listing customers: %w", err)
@@ -469,6 +479,7 @@ func revokeUndeclaredKeys(ctx context.Context, st store.Store, declared map[stri
 				if _, err := st.RevokeKey(ctx, k.ID); err != nil {
 					return fmt.Errorf("revoking removed key %s: %w", k.ID, err)
 				}
+				a.audit(ctx, st, auditEntry{Actor: actorConfig, Action: auditKeyRevoked, KeyID: k.ID, Customer: k.CustomerID})
 			}
 		}
 	}

@@ -71,6 +71,11 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time
 		invalidKey(w, r)
 		return caller{}, nil, false
 	}
+	if entry.key.Expired(now) {
+		expiredKey(w, r, entry.key.ExpiresAt)
+		return caller{}, nil, false
+	}
+	entry.use.record(now)
 	tier := a.tierByName[entry.customer.Tier]
 	if tier == nil {
 		if c := logger.Check(zapcore.WarnLevel, "customer is on a tier that is not configured"); c != nil {

@@ -559,10 +559,20 @@ func (p *appParser) key(d *caddyfile.Dispenser) error {
 	if err != nil {
 		return err
 	}
-	if len(args) != 2 {
-		return d.Errf("key: expected 'key <key> <customer id>' (2 arguments), got %d", len(args))
+	if len(args) != 2 && len(args) != 4 {
+		return d.Errf("key: expected 'key <key> <customer id> [expires <RFC 3339 date>]', got %d arguments", len(args))
 	}
 	key, customer := args[0], args[1]
+	expires := ""
+	if len(args) == 4 {
+		if args[2] != "expires" {
+			return d.Errf("key of customer %s: unexpected '%s'; only 'expires <RFC 3339 date>' may follow the customer id", customer, args[2])
+		}
+		if _, err := parseKeyExpiry(args[3]); err != nil {
+			return d.Errf("key of customer %s: %v", customer, err)
+		}
+		expires = args[3]
+	}
 	if !hasPlaceholder(key) {
 		if err := apikey.Check(key); err != nil {
 			return d.Errf("key of customer %s: not a usable API key: it needs at least %d characters, and one starting with %s must carry a valid checksum; better, use a placeholder such as {env.ACME_KEY}", customer, apikey.MinLength, apikey.Prefix)
@@ -573,7 +583,7 @@ func (p *appParser) key(d *caddyfile.Dispenser) error {
 	}
 	p.keys[key] = d.Token()
 	p.keyCustomers = append(p.keyCustomers, reference{name: customer, tok: d.Token()})
-	p.app.Keys = append(p.app.Keys, KeyConfig{Key: key, Customer: customer})
+	p.app.Keys = append(p.app.Keys, KeyConfig{Key: key, Customer: customer, Expires: expires})
 	return nil
 }
 

@@ -121,7 +121,7 @@ func TestParseAppAllOptions(t *testing.T) {
 		rate_limit_headers ietf
 		store_timeout 2s
 		key_secret 0123456789abcdef
-		key literal-demo-key-0123456789 acme
+		key literal-demo-key-0123456789 acme expires 2027-01-31T00:00:00Z
 		customer acme anchor 2026-02-28 tier metered email billing@acme.example stripe cus_123
 		tier metered {
 			price 12.345678/year
@@ -159,7 +159,7 @@ func TestParseAppAllOptions(t *testing.T) {
 			ID: "acme", Tier: "metered", StripeCustomerID: "cus_123",
 			Email: "billing@acme.example", Anchor: "2026-02-28",
 		}},
-		Keys: []KeyConfig{{Key: "literal-demo-key-0123456789", Customer: "acme"}},
+		Keys: []KeyConfig{{Key: "literal-demo-key-0123456789", Customer: "acme", Expires: "2027-01-31T00:00:00Z"}},
 	}
 	if g, w := mustJSON(t, got), mustJSON(t, want); g != w {
 		t.Errorf("got\n%s\nwant\n%s", g, w)
@@ -453,8 +453,10 @@ func TestParseAppErrors(t *testing.T) {
 		{"customer block", "api_monetize {\n\tcustomer acme tier free {\n\t}\n}", 2, "takes no block", ""},
 		{"customer twice", "api_monetize {\n\ttier free\n\tcustomer acme tier free\n\tcustomer acme tier free\n}", 4, "customer 'acme' is declared twice (first at Testfile:3)", ""},
 		{"customer unknown tier", "api_monetize {\n\ttier free\n\ttier pro\n\n\tcustomer acme tier gold\n}", 5, "unknown tier 'gold'; declared tiers: free, pro", ""},
-		{"key one arg", "api_monetize {\n\tkey {env.K}\n}", 2, "2 arguments", ""},
-		{"key three args", "api_monetize {\n\tkey {env.K} acme extra\n}", 2, "2 arguments", ""},
+		{"key one arg", "api_monetize {\n\tkey {env.K}\n}", 2, "expected 'key <key> <customer id> [expires <RFC 3339 date>]', got 1 arguments", ""},
+		{"key three args", "api_monetize {\n\tkey {env.K} acme extra\n}", 2, "got 3 arguments", ""},
+		{"key expires not a date", "api_monetize {\n\ttier free\n\tkey {env.K} acme expires 2027-01-31\n}", 3, `key of customer acme: expires: expected an RFC 3339 date such as 2027-01-31T00:00:00Z, got "2027-01-31"`, ""},
+		{"key until", "api_monetize {\n\tkey {env.K} acme until 2027-01-31T00:00:00Z\n}", 2, "unexpected 'until'; only 'expires <RFC 3339 date>' may follow the customer id", ""},
 		{"key literal short", "api_monetize {\n\tkey sh0rt-k3y acme\n}", 2, "at least 20 characters", "sh0rt-k3y"},
 		{"key literal bad checksum", "api_monetize {\n\tkey am_live_0123456789abcdefghijklmnopqrstuv_ABCDEF acme\n}", 2, "valid checksum", "0123456789abcdef"},
 		{"key twice", "api_monetize {\n\ttier free\n\tcustomer acme tier free\n\tkey literal-demo-key-0123456789 acme\n\tkey literal-demo-key-0123456789 acme\n}", 5, "the same key is declared twice (first at Testfile:4)", "literal-demo-key"},

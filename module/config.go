@@ -101,6 +101,11 @@ type KeyConfig struct {
 	Key string `json:"key"`
 	// Customer is the id of the customer the key belongs to.
 	Customer string `json:"customer"`
+	// Expires, when set, is when the key stops working: an RFC 3339 date
+	// (e.g. 2027-01-31T00:00:00Z). A runtime change (a roll, or PATCH on
+	// the admin API) is kept until the configuration declares another
+	// expiry.
+	Expires string `json:"expires,omitempty"`
 }
 
 // Cost assigns a cost in units to requests whose path matches Path.

@@ -93,7 +93,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // settles the cost once the response is known.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	app := h.app
-	now := time.Now()
+	now := clockNow()
 	c, st, ok := app.authenticate(w, r, now, h.KeyFrom, h.logger)
 	if !ok {
 		return nil

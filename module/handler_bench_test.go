@@ -19,7 +19,7 @@ import (
 // server, so a benchmark measures the plugin's own CPU per request: key
 // check and lookup, endpoint check, reservation against the rate limit and
 // the quota, metering headers and settlement of a billable response.
-func benchHandler(b *testing.B, storeLine func(app *App)) (*Handler, func()) {
+func benchHandler(b testing.TB, storeLine func(app *App)) (*Handler, func()) {
 	b.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	app := &App{

@@ -20,14 +20,25 @@ import (
 
 // Integration tests run one in-process Caddy per test binary (caddytest),
 // on a private admin port; each InitServer is a real config reload.
+// Their ports move by API_MONETIZE_TEST_PORT_OFFSET, so that test runs of
+// several working copies on one machine do not answer each other.
+var (
+	testAdminPort = 2991 + testPortOffset()
+	testHTTPPort  = 9381 + testPortOffset()
+	testBase      = fmt.Sprintf("http://127.0.0.1:%d", testHTTPPort)
+	testAdminBase = fmt.Sprintf("http://localhost:%d", testAdminPort)
+)
+
+// testPortOffset reads API_MONETIZE_TEST_PORT_OFFSET (default 0).
+func testPortOffset() int {
+	n, _ := strconv.Atoi(os.Getenv("API_MONETIZE_TEST_PORT_OFFSET"))
+	return n
+}
+
 const (
-	testAdminPort = 2991
-	testHTTPPort  = 9381
-	testBase      = "http://127.0.0.1:9381"
-	testAdminBase = "http://localhost:2991"
-	freeKey       = "free-key-0123456789abcdef"
-	proKey        = "pro-key-0123456789abcdef"
-	entKey        = "enterprise-key-0123456789"
+	freeKey = "free-key-0123456789abcdef"
+	proKey  = "pro-key-0123456789abcdef"
+	entKey  = "enterprise-key-0123456789"
 )
 
 // envRunCaddy makes the test binary run as a Caddy process (args from

@@ -63,8 +63,12 @@ type notification struct {
 	Channel string `json:"channel"`
 	// Target is the webhook URL or the email address.
 	Target string `json:"target"`
-	// Event is the threshold event notified.
+	// Event is the threshold event notified. For other types only its ID,
+	// Subject (the customer) and At are set.
 	Event store.ThresholdEvent `json:"event"`
+	// Type is empty for a threshold notification, else the payload's type
+	// (notify.KeyExpiringType).
+	Type string `json:"type,omitempty"`
 	// Payload is the JSON body, fixed when the notification is created so
 	// that every attempt sends the same bytes.
 	Payload json.RawMessage `json:"payload"`
@@ -95,6 +99,8 @@ type notifier struct {
 	// new events are written.
 	mu      sync.Mutex
 	created map[string]bool
+	// keyScan announces keys about to expire (see keyexpiry.go).
+	keyScan keyExpiryScan
 }
 
 // provisionNotify validates the notification channels and adds the
@@ -186,6 +192,9 @@ func (n *notifier) tick(ctx context.Context) {
 	if err := n.createAll(ctx, st); err != nil && ctx.Err() == nil {
 		n.logger.Error("could not create notifications", zap.Error(err))
 	}
+	if err := n.announceExpiringKeys(ctx, st); err != nil && ctx.Err() == nil {
+		n.logger.Error("could not create key expiry notifications", zap.Error(err))
+	}
 	if err := n.deliverDue(ctx, st); err != nil && ctx.Err() == nil {
 		n.logger.Error("could not deliver notifications", zap.Error(err))
 	}
@@ -227,7 +236,13 @@ func (n *notifier) create(ctx context.Context, st store.Store, ev store.Threshol
 	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
-	payload := n.app.notificationPayload(c, ev).Marshal()
+	return n.write(ctx, st, c, ev, "", n.app.notificationPayload(c, ev).Marshal())
+}
+
+// write stores one notification of an event per channel: every webhook,
+// and email when the customer has an address. typ is "" for threshold
+// events, else the payload's type.
+func (n *notifier) write(ctx context.Context, st store.Store, c store.Customer, ev store.ThresholdEvent, typ string, payload []byte) error {
 	now := time.Now().UTC()
 	targets := make(map[string]string, len(n.channels)+1)
 	chans := slices.Clone(n.channels)
@@ -240,7 +255,7 @@ func (n *notifier) create(ctx context.Context, st store.Store, ev store.Threshol
 	}
 	for _, ch := range chans {
 		nt := notification{
-			ID: ev.ID + "|" + ch, Channel: ch, Target: targets[ch], Event: ev, Payload: payload,
+			ID: ev.ID + "|" + ch, Channel: ch, Target: targets[ch], Event: ev, Type: typ, Payload: payload,
 			State: statePending, CreatedAt: now, NextTry: now,
 		}
 		if _, err := putNotification(ctx, st, nt, true); err != nil {
@@ -387,6 +402,9 @@ func (n *notifier) send(ctx context.Context, nt notification, at time.Time) erro
 	if nt.Channel == channelEmail {
 		if n.email == nil {
 			return errors.New("email is no longer configured")
+		}
+		if nt.Type == notify.KeyExpiringType {
+			return n.sendKeyExpiringEmail(ctx, nt)
 		}
 		var p notify.Payload
 		if err := json.Unmarshal(nt.Payload, &p); err != nil {

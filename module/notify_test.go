@@ -36,13 +36,14 @@ func init() {
 
 var fastNotifyOnce sync.Once
 
-// fastNotify shortens the notifier's timings: it runs every 20ms and gives
-// up on a delivery after 2s. Call it before any notifier runs.
+// fastNotify shortens the notifier's timings: it runs (and scans keys for
+// expiry notices) every 20ms and gives up on a delivery after 2s. Call it before any notifier runs.
 func fastNotify() {
 	fastNotifyOnce.Do(func() {
 		notifyInterval = 20 * time.Millisecond
 		notifyLeaseTTL = 3 * time.Second
 		notifyRetry = notify.Retry{Base: 30 * time.Millisecond, Max: 120 * time.Millisecond, GiveUp: 2 * time.Second}
+		keyExpiryScanInterval.Store(int64(20 * time.Millisecond))
 	})
 }
 

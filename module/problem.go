@@ -16,12 +16,14 @@ const (
 	problemTypeBase           = "https://github.com/apimonetize/caddy-api-monetize#problem-"
 	problemMissingKey         = problemTypeBase + "missing-api-key"
 	problemInvalidKey         = problemTypeBase + "invalid-api-key"
+	problemExpiredKey         = problemTypeBase + "expired-api-key"
 	problemEndpointNotInTier  = problemTypeBase + "endpoint-not-in-tier"
 	problemTierNotConfigured  = problemTypeBase + "tier-not-configured"
 	problemCostExceedsBurst   = problemTypeBase + "cost-exceeds-burst"
 	problemContentTypeHeader  = "application/problem+json"
 	authenticateMissingHeader = `Bearer realm="api", charset="UTF-8"`
 	authenticateInvalidHeader = `Bearer realm="api", error="invalid_token", error_description="unknown or revoked API key"`
+	authenticateExpiredHeader = `Bearer realm="api", error="invalid_token", error_description="expired API key"`
 )
 
 // problem is an RFC 9457 problem details body.

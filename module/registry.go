@@ -47,6 +47,8 @@ type registry struct {
 	// key; its error (wrapping store.ErrUnavailable when the store lost
 	// its data) replaces the miss.
 	verifyMiss func(ctx context.Context, st store.Store) error
+	// uses are the keys' last uses, for the store (see keyUses).
+	uses *keyUses
 }
 
 // digest is a key's HMAC-SHA256 (apikey.Hasher.Sum): the stored hash
@@ -64,6 +66,8 @@ type regEntry struct {
 	// (see Handler), built once per lookup so that a request only adds it
 	// to its replacer.
 	placeholders caddy.ReplacerFunc
+	// use records the key's uses; set when found.
+	use *keyUse
 }
 
 const (
@@ -73,7 +77,7 @@ const (
 )
 
 func newRegistry() *registry {
-	return &registry{entries: make(map[digest]regEntry), pending: make(map[digest]struct{}), wake: make(chan struct{}, 1)}
+	return &registry{entries: make(map[digest]regEntry), pending: make(map[digest]struct{}), wake: make(chan struct{}, 1), uses: newKeyUses()}
 }
 
 // lookup returns the active key with this digest and its customer. found
@@ -99,6 +103,9 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 	if err != nil {
 		return regEntry{}, err
 	}
+	if e.found {
+		e.use = r.uses.slot(e.key.ID)
+	}
 
 	r.mu.Lock()
 	if r.gen == gen { // nothing changed while we were reading
@@ -113,7 +120,8 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 }
 
 // fetch looks hash up in the store: the active key and its customer, or an
-// entry with found false.
+// entry with found false. An expired key is found: the entry carries its
+// expiry, which authenticate enforces at the exact instant.
 func fetch(ctx context.Context, st store.Store, hash string, now time.Time) (regEntry, error) {
 	notFound := regEntry{expires: now.Add(registryNegativeTTL)}
 	k, err := st.KeyByHash(ctx, hash)

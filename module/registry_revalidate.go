@@ -76,6 +76,9 @@ func (r *registry) revalidate(ctx context.Context, st store.Store) error {
 			fctx, cancel := context.WithTimeout(ctx, revalidateTimeout)
 			e, err := fetch(fctx, st, hex.EncodeToString(sum[:]), time.Now())
 			cancel()
+			if err == nil && e.found {
+				e.use = r.uses.slot(e.key.ID) // its last use is recorded as lookup's are
+			}
 			if errors.Is(err, store.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
 				return err
 			}

@@ -53,7 +53,7 @@ func (u *UsageHandler) Provision(ctx caddy.Context) error {
 
 // ServeHTTP writes the caller's usage as JSON.
 func (u *UsageHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
-	c, st, ok := u.app.authenticate(w, r, time.Now(), u.KeyFrom, u.logger)
+	c, st, ok := u.app.authenticate(w, r, clockNow(), u.KeyFrom, u.logger)
 	if !ok {
 		return nil
 	}

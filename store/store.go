@@ -69,6 +69,16 @@ type Key struct {
 	// FromConfig marks a key declared in the configuration: it is revoked
 	// when a later configuration no longer declares it.
 	FromConfig bool `json:"from_config,omitempty"`
+	// Name is a label for humans (e.g. "ci"); it may be empty.
+	Name string `json:"name,omitempty"`
+	// ExpiresAt is when the key stops working; zero means never.
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// ConfigExpiresAt is the expiry the configuration last declared for
+	// this key (see MergeStored).
+	ConfigExpiresAt time.Time `json:"config_expires_at,omitzero"`
+	// LastUsedAt is the last use recorded by TouchKeys. Only KeyByID and
+	// ListKeys fill it in; it is not kept in the key's own record.
+	LastUsedAt time.Time `json:"-"`
 }
 
 // Active reports whether the key may still be used.
@@ -119,8 +129,9 @@ type Store interface {
 	SetTier(ctx context.Context, id, tier string) (Customer, error)
 
 	// PutKey stores a key. Storing a hash that exists updates its owner and
-	// FromConfig but keeps its CreatedAt and its revocation: a revoked key
-	// stays revoked.
+	// FromConfig but keeps its CreatedAt and its revocation (a revoked key
+	// stays revoked), and its name and expiry by the rule of
+	// Key.MergeStored.
 	PutKey(ctx context.Context, k Key) (Key, error)
 	// KeyByHash looks a key up by its hash.
 	KeyByHash(ctx context.Context, hash string) (Key, error)
@@ -129,6 +140,16 @@ type Store interface {
 	// RevokeKey marks a key revoked and returns it; revoking twice keeps the
 	// first revocation time.
 	RevokeKey(ctx context.Context, keyID string) (Key, error)
+	// KeyByID returns the key with this id, LastUsedAt included.
+	KeyByID(ctx context.Context, keyID string) (Key, error)
+	// UpdateKey applies ch to the key with this id atomically (see
+	// Key.Apply), announces the change like PutKey, and returns the key.
+	UpdateKey(ctx context.Context, keyID string, ch KeyChange) (Key, error)
+	// TouchKeys records key uses: for each key id, the stored LastUsedAt
+	// becomes the later of itself and the given time. Uses of ids that name
+	// no key are never reported. It is one write for the whole batch and, being
+	// no change to a key, does not wake Watch.
+	TouchKeys(ctx context.Context, uses map[string]time.Time) error
 
 	// Meter meters usage against quotas (see usage.go).
 	Meter

@@ -112,7 +112,7 @@ func Open(path string, opts ...Option) (*Store, error) {
 		return nil, fmt.Errorf("boltstore: open %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketCustomers, bucketKeys, bucketKeyIDs, bucketCustomerKeys, bucketMeta} {
+		for _, name := range [][]byte{bucketCustomers, bucketKeys, bucketKeyIDs, bucketCustomerKeys, bucketMeta, bucketKeyLastUsed} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -281,8 +281,7 @@ func (s *Store) PutKey(_ context.Context, k store.Key) (store.Key, error) {
 		var old store.Key
 		switch err := getJSON(keys, "key", k.Hash, &old); {
 		case err == nil:
-			k.CreatedAt = old.CreatedAt
-			k.RevokedAt = old.RevokedAt
+			k = k.MergeStored(old)
 			if old.ID != k.ID {
 				if err := ids.Delete([]byte(old.ID)); err != nil {
 					return err
@@ -344,6 +343,7 @@ func (s *Store) ListKeys(_ context.Context, customerID string) ([]store.Key, err
 			if err := getJSON(keys, "key", string(h), &k); err != nil {
 				return fmt.Errorf("boltstore: index of customer %q: %w", customerID, err)
 			}
+			k.LastUsedAt = lastUsed(tx, k.ID)
 			list = append(list, k)
 			return nil
 		})
@@ -365,20 +365,13 @@ func (s *Store) RevokeKey(_ context.Context, keyID string) (store.Key, error) {
 	var k store.Key
 	changed := false
 	err := s.update(func(tx *bolt.Tx) error {
-		h := tx.Bucket(bucketKeyIDs).Get([]byte(keyID))
-		if h == nil {
-			return fmt.Errorf("boltstore: key %q: %w", keyID, store.ErrNotFound)
-		}
-		keys := tx.Bucket(bucketKeys)
-		if err := getJSON(keys, "key", string(h), &k); err != nil {
+		var err error
+		if k, err = keyByID(tx, keyID); err != nil || !k.RevokedAt.IsZero() {
 			return err
-		}
-		if !k.RevokedAt.IsZero() {
-			return nil
 		}
 		k.RevokedAt = now()
 		changed = true
-		return putJSON(keys, k.Hash, k)
+		return putJSON(tx.Bucket(bucketKeys), k.Hash, k)
 	})
 	if err != nil {
 		return store.Key{}, err

@@ -558,8 +558,7 @@ func (s *Store) PutKey(ctx context.Context, k store.Key) (store.Key, error) {
 				if err := decode("key", k.Hash, data, old); err != nil {
 					return err
 				}
-				k.CreatedAt = old.CreatedAt
-				k.RevokedAt = old.RevokedAt
+				k = k.MergeStored(*old)
 			case errors.Is(err, redis.Nil):
 				if k.CreatedAt.IsZero() {
 					k.CreatedAt = now()
@@ -626,7 +625,7 @@ func (s *Store) ListKeys(ctx context.Context, customerID string) ([]store.Key, e
 			}
 			list = append(list, k)
 		}
-		return nil
+		return s.fillLastUsed(ctx, list)
 	})
 	if err != nil {
 		return nil, err
@@ -642,45 +641,11 @@ func (s *Store) ListKeys(ctx context.Context, customerID string) ([]store.Key, e
 
 // RevokeKey implements store.Store. Revoking a revoked key changes nothing.
 func (s *Store) RevokeKey(ctx context.Context, keyID string) (store.Key, error) {
-	var k store.Key
-	err := s.call(ctx, func(ctx context.Context) error {
-		hash, err := s.client.Get(ctx, s.keyIDKey(keyID)).Result()
-		if errors.Is(err, redis.Nil) {
-			return notFound("key", keyID)
+	return s.modifyKey(ctx, keyID, func(k *store.Key) bool {
+		if !k.RevokedAt.IsZero() {
+			return false
 		}
-		if err != nil {
-			return err
-		}
-		key := s.keyKey(hash)
-		return s.watchRetry(ctx, func(tx *redis.Tx) error {
-			data, err := tx.Get(ctx, key).Bytes()
-			if errors.Is(err, redis.Nil) {
-				return notFound("key", keyID)
-			}
-			if err != nil {
-				return err
-			}
-			k = store.Key{}
-			if err := decode("key", hash, data, &k); err != nil {
-				return err
-			}
-			if !k.RevokedAt.IsZero() {
-				return nil
-			}
-			k.RevokedAt = now()
-			if data, err = json.Marshal(k); err != nil {
-				return permanent{err}
-			}
-			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
-				p.Set(ctx, key, data, 0)
-				p.Publish(ctx, s.changesChannel(), "key")
-				return nil
-			})
-			return err
-		}, key)
+		k.RevokedAt = now()
+		return true
 	})
-	if err != nil {
-		return store.Key{}, err
-	}
-	return k, nil
 }

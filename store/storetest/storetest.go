@@ -43,6 +43,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 	t.Run("Customers", func(t *testing.T) { testCustomers(t, open) })
 	t.Run("UpsertConfigCustomer", func(t *testing.T) { testUpsert(t, open) })
 	t.Run("Keys", func(t *testing.T) { testKeys(t, open) })
+	t.Run("KeyLifecycle", func(t *testing.T) { testKeyLifecycle(t, open) })
 	t.Run("Admit", func(t *testing.T) { testAdmit(t, open) })
 	t.Run("Watch", func(t *testing.T) { testWatch(t, open) })
 }
@@ -115,6 +116,8 @@ func RunShared(t *testing.T, open func(t *testing.T) (a, b store.Store)) {
 			t.Errorf("allowed %d of 200 requests through two handles on a 100/hour burst 100 budget, want exactly 100", allowed)
 		}
 	})
+
+	t.Run("KeyLifecycleShared", func(t *testing.T) { testKeyLifecycleShared(t, open) })
 
 	t.Run("WatchAcrossHandles", func(t *testing.T) {
 		a, b := open(t)
@@ -680,6 +683,7 @@ func watchSteps(t *testing.T, w, r store.Store) {
 			return err
 		}},
 		{"PutKey", func() error { _, err := w.PutKey(ctx, k); return err }},
+		{"UpdateKey", func() error { name := "n"; _, err := w.UpdateKey(ctx, k.ID, store.KeyChange{Name: &name}); return err }},
 		{"RevokeKey", func() error { _, err := w.RevokeKey(ctx, k.ID); return err }},
 	}
 	for _, step := range steps {
