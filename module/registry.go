@@ -26,6 +26,8 @@ type registry struct {
 	// store's circuit breaker cools down).
 	stale map[digest]regEntry
 	gen   uint64
+	// inflight collapses concurrent lookups of one key.
+	inflight flights
 }
 
 // digest is a key's HMAC-SHA256 (apikey.Hasher.Sum): the stored hash
@@ -66,7 +68,9 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 		return e, nil
 	}
 
-	e, err := fetch(ctx, st, hex.EncodeToString(sum[:]), now)
+	e, err := r.inflight.do(ctx, sum, gen, func(ctx context.Context) (regEntry, error) {
+		return fetch(ctx, st, hex.EncodeToString(sum[:]), now)
+	})
 	if errors.Is(err, store.ErrUnavailable) {
 		if last, ok := r.last(sum); ok {
 			return last, nil

@@ -84,6 +84,11 @@ type shared struct {
 	// replay window of the origin whose records are still to be replayed.
 	origin      atomic.Pointer[originSeqs]
 	originStale atomic.Bool
+	// instanceID identifies this process in the store's instance
+	// heartbeats, and instances is how many instances the store last
+	// counted (see heartbeatLoop).
+	instanceID string
+	instances  atomic.Int64
 
 	secretMu sync.Mutex
 	hasher   atomic.Pointer[apikey.Hasher]
@@ -98,7 +103,7 @@ type storeBox struct{ store.Store }
 func newShared(open opener, spoolDir string) *shared {
 	s := &shared{
 		openFn: open, spoolDir: spoolDir, registry: newRegistry(), local: limiter.NewLocal(),
-		logger: zap.NewNop(),
+		logger: zap.NewNop(), instanceID: hex.EncodeToString(newSecret()[:8]),
 	}
 	s.origin.Store(newOrigin())
 	return s
@@ -168,6 +173,14 @@ func (s *shared) start(logger *zap.Logger) error {
 				logger.Error("watching the store for changes stopped", zap.Error(err))
 			}
 		}()
+		if hb, ok := st.(instanceCounter); ok {
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer recoverLog(logger)
+				s.heartbeatLoop(ctx, hb)
+			}()
+		}
 		if sp != nil {
 			s.wg.Add(1)
 			go func() {

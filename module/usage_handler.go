@@ -53,11 +53,14 @@ func (u *UsageHandler) Provision(ctx caddy.Context) error {
 
 // ServeHTTP writes the caller's usage as JSON.
 func (u *UsageHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
-	c, st, ok := u.app.authenticate(w, r, time.Now(), u.KeyFrom, u.logger)
+	now := time.Now()
+	ctx, cancel := context.WithDeadline(r.Context(), now.Add(u.app.timeout))
+	defer cancel()
+	c, st, ok := u.app.authenticate(ctx, w, r, now, u.KeyFrom, u.logger)
 	if !ok {
 		return nil
 	}
-	view, status, msg := u.app.usageView(r.Context(), st, c.customer, r.URL.Query().Get("period"))
+	view, status, msg := u.app.usageView(ctx, st, c.customer, r.URL.Query().Get("period"))
 	if status != http.StatusOK {
 		writeProblem(w, r, problem{Type: problemTypeBase + "usage", Title: http.StatusText(status), Status: status, Detail: msg}, 0)
 		return nil

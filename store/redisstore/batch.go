@@ -3,6 +3,7 @@ package redisstore
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -32,7 +33,8 @@ const (
 )
 
 // errSendTimeout fails a call whose deadline passed before a lane was free
-// to send it: it was never sent.
+// to send it: it was never sent. It is local saturation, not a Redis
+// failure (see Store.finish).
 var errSendTimeout = errors.New("redisstore: timed out waiting to send")
 
 // scriptCall is one metering script call.
@@ -117,8 +119,8 @@ func (b *batcher) close() {
 }
 
 // do sends c and waits until it is done, or ctx ends (it then returns
-// ctx's error: if c had not been taken by then it is never sent; if it
-// had, it may still run). c is done by its deadline without a timer of its
+// ctx's error: if c had not been taken by then it is never sent, and the
+// error also wraps errSendTimeout; if it had, it may still run). c is done by its deadline without a timer of its
 // own: a lane frees up when a pipeline in flight ends, by the deadline of
 // calls queued before c, and the pipeline c goes in ends by c's deadline.
 // Its caller leads when it finds a lane free or is handed one; otherwise
@@ -147,7 +149,8 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 			b.release(l)
 		case <-ctx.Done():
 			b.mu.Lock()
-			if !c.taken.Load() {
+			sent := c.taken.Load()
+			if !sent {
 				b.pending = slices.DeleteFunc(b.pending, func(p *scriptCall) bool { return p == c })
 			}
 			b.mu.Unlock()
@@ -156,6 +159,9 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 			case l := <-c.handoff:
 				b.release(l)
 			default:
+			}
+			if !sent {
+				return fmt.Errorf("%w: %w", errSendTimeout, ctx.Err())
 			}
 			return ctx.Err()
 		}

@@ -225,8 +225,12 @@ func (s *Store) call(ctx context.Context, op func(ctx context.Context) error) er
 }
 
 // finish reports a call's outcome to the breaker and returns its error:
-// unchanged for the store's own errors, wrapping store.ErrUnavailable when
-// Redis was unreachable, slow or refused service.
+// unchanged for the store's own errors, wrapping store.ErrBusy when the
+// call was never sent (it waited past its deadline in this process's own
+// queue or connection pool: local saturation, which the breaker does not
+// count), and wrapping store.ErrUnavailable when Redis was unreachable,
+// slow (a call sent and not answered by its deadline, the caller's or
+// OpTimeout) or refused service.
 func (s *Store) finish(ctx context.Context, probe bool, err error) error {
 	if err == nil {
 		s.breaker.done(probe, healthy)
@@ -237,13 +241,13 @@ func (s *Store) finish(ctx context.Context, probe bool, err error) error {
 	case errors.As(err, &p):
 		s.breaker.done(probe, healthy)
 		return err
-	case ctx.Err() != nil:
-		// The caller gave up (or its deadline was shorter than ours).
+	case errors.Is(ctx.Err(), context.Canceled):
+		// The caller gave up: nothing is learned about Redis.
 		s.breaker.done(probe, unknown)
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
-		}
 		return fmt.Errorf("redisstore: %w", err)
+	case notSent(err):
+		s.breaker.done(probe, unknown)
+		return fmt.Errorf("redisstore: %w: %w", store.ErrBusy, err)
 	case isReply(err) && !unavailableReply(err):
 		s.breaker.done(probe, healthy)
 		return fmt.Errorf("redisstore: %w", err)
@@ -251,6 +255,16 @@ func (s *Store) finish(ctx context.Context, probe bool, err error) error {
 		s.breaker.done(probe, failed)
 		return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
 	}
+}
+
+// notSent reports an error of a call that never left this process: a
+// metering script still queued at its deadline, or a go-redis call that
+// waited past its deadline (or PoolTimeout) for a pool connection. go-redis
+// returns the context's own error only from that wait: a call sent and not
+// answered in time fails with a socket timeout instead.
+func notSent(err error) bool {
+	return errors.Is(err, errSendTimeout) || errors.Is(err, redis.ErrPoolTimeout) ||
+		err == context.DeadlineExceeded //nolint:errorlint // only the bare context error means "not sent"
 }
 
 // isReply reports whether err is an error reply from Redis (as opposed to a

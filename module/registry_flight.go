@@ -1,0 +1,67 @@
+package module
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// flights collapses concurrent lookups of the same uncached key into one
+// store call: right after a start, a burst of requests with one key would
+// otherwise make as many lookups as requests, exhaust the connection pool
+// and be refused while the store is healthy.
+type flights struct {
+	mu sync.Mutex
+	m  map[digest]*flight
+}
+
+// flight is one lookup in progress; e and err are set before done closes.
+type flight struct {
+	gen  uint64 // the registry generation it started in
+	done chan struct{}
+	e    regEntry
+	err  error
+}
+
+// do returns fetch's result for sum, calling it once for all the callers
+// that ask for sum in the same registry generation while it runs. A caller
+// that joins a lookup started before the last invalidation starts its own,
+// so no lookup that began before a change (a revoked key) answers a caller
+// that came after it. fetch runs with the deadline of the caller that
+// started it, but not its cancellation: the others wait for it. A caller
+// whose own ctx ends first returns its error.
+func (f *flights) do(ctx context.Context, sum digest, gen uint64, fetch func(context.Context) (regEntry, error)) (regEntry, error) {
+	f.mu.Lock()
+	if f.m == nil {
+		f.m = make(map[digest]*flight)
+	}
+	fl, ok := f.m[sum]
+	if !ok || fl.gen != gen {
+		fl = &flight{gen: gen, done: make(chan struct{})}
+		f.m[sum] = fl
+		f.mu.Unlock()
+		fctx := context.WithoutCancel(ctx)
+		cancel := context.CancelFunc(func() {})
+		if d, ok := ctx.Deadline(); ok {
+			fctx, cancel = context.WithDeadline(fctx, d)
+		}
+		fl.e, fl.err = fetch(fctx)
+		cancel()
+		f.mu.Lock()
+		if f.m[sum] == fl {
+			delete(f.m, sum)
+		}
+		f.mu.Unlock()
+		close(fl.done)
+		return fl.e, fl.err
+	}
+	f.mu.Unlock()
+	select {
+	case <-fl.done:
+		return fl.e, fl.err
+	case <-ctx.Done():
+		return regEntry{}, fmt.Errorf("waiting for a key lookup in flight: %w: %w", store.ErrUnavailable, ctx.Err())
+	}
+}
