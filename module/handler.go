@@ -97,8 +97,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	now := time.Now()
 	// One deadline for everything the request waits on the store
 	// together: the key lookup and the reservation.
-	ctx, cancel := context.WithDeadline(r.Context(), now.Add(app.timeout))
+	dctx, cancel := context.WithDeadline(r.Context(), now.Add(app.timeout))
 	defer cancel()
+	ctx := &storeCtx{Context: dctx}
 	c, st, ok := app.authenticate(ctx, w, r, now, h.KeyFrom, h.logger)
 	if !ok {
 		return nil

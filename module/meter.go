@@ -61,9 +61,11 @@ func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation,
 		a.shared.usage.observe(res, out, time.Now().UnixMicro())
 		return out, false, nil
 	}
-	if errors.Is(err, store.ErrBusy) {
+	if errors.Is(err, store.ErrBusy) && !storeFailedBefore(ctx) {
 		// Never sent: this process is saturated, and deciding without
-		// the store would admit beyond the shared budget. Shed it.
+		// the store would admit beyond the shared budget. Shed it. (Not
+		// sent because the request's key lookup spent its deadline on an
+		// unreachable store: that outage decides, below.)
 		return store.Reserved{}, false, err
 	}
 	getMetrics().storeErrors.WithLabelValues("reserve").Inc()

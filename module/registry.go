@@ -71,6 +71,7 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 	e, err := r.inflight.do(ctx, sum, gen, func(ctx context.Context) (regEntry, error) {
 		return fetch(ctx, st, hex.EncodeToString(sum[:]), now)
 	})
+	noteStoreError(ctx, err)
 	if errors.Is(err, store.ErrUnavailable) {
 		if last, ok := r.last(sum); ok {
 			return last, nil

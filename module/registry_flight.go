@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -64,4 +65,43 @@ func (f *flights) do(ctx context.Context, sum digest, gen uint64, fetch func(con
 	case <-ctx.Done():
 		return regEntry{}, fmt.Errorf("waiting for a key lookup in flight: %w: %w", store.ErrUnavailable, ctx.Err())
 	}
+}
+
+// storeCtx is a request's context while it waits on the store: the
+// request's one store deadline, and whether a store call of the request
+// already failed for want of the store (not of this process's capacity).
+// A request whose key lookup waited out the deadline on an unreachable
+// store has no time left for its reservation, which then cannot be sent:
+// that is the store's outage (on_store_error decides), not local
+// saturation.
+type storeCtx struct {
+	context.Context
+	storeFailed bool
+}
+
+type storeCtxKey struct{}
+
+// Value returns c itself for storeCtxKey.
+func (c *storeCtx) Value(key any) any {
+	if key == (storeCtxKey{}) {
+		return c
+	}
+	return c.Context.Value(key)
+}
+
+// noteStoreError marks ctx's request when err says the store itself was
+// unreachable, slow or failing (ErrUnavailable but not ErrBusy).
+func noteStoreError(ctx context.Context, err error) {
+	if err == nil || errors.Is(err, store.ErrBusy) || !errors.Is(err, store.ErrUnavailable) {
+		return
+	}
+	if c, ok := ctx.Value(storeCtxKey{}).(*storeCtx); ok {
+		c.storeFailed = true
+	}
+}
+
+// storeFailedBefore reports whether noteStoreError marked ctx's request.
+func storeFailedBefore(ctx context.Context) bool {
+	c, ok := ctx.Value(storeCtxKey{}).(*storeCtx)
+	return ok && c.storeFailed
 }

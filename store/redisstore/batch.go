@@ -33,9 +33,15 @@ const (
 )
 
 // errSendTimeout fails a call whose deadline passed before a lane was free
-// to send it: it was never sent. It is local saturation, not a Redis
-// failure (see Store.finish).
+// to send it, and OverloadWait more while Redis kept answering: it was
+// never sent. It is local saturation, not a Redis failure (see
+// Store.finish).
 var errSendTimeout = errors.New("redisstore: timed out waiting to send")
+
+// errQueuedBehindStall fails a call whose deadline passed before a lane was
+// free to send it while Redis was overdue: it was never sent, and Redis is
+// what it waited for.
+var errQueuedBehindStall = errors.New("redisstore: not sent: Redis did not answer the pipelines before it")
 
 // scriptCall is one metering script call.
 type scriptCall struct {
@@ -64,12 +70,32 @@ type scriptCall struct {
 type lane struct{ conn *conn }
 
 // batcher groups concurrent script calls into pipelines.
+//
+// A call's deadline bounds its wait for Redis. Unless Redis is overdue (the
+// last pipeline failed for want of it: no reply by its deadline, or an I/O
+// error), a call that is still queued at its deadline, or whose reply
+// arrived but was not read by then, is local saturation (this process had
+// no CPU or lane for it): it is still sent, or read, within grace more
+// (OverloadWait); past that it fails with errSendTimeout. A call still
+// queued at its deadline while Redis is overdue fails with
+// errQueuedBehindStall. (A call queued behind pipelines in flight is in
+// the next pipeline sent, and those in flight end by their deadlines,
+// which are before its own; so at the start of a stall it waits no longer
+// than its deadline.)
 type batcher struct {
 	dialer *dialer
 	lanes  chan *lane // the lanes not in use: free only while no pending call waits for one
 	closed atomic.Bool
 	// drops counts connections dropped after an I/O error.
 	drops atomic.Int64
+	// window is OpTimeout: what a pipeline gets for its replies at least
+	// while Redis keeps answering.
+	window time.Duration
+	// grace is the bounded extra wait of local saturation (OverloadWait).
+	grace time.Duration
+	// failedLast is set when the last pipeline to end failed for want
+	// of Redis (an I/O error or a timeout), cleared by one answered.
+	failedLast atomic.Bool
 
 	mu      sync.Mutex
 	pending []*scriptCall // guarded by mu: calls not yet taken, oldest first
@@ -90,8 +116,8 @@ func (b *batcher) release(l *lane) {
 	b.lanes <- l
 }
 
-func newBatcher(d *dialer) *batcher {
-	b := &batcher{dialer: d, lanes: make(chan *lane, maxLanes)}
+func newBatcher(d *dialer, window, grace time.Duration) *batcher {
+	b := &batcher{dialer: d, lanes: make(chan *lane, maxLanes), window: window, grace: grace}
 	for range maxLanes {
 		b.lanes <- &lane{}
 	}
@@ -148,12 +174,23 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 			b.lead(l)
 			b.release(l)
 		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) && b.saturated(c, time.Now()) {
+				// Not a Redis stall: wait for the call to be sent and
+				// answered, by its deadline plus grace (see batcher).
+				ctx = context.WithoutCancel(ctx)
+				continue
+			}
 			b.mu.Lock()
 			sent := c.taken.Load()
 			if !sent {
 				b.pending = slices.DeleteFunc(b.pending, func(p *scriptCall) bool { return p == c })
 			}
 			b.mu.Unlock()
+			if sent && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				// Taken meanwhile: its pipeline ends by its deadline.
+				ctx = context.WithoutCancel(ctx)
+				continue
+			}
 			// A lane handed to c and not taken yet goes to the next caller.
 			select {
 			case l := <-c.handoff:
@@ -161,11 +198,47 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 			default:
 			}
 			if !sent {
+				if !b.answering() {
+					return fmt.Errorf("%w: %w", errQueuedBehindStall, ctx.Err())
+				}
 				return fmt.Errorf("%w: %w", errSendTimeout, ctx.Err())
 			}
-			return ctx.Err()
+			return fmt.Errorf("waiting for the reply: %w", ctx.Err())
 		}
 	}
+}
+
+// answering reports whether Redis is not overdue: the last pipeline to
+// end was answered (or none ended yet).
+func (b *batcher) answering() bool { return !b.failedLast.Load() }
+
+// saturated reports whether c, at or past its deadline at now, waits on
+// this process rather than on Redis: it was taken (its pipeline ends by
+// its deadline, plus grace only for replies that arrived), or Redis keeps
+// answering and the deadline plus grace has not passed.
+func (b *batcher) saturated(c *scriptCall, now time.Time) bool {
+	if c.taken.Load() {
+		return true
+	}
+	return b.answering() && now.Before(c.deadline.Add(b.grace))
+}
+
+// sendBy is the deadline of c's pipeline if c is sent at now, or why it
+// is not sent: c's deadline; past it, while Redis keeps answering, its
+// deadline plus grace; otherwise errQueuedBehindStall, or errSendTimeout
+// once grace has passed too.
+func (b *batcher) sendBy(c *scriptCall, now time.Time) (time.Time, error) {
+	if now.Before(c.deadline) {
+		return c.deadline, nil
+	}
+	late := c.deadline.Add(b.grace)
+	switch {
+	case !b.answering():
+		return time.Time{}, errQueuedBehindStall
+	case !now.Before(late):
+		return time.Time{}, errSendTimeout
+	}
+	return late, nil
 }
 
 // lead takes up to maxBatch pending calls, fails those past their
@@ -200,16 +273,23 @@ func (b *batcher) lead(l *lane) {
 	live := batch[:0:0]
 	var first time.Time
 	for _, c := range batch {
-		if !now.Before(c.deadline) {
-			c.err = errSendTimeout
+		by, err := b.sendBy(c, now)
+		if err != nil {
+			c.err = err
 			continue
 		}
-		if len(live) == 0 || c.deadline.Before(first) {
-			first = c.deadline
+		if len(live) == 0 || by.Before(first) {
+			first = by
 		}
 		live = append(live, c)
 	}
 	if len(live) > 0 {
+		// While Redis keeps answering, a pipeline is given at least
+		// window for its replies: one call sent just before its deadline
+		// by a saturated process must not fail the whole pipeline.
+		if b.answering() {
+			first = latest(first, now.Add(b.window))
+		}
 		b.exec(l, live, first)
 	}
 	for _, c := range batch {
@@ -232,8 +312,9 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 	}
 	drops := b.drops.Load()
 	if l.conn == nil {
-		c, err := b.dialer.open(deadline)
+		c, err := b.dialer.open(deadline, b.grace)
 		if err != nil {
+			b.failedLast.Store(true)
 			fail(batch, err)
 			return
 		}
@@ -246,6 +327,7 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 			c.w = appendCall(c.w, call.script, call.args, eval)
 		}
 		if _, err := c.nc.Write(c.w); err != nil {
+			b.failedLast.Store(true)
 			b.drop(l)
 			fail(batch, err)
 			return
@@ -254,6 +336,7 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		for i, call := range batch {
 			vals, reply, err := c.read()
 			if err != nil {
+				b.failedLast.Store(true)
 				b.drop(l)
 				fail(batch[i:], err)
 				return
@@ -266,6 +349,7 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		}
 		batch = unknown
 	}
+	b.failedLast.Store(false)
 	c.used, c.drops = time.Now(), drops
 }
 
@@ -282,4 +366,12 @@ func fail(calls []*scriptCall, err error) {
 	for _, c := range calls {
 		c.err = err
 	}
+}
+
+// latest returns the later of a and b.
+func latest(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

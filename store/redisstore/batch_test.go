@@ -333,12 +333,14 @@ func TestFreedLaneGoesToPendingCall(t *testing.T) {
 }
 
 // TestQueuedCallTimesOutUnsent checks that a reservation still queued at
-// its deadline (every lane was busy) fails with ErrUnavailable and is never
-// sent: nothing is counted. (Lanes free up by the deadlines of the
-// pipelines in flight; TestDeadlinesWithinOpTimeout checks those.)
+// its deadline plus the overload wait (every lane was busy, while Redis
+// kept answering) fails with ErrBusy and is never sent: nothing is
+// counted, and the circuit breaker does not count it as a Redis failure.
+// (Lanes free up by the deadlines of the pipelines in flight;
+// TestDeadlinesWithinOpTimeout checks those.)
 func TestQueuedCallTimesOutUnsent(t *testing.T) {
-	const opTimeout = 50 * time.Millisecond
-	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: opTimeout})
+	const opTimeout, overloadWait = 50 * time.Millisecond, 50 * time.Millisecond
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: opTimeout, BreakerFailures: 1, overloadWait: overloadWait})
 	ctx := context.Background()
 	q := testQuota(store.QuotaBill, 100)
 	release := holdLanes(s)
@@ -349,21 +351,53 @@ func TestQueuedCallTimesOutUnsent(t *testing.T) {
 		errc <- err
 	}()
 	waitPending(t, s, 1)
-	// Free the lanes only once the call's deadline has passed.
-	for time.Since(start) <= opTimeout {
+	// Free the lanes only once the call's deadline and the overload wait
+	// have passed.
+	for time.Since(start) <= opTimeout+overloadWait {
 		time.Sleep(opTimeout / 10)
 	}
 	release()
-	if err := <-errc; !errors.Is(err, store.ErrUnavailable) || !errors.Is(err, errSendTimeout) {
-		t.Fatalf("Reserve queued past its deadline: %v, want ErrUnavailable (not sent)", err)
+	if err := <-errc; !errors.Is(err, store.ErrBusy) || !errors.Is(err, errSendTimeout) {
+		t.Fatalf("Reserve queued past its deadline and the overload wait: %v, want ErrBusy (not sent)", err)
 	}
-	// A later call goes through, and the timed-out one was not counted.
+	// The breaker (threshold 1) is still closed: a later call goes
+	// through, and the timed-out one was not counted.
 	if _, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: 2}); err != nil {
 		t.Fatal(err)
 	}
 	u, err := s.Usage(ctx, "acme", q.PeriodID)
 	if err != nil || u.Counters != (store.Counters{Billed: 1, Requests: 1}) {
 		t.Errorf("Usage = %+v, %v; want only the later reservation", u.Counters, err)
+	}
+}
+
+// TestQueuedCallWaitsOutSaturation checks the bounded wait: a reservation
+// still queued at its deadline while Redis keeps answering (this process
+// was saturated, not Redis) is sent when a lane frees up within the
+// overload wait, and decided by Redis.
+func TestQueuedCallWaitsOutSaturation(t *testing.T) {
+	const opTimeout, overloadWait = 50 * time.Millisecond, 5 * time.Second
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: opTimeout, overloadWait: overloadWait})
+	ctx := context.Background()
+	q := testQuota(store.QuotaBill, 100)
+	release := holdLanes(s)
+	start := time.Now()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: 1})
+		errc <- err
+	}()
+	waitPending(t, s, 1)
+	for time.Since(start) <= 2*opTimeout {
+		time.Sleep(opTimeout / 10)
+	}
+	release()
+	if err := <-errc; err != nil {
+		t.Fatalf("Reserve queued past its deadline while Redis answered: %v, want it sent", err)
+	}
+	u, err := s.Usage(ctx, "acme", q.PeriodID)
+	if err != nil || u.Counters != (store.Counters{Billed: 1, Requests: 1}) {
+		t.Errorf("Usage = %+v, %v; want the reservation counted once", u.Counters, err)
 	}
 }
 

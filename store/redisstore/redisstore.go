@@ -59,6 +59,12 @@ const (
 	DefaultBreakerFailures = 5
 	// DefaultBreakerCooldown is the default Options.BreakerCooldown.
 	DefaultBreakerCooldown = time.Second
+	// OverloadWait bounds how much longer than OpTimeout (or the caller's
+	// deadline) a metering script may wait while Redis keeps answering
+	// and only this process is saturated: queued for a pipeline, or its
+	// reply received but not yet read (see batcher). OpTimeout when
+	// larger. Past it the call fails wrapping store.ErrBusy.
+	OverloadWait = time.Second
 )
 
 // Options configures New.
@@ -84,6 +90,8 @@ type Options struct {
 
 	// dial replaces the network dialer (tests count connection attempts).
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// overloadWait replaces OverloadWait (tests).
+	overloadWait time.Duration
 }
 
 // Store is a store.Store on Redis. It is safe for concurrent use.
@@ -153,6 +161,9 @@ func New(o Options) (*Store, error) {
 	if o.dial != nil {
 		ro.Dialer = o.dial
 	}
+	if o.overloadWait == 0 {
+		o.overloadWait = OverloadWait
+	}
 	life, end := context.WithCancel(context.Background())
 	client := redis.NewClient(ro)
 	co := client.Options() // with go-redis's default dialer filled in
@@ -161,7 +172,7 @@ func New(o Options) (*Store, error) {
 		scripts: newBatcher(&dialer{
 			dial: co.Dialer, network: co.Network, addr: co.Addr,
 			username: co.Username, password: co.Password, db: co.DB,
-		}),
+		}, o.OpTimeout, max(o.OpTimeout, o.overloadWait)),
 		prefix:    o.KeyPrefix,
 		opTimeout: o.OpTimeout,
 		breaker:   newBreaker(o.BreakerFailures, o.BreakerCooldown),
@@ -245,6 +256,11 @@ func (s *Store) finish(ctx context.Context, probe bool, err error) error {
 		// The caller gave up: nothing is learned about Redis.
 		s.breaker.done(probe, unknown)
 		return fmt.Errorf("redisstore: %w", err)
+	case errors.Is(err, errQueuedBehindStall):
+		// Not sent, but because Redis stopped answering the pipelines
+		// before it: unavailable, and already counted by those.
+		s.breaker.done(probe, unknown)
+		return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
 	case notSent(err):
 		s.breaker.done(probe, unknown)
 		return fmt.Errorf("redisstore: %w: %w", store.ErrBusy, err)
