@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -56,7 +57,15 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 // wrapping store.ErrBusy means the call could not be sent in time (local
 // saturation): the request is shed, not decided without the store.
 func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation, t *tierRuntime) (store.Reserved, bool, error) {
-	out, err := m.Reserve(ctx, res)
+	var out store.Reserved
+	var err error
+	if storeFailedBefore(ctx) && ctx.Err() != nil {
+		// The key lookup spent the request's deadline on an unreachable
+		// store: no time is left to ask it.
+		err = fmt.Errorf("%w: no time left after the key lookup: %w", store.ErrUnavailable, ctx.Err())
+	} else {
+		out, err = m.Reserve(ctx, res)
+	}
 	if err == nil {
 		a.shared.usage.observe(res, out, time.Now().UnixMicro())
 		return out, false, nil

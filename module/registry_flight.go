@@ -31,8 +31,8 @@ type flight struct {
 // that joins a lookup started before the last invalidation starts its own,
 // so no lookup that began before a change (a revoked key) answers a caller
 // that came after it. fetch runs with the deadline of the caller that
-// started it, but not its cancellation: the others wait for it. A caller
-// whose own ctx ends first returns its error.
+// started it, but not its cancellation: the others wait for it (a caller
+// cancelled meanwhile returns its error).
 func (f *flights) do(ctx context.Context, sum digest, gen uint64, fetch func(context.Context) (regEntry, error)) (regEntry, error) {
 	f.mu.Lock()
 	if f.m == nil {
@@ -61,10 +61,15 @@ func (f *flights) do(ctx context.Context, sum digest, gen uint64, fetch func(con
 	f.mu.Unlock()
 	select {
 	case <-fl.done:
-		return fl.e, fl.err
 	case <-ctx.Done():
-		return regEntry{}, fmt.Errorf("waiting for a key lookup in flight: %w: %w", store.ErrUnavailable, ctx.Err())
+		if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return regEntry{}, fmt.Errorf("waiting for a key lookup in flight: %w", ctx.Err())
+		}
+		// The lookup started earlier, so its deadline is no later than
+		// ours: its outcome (a store failure or not) is ours too.
+		<-fl.done
 	}
+	return fl.e, fl.err
 }
 
 // storeCtx is a request's context while it waits on the store: the

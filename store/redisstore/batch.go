@@ -73,7 +73,7 @@ type lane struct{ conn *conn }
 //
 // A call's deadline bounds its wait for Redis. Unless Redis is overdue (the
 // last pipeline failed for want of it: no reply by its deadline, or an I/O
-// error), a call that is still queued at its deadline, or whose reply
+// error; or the circuit breaker counts a failed call), a call that is still queued at its deadline, or whose reply
 // arrived but was not read by then, is local saturation (this process had
 // no CPU or lane for it): it is still sent, or read, within grace more
 // (OverloadWait); past that it fails with errSendTimeout. A call still
@@ -93,6 +93,8 @@ type batcher struct {
 	window time.Duration
 	// grace is the bounded extra wait of local saturation (OverloadWait).
 	grace time.Duration
+	// failing reports failed calls counted by the circuit breaker.
+	failing func() bool
 	// failedLast is set when the last pipeline to end failed for want
 	// of Redis (an I/O error or a timeout), cleared by one answered.
 	failedLast atomic.Bool
@@ -209,8 +211,11 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 }
 
 // answering reports whether Redis is not overdue: the last pipeline to
-// end was answered (or none ended yet).
-func (b *batcher) answering() bool { return !b.failedLast.Load() }
+// end was answered (or none ended yet), and no other call failed for want
+// of Redis since the last that succeeded (the circuit breaker's count).
+func (b *batcher) answering() bool {
+	return !b.failedLast.Load() && (b.failing == nil || !b.failing())
+}
 
 // saturated reports whether c, at or past its deadline at now, waits on
 // this process rather than on Redis: it was taken (its pipeline ends by
@@ -224,21 +229,22 @@ func (b *batcher) saturated(c *scriptCall, now time.Time) bool {
 }
 
 // sendBy is the deadline of c's pipeline if c is sent at now, or why it
-// is not sent: c's deadline; past it, while Redis keeps answering, its
-// deadline plus grace; otherwise errQueuedBehindStall, or errSendTimeout
-// once grace has passed too.
+// is not sent. While Redis keeps answering, every pipeline gets window
+// from now for its replies (a call sent just before its deadline by a
+// saturated process must not fail the whole pipeline), and a call past its
+// deadline is still sent until its deadline plus grace (then
+// errSendTimeout). Otherwise a pipeline ends by its calls' deadlines, and
+// a call past its own is not sent (errQueuedBehindStall).
 func (b *batcher) sendBy(c *scriptCall, now time.Time) (time.Time, error) {
-	if now.Before(c.deadline) {
-		return c.deadline, nil
-	}
-	late := c.deadline.Add(b.grace)
 	switch {
+	case !b.answering() && now.Before(c.deadline):
+		return c.deadline, nil
 	case !b.answering():
 		return time.Time{}, errQueuedBehindStall
-	case !now.Before(late):
+	case !now.Before(c.deadline.Add(b.grace)):
 		return time.Time{}, errSendTimeout
 	}
-	return late, nil
+	return now.Add(b.window), nil
 }
 
 // lead takes up to maxBatch pending calls, fails those past their
@@ -284,12 +290,6 @@ func (b *batcher) lead(l *lane) {
 		live = append(live, c)
 	}
 	if len(live) > 0 {
-		// While Redis keeps answering, a pipeline is given at least
-		// window for its replies: one call sent just before its deadline
-		// by a saturated process must not fail the whole pipeline.
-		if b.answering() {
-			first = latest(first, now.Add(b.window))
-		}
 		b.exec(l, live, first)
 	}
 	for _, c := range batch {
@@ -366,12 +366,4 @@ func fail(calls []*scriptCall, err error) {
 	for _, c := range calls {
 		c.err = err
 	}
-}
-
-// latest returns the later of a and b.
-func latest(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }

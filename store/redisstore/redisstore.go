@@ -167,7 +167,8 @@ func New(o Options) (*Store, error) {
 	life, end := context.WithCancel(context.Background())
 	client := redis.NewClient(ro)
 	co := client.Options() // with go-redis's default dialer filled in
-	return &Store{
+	brk := newBreaker(o.BreakerFailures, o.BreakerCooldown)
+	s := &Store{
 		client: client,
 		scripts: newBatcher(&dialer{
 			dial: co.Dialer, network: co.Network, addr: co.Addr,
@@ -175,10 +176,12 @@ func New(o Options) (*Store, error) {
 		}, o.OpTimeout, max(o.OpTimeout, o.overloadWait)),
 		prefix:    o.KeyPrefix,
 		opTimeout: o.OpTimeout,
-		breaker:   newBreaker(o.BreakerFailures, o.BreakerCooldown),
+		breaker:   brk,
 		life:      life,
 		end:       end,
-	}, nil
+	}
+	s.scripts.failing = brk.failing
+	return s, nil
 }
 
 // Close implements store.Store: it ends every Watch and closes the Redis

@@ -143,9 +143,14 @@ type graceReader struct{ c *conn }
 
 func (g graceReader) Read(p []byte) (int, error) {
 	n, err := g.c.nc.Read(p)
-	if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) && g.c.grace > 0 && g.c.raw != nil && peekClosed(g.c.raw) {
+	if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) && g.c.grace > 0 && g.c.raw != nil {
+		// The peek needs a deadline in the future (the descriptor refuses
+		// a read past it); it is put back when nothing arrived.
 		if g.c.nc.SetReadDeadline(time.Now().Add(g.c.grace)) == nil {
-			return g.c.nc.Read(p)
+			if peekClosed(g.c.raw) {
+				return g.c.nc.Read(p)
+			}
+			_ = g.c.nc.SetReadDeadline(time.Now())
 		}
 	}
 	return n, err
