@@ -69,7 +69,11 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 	}
 
 	e, err := r.inflight.do(ctx, sum, gen, func(ctx context.Context) (regEntry, error) {
-		return fetch(ctx, st, hex.EncodeToString(sum[:]), now)
+		e, err := fetch(ctx, st, hex.EncodeToString(sum[:]), now)
+		if err == nil {
+			r.keep(sum, gen, e) // before the flight ends: no gap for a second call
+		}
+		return e, err
 	})
 	noteStoreError(ctx, err)
 	if errors.Is(err, store.ErrUnavailable) {
@@ -81,6 +85,13 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 		return regEntry{}, err
 	}
 
+	r.keep(sum, gen, e)
+	return e, nil
+}
+
+// keep caches e for sum, looked up in generation gen, unless the registry
+// was invalidated meanwhile.
+func (r *registry) keep(sum digest, gen uint64, e regEntry) {
 	r.mu.Lock()
 	if r.gen == gen { // nothing changed while we were reading
 		if len(r.entries) >= registryMaxEntries {
@@ -89,7 +100,6 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 		r.entries[sum] = e
 	}
 	r.mu.Unlock()
-	return e, nil
 }
 
 // fetch looks hash up in the store: the active key and its customer, or an

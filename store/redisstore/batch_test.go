@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/store"
@@ -468,5 +471,39 @@ func TestScriptsReloadedAfterFlush(t *testing.T) {
 	}
 	if got := w.scripts()[warm:]; !slices.Equal(got, want) {
 		t.Errorf("Redis got %q, want a pipeline of EVALSHA answered NOSCRIPT, then one of EVAL", got)
+	}
+}
+
+// TestSaturationIsNotAFailure checks how a call's error is classified:
+// calls that never left this process (queued past their deadline and the
+// overload wait, or waiting for a pool connection) are ErrBusy and leave
+// the circuit breaker alone; calls queued behind pipelines Redis did not
+// answer are unavailable without counting again; calls sent and not
+// answered by their deadline are Redis failures.
+func TestSaturationIsNotAFailure(t *testing.T) {
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), BreakerFailures: 1})
+	deadline, cancel := context.WithTimeout(context.Background(), -time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		name          string
+		err           error
+		busy, counted bool
+		unavailable   bool
+	}{
+		{"queued past the overload wait", fmt.Errorf("%w: %w", errSendTimeout, context.DeadlineExceeded), true, false, true},
+		{"pool timeout", redis.ErrPoolTimeout, true, false, true},
+		{"pool wait past the deadline", context.DeadlineExceeded, true, false, true},
+		{"queued behind a stall", fmt.Errorf("%w: %w", errQueuedBehindStall, context.DeadlineExceeded), false, false, true},
+		{"sent, no reply by the deadline", fmt.Errorf("waiting for the reply: %w", context.DeadlineExceeded), false, true, true},
+		{"socket timeout", os.ErrDeadlineExceeded, false, true, true},
+	} {
+		s.breaker.fails.Store(0)
+		err := s.finish(deadline, false, tc.err)
+		if errors.Is(err, store.ErrBusy) != tc.busy || errors.Is(err, store.ErrUnavailable) != tc.unavailable {
+			t.Errorf("%s: %v; want busy %v, unavailable %v", tc.name, err, tc.busy, tc.unavailable)
+		}
+		if counted := s.breaker.fails.Load() > 0; counted != tc.counted {
+			t.Errorf("%s: counted by the breaker %v, want %v", tc.name, counted, tc.counted)
+		}
 	}
 }
