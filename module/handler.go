@@ -1,7 +1,6 @@
 package module
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -95,11 +94,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	app := h.app
 	now := time.Now()
-	// One deadline for everything the request waits on the store
-	// together: the key lookup and the reservation.
-	dctx, cancel := context.WithDeadline(r.Context(), now.Add(app.timeout))
+	ctx, cancel := app.storeContext(r, now)
 	defer cancel()
-	ctx := &storeCtx{Context: dctx}
 	c, st, ok := app.authenticate(ctx, w, r, now, h.KeyFrom, h.logger)
 	if !ok {
 		return nil

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"sync"
+	"time"
 
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
@@ -109,4 +111,17 @@ func noteStoreError(ctx context.Context, err error) {
 func storeFailedBefore(ctx context.Context) bool {
 	c, ok := ctx.Value(storeCtxKey{}).(*storeCtx)
 	return ok && c.storeFailed
+}
+
+// storeContext returns the context of a request's store calls, started at
+// now: one deadline, store_timeout away, for everything the request waits
+// on the store together (key lookup and reservation), and its cancel. The
+// embedded store never waits on a network and ignores contexts, so it gets
+// the request's own.
+func (a *App) storeContext(r *http.Request, now time.Time) (context.Context, context.CancelFunc) {
+	if !a.shared.remote {
+		return r.Context(), func() {}
+	}
+	ctx, cancel := context.WithDeadline(r.Context(), now.Add(a.timeout))
+	return &storeCtx{Context: ctx}, cancel
 }

@@ -89,6 +89,9 @@ type shared struct {
 	// counted (see heartbeatLoop).
 	instanceID string
 	instances  atomic.Int64
+	// remote is set for a store reached over the network (Redis), whose
+	// calls are bounded by the request's store deadline.
+	remote bool
 
 	secretMu sync.Mutex
 	hasher   atomic.Pointer[apikey.Hasher]
@@ -104,6 +107,7 @@ func newShared(open opener, spoolDir string) *shared {
 	s := &shared{
 		openFn: open, spoolDir: spoolDir, registry: newRegistry(), local: limiter.NewLocal(),
 		logger: zap.NewNop(), instanceID: hex.EncodeToString(newSecret()[:8]),
+		remote: spoolDir != "", // only a shared store has a spool
 	}
 	s.origin.Store(newOrigin())
 	return s

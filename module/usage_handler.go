@@ -54,7 +54,7 @@ func (u *UsageHandler) Provision(ctx caddy.Context) error {
 // ServeHTTP writes the caller's usage as JSON.
 func (u *UsageHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	now := time.Now()
-	ctx, cancel := context.WithDeadline(r.Context(), now.Add(u.app.timeout))
+	ctx, cancel := u.app.storeContext(r, now)
 	defer cancel()
 	c, st, ok := u.app.authenticate(ctx, w, r, now, u.KeyFrom, u.logger)
 	if !ok {
