@@ -32,8 +32,8 @@ type caller struct {
 var defaultKeySources = []KeySource{{Header: "X-API-Key", canonical: "X-Api-Key"}, {Bearer: true}}
 
 // authenticate identifies the caller of r, arrived at now, from the key in
-// sources; its store calls end by ctx's deadline. When it returns false it has written the error response (401,
-// 403 or 503).
+// sources; its store calls end by ctx's deadline. When it returns false it
+// has written the error response (401, 403 or 503).
 func (a *App) authenticate(ctx context.Context, w http.ResponseWriter, r *http.Request, now time.Time, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
 	m := getMetrics()
 	key, source := extractKey(r, sources)

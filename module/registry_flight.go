@@ -117,10 +117,17 @@ func storeFailedBefore(ctx context.Context) bool {
 // now: one deadline, store_timeout away, for everything the request waits
 // on the store together (key lookup and reservation), and its cancel. The
 // embedded store never waits on a network and ignores contexts, so it gets
-// the request's own.
+// the request's own. On a reload the new handlers may run before the new
+// app started: the deadline then starts once it did (see waitReady).
 func (a *App) storeContext(r *http.Request, now time.Time) (context.Context, context.CancelFunc) {
 	if !a.shared.remote {
 		return r.Context(), func() {}
+	}
+	select {
+	case <-a.ready:
+	default:
+		a.waitReady(time.Second)
+		now = time.Now()
 	}
 	ctx, cancel := context.WithDeadline(r.Context(), now.Add(a.timeout))
 	return &storeCtx{Context: ctx}, cancel

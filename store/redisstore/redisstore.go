@@ -6,7 +6,11 @@
 // Every call is bounded by Options.OpTimeout (dial, socket reads and writes
 // and the whole call), failures trip a circuit breaker, and both timeouts
 // and an open breaker produce errors wrapping store.ErrUnavailable, so a
-// request never waits on Redis for longer than OpTimeout.
+// request never waits on an unreachable Redis for longer than OpTimeout.
+// A call this process could not send in time (local saturation) is not a
+// failure: it wraps store.ErrBusy, and a metering script may wait up to
+// OverloadWait more for this process while Redis keeps answering (see
+// batcher).
 //
 // Keys, under Options.KeyPrefix (P):
 //
@@ -21,6 +25,8 @@
 //	Pkeyid:<id>            key id -> key hash
 //	Pcustkeys:{<customer>} sorted set of a customer's key hashes, scored by creation µs
 //	Pchanges               pub/sub channel: one message per customer or key change
+//	Pinstances             sorted set of live instance ids, scored by the end of their
+//	                       heartbeat's ttl (ms, Redis clock; see Heartbeat)
 //
 // On the request path only the metering scripts run, on keys hash-tagged
 // per subject (and, when a threshold is crossed, the global outbox index),
