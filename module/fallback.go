@@ -29,9 +29,10 @@ import (
 //     full local bucket), and of the units left in the shared bucket when
 //     it last saw it, its share ⌊(B − owed)/n⌋.
 //
-// Over an outage of length D, instance i admits at most ⌊B/n⌋ + ⌊D/Tₙ⌋
-// units (Tₙ its share's emission interval), so all n together at most
-// n·⌊B/n⌋ + n·⌊D/Tₙ⌋ ≤ B + ⌊D·limit/period⌋.
+// Over an outage of length D, instance i admits at most max(1, ⌊B/n⌋) +
+// ⌊D/Tₙ⌋ units (Tₙ its share's emission interval), so all n together at
+// most n·max(1, ⌊B/n⌋) + n·⌊D/Tₙ⌋, which is ≤ B + ⌊D·limit/period⌋ when
+// B ≥ n.
 
 // Instance heartbeats (see shared.heartbeatLoop).
 const (
