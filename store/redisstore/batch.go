@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -326,9 +327,15 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		for _, call := range batch {
 			c.w = appendCall(c.w, call.script, call.args, eval)
 		}
-		if _, err := c.nc.Write(c.w); err != nil {
-			b.failedLast.Store(true)
+		if n, err := c.nc.Write(c.w); err != nil {
 			b.drop(l)
+			if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+				// Nothing left: the deadline passed before this
+				// process got to write (saturation, not Redis).
+				fail(batch, fmt.Errorf("%w: %w", errSendTimeout, err))
+				return
+			}
+			b.failedLast.Store(true)
 			fail(batch, err)
 			return
 		}
