@@ -154,24 +154,31 @@ func TestBurstOnThreeInstancesUnderCPULoad(t *testing.T) {
 		t.Errorf("admitted %d and limited %d of %d, want %d to %d admitted (the burst plus the refill over %v) and the rest limited (statuses %v)",
 			ok, limited, n, proLimit, proLimit+refill, took.Round(time.Millisecond), c.statuses)
 	}
+	storeErrors := int64(0)
 	for _, p := range procs {
 		// Store errors are calls Redis did not answer in time: on a
 		// machine this busy, Redis itself can lag; they are logged, and
 		// what they may cost is checked: nothing admitted without Redis.
-		t.Logf("%s: shed before the reservation %d, at it %d; store errors %d", p.name,
+		n := p.metric(t, `caddy_api_monetize_store_errors_total{operation="reserve"`)
+		storeErrors += n
+		t.Logf("%s: shed before the reservation %d, at it %d; reservations Redis did not answer in time %d", p.name,
 			p.metric(t, `caddy_api_monetize_requests_total{decision="overloaded",tier="none"`),
-			p.metric(t, `caddy_api_monetize_requests_total{decision="overloaded",tier="pro"`),
-			p.metric(t, "caddy_api_monetize_store_errors_total"))
+			p.metric(t, `caddy_api_monetize_requests_total{decision="overloaded",tier="pro"`), n)
 		if got := p.metric(t, `caddy_api_monetize_requests_total{decision="degraded_allowed"`); got != 0 {
 			t.Errorf("%s admitted %d requests without the store while Redis was healthy", p.name, got)
 		}
 	}
+	// Every admitted request is billed. A reservation that Redis ran
+	// after its caller stopped waiting (a store error) and that was then
+	// refused locally is billed too: at most one per store error (see
+	// the README, "Stores, reloads and failures").
 	u := eventually(10*time.Second, func() usageView {
 		v, _ := procs[0].tryUsage("over")
 		return v
-	}, func(v usageView) bool { return v.Billed == int64(ok) })
-	if u.Billed != int64(ok) || u.Requests != int64(ok) {
-		t.Errorf("ledger: %d units in %d requests billed, want the %d admitted", u.Billed, u.Requests, ok)
+	}, func(v usageView) bool { return v.Billed >= int64(ok) })
+	if u.Billed < int64(ok) || u.Billed > int64(ok)+storeErrors || u.Requests != u.Billed {
+		t.Errorf("ledger: %d units in %d requests billed, want the %d admitted (plus at most the %d reservations not answered in time)",
+			u.Billed, u.Requests, ok, storeErrors)
 	}
 }
 

@@ -74,15 +74,16 @@ type lane struct{ conn *conn }
 //
 // A call's deadline bounds its wait for Redis. Unless Redis is overdue (the
 // last pipeline failed for want of it: no reply by its deadline, or an I/O
-// error; or the circuit breaker counts a failed call), a call that is still queued at its deadline, or whose reply
-// arrived but was not read by then, is local saturation (this process had
-// no CPU or lane for it): it is still sent, or read, within grace more
-// (OverloadWait); past that it fails with errSendTimeout. A call still
-// queued at its deadline while Redis is overdue fails with
-// errQueuedBehindStall. (A call queued behind pipelines in flight is in
-// the next pipeline sent, and those in flight end by their deadlines,
-// which are before its own; so at the start of a stall it waits no longer
-// than its deadline.)
+// error; or the circuit breaker counts a failed call), a call that is
+// still queued at its deadline, or whose reply arrived but was not read by
+// then, is local saturation (this process had no CPU or lane for it): it
+// is still sent, or read, within grace more (OverloadWait); past that it
+// fails with errSendTimeout. A call still queued at its deadline while
+// Redis is overdue fails with errQueuedBehindStall. (A call queued behind
+// pipelines in flight is in the next pipeline sent, and those in flight
+// end by their deadlines, which are before its own, or a quarter of window
+// after it for a call sent late; so at the start of a stall a call waits
+// at most about that much past its deadline.)
 type batcher struct {
 	dialer *dialer
 	lanes  chan *lane // the lanes not in use: free only while no pending call waits for one
@@ -230,14 +231,18 @@ func (b *batcher) saturated(c *scriptCall, now time.Time) bool {
 }
 
 // sendBy is the deadline of c's pipeline if c is sent at now, or why it
-// is not sent. While Redis keeps answering, every pipeline gets window
-// from now for its replies (a call sent just before its deadline by a
-// saturated process must not fail the whole pipeline), and a call past its
-// deadline is still sent until its deadline plus grace (then
-// errSendTimeout). Otherwise a pipeline ends by its calls' deadlines, and
-// a call past its own is not sent (errQueuedBehindStall).
+// is not sent. A pipeline ends by its calls' deadlines. While Redis keeps
+// answering, a call closer to its deadline than a quarter of window, or
+// past it (until its deadline plus grace, then errSendTimeout), still gets
+// that quarter from now: a call a saturated process sends late must not
+// fail the whole pipeline, and the replies of a pipeline are read by
+// graceReader as long as they arrive. Otherwise a call past its deadline
+// is not sent (errQueuedBehindStall).
 func (b *batcher) sendBy(c *scriptCall, now time.Time) (time.Time, error) {
+	soon := now.Add(b.window / 4)
 	switch {
+	case !c.deadline.Before(soon):
+		return c.deadline, nil
 	case !b.answering() && now.Before(c.deadline):
 		return c.deadline, nil
 	case !b.answering():
@@ -245,7 +250,7 @@ func (b *batcher) sendBy(c *scriptCall, now time.Time) (time.Time, error) {
 	case !now.Before(c.deadline.Add(b.grace)):
 		return time.Time{}, errSendTimeout
 	}
-	return now.Add(b.window), nil
+	return soon, nil
 }
 
 // lead takes up to maxBatch pending calls, fails those past their
