@@ -58,10 +58,18 @@ func NewLocal() *Local {
 // Admit decides cost units for subject under p at now (microseconds since
 // the epoch), storing the new TAT when admitted. See Policy.Decide.
 func (l *Local) Admit(subject string, p Policy, cost, now int64) Decision {
+	return l.AdmitFrom(subject, p, cost, now, 0)
+}
+
+// AdmitFrom is Admit for a subject whose TAT is at least floor (a
+// microsecond instant, under p's interval): the bucket is never fuller than
+// floor says, whatever the stored TAT. A floor at or before now changes
+// nothing.
+func (l *Local) AdmitFrom(subject string, p Policy, cost, now, floor int64) Decision {
 	s := &l.shards[maphash.String(l.seed, subject)%localShards]
 	s.mu.Lock()
 	st := s.tats[subject]
-	tat := p.Rescale(st.tat, now, st.interval)
+	tat := max(p.Rescale(st.tat, now, st.interval), floor)
 	newTAT, d := p.Decide(tat, now, cost)
 	if newTAT != tat {
 		s.tats[subject] = localState{tat: newTAT, interval: p.Interval()}

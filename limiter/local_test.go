@@ -179,3 +179,29 @@ func TestLocalSweepBoundary(t *testing.T) {
 		t.Fatalf("after sweeps at TAT-1µs and TAT: %d then %d entries, want 1 then 0", kept, left)
 	}
 }
+
+// TestAdmitFrom checks that a floor makes the bucket no fuller than it
+// says, and that a floor in the past changes nothing.
+func TestAdmitFrom(t *testing.T) {
+	p := Policy{Limit: 10, Period: 10 * time.Second} // one unit per second, burst 10
+	const now = 1_000_000_000
+	l := NewLocal()
+	// A floor 7 units ahead: 3 left.
+	floor := int64(now + 7*time.Second/time.Microsecond)
+	for i := range 3 {
+		if d := l.AdmitFrom("a", p, 1, now, floor); !d.Allowed || d.Remaining != int64(2-i) {
+			t.Fatalf("unit %d under the floor: %+v", i+1, d)
+		}
+	}
+	if d := l.AdmitFrom("a", p, 1, now, floor); d.Allowed || d.RetryAfter != time.Second {
+		t.Fatalf("fourth unit under a floor of 7 owed: %+v, want denied for 1s", d)
+	}
+	// The stored state is ahead of an older floor: it wins.
+	if d := l.AdmitFrom("a", p, 1, now, now); d.Allowed {
+		t.Fatalf("a floor in the past refilled the bucket: %+v", d)
+	}
+	// A floor in the past on a fresh subject: a full bucket.
+	if d := l.AdmitFrom("b", p, 1, now, now-1); !d.Allowed || d.Remaining != 9 {
+		t.Fatalf("fresh subject with a past floor: %+v", d)
+	}
+}

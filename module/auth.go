@@ -1,6 +1,7 @@
 package module
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"net/textproto"
@@ -31,9 +32,9 @@ type caller struct {
 var defaultKeySources = []KeySource{{Header: "X-API-Key", canonical: "X-Api-Key"}, {Bearer: true}}
 
 // authenticate identifies the caller of r, arrived at now, from the key in
-// sources. When it returns false it has written the error response (401,
-// 403 or 503).
-func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
+// sources; its store calls end by ctx's deadline. When it returns false it
+// has written the error response (401, 403 or 503).
+func (a *App) authenticate(ctx context.Context, w http.ResponseWriter, r *http.Request, now time.Time, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
 	m := getMetrics()
 	key, source := extractKey(r, sources)
 	if key == "" {
@@ -51,7 +52,6 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time
 	}
 
 	a.waitReady(time.Second)
-	ctx := r.Context()
 	st, err := a.store()
 	if err != nil {
 		storeUnavailable(w, r, logger, nil, "open", err)

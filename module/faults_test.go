@@ -51,7 +51,9 @@ func (p *caddyProcess) metric(t *testing.T, name string) int64 {
 	sc := bufio.NewScanner(res.Body)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.HasPrefix(line, name+" ") && !strings.HasPrefix(line, name+"{") {
+		// A name may end in the first labels: `requests_total{decision="x"`.
+		if !strings.HasPrefix(line, name+" ") && !strings.HasPrefix(line, name+"{") &&
+			!(strings.Contains(name, "{") && strings.HasPrefix(line, name)) {
 			continue
 		}
 		f := strings.Fields(line)

@@ -94,7 +94,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	app := h.app
 	now := clockNow()
-	c, st, ok := app.authenticate(w, r, now, h.KeyFrom, h.logger)
+	ctx, cancel := app.storeContext(r, now)
+	defer cancel()
+	c, st, ok := app.authenticate(ctx, w, r, now, h.KeyFrom, h.logger)
 	if !ok {
 		return nil
 	}
@@ -116,9 +118,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	cost := h.cost(r)
 	res, period := app.reservation(c, cost, r, now)
-	out, degraded, err := app.reserve(r.Context(), st, res, tier)
+	out, degraded, err := app.reserve(ctx, st, res, tier)
+	cancel()
 	if err != nil {
-		storeUnavailable(w, r, h.logger, tier, "", nil)
+		storeUnavailable(w, r, h.logger, tier, "", err)
 		return nil
 	}
 	if !(degraded && tier.onStoreError == storeErrorAllow) {
@@ -259,8 +262,14 @@ func hint(tiers []string, url string) *upgradeHint {
 // is unreachable (on_store_error deny).
 var errStoreDenied = errors.New("store unavailable and on_store_error is deny")
 
-// storeUnavailable answers 503 when the store is needed and unreachable.
+// storeUnavailable answers 503 when the store is needed and unreachable,
+// or (err wrapping store.ErrBusy) when this process is too saturated to
+// ask it in time (see shed).
 func storeUnavailable(w http.ResponseWriter, r *http.Request, logger *zap.Logger, tier *tierRuntime, op string, err error) {
+	if errors.Is(err, store.ErrBusy) {
+		shed(w, r, tier)
+		return
+	}
 	if op != "" {
 		getMetrics().storeErrors.WithLabelValues(op).Inc()
 		logStoreError(logger, op, err)
@@ -273,6 +282,23 @@ func storeUnavailable(w http.ResponseWriter, r *http.Request, logger *zap.Logger
 	writeProblem(w, r, problem{
 		Type: problemReducedCapacity, Title: "Temporarily unavailable", Status: http.StatusServiceUnavailable,
 		Detail: "The API's usage store is unreachable; retry shortly.",
+	}, time.Second)
+}
+
+// shed answers 503 with Retry-After for a request whose store call could
+// not even be sent by the request's deadline: this process's own queue of
+// calls or its connection pool was saturated by a burst. The store was not
+// asked, so nothing is decided without it (no on_store_error), and the
+// circuit breaker does not count it as a store failure.
+func shed(w http.ResponseWriter, r *http.Request, tier *tierRuntime) {
+	if tier != nil {
+		tier.metrics.overloaded.Inc()
+	} else {
+		getMetrics().requests.WithLabelValues("none", decisionOverloaded).Inc()
+	}
+	writeProblem(w, r, problem{
+		Type: problemReducedCapacity, Title: "Temporarily overloaded", Status: http.StatusServiceUnavailable,
+		Detail: "The API gateway is saturated; retry shortly.",
 	}, time.Second)
 }
 

@@ -75,14 +75,14 @@ func TestKeyRollAcrossInstances(t *testing.T) {
 	}
 }
 
-// countingStore counts the last-use writes made through it.
-type countingStore struct {
+// touchCounter counts the last-use writes made through it.
+type touchCounter struct {
 	store.Store
 	mu     sync.Mutex
 	writes map[string][]time.Time // key id -> clock at each write
 }
 
-func (c *countingStore) TouchKeys(ctx context.Context, uses map[string]time.Time) error {
+func (c *touchCounter) TouchKeys(ctx context.Context, uses map[string]time.Time) error {
 	c.mu.Lock()
 	if c.writes == nil {
 		c.writes = make(map[string][]time.Time)
@@ -139,13 +139,13 @@ func testKeyLastUseUnderLoad(t *testing.T, instances ...func(app *App)) {
 			t.Errorf("status %d, err %v", w.Code, err)
 		}
 	}
-	counters := make([]*countingStore, len(handlers))
+	counters := make([]*touchCounter, len(handlers))
 	for i, h := range handlers {
 		st, err := h.app.store()
 		if err != nil {
 			t.Fatal(err)
 		}
-		counters[i] = &countingStore{Store: st}
+		counters[i] = &touchCounter{Store: st}
 	}
 
 	var stop atomic.Bool

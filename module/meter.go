@@ -2,6 +2,8 @@ package module
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -46,14 +48,29 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 
 // reserve decides a request. When the store cannot be reached, the tier's
 // on_store_error decides and the usage of an admitted request is kept for
-// replay. errStoreDenied means the tier denies during outages.
+// replay. errStoreDenied means the tier denies during outages; an error
+// wrapping store.ErrBusy means the call could not be sent in time (local
+// saturation): the request is shed, not decided without the store.
 func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation, t *tierRuntime) (store.Reserved, bool, error) {
-	out, err := m.Reserve(ctx, res)
+	var out store.Reserved
+	var err error
+	if storeFailedBefore(ctx) && ctx.Err() != nil {
+		// The key lookup spent the request's deadline on an unreachable
+		// store: no time is left to ask it.
+		err = fmt.Errorf("%w: no time left after the key lookup: %w", store.ErrUnavailable, ctx.Err())
+	} else {
+		out, err = m.Reserve(ctx, res)
+	}
 	if err == nil {
-		if res.Cost > 0 {
-			a.shared.usage.set(res.Subject, res.Quota.PeriodID, out.Used)
-		}
+		a.shared.usage.observe(res, out, time.Now().UnixMicro())
 		return out, false, nil
+	}
+	if errors.Is(err, store.ErrBusy) && !storeFailedBefore(ctx) {
+		// Never sent: this process is saturated, and deciding without
+		// the store would admit beyond the shared budget. Shed it. (Not
+		// sent because the request's key lookup spent its deadline on an
+		// unreachable store: that outage decides, below.)
+		return store.Reserved{}, false, err
 	}
 	getMetrics().storeErrors.WithLabelValues("reserve").Inc()
 	a.logStoreError("reserve", err)
@@ -62,9 +79,10 @@ func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation,
 }
 
 // reserveDegraded decides without the store, per the tier's
-// on_store_error: "deny" refuses, "allow" admits, "local" applies the rate
-// in process and the quota against the last usage this process saw plus
-// what it admitted since. Admitted usage is spooled for replay.
+// on_store_error: "deny" refuses, "allow" admits, "local" applies this
+// instance's share of the rate from the last rate state the store reported
+// (see localShare) and the quota against the last usage this process saw
+// plus what it admitted since. Admitted usage is spooled for replay.
 func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Reserved, error) {
 	if t.onStoreError == storeErrorDeny {
 		return store.Reserved{}, errStoreDenied
@@ -81,7 +99,12 @@ func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Rese
 			return store.Reserved{QuotaExceeded: true, Used: used}, nil
 		}
 		if policy.Valid() {
-			out.Rate = a.shared.local.Admit(res.Subject, policy, res.Cost, time.Now().UnixMicro())
+			// This instance's share, from the store's last word (see
+			// fallback.go).
+			now := time.Now().UnixMicro()
+			tat, interval := a.shared.usage.rateSeen(res.Subject)
+			share, floor := localShare(policy, a.shared.liveInstances(), res.Cost, tat, interval, now)
+			out.Rate = a.shared.local.AdmitFrom(res.Subject, share, res.Cost, now, floor)
 			out.Allowed = out.Rate.Allowed
 		}
 	}
@@ -145,6 +168,10 @@ type usageEntry struct {
 	mu     sync.Mutex
 	period string
 	used   int64
+	// rateTAT and rateInterval are the customer's rate state as the store
+	// last reported it (see usageCache.observe); rateInterval is 0 until
+	// then.
+	rateTAT, rateInterval int64
 }
 
 // entry returns subject's entry, creating it.
@@ -165,14 +192,6 @@ func (u *usageCache) entry(subject string) *usageEntry {
 		u.m[subject] = e
 	}
 	return e
-}
-
-// set records the store's view of a subject's usage.
-func (u *usageCache) set(subject, period string, used int64) {
-	e := u.entry(subject)
-	e.mu.Lock()
-	e.period, e.used = period, used
-	e.mu.Unlock()
 }
 
 func (u *usageCache) get(subject, period string) int64 {

@@ -18,6 +18,10 @@ const (
 	decisionDegraded = "degraded_allowed"
 	// decisionUnavailable: answered 503 because the store was unavailable.
 	decisionUnavailable = "store_unavailable"
+	// decisionOverloaded: answered 503 because this process could not send
+	// the store call in time (its own queue or connection pool was
+	// saturated); nothing was decided without the store.
+	decisionOverloaded = "overloaded"
 )
 
 // metrics are created once per process and registered into every config's
@@ -30,6 +34,8 @@ type metrics struct {
 	spooled     prometheus.Counter
 	replayed    prometheus.Counter
 	lostUsage   prometheus.Counter
+	// liveInstances is how many instances the shared store last counted.
+	liveInstances prometheus.Gauge
 }
 
 var (
@@ -65,6 +71,10 @@ func getMetrics() *metrics {
 				Namespace: ns, Subsystem: sub, Name: "lost_usage_records_total",
 				Help: "Usage records that could be neither stored nor kept for replay (spool or in-memory buffer full, or kept in memory when Caddy stopped).",
 			}),
+			liveInstances: prometheus.NewGauge(prometheus.GaugeOpts{
+				Namespace: ns, Subsystem: sub, Name: "live_instances",
+				Help: "Instances sharing the Redis store at its last heartbeat; each takes this share of a budget while Redis is unreachable.",
+			}),
 		}
 	})
 	return globalMetrics
@@ -77,7 +87,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	m := getMetrics()
-	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors, m.spooled, m.replayed, m.lostUsage} {
+	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors, m.spooled, m.replayed, m.lostUsage, m.liveInstances} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {
@@ -91,8 +101,8 @@ func registerMetrics(reg prometheus.Registerer) error {
 // tierMetrics are one tier's counters, resolved once so the request path
 // does no label lookups.
 type tierMetrics struct {
-	allowed, rateLimited, forbidden, degraded, unavailable prometheus.Counter
-	units                                                  prometheus.Counter
+	allowed, rateLimited, forbidden, degraded, unavailable, overloaded prometheus.Counter
+	units                                                              prometheus.Counter
 }
 
 func newTierMetrics(tier string) tierMetrics {
@@ -103,6 +113,7 @@ func newTierMetrics(tier string) tierMetrics {
 		forbidden:   m.requests.WithLabelValues(tier, decisionForbidden),
 		degraded:    m.requests.WithLabelValues(tier, decisionDegraded),
 		unavailable: m.requests.WithLabelValues(tier, decisionUnavailable),
+		overloaded:  m.requests.WithLabelValues(tier, decisionOverloaded),
 		units:       m.units.WithLabelValues(tier),
 	}
 }

@@ -49,6 +49,8 @@ type registry struct {
 	verifyMiss func(ctx context.Context, st store.Store) error
 	// uses are the keys' last uses, for the store (see keyUses).
 	uses *keyUses
+	// inflight collapses concurrent lookups of one key.
+	inflight flights
 }
 
 // digest is a key's HMAC-SHA256 (apikey.Hasher.Sum): the stored hash
@@ -91,10 +93,20 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 		return e, nil
 	}
 
-	e, err := fetch(ctx, st, hex.EncodeToString(sum[:]), now)
-	if err == nil && !e.found && r.verifyMiss != nil {
-		err = r.verifyMiss(ctx, st)
-	}
+	e, err := r.inflight.do(ctx, sum, gen, func(ctx context.Context) (regEntry, error) {
+		e, err := fetch(ctx, st, hex.EncodeToString(sum[:]), now)
+		if err == nil && !e.found && r.verifyMiss != nil {
+			err = r.verifyMiss(ctx, st)
+		}
+		if err == nil {
+			if e.found {
+				e.use = r.uses.slot(e.key.ID)
+			}
+			r.keep(sum, gen, e) // before the flight ends: no gap for a second call
+		}
+		return e, err
+	})
+	noteStoreError(ctx, err)
 	if errors.Is(err, store.ErrUnavailable) {
 		if last, ok := r.last(sum); ok {
 			return last, nil
@@ -103,10 +115,14 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 	if err != nil {
 		return regEntry{}, err
 	}
-	if e.found {
-		e.use = r.uses.slot(e.key.ID)
-	}
 
+	r.keep(sum, gen, e)
+	return e, nil
+}
+
+// keep caches e for sum, looked up in generation gen, unless the registry
+// was invalidated meanwhile.
+func (r *registry) keep(sum digest, gen uint64, e regEntry) {
 	r.mu.Lock()
 	if r.gen == gen { // nothing changed while we were reading
 		if len(r.entries) >= registryMaxEntries {
@@ -116,7 +132,6 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 		delete(r.pending, sum)
 	}
 	r.mu.Unlock()
-	return e, nil
 }
 
 // fetch looks hash up in the store: the active key and its customer, or an

@@ -89,6 +89,14 @@ type shared struct {
 	// replay window of the origin whose records are still to be replayed.
 	origin      atomic.Pointer[originSeqs]
 	originStale atomic.Bool
+	// instanceID identifies this process in the store's instance
+	// heartbeats, and instances is how many instances the store last
+	// counted (see heartbeatLoop).
+	instanceID string
+	instances  atomic.Int64
+	// remote is set for a store reached over the network (Redis), whose
+	// calls are bounded by the request's store deadline.
+	remote bool
 
 	secretMu sync.Mutex
 	hasher   atomic.Pointer[apikey.Hasher]
@@ -107,7 +115,8 @@ type storeBox struct{ store.Store }
 func newShared(open opener, spoolDir string) *shared {
 	s := &shared{
 		openFn: open, spoolDir: spoolDir, registry: newRegistry(), local: limiter.NewLocal(),
-		logger: zap.NewNop(), seed: newSeedState(),
+		logger: zap.NewNop(), seed: newSeedState(), instanceID: hex.EncodeToString(newSecret()[:8]),
+		remote: spoolDir != "", // only a shared store has a spool
 	}
 	s.registry.verifyMiss = s.verifyMiss
 	if spoolDir == "" {
@@ -191,6 +200,14 @@ func (s *shared) start(logger *zap.Logger) error {
 			defer recoverLog(logger)
 			s.registry.revalidateLoop(ctx, st)
 		}()
+		if hb, ok := st.(instanceCounter); ok {
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer recoverLog(logger)
+				s.heartbeatLoop(ctx, hb)
+			}()
+		}
 		var buf replayer // a nil *Spool or *memBuffer would make it non-nil
 		switch {
 		case sp != nil:

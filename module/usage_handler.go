@@ -53,11 +53,14 @@ func (u *UsageHandler) Provision(ctx caddy.Context) error {
 
 // ServeHTTP writes the caller's usage as JSON.
 func (u *UsageHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
-	c, st, ok := u.app.authenticate(w, r, clockNow(), u.KeyFrom, u.logger)
+	now := clockNow()
+	ctx, cancel := u.app.storeContext(r, now)
+	defer cancel()
+	c, st, ok := u.app.authenticate(ctx, w, r, now, u.KeyFrom, u.logger)
 	if !ok {
 		return nil
 	}
-	view, status, msg := u.app.usageView(r.Context(), st, c.customer, r.URL.Query().Get("period"))
+	view, status, msg := u.app.usageView(ctx, st, c.customer, r.URL.Query().Get("period"))
 	if status != http.StatusOK {
 		writeProblem(w, r, problem{Type: problemTypeBase + "usage", Title: http.StatusText(status), Status: status, Detail: msg}, 0)
 		return nil
@@ -98,7 +101,7 @@ func (a *App) usageView(ctx context.Context, st store.Store, c store.Customer, m
 	if t == nil {
 		return v, http.StatusConflict, fmt.Sprintf("customer %q is on tier %q, which is not configured", c.ID, c.Tier)
 	}
-	period := t.periodRule.Period(time.Now(), c.BillingAnchor())
+	period := t.periodRule.Period(clockNow(), c.BillingAnchor())
 	if month != "" {
 		y, m, err := metering.ParseMonth(month)
 		if err != nil {

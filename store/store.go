@@ -8,6 +8,7 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -18,6 +19,14 @@ var ErrNotFound = errors.New("not found")
 // failing (timeouts, connection errors, an open circuit breaker). Callers
 // apply their on_store_error policy when errors.Is(err, ErrUnavailable).
 var ErrUnavailable = errors.New("store unavailable")
+
+// ErrBusy wraps errors of calls that this process could not even send to
+// the store in time: its own queue of calls or its connection pool was
+// saturated by a burst. It wraps ErrUnavailable (the store could not
+// answer), but says nothing about the store's health: a circuit breaker
+// does not count it, and callers shed the request (503) instead of
+// deciding without the store. Check it before ErrUnavailable.
+var ErrBusy = fmt.Errorf("%w: this process is saturated, the call was not sent", ErrUnavailable)
 
 // Customer is an API consumer. Limits and usage belong to the customer: all
 // of a customer's keys share them.

@@ -3,6 +3,8 @@ package redisstore
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -32,8 +34,15 @@ const (
 )
 
 // errSendTimeout fails a call whose deadline passed before a lane was free
-// to send it: it was never sent.
+// to send it, and OverloadWait more while Redis kept answering: it was
+// never sent. It is local saturation, not a Redis failure (see
+// Store.finish).
 var errSendTimeout = errors.New("redisstore: timed out waiting to send")
+
+// errQueuedBehindStall fails a call whose deadline passed before a lane was
+// free to send it while Redis was overdue: it was never sent, and Redis is
+// what it waited for.
+var errQueuedBehindStall = errors.New("redisstore: not sent: Redis did not answer the pipelines before it")
 
 // scriptCall is one metering script call.
 type scriptCall struct {
@@ -62,12 +71,35 @@ type scriptCall struct {
 type lane struct{ conn *conn }
 
 // batcher groups concurrent script calls into pipelines.
+//
+// A call's deadline bounds its wait for Redis. Unless Redis is overdue (the
+// last pipeline failed for want of it: no reply by its deadline, or an I/O
+// error; or the circuit breaker counts a failed call), a call that is
+// still queued at its deadline, or whose reply arrived but was not read by
+// then, is local saturation (this process had no CPU or lane for it): it
+// is still sent, or read, within grace more (OverloadWait); past that it
+// fails with errSendTimeout. A call still queued at its deadline while
+// Redis is overdue fails with errQueuedBehindStall. (A call queued behind
+// pipelines in flight is in the next pipeline sent, and those in flight
+// end by their deadlines, which are before its own, or a quarter of window
+// after it for a call sent late; so at the start of a stall a call waits
+// at most about that much past its deadline.)
 type batcher struct {
 	dialer *dialer
 	lanes  chan *lane // the lanes not in use: free only while no pending call waits for one
 	closed atomic.Bool
 	// drops counts connections dropped after an I/O error.
 	drops atomic.Int64
+	// window is OpTimeout: what a pipeline gets for its replies at least
+	// while Redis keeps answering.
+	window time.Duration
+	// grace is the bounded extra wait of local saturation (OverloadWait).
+	grace time.Duration
+	// failing reports failed calls counted by the circuit breaker.
+	failing func() bool
+	// failedLast is set when the last pipeline to end failed for want
+	// of Redis (an I/O error or a timeout), cleared by one answered.
+	failedLast atomic.Bool
 
 	mu      sync.Mutex
 	pending []*scriptCall // guarded by mu: calls not yet taken, oldest first
@@ -88,8 +120,8 @@ func (b *batcher) release(l *lane) {
 	b.lanes <- l
 }
 
-func newBatcher(d *dialer) *batcher {
-	b := &batcher{dialer: d, lanes: make(chan *lane, maxLanes)}
+func newBatcher(d *dialer, window, grace time.Duration) *batcher {
+	b := &batcher{dialer: d, lanes: make(chan *lane, maxLanes), window: window, grace: grace}
 	for range maxLanes {
 		b.lanes <- &lane{}
 	}
@@ -117,8 +149,8 @@ func (b *batcher) close() {
 }
 
 // do sends c and waits until it is done, or ctx ends (it then returns
-// ctx's error: if c had not been taken by then it is never sent; if it
-// had, it may still run). c is done by its deadline without a timer of its
+// ctx's error: if c had not been taken by then it is never sent, and the
+// error also wraps errSendTimeout; if it had, it may still run). c is done by its deadline without a timer of its
 // own: a lane frees up when a pipeline in flight ends, by the deadline of
 // calls queued before c, and the pipeline c goes in ends by c's deadline.
 // Its caller leads when it finds a lane free or is handed one; otherwise
@@ -146,20 +178,79 @@ func (b *batcher) do(ctx context.Context, c *scriptCall) error {
 			b.lead(l)
 			b.release(l)
 		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) && b.saturated(c, time.Now()) {
+				// Not a Redis stall: wait for the call to be sent and
+				// answered, by its deadline plus grace (see batcher).
+				ctx = context.WithoutCancel(ctx)
+				continue
+			}
 			b.mu.Lock()
-			if !c.taken.Load() {
+			sent := c.taken.Load()
+			if !sent {
 				b.pending = slices.DeleteFunc(b.pending, func(p *scriptCall) bool { return p == c })
 			}
 			b.mu.Unlock()
+			if sent && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				// Taken meanwhile: its pipeline ends by its deadline.
+				ctx = context.WithoutCancel(ctx)
+				continue
+			}
 			// A lane handed to c and not taken yet goes to the next caller.
 			select {
 			case l := <-c.handoff:
 				b.release(l)
 			default:
 			}
-			return ctx.Err()
+			if !sent {
+				if !b.answering() {
+					return fmt.Errorf("%w: %w", errQueuedBehindStall, ctx.Err())
+				}
+				return fmt.Errorf("%w: %w", errSendTimeout, ctx.Err())
+			}
+			return fmt.Errorf("waiting for the reply: %w", ctx.Err())
 		}
 	}
+}
+
+// answering reports whether Redis is not overdue: the last pipeline to
+// end was answered (or none ended yet), and no other call failed for want
+// of Redis since the last that succeeded (the circuit breaker's count).
+func (b *batcher) answering() bool {
+	return !b.failedLast.Load() && (b.failing == nil || !b.failing())
+}
+
+// saturated reports whether c, at or past its deadline at now, waits on
+// this process rather than on Redis: it was taken (its pipeline ends by
+// its deadline, plus grace only for replies that arrived), or Redis keeps
+// answering and the deadline plus grace has not passed.
+func (b *batcher) saturated(c *scriptCall, now time.Time) bool {
+	if c.taken.Load() {
+		return true
+	}
+	return b.answering() && now.Before(c.deadline.Add(b.grace))
+}
+
+// sendBy is the deadline of c's pipeline if c is sent at now, or why it
+// is not sent. A pipeline ends by its calls' deadlines. While Redis keeps
+// answering, a call closer to its deadline than a quarter of window, or
+// past it (until its deadline plus grace, then errSendTimeout), still gets
+// that quarter from now: a call a saturated process sends late must not
+// fail the whole pipeline, and the replies of a pipeline are read by
+// graceReader as long as they arrive. Otherwise a call past its deadline
+// is not sent (errQueuedBehindStall).
+func (b *batcher) sendBy(c *scriptCall, now time.Time) (time.Time, error) {
+	soon := now.Add(b.window / 4)
+	switch {
+	case !c.deadline.Before(soon):
+		return c.deadline, nil
+	case !b.answering() && now.Before(c.deadline):
+		return c.deadline, nil
+	case !b.answering():
+		return time.Time{}, errQueuedBehindStall
+	case !now.Before(c.deadline.Add(b.grace)):
+		return time.Time{}, errSendTimeout
+	}
+	return soon, nil
 }
 
 // lead takes up to maxBatch pending calls, fails those past their
@@ -194,12 +285,13 @@ func (b *batcher) lead(l *lane) {
 	live := batch[:0:0]
 	var first time.Time
 	for _, c := range batch {
-		if !now.Before(c.deadline) {
-			c.err = errSendTimeout
+		by, err := b.sendBy(c, now)
+		if err != nil {
+			c.err = err
 			continue
 		}
-		if len(live) == 0 || c.deadline.Before(first) {
-			first = c.deadline
+		if len(live) == 0 || by.Before(first) {
+			first = by
 		}
 		live = append(live, c)
 	}
@@ -226,8 +318,9 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 	}
 	drops := b.drops.Load()
 	if l.conn == nil {
-		c, err := b.dialer.open(deadline)
+		c, err := b.dialer.open(deadline, b.grace)
 		if err != nil {
+			b.failedLast.Store(true)
 			fail(batch, err)
 			return
 		}
@@ -239,8 +332,15 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		for _, call := range batch {
 			c.w = appendCall(c.w, call.script, call.args, eval)
 		}
-		if _, err := c.nc.Write(c.w); err != nil {
+		if n, err := c.nc.Write(c.w); err != nil {
 			b.drop(l)
+			if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+				// Nothing left: the deadline passed before this
+				// process got to write (saturation, not Redis).
+				fail(batch, fmt.Errorf("%w: %w", errSendTimeout, err))
+				return
+			}
+			b.failedLast.Store(true)
 			fail(batch, err)
 			return
 		}
@@ -248,6 +348,7 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		for i, call := range batch {
 			vals, reply, err := c.read()
 			if err != nil {
+				b.failedLast.Store(true)
 				b.drop(l)
 				fail(batch[i:], err)
 				return
@@ -260,6 +361,7 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		}
 		batch = unknown
 	}
+	b.failedLast.Store(false)
 	c.used, c.drops = time.Now(), drops
 }
 

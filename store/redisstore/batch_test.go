@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/store"
@@ -333,12 +336,14 @@ func TestFreedLaneGoesToPendingCall(t *testing.T) {
 }
 
 // TestQueuedCallTimesOutUnsent checks that a reservation still queued at
-// its deadline (every lane was busy) fails with ErrUnavailable and is never
-// sent: nothing is counted. (Lanes free up by the deadlines of the
-// pipelines in flight; TestDeadlinesWithinOpTimeout checks those.)
+// its deadline plus the overload wait (every lane was busy, while Redis
+// kept answering) fails with ErrBusy and is never sent: nothing is
+// counted, and the circuit breaker does not count it as a Redis failure.
+// (Lanes free up by the deadlines of the pipelines in flight;
+// TestDeadlinesWithinOpTimeout checks those.)
 func TestQueuedCallTimesOutUnsent(t *testing.T) {
-	const opTimeout = 50 * time.Millisecond
-	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: opTimeout})
+	const opTimeout, overloadWait = 50 * time.Millisecond, 50 * time.Millisecond
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: opTimeout, BreakerFailures: 1, overloadWait: overloadWait})
 	ctx := context.Background()
 	q := testQuota(store.QuotaBill, 100)
 	release := holdLanes(s)
@@ -349,21 +354,52 @@ func TestQueuedCallTimesOutUnsent(t *testing.T) {
 		errc <- err
 	}()
 	waitPending(t, s, 1)
-	// Free the lanes only once the call's deadline has passed.
-	for time.Since(start) <= opTimeout {
+	// Free the lanes only once the call's deadline and the overload wait
+	// have passed.
+	for time.Since(start) <= opTimeout+overloadWait {
 		time.Sleep(opTimeout / 10)
 	}
 	release()
-	if err := <-errc; !errors.Is(err, store.ErrUnavailable) || !errors.Is(err, errSendTimeout) {
-		t.Fatalf("Reserve queued past its deadline: %v, want ErrUnavailable (not sent)", err)
+	if err := <-errc; !errors.Is(err, store.ErrBusy) || !errors.Is(err, errSendTimeout) {
+		t.Fatalf("Reserve queued past its deadline and the overload wait: %v, want ErrBusy (not sent)", err)
 	}
-	// A later call goes through, and the timed-out one was not counted.
-	if _, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: 2}); err != nil {
-		t.Fatal(err)
+	// The breaker (threshold 1) counted nothing, and nothing was counted.
+	if n := s.breaker.fails.Load(); n != 0 {
+		t.Errorf("the breaker counted %d failures, want none", n)
+	}
+	u, err := s.Usage(ctx, "acme", q.PeriodID)
+	if err != nil || u.Counters != (store.Counters{}) {
+		t.Errorf("Usage = %+v, %v; want nothing counted", u.Counters, err)
+	}
+}
+
+// TestQueuedCallWaitsOutSaturation checks the bounded wait: a reservation
+// still queued at its deadline while Redis keeps answering (this process
+// was saturated, not Redis) is sent when a lane frees up within the
+// overload wait, and decided by Redis.
+func TestQueuedCallWaitsOutSaturation(t *testing.T) {
+	const opTimeout, overloadWait = 50 * time.Millisecond, 5 * time.Second
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), OpTimeout: opTimeout, overloadWait: overloadWait})
+	ctx := context.Background()
+	q := testQuota(store.QuotaBill, 100)
+	release := holdLanes(s)
+	start := time.Now()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := s.Reserve(ctx, store.Reservation{Subject: "acme", Cost: 1, Quota: q, Origin: "o", Seq: 1})
+		errc <- err
+	}()
+	waitPending(t, s, 1)
+	for time.Since(start) <= 2*opTimeout {
+		time.Sleep(opTimeout / 10)
+	}
+	release()
+	if err := <-errc; err != nil {
+		t.Fatalf("Reserve queued past its deadline while Redis answered: %v, want it sent", err)
 	}
 	u, err := s.Usage(ctx, "acme", q.PeriodID)
 	if err != nil || u.Counters != (store.Counters{Billed: 1, Requests: 1}) {
-		t.Errorf("Usage = %+v, %v; want only the later reservation", u.Counters, err)
+		t.Errorf("Usage = %+v, %v; want the reservation counted once", u.Counters, err)
 	}
 }
 
@@ -434,5 +470,39 @@ func TestScriptsReloadedAfterFlush(t *testing.T) {
 	}
 	if got := w.scripts()[warm:]; !slices.Equal(got, want) {
 		t.Errorf("Redis got %q, want a pipeline of EVALSHA answered NOSCRIPT, then one of EVAL", got)
+	}
+}
+
+// TestSaturationIsNotAFailure checks how a call's error is classified:
+// calls that never left this process (queued past their deadline and the
+// overload wait, or waiting for a pool connection) are ErrBusy and leave
+// the circuit breaker alone; calls queued behind pipelines Redis did not
+// answer are unavailable without counting again; calls sent and not
+// answered by their deadline are Redis failures.
+func TestSaturationIsNotAFailure(t *testing.T) {
+	s := openStore(t, Options{KeyPrefix: newPrefix(t), BreakerFailures: 1})
+	deadline, cancel := context.WithTimeout(context.Background(), -time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		name          string
+		err           error
+		busy, counted bool
+		unavailable   bool
+	}{
+		{"queued past the overload wait", fmt.Errorf("%w: %w", errSendTimeout, context.DeadlineExceeded), true, false, true},
+		{"pool timeout", redis.ErrPoolTimeout, true, false, true},
+		{"pool wait past the deadline", context.DeadlineExceeded, true, false, true},
+		{"queued behind a stall", fmt.Errorf("%w: %w", errQueuedBehindStall, context.DeadlineExceeded), false, false, true},
+		{"sent, no reply by the deadline", fmt.Errorf("waiting for the reply: %w", context.DeadlineExceeded), false, true, true},
+		{"socket timeout", os.ErrDeadlineExceeded, false, true, true},
+	} {
+		s.breaker.fails.Store(0)
+		err := s.finish(deadline, false, tc.err)
+		if errors.Is(err, store.ErrBusy) != tc.busy || errors.Is(err, store.ErrUnavailable) != tc.unavailable {
+			t.Errorf("%s: %v; want busy %v, unavailable %v", tc.name, err, tc.busy, tc.unavailable)
+		}
+		if counted := s.breaker.fails.Load() > 0; counted != tc.counted {
+			t.Errorf("%s: counted by the breaker %v, want %v", tc.name, counted, tc.counted)
+		}
 	}
 }

@@ -98,3 +98,7 @@ func (b *breaker) done(probe bool, o outcome) {
 		}
 	}
 }
+
+// failing reports whether the last call (or more) failed for want of
+// Redis: the breaker counts consecutive failures, open or not.
+func (b *breaker) failing() bool { return b.fails.Load() > 0 }

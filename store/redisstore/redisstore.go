@@ -6,7 +6,11 @@
 // Every call is bounded by Options.OpTimeout (dial, socket reads and writes
 // and the whole call), failures trip a circuit breaker, and both timeouts
 // and an open breaker produce errors wrapping store.ErrUnavailable, so a
-// request never waits on Redis for longer than OpTimeout.
+// request never waits on an unreachable Redis for longer than OpTimeout.
+// A call this process could not send in time (local saturation) is not a
+// failure: it wraps store.ErrBusy, and a metering script may wait up to
+// OverloadWait more for this process while Redis keeps answering (see
+// batcher).
 //
 // Keys, under Options.KeyPrefix (P):
 //
@@ -21,6 +25,8 @@
 //	Pkeyid:<id>            key id -> key hash
 //	Pcustkeys:{<customer>} sorted set of a customer's key hashes, scored by creation µs
 //	Pchanges               pub/sub channel: one message per customer or key change
+//	Pinstances             sorted set of live instance ids, scored by the end of their
+//	                       heartbeat's ttl (ms, Redis clock; see Heartbeat)
 //
 // On the request path only the metering scripts run, on keys hash-tagged
 // per subject (and, when a threshold is crossed, the global outbox index),
@@ -59,6 +65,12 @@ const (
 	DefaultBreakerFailures = 5
 	// DefaultBreakerCooldown is the default Options.BreakerCooldown.
 	DefaultBreakerCooldown = time.Second
+	// OverloadWait bounds how much longer than OpTimeout (or the caller's
+	// deadline) a metering script may wait while Redis keeps answering
+	// and only this process is saturated: queued for a pipeline, or its
+	// reply received but not yet read (see batcher). OpTimeout when
+	// larger. Past it the call fails wrapping store.ErrBusy.
+	OverloadWait = time.Second
 )
 
 // Options configures New.
@@ -84,6 +96,8 @@ type Options struct {
 
 	// dial replaces the network dialer (tests count connection attempts).
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// overloadWait replaces OverloadWait (tests).
+	overloadWait time.Duration
 }
 
 // Store is a store.Store on Redis. It is safe for concurrent use.
@@ -153,21 +167,27 @@ func New(o Options) (*Store, error) {
 	if o.dial != nil {
 		ro.Dialer = o.dial
 	}
+	if o.overloadWait == 0 {
+		o.overloadWait = OverloadWait
+	}
 	life, end := context.WithCancel(context.Background())
 	client := redis.NewClient(ro)
 	co := client.Options() // with go-redis's default dialer filled in
-	return &Store{
+	brk := newBreaker(o.BreakerFailures, o.BreakerCooldown)
+	s := &Store{
 		client: client,
 		scripts: newBatcher(&dialer{
 			dial: co.Dialer, network: co.Network, addr: co.Addr,
 			username: co.Username, password: co.Password, db: co.DB,
-		}),
+		}, o.OpTimeout, max(o.OpTimeout, o.overloadWait)),
 		prefix:    o.KeyPrefix,
 		opTimeout: o.OpTimeout,
-		breaker:   newBreaker(o.BreakerFailures, o.BreakerCooldown),
+		breaker:   brk,
 		life:      life,
 		end:       end,
-	}, nil
+	}
+	s.scripts.failing = brk.failing
+	return s, nil
 }
 
 // Close implements store.Store: it ends every Watch and closes the Redis
@@ -225,8 +245,12 @@ func (s *Store) call(ctx context.Context, op func(ctx context.Context) error) er
 }
 
 // finish reports a call's outcome to the breaker and returns its error:
-// unchanged for the store's own errors, wrapping store.ErrUnavailable when
-// Redis was unreachable, slow or refused service.
+// unchanged for the store's own errors, wrapping store.ErrBusy when the
+// call was never sent (it waited past its deadline in this process's own
+// queue or connection pool: local saturation, which the breaker does not
+// count), and wrapping store.ErrUnavailable when Redis was unreachable,
+// slow (a call sent and not answered by its deadline, the caller's or
+// OpTimeout) or refused service.
 func (s *Store) finish(ctx context.Context, probe bool, err error) error {
 	if err == nil {
 		s.breaker.done(probe, healthy)
@@ -237,13 +261,18 @@ func (s *Store) finish(ctx context.Context, probe bool, err error) error {
 	case errors.As(err, &p):
 		s.breaker.done(probe, healthy)
 		return err
-	case ctx.Err() != nil:
-		// The caller gave up (or its deadline was shorter than ours).
+	case errors.Is(ctx.Err(), context.Canceled):
+		// The caller gave up: nothing is learned about Redis.
 		s.breaker.done(probe, unknown)
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
-		}
 		return fmt.Errorf("redisstore: %w", err)
+	case errors.Is(err, errQueuedBehindStall):
+		// Not sent, but because Redis stopped answering the pipelines
+		// before it: unavailable, and already counted by those.
+		s.breaker.done(probe, unknown)
+		return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
+	case notSent(err):
+		s.breaker.done(probe, unknown)
+		return fmt.Errorf("redisstore: %w: %w", store.ErrBusy, err)
 	case isReply(err) && !unavailableReply(err):
 		s.breaker.done(probe, healthy)
 		return fmt.Errorf("redisstore: %w", err)
@@ -251,6 +280,16 @@ func (s *Store) finish(ctx context.Context, probe bool, err error) error {
 		s.breaker.done(probe, failed)
 		return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
 	}
+}
+
+// notSent reports an error of a call that never left this process: a
+// metering script still queued at its deadline, or a go-redis call that
+// waited past its deadline (or PoolTimeout) for a pool connection. go-redis
+// returns the context's own error only from that wait: a call sent and not
+// answered in time fails with a socket timeout instead.
+func notSent(err error) bool {
+	return errors.Is(err, errSendTimeout) || errors.Is(err, redis.ErrPoolTimeout) ||
+		err == context.DeadlineExceeded //nolint:errorlint // only the bare context error means "not sent"
 }
 
 // isReply reports whether err is an error reply from Redis (as opposed to a

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -125,6 +126,34 @@ type conn struct {
 	// drops is the batcher's count of connections dropped after an I/O
 	// error, as of the last pipeline on nc.
 	drops int64
+	// grace is how long past a read deadline a reply already received is
+	// still read (see graceReader).
+	grace time.Duration
+}
+
+// graceReader reads c's socket. A read that fails at its deadline while
+// the socket holds a reply (or the server's close) is retried with the
+// deadline moved grace ahead: Redis answered in time, and only this
+// process was too busy to read it. That is local saturation, not a Redis
+// failure, and the answer is not thrown away (its calls ran). A socket
+// with nothing to read fails at the deadline as before, so a stalled Redis
+// still fails the pipeline by it. Over TLS (no descriptor to peek at) the
+// deadline is kept.
+type graceReader struct{ c *conn }
+
+func (g graceReader) Read(p []byte) (int, error) {
+	n, err := g.c.nc.Read(p)
+	if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) && g.c.grace > 0 && g.c.raw != nil {
+		// The peek needs a deadline in the future (the descriptor refuses
+		// a read past it); it is put back when nothing arrived.
+		if g.c.nc.SetReadDeadline(time.Now().Add(g.c.grace)) == nil {
+			if peekClosed(g.c.raw) {
+				return g.c.nc.Read(p)
+			}
+			_ = g.c.nc.SetReadDeadline(time.Now())
+		}
+	}
+	return n, err
 }
 
 // dialer opens connections for metering scripts the way go-redis opens
@@ -142,18 +171,20 @@ type dialer struct {
 const idleCheck = time.Second
 
 // open returns a connection ready for scripts, with deadline set, by
-// deadline.
-func (d *dialer) open(deadline time.Time) (*conn, error) {
+// deadline. Its replies may be read up to grace past a read deadline when
+// they had arrived (see graceReader).
+func (d *dialer) open(deadline time.Time, grace time.Duration) (*conn, error) {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	nc, err := d.dial(ctx, d.network, d.addr)
 	if err != nil {
 		return nil, err
 	}
-	c := &conn{nc: nc, r: bufio.NewReaderSize(nc, 4096)}
+	c := &conn{nc: nc, grace: grace}
 	if sc, ok := nc.(syscall.Conn); ok {
 		c.raw, _ = sc.SyscallConn()
 	}
+	c.r = bufio.NewReaderSize(graceReader{c}, 4096)
 	// The handshake: AUTH and SELECT as the URL asks, one reply each.
 	var hs []byte
 	replies := 0

@@ -1,0 +1,41 @@
+package redisstore
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// heartbeatScript records ARGV[1] as live until now + ARGV[2] ms (Redis
+// clock) in the sorted set KEYS[1], drops the members whose time is up,
+// and returns how many are live.
+var heartbeatScript = redis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+return redis.call('ZCARD', KEYS[1])
+`)
+
+func (s *Store) instancesKey() string { return s.prefix + "instances" }
+
+// Heartbeat records instance as live for ttl and returns how many
+// instances sharing this Redis (and key prefix) are live, instance
+// included. Instances call it periodically, more often than ttl; one that
+// stops calling it stops being counted once its ttl has passed.
+func (s *Store) Heartbeat(ctx context.Context, instance string, ttl time.Duration) (int, error) {
+	if instance == "" || ttl < time.Millisecond {
+		return 0, errors.New("redisstore: heartbeat needs an instance id and a ttl of at least 1ms")
+	}
+	var n int
+	err := s.call(ctx, func(ctx context.Context) error {
+		v, err := heartbeatScript.Run(ctx, s.client, []string{s.instancesKey()}, instance, ttl.Milliseconds()).Int()
+		n = v
+		return err
+	})
+	return n, err
+}
