@@ -112,8 +112,19 @@ func extractKey(r *http.Request, sources []KeySource) (string, KeySource) {
 	return "", KeySource{}
 }
 
-// removeKey takes the key out of r, from the source that carried it, so
-// that neither the next handlers nor the upstream see it: the header, or
+// removeKeys takes every configured key source out of r, not only the one
+// whose key was checked, so that a second key sent beside it (say in
+// X-API-Key and in Authorization: Bearer) reaches neither the next handlers
+// nor the upstream either.
+func removeKeys(r *http.Request, sources []KeySource) {
+	for _, s := range sources {
+		removeKey(r, s)
+	}
+}
+
+// removeKey takes source s out of r, so that neither the next handlers nor
+// the upstream see a key there: the header, every Bearer Authorization
+// value (other schemes, such as Basic, are the upstream's and are kept), or
 // every occurrence of the query parameter (in r.URL and r.RequestURI; the
 // other parameters are kept as sent).
 func removeKey(r *http.Request, s KeySource) {
@@ -121,33 +132,67 @@ func removeKey(r *http.Request, s KeySource) {
 	case s.Header != "":
 		delete(r.Header, s.canonical)
 	case s.Bearer:
-		delete(r.Header, "Authorization")
+		removeBearer(r.Header)
 	case s.Query != "":
-		r.URL.RawQuery = withoutParam(r.URL.RawQuery, s.Query)
+		q, removed := withoutParam(r.URL.RawQuery, s.Query)
+		if !removed {
+			return // not there: the request stays as sent
+		}
+		r.URL.RawQuery = q
 		if path, query, ok := strings.Cut(r.RequestURI, "?"); ok {
 			r.RequestURI = path
-			if q := withoutParam(query, s.Query); q != "" {
+			if q, _ := withoutParam(query, s.Query); q != "" {
 				r.RequestURI += "?" + q
 			}
 		}
 	}
 }
 
+// removeBearer deletes the Authorization values that carry a Bearer token,
+// keeping the others.
+func removeBearer(h http.Header) {
+	values, ok := h["Authorization"]
+	if !ok {
+		return
+	}
+	kept := values[:0:0]
+	for _, v := range values {
+		if !isBearer(v) {
+			kept = append(kept, v)
+		}
+	}
+	if len(kept) == 0 {
+		delete(h, "Authorization")
+		return
+	}
+	h["Authorization"] = kept
+}
+
+// isBearer reports whether an Authorization value uses the Bearer scheme.
+func isBearer(v string) bool {
+	return len(v) >= 7 && strings.EqualFold(v[:7], "bearer ")
+}
+
 // withoutParam is the raw query without the parameter name, matched as
 // url.ParseQuery decodes names; the other parameters keep their order and
-// encoding.
-func withoutParam(rawQuery, name string) string {
+// encoding. removed reports whether the parameter was there; when it was
+// not, the query is returned unchanged.
+func withoutParam(rawQuery, name string) (query string, removed bool) {
 	var kept []string
 	for part := range strings.SplitSeq(rawQuery, "&") {
 		k, _, _ := strings.Cut(part, "=")
 		if key, err := url.QueryUnescape(k); err == nil && key == name {
+			removed = true
 			continue
 		}
 		if part != "" {
 			kept = append(kept, part)
 		}
 	}
-	return strings.Join(kept, "&")
+	if !removed {
+		return rawQuery, false
+	}
+	return strings.Join(kept, "&"), true
 }
 
 // keyHint describes the key sources for error messages.
