@@ -84,15 +84,8 @@ func TestRemoveKey(t *testing.T) {
 			t.Fatalf("%s: no key found", tc.name)
 		}
 		removeKey(r, source)
-		if r.RequestURI != tc.wantURI || r.URL.RequestURI() != tc.wantURI {
-			t.Errorf("%s: RequestURI %q, URL %q, want %q", tc.name, r.RequestURI, r.URL.RequestURI(), tc.wantURI)
-		}
-		var left []string
-		for k, v := range r.Header {
-			left = append(left, k+"="+strings.Join(v, ","))
-		}
-		sort.Strings(left)
-		if got := strings.Join(left, ";"); got != tc.wantHeader {
+		checkURI(t, tc.name, r, tc.wantURI)
+		if got := headersLeft(r); got != tc.wantHeader {
 			t.Errorf("%s: headers left %q, want %q", tc.name, got, tc.wantHeader)
 		}
 		if k, _ := extractKey(r, sources); k == key {
@@ -119,19 +112,30 @@ func TestRemoveKeysEverySource(t *testing.T) {
 	} {
 		r := testRequest(tc.url, tc.headers)
 		removeKeys(r, sources)
-		if r.RequestURI != tc.wantURI || r.URL.RequestURI() != tc.wantURI {
-			t.Errorf("%s: RequestURI %q, URL %q, want %q", tc.name, r.RequestURI, r.URL.RequestURI(), tc.wantURI)
-		}
-		var left []string
-		for k, v := range r.Header {
-			left = append(left, k+"="+strings.Join(v, ","))
-		}
-		sort.Strings(left)
-		if got := strings.Join(left, ";"); got != tc.wantHeader {
+		checkURI(t, tc.name, r, tc.wantURI)
+		if got := headersLeft(r); got != tc.wantHeader {
 			t.Errorf("%s: headers left %q, want %q", tc.name, got, tc.wantHeader)
 		}
 		if k, _ := extractKey(r, sources); k != "" {
 			t.Errorf("%s: a key (%q) can still be read from the request", tc.name, k)
 		}
+	}
+}
+
+// headersLeft is r's headers as "Name=value;...", sorted.
+func headersLeft(r *http.Request) string {
+	var left []string
+	for k, v := range r.Header {
+		left = append(left, k+"="+strings.Join(v, ","))
+	}
+	sort.Strings(left)
+	return strings.Join(left, ";")
+}
+
+// checkURI checks that both r.RequestURI and r.URL say want.
+func checkURI(t *testing.T, name string, r *http.Request, want string) {
+	t.Helper()
+	if r.RequestURI != want || r.URL.RequestURI() != want {
+		t.Errorf("%s: RequestURI %q, URL %q, want %q", name, r.RequestURI, r.URL.RequestURI(), want)
 	}
 }
