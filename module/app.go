@@ -243,8 +243,26 @@ func (a *App) checkCustomers(repl *caddy.Replacer) error {
 				return fmt.Errorf("customer %q: anchor must be YYYY-MM-DD: %v", c.ID, err)
 			}
 		}
+		if c.StripeCustomerID != "" {
+			if err := checkStripeCustomerID(c.StripeCustomerID); err != nil {
+				return fmt.Errorf("customer %q: stripe_customer_id: %v", c.ID, err)
+			}
+		}
+		if c.Email != "" {
+			if err := checkEmail(c.Email); err != nil {
+				return fmt.Errorf("customer %q: email: %v", c.ID, err)
+			}
+		}
 		customers[c.ID] = true
 	}
+	// owner is the declaration of each resolved key, to refuse one key for
+	// two customers (two placeholders whose variables hold the same value):
+	// otherwise the last declaration would silently win.
+	type declaration struct {
+		n        int
+		customer string
+	}
+	owner := make(map[string]declaration, len(a.Keys))
 	for i, k := range a.Keys {
 		if !customers[k.Customer] {
 			return fmt.Errorf("key #%d: unknown customer %q", i+1, k.Customer)
@@ -254,6 +272,11 @@ func (a *App) checkCustomers(repl *caddy.Replacer) error {
 			return fmt.Errorf("key #%d of customer %q: must be at least %d characters once placeholders are replaced (is its environment variable set?), and a key starting with %q must carry a valid checksum",
 				i+1, k.Customer, apikey.MinLength, apikey.Prefix)
 		}
+		if prev, dup := owner[key]; dup && prev.customer != k.Customer {
+			return fmt.Errorf("key #%d of customer %q is the same key as key #%d of customer %q (check their placeholders' values): a key belongs to one customer",
+				i+1, k.Customer, prev.n, prev.customer)
+		}
+		owner[key] = declaration{n: i + 1, customer: k.Customer}
 	}
 	return nil
 }

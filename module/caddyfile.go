@@ -6,7 +6,6 @@ import (
 	"maps"
 	"math"
 	"math/bits"
-	"net/mail"
 	"net/url"
 	"slices"
 	"strconv"
@@ -555,13 +554,13 @@ func (p *appParser) customer(d *caddyfile.Dispenser) error {
 			c.Tier = v
 			p.customerTiers = append(p.customerTiers, reference{name: v, tok: d.Token()})
 		case "stripe":
-			if !strings.HasPrefix(v, "cus_") || len(v) == len("cus_") {
-				return d.Errf("customer %s: stripe expects a Stripe customer id such as cus_NffrFeUfNV2Hib, got '%s'", id, v)
+			if err := checkStripeCustomerID(v); err != nil {
+				return d.Errf("customer %s: stripe: %v, got '%s'", id, err, v)
 			}
 			c.StripeCustomerID = v
 		case "email":
-			if addr, err := mail.ParseAddress(v); err != nil || addr.Address != v {
-				return d.Errf("customer %s: email expects a plain address such as billing@example.com, got '%s'", id, v)
+			if err := checkEmail(v); err != nil {
+				return d.Errf("customer %s: email: %v, got '%s'", id, err, v)
 			}
 			c.Email = v
 		case "anchor":

@@ -447,6 +447,24 @@ func testAdminAPI(t *testing.T, cfg testConfig) {
 	if r := admin(t, http.MethodPost, "/api_monetize/customers", `{"id":"newco","tier":"free"`); r.status != http.StatusBadRequest {
 		t.Errorf("broken JSON: %d %s", r.status, r.body)
 	}
+	// email and stripe_customer_id are validated as the Caddyfile does: no
+	// line break can reach a notification's headers or a Stripe call.
+	for _, body := range []string{
+		`{"id":"newco","tier":"free","email":"a@example.com\r\nBcc: victim@example.com"}`,
+		`{"id":"newco","tier":"free","email":"Acme <a@example.com>"}`,
+		`{"id":"newco","tier":"free","stripe_customer_id":"cus_1\r\nX: y"}`,
+		`{"id":"newco","tier":"free","stripe_customer_id":"acme"}`,
+	} {
+		if r := admin(t, http.MethodPost, "/api_monetize/customers", body); r.status != http.StatusBadRequest {
+			t.Errorf("%s: %d %s, want 400", body, r.status, r.body)
+		}
+	}
+	if r := admin(t, http.MethodGet, "/api_monetize/customers/newco", ""); r.status != http.StatusNotFound {
+		t.Fatalf("a refused customer was stored: %d %s", r.status, r.body)
+	}
+	if r := admin(t, http.MethodPost, "/api_monetize/customers", `{"id":"mailco","tier":"free","email":"billing@mailco.example","stripe_customer_id":"cus_MailCo1"}`); r.status != http.StatusCreated {
+		t.Errorf("valid email and Stripe id: %d %s", r.status, r.body)
+	}
 	if r := admin(t, http.MethodPost, "/api_monetize/customers", `{"id":"newco","tier":"free"}`); r.status != http.StatusCreated {
 		t.Fatalf("create: %d %s", r.status, r.body)
 	}
