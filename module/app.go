@@ -114,6 +114,11 @@ type App struct {
 	// until Stop; each returns when its context is done.
 	tasks []func(ctx context.Context)
 
+	// identityWanted is set when an api_monetize_usage handler uses this
+	// app: the api_monetize handler then leaves the caller it authenticated
+	// in the request's variables (see setIdentity).
+	identityWanted atomic.Bool
+
 	ready chan struct{} // closed when Start has upserted the configuration
 	// removedKeysRevoked is set once keys dropped from the configuration
 	// have been revoked.

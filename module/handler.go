@@ -101,6 +101,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !h.ForwardKey {
 		removeKeys(r, h.KeyFrom)
 	}
+	if app.identityWanted.Load() {
+		setIdentity(r, app, c)
+	}
 	tier := c.tier
 	if repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); repl != nil {
 		repl.Map(c.placeholders)
