@@ -18,6 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 
 	"github.com/apimonetize/caddy-api-monetize/apikey"
 	"github.com/apimonetize/caddy-api-monetize/metering"
@@ -361,6 +362,9 @@ func (p *appParser) tier(d *caddyfile.Dispenser) error {
 	}
 	if err := checkQuota(&t, seen); err != nil {
 		return err
+	}
+	for _, gap := range excludeGaps(t.Exclude) {
+		caddy.Log().Named("caddyfile.api_monetize").Warn(excludeGapAdvice(t.Name, gap), zap.String("file", tok.File), zap.Int("line", tok.Line))
 	}
 	p.app.Tiers = append(p.app.Tiers, t)
 	return nil

@@ -98,7 +98,7 @@ func (c testConfig) String() string {
 			included 50000/month
 			rate 100/min
 			endpoints /v1/*
-			exclude /v1/admin/*
+			exclude /v1/admin /v1/admin/*
 			support email
 		}
 		tier enterprise {
@@ -284,6 +284,13 @@ func testEndpointAccess(t *testing.T, cfg testConfig) {
 
 	if r := call(t, "/v1/admin/users", proKey); r.status != http.StatusForbidden || !strings.Contains(r.problem(t)["detail"].(string), "enterprise") {
 		t.Errorf("pro tier on an excluded path: %d %s", r.status, r.body)
+	}
+	// The README's exclude (/v1/admin and /v1/admin/*) covers the path
+	// itself too, not only what is below it.
+	for _, path := range []string{"/v1/admin", "/v1/admin/", "/v1/Admin"} {
+		if r := call(t, path, proKey); r.status != http.StatusForbidden {
+			t.Errorf("pro tier on %s: %d %s", path, r.status, r.body)
+		}
 	}
 	if r := call(t, "/v1/admin/users", entKey); r.status != http.StatusOK {
 		t.Errorf("enterprise on /v1/admin/users: %d", r.status)
