@@ -85,6 +85,9 @@ type App struct {
 	// crossing is recorded once per customer and period. Default: 80 100
 	// 120.
 	Thresholds []int `json:"thresholds,omitzero"`
+	// AuthFailures throttles failed authentications per client address.
+	// Nil: 20 failures per minute per address.
+	AuthFailures *AuthFailureLimit `json:"auth_failures,omitempty"`
 	// Stripe connects the app to Stripe (usage reporting, catalog sync,
 	// subscription webhooks). Nil: no Stripe.
 	Stripe *StripeConfig `json:"stripe,omitempty"`
@@ -107,6 +110,7 @@ type App struct {
 	shared       *shared
 	sharedKey    string
 	keyHasher    *apikey.Hasher // for the configured secret; nil when the store keeps one
+	authGuard    *authGuard     // nil when auth_failures is off
 	timeout      time.Duration
 	logger       *zap.Logger
 
@@ -162,6 +166,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.headers = headers
+	if a.authGuard, err = newAuthGuard(a.AuthFailures); err != nil {
+		return err
+	}
 	if err := a.compileMetering(); err != nil {
 		return err
 	}
@@ -412,6 +419,9 @@ func (a *App) syncConfig(ctx context.Context) error {
 			Prefix: apikey.DisplayPrefix(key), CreatedAt: now, FromConfig: true,
 		}); err != nil {
 			return fmt.Errorf("storing a key of customer %q: %w", k.Customer, err)
+		}
+		if a.authGuard != nil {
+			a.authGuard.accepted(hasher.Sum(key)) // never throttled, even from a scanner's address
 		}
 	}
 	if !a.removedKeysRevoked {

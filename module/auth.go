@@ -3,6 +3,7 @@ package module
 import (
 	"fmt"
 	"net/http"
+	"net/netip"
 	"net/textproto"
 	"net/url"
 	"strings"
@@ -45,7 +46,15 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time
 		}, 0)
 		return caller{}, nil, false
 	}
+	guard := a.authGuard
 	if apikey.Check(key) != nil {
+		if guard != nil {
+			address := clientAddress(r)
+			if a.authThrottled(w, r, guard, address, now) {
+				return caller{}, nil, false
+			}
+			guard.failed(address, now)
+		}
 		invalidKey(w, r)
 		return caller{}, nil, false
 	}
@@ -62,14 +71,35 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time
 		storeUnavailable(w, r, logger, nil, "secret", err)
 		return caller{}, nil, false
 	}
-	entry, err := a.shared.registry.lookup(ctx, st, hasher.Sum(key), now)
+	// A key this process accepted before skips the throttle: customers
+	// behind the same address as a scanner keep working.
+	sum := hasher.Sum(key)
+	known := guard == nil || guard.knownValid(sum)
+	var address netip.Addr
+	if !known {
+		address = clientAddress(r)
+		if a.authThrottled(w, r, guard, address, now) {
+			return caller{}, nil, false
+		}
+	}
+	entry, err := a.shared.registry.lookup(ctx, st, sum, now)
 	if err != nil {
 		storeUnavailable(w, r, logger, nil, "lookup", err)
 		return caller{}, nil, false
 	}
 	if !entry.found {
+		if guard != nil {
+			if known {
+				address = clientAddress(r)
+				guard.refused(sum)
+			}
+			guard.failed(address, now)
+		}
 		invalidKey(w, r)
 		return caller{}, nil, false
+	}
+	if !known {
+		guard.accepted(sum)
 	}
 	tier := a.tierByName[entry.customer.Tier]
 	if tier == nil {
@@ -85,6 +115,21 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time
 		return caller{}, nil, false
 	}
 	return caller{key: entry.key, customer: entry.customer, tier: tier, placeholders: entry.placeholders, source: source}, st, true
+}
+
+// authThrottled answers 429 when address has spent its failed
+// authentications, and reports whether it did.
+func (a *App) authThrottled(w http.ResponseWriter, r *http.Request, guard *authGuard, address netip.Addr, now time.Time) bool {
+	throttled, wait := guard.throttled(address, now)
+	if !throttled {
+		return false
+	}
+	getMetrics().requests.WithLabelValues("none", decisionAuthThrottled).Inc()
+	writeProblem(w, r, problem{
+		Type: problemAuthThrottled, Title: "Too many failed authentications", Status: http.StatusTooManyRequests,
+		Detail: fmt.Sprintf("Too many requests from your address carried an invalid API key; retry after %d seconds with a valid key.", ceilSeconds(wait)),
+	}, wait)
+	return true
 }
 
 // extractKey returns the API key from the first source that has one, and

@@ -92,6 +92,7 @@ func parseUsageHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, err
 //		bill_on       <1xx-5xx | status>... # billable responses; default 2xx 3xx
 //		usage_cost_header <Header-Name> [max <units>]
 //		thresholds    <percent>... | off    # ascending; default 80 100 120
+//		auth_failures <failures>/<window> [burst <failures>] | off   # per client address; default 20/min
 //
 //		tier <name> {
 //			price          0 | custom | <amount>/<month|year>   # exact decimal, at most 6 decimals
@@ -287,6 +288,20 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 			return d.Err(err.Error())
 		}
 		a.Thresholds = ts
+	case "auth_failures":
+		args, err := onceArgs(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if len(args) == 1 && args[0] == "off" {
+			a.AuthFailures = &AuthFailureLimit{Off: true}
+			break
+		}
+		rate, err := parseRate(args)
+		if err != nil {
+			return d.Errf("auth_failures: expected 'off' or a rate of failures per client address; %v", err)
+		}
+		a.AuthFailures = &AuthFailureLimit{Rate: rate}
 	case "tier":
 		return p.tier(d)
 	case "customer":
@@ -299,7 +314,7 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 	case "notify":
 		return p.notify(d)
 	default:
-		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, tier, customer, key, stripe, notify", name)
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, auth_failures, tier, customer, key, stripe, notify", name)
 	}
 	return nil
 }

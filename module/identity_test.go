@@ -19,13 +19,7 @@ import (
 // still wants a key.
 func TestUsageAfterAPIMonetize(t *testing.T) {
 	dir := t.TempDir()
-	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: testAdminPort})
-	tester.InitServer(fmt.Sprintf(`{
-	admin localhost:%d
-	http_port %d
-	https_port 9382
-	grace_period 1ns
-	api_monetize {
+	loadCaddyfile(t, fmt.Sprintf(`api_monetize {
 		store_path %s
 		key_secret test-secret-0123456789
 		tier pro {
@@ -36,10 +30,7 @@ func TestUsageAfterAPIMonetize(t *testing.T) {
 		customer bigco tier pro
 		key %s acme
 		key %s bigco
-	}
-}
-
-:%d {
+	}`, filepath.Join(dir, "store.db"), proKey, entKey), fmt.Sprintf(`:%d {
 	route /v1/usage {
 		api_monetize
 		api_monetize_usage
@@ -50,10 +41,7 @@ func TestUsageAfterAPIMonetize(t *testing.T) {
 	}
 	respond "ok"
 }
-`, testAdminPort, testHTTPPort, filepath.Join(dir, "store.db"), proKey, entKey, testHTTPPort, identityVar), "caddyfile")
-	if t.Failed() {
-		t.FailNow()
-	}
+`, testHTTPPort, identityVar))
 
 	r := call(t, "/v1/usage", proKey)
 	if r.status != http.StatusOK || !strings.Contains(r.body, `"customer":"acme"`) {
@@ -75,5 +63,17 @@ func TestUsageAfterAPIMonetize(t *testing.T) {
 	r = call(t, "/v2/usage", proKey)
 	if r.status != http.StatusOK || !strings.Contains(r.body, `"customer":"acme"`) {
 		t.Errorf("usage alone with a key: %d %s", r.status, r.body)
+	}
+}
+
+// loadCaddyfile loads a Caddyfile made of these global options (after the
+// test's admin and ports) and these sites into the test's Caddy.
+func loadCaddyfile(t *testing.T, globalOptions, sites string) {
+	t.Helper()
+	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: testAdminPort})
+	tester.InitServer(fmt.Sprintf("{\n\tadmin localhost:%d\n\thttp_port %d\n\thttps_port 9382\n\tgrace_period 1ns\n\t%s\n}\n\n%s",
+		testAdminPort, testHTTPPort, globalOptions, sites), "caddyfile")
+	if t.Failed() {
+		t.FailNow()
 	}
 }

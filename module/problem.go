@@ -16,6 +16,7 @@ const (
 	problemTypeBase           = "https://github.com/apimonetize/caddy-api-monetize#problem-"
 	problemMissingKey         = problemTypeBase + "missing-api-key"
 	problemInvalidKey         = problemTypeBase + "invalid-api-key"
+	problemAuthThrottled      = problemTypeBase + "auth-throttled"
 	problemEndpointNotInTier  = problemTypeBase + "endpoint-not-in-tier"
 	problemTierNotConfigured  = problemTypeBase + "tier-not-configured"
 	problemCostExceedsBurst   = problemTypeBase + "cost-exceeds-burst"
