@@ -24,8 +24,6 @@ type caller struct {
 	tier     *tierRuntime
 	// placeholders provides the request placeholders (see Handler).
 	placeholders caddy.ReplacerFunc
-	// source is where the request carried the key.
-	source KeySource
 }
 
 // defaultKeySources are used when a handler configures no key_from.
@@ -36,7 +34,7 @@ var defaultKeySources = []KeySource{{Header: "X-API-Key", canonical: "X-Api-Key"
 // 403 or 503).
 func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
 	m := getMetrics()
-	key, source := extractKey(r, sources)
+	key, _ := extractKey(r, sources)
 	if key == "" {
 		m.requests.WithLabelValues("none", decisionUnauthorized).Inc()
 		w.Header().Set("WWW-Authenticate", authenticateMissingHeader)
@@ -114,7 +112,7 @@ func (a *App) authenticate(w http.ResponseWriter, r *http.Request, now time.Time
 		}, 0)
 		return caller{}, nil, false
 	}
-	return caller{key: entry.key, customer: entry.customer, tier: tier, placeholders: entry.placeholders, source: source}, st, true
+	return caller{key: entry.key, customer: entry.customer, tier: tier, placeholders: entry.placeholders}, st, true
 }
 
 // authThrottled answers 429 when address has spent its failed

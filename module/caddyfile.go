@@ -302,6 +302,9 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 			return d.Errf("auth_failures: expected 'off' or a rate of failures per client address; %v", err)
 		}
 		a.AuthFailures = &AuthFailureLimit{Rate: rate}
+		if _, err := newAuthGuard(a.AuthFailures); err != nil {
+			return d.Err(err.Error())
+		}
 	case "tier":
 		return p.tier(d)
 	case "customer":
