@@ -105,8 +105,15 @@ func FuzzPayload(f *testing.F) {
 	})
 }
 
-// utf8 is s as encoding/json writes it back: invalid bytes replaced.
-func utf8(s string) string { return strings.ToValidUTF8(s, "\ufffd") }
+// utf8 is s as encoding/json writes it back: each invalid byte replaced
+// by U+FFFD.
+func utf8(s string) string {
+	var b strings.Builder
+	for _, r := range s { // ranging yields RuneError once per invalid byte
+		b.WriteRune(r)
+	}
+	return b.String()
+}
 
 // TestFuzzFindings keeps what FuzzPayload found: a usage too large for
 // usage*100 wrapped the percentage negative (a notification saying -100 %),

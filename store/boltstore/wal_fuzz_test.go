@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"testing"
 )
 
@@ -100,4 +101,21 @@ func FuzzWALSegment(f *testing.F) {
 			t.Fatalf("a frame after the intact prefix %x was not delivered: %+v", read, after)
 		}
 	})
+}
+
+// TestDecodeRecordHugeCount is what FuzzWALRecord found: a record whose
+// crossing count is garbage (33 million, in a 9-byte rest) was refused only
+// after appending that many empty crossings, a gigabyte, at recovery. It is
+// now refused without allocating for the count.
+func TestDecodeRecordHugeCount(t *testing.T) {
+	payload := []byte("\x01\x01c\x00\x00\x00\x00\x00\x00\x00\xc8\xd0\xe4\x0f\x02\f\x01\xd0\x0f\xd0\x0f\x0f")
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	if _, err := decodeRecord(payload); err == nil {
+		t.Fatal("a record with a garbage crossing count decodes")
+	}
+	runtime.ReadMemStats(&after)
+	if n := after.TotalAlloc - before.TotalAlloc; n > 1<<20 {
+		t.Errorf("refusing it allocated %d bytes", n)
+	}
 }
