@@ -59,7 +59,7 @@ func FuzzReadReply(f *testing.F) {
 		}
 		// The reply was consumed whole: what follows is the next reply
 		// (when the stream held exactly one reply, the sentinel).
-		if n := bytes.Count(stream, []byte("\r\n")); n == replyLines(stream) {
+		if n := bytes.Count(stream, []byte("\r\n")); n == replyLines(stream) && bytes.HasSuffix(stream, []byte("\r\n")) {
 			next, r2, err := c.read()
 			if err != nil || r2 != nil || len(next) != 1 || next[0] != 424242 {
 				t.Fatalf("%q: the next reply reads as %v %v %v", stream, next, r2, err)
