@@ -6,8 +6,10 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
@@ -177,6 +179,70 @@ func FuzzKeySources(f *testing.F) {
 		}
 		if !reflect.DeepEqual(r.URL.Query()["api_key"], []string(nil)) {
 			t.Fatalf("query %q: api_key left in the URL: %q", rawQuery, r.URL.RawQuery)
+		}
+	})
+}
+
+// FuzzParseHandler fuzzes the api_monetize handler directive (cost,
+// key_from, forward_key). Properties: a refusal names the line; an
+// accepted handler has non-negative costs and key sources that
+// checkKeySources (Provision) accepts.
+func FuzzParseHandler(f *testing.F) {
+	for _, s := range []string{
+		"api_monetize", "api_monetize {\n\tcost /v1/ml/* 10\n\tcost /v1/health 0\n}",
+		"api_monetize {\n\tkey_from header Api-Key\n\tkey_from query api_key\n\tkey_from bearer\n\tforward_key\n}",
+		"api_monetize {\n\tcost * -1\n}", "api_monetize {\n\tkey_from header X_API_KEY\n}",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, input string) {
+		if d := caddyfile.NewTestDispenser(input); !d.Next() || d.Val() != "api_monetize" {
+			return // Caddy calls the parser on its own directive only
+		}
+		h := new(Handler)
+		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+			if !positioned.MatchString(err.Error()) {
+				t.Fatalf("%q: error without a position: %v", input, err)
+			}
+			return
+		}
+		for _, c := range h.Costs {
+			if c.Units < 0 {
+				t.Fatalf("%q: accepted a negative cost %d", input, c.Units)
+			}
+		}
+		if _, err := checkKeySources(h.KeyFrom); err != nil {
+			t.Fatalf("%q: the Caddyfile accepted key sources Provision refuses: %v", input, err)
+		}
+	})
+}
+
+// FuzzSignedRecently fuzzes the Stripe-Signature timestamp check (a
+// header any caller sends). Properties: no panic; accepted only when the
+// header has a t= and every t= is within the tolerance of now.
+func FuzzSignedRecently(f *testing.F) {
+	now := time.Unix(1796551519, 0)
+	f.Add("t=1796551519,v1=abc")
+	f.Add("t=1796551519,t=99999999999,v1=abc")
+	f.Add("v1=abc")
+	f.Add("t=-9223372036854775808,v1=x")
+	f.Add("t=1796551819,v0=x,v1=y")
+	f.Fuzz(func(t *testing.T, header string) {
+		ok := signedRecently(header, now, 5*time.Minute)
+		seen := false
+		for part := range strings.SplitSeq(header, ",") {
+			v, isT := strings.CutPrefix(part, "t=")
+			if !isT {
+				continue
+			}
+			seen = true
+			sec, err := strconv.ParseInt(v, 10, 64)
+			if ok && (err != nil || sec < now.Unix()-300 || sec > now.Unix()+300) {
+				t.Fatalf("%q accepted with t=%s", header, v)
+			}
+		}
+		if ok && !seen {
+			t.Fatalf("%q accepted without a timestamp", header)
 		}
 	})
 }

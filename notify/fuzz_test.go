@@ -2,6 +2,7 @@ package notify
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"math"
@@ -9,6 +10,7 @@ import (
 	"mime/multipart"
 	"mime/quotedprintable"
 	"net/mail"
+	"net/url"
 	"reflect"
 	"strings"
 	"testing"
@@ -128,4 +130,41 @@ func TestFuzzFindings(t *testing.T) {
 	if got := crlf.Replace("a\r\nb\rc\nd"); got != "a\r\nb\r\nc\r\nd" {
 		t.Errorf("line ends written as %q", got)
 	}
+}
+
+// FuzzWebhookSecret fuzzes the parsing of a webhook target's secret and
+// URL (operator input). Properties: an accepted secret is 24 to 64 bytes
+// and its error never echoes the secret; the signature is "v1," and a
+// base64 HMAC-SHA256, deterministic for one message; an accepted URL is
+// absolute http(s) without credentials.
+func FuzzWebhookSecret(f *testing.F) {
+	f.Add("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "https://hooks.example.com/usage")
+	f.Add("whsec_", "http://user:pw@example.com/")
+	f.Add("whsec_!!!", "//example.com")
+	f.Add("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "https://[::1]:8443/x")
+	f.Fuzz(func(t *testing.T, secret, target string) {
+		key, err := ParseSecret(secret)
+		if err != nil {
+			if len(secret) > len(SecretPrefix)+3 && strings.Contains(err.Error(), secret[len(SecretPrefix):]) {
+				t.Fatalf("the error echoes the secret: %v", err)
+			}
+		} else {
+			if len(key) < 24 || len(key) > 64 {
+				t.Fatalf("%q accepted with a %d-byte key", secret, len(key))
+			}
+			ts := time.Unix(1796551519, 0)
+			sig := Sign(key, "msg_1", ts, []byte(`{"a":1}`))
+			mac, ok := strings.CutPrefix(sig, "v1,")
+			raw, decErr := base64.StdEncoding.DecodeString(mac)
+			if !ok || decErr != nil || len(raw) != 32 || sig != Sign(key, "msg_1", ts, []byte(`{"a":1}`)) {
+				t.Fatalf("signature %q is not a deterministic v1 HMAC-SHA256", sig)
+			}
+		}
+		if CheckURL(target) == nil {
+			u, err := url.Parse(target)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil {
+				t.Fatalf("%q accepted as a webhook URL", target)
+			}
+		}
+	})
 }
