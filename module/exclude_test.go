@@ -26,6 +26,8 @@ func TestExcludeGaps(t *testing.T) {
 		{[]string{"/v1/admin/*", "/v2/internal/*", "/v2/internal"}, []string{"/v1/admin"}},
 		{[]string{"/v1/*/admin/*"}, nil}, // a wildcard base is not a single path: no advice
 		{[]string{"/*"}, nil},
+		{[]string{"/\x15/*"}, []string{"/\x15"}}, // FuzzTierOption: a control character made the check panic
+		{[]string{"/a b/*", "/%zz/*"}, []string{"/a b"}},
 		{nil, nil},
 	} {
 		if got := excludeGaps(tc.patterns); !reflect.DeepEqual(got, tc.want) {
