@@ -19,11 +19,31 @@ import (
 // positioned is where a Caddyfile error must point: the file and line.
 var positioned = regexp.MustCompile(`Testfile:\d+`)
 
+// dispenser tokenizes input as a file named Testfile, or reports false
+// when the Caddyfile lexer refuses it (Caddy stops there, before any
+// parser of ours runs). caddyfile.NewTestDispenser would exit the process
+// on such input.
+func dispenser(input string) (*caddyfile.Dispenser, bool) {
+	tokens, err := caddyfile.Tokenize([]byte(input), "Testfile")
+	if err != nil {
+		return nil, false
+	}
+	return caddyfile.NewDispenser(tokens), true
+}
+
+// startsWith reports whether input tokenizes and its first token is name:
+// Caddy calls a parser on its own option or directive only.
+func startsWith(input, name string) bool {
+	d, ok := dispenser(input)
+	return ok && d.Next() && d.Val() == name
+}
+
 // parseGlobal runs the api_monetize global option's parser on input as
 // Caddy does, returning the app it built.
 func parseGlobal(input string) (*App, error) {
+	d, _ := dispenser(input)
 	app := new(App)
-	err := app.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input))
+	err := app.UnmarshalCaddyfile(d)
 	return app, err
 }
 
@@ -76,8 +96,8 @@ func FuzzParseApp(f *testing.F) {
 	f.Add("api_monetize {\n\ttier t {\n\t\tover_quota bill 0.000001\n\t\tincluded 1/month\n\t}\n\tusage_cost_header X-Cost max 9\n}")
 	f.Add("api_monetize {\n\tauth_failures 1/d burst 9223372036854775807\n\ttier t\n}")
 	f.Fuzz(func(t *testing.T, input string) {
-		if d := caddyfile.NewTestDispenser(input); !d.Next() || d.Val() != "api_monetize" {
-			return // Caddy calls the parser on its own option name only
+		if !startsWith(input, "api_monetize") {
+			return
 		}
 		app, err := parseGlobal(input)
 		if err != nil {
@@ -105,6 +125,9 @@ func FuzzTierOption(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, line string) {
 		input := "api_monetize {\n\ttier t {\n\t\tincluded 100/month\n\t\trate 50/min\n\t\t" + line + "\n\t}\n}"
+		if !startsWith(input, "api_monetize") {
+			return
+		}
 		app, err := parseGlobal(input)
 		if err != nil {
 			if !positioned.MatchString(err.Error()) {
@@ -196,11 +219,12 @@ func FuzzParseHandler(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, input string) {
-		if d := caddyfile.NewTestDispenser(input); !d.Next() || d.Val() != "api_monetize" {
-			return // Caddy calls the parser on its own directive only
+		if !startsWith(input, "api_monetize") {
+			return
 		}
+		d, _ := dispenser(input)
 		h := new(Handler)
-		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+		if err := h.UnmarshalCaddyfile(d); err != nil {
 			if !positioned.MatchString(err.Error()) {
 				t.Fatalf("%q: error without a position: %v", input, err)
 			}
