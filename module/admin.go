@@ -169,6 +169,18 @@ func (a *adminAPI) createCustomer(w http.ResponseWriter, r *http.Request) {
 	if !a.checkTier(w, in.Tier) {
 		return
 	}
+	if in.Email != "" {
+		if err := checkEmail(in.Email); err != nil {
+			writeAdminError(w, http.StatusBadRequest, "email: "+err.Error())
+			return
+		}
+	}
+	if in.StripeCustomerID != "" {
+		if err := checkStripeCustomerID(in.StripeCustomerID); err != nil {
+			writeAdminError(w, http.StatusBadRequest, "stripe_customer_id: "+err.Error())
+			return
+		}
+	}
 	now := time.Now().UTC()
 	anchor := now.Truncate(24 * time.Hour)
 	if in.Anchor != "" {

@@ -87,6 +87,9 @@ type App struct {
 	// Idempotency is how the Idempotency-Key request header is honoured.
 	// Nil: the defaults (a 24h window, 3 unbilled repeats).
 	Idempotency *IdempotencyConfig `json:"idempotency,omitempty"`
+	// AuthFailures throttles failed authentications per client address.
+	// Nil: 20 failures per minute per address.
+	AuthFailures *AuthFailureLimit `json:"auth_failures,omitempty"`
 	// Stripe connects the app to Stripe (usage reporting, catalog sync,
 	// subscription webhooks). Nil: no Stripe.
 	Stripe *StripeConfig `json:"stripe,omitempty"`
@@ -110,6 +113,7 @@ type App struct {
 	shared       *shared
 	sharedKey    string
 	keyHasher    *apikey.Hasher // for the configured secret; nil when the store keeps one
+	authGuard    *authGuard     // nil when auth_failures is off
 	timeout      time.Duration
 	logger       *zap.Logger
 
@@ -118,6 +122,11 @@ type App struct {
 	tasks []func(ctx context.Context)
 	// stripeRun reaches the running Stripe reporter; nil without Stripe.
 	stripeRun *stripeRunner
+
+	// identityWanted is set when an api_monetize_usage handler uses this
+	// app: the api_monetize handler then leaves the caller it authenticated
+	// in the request's variables (see setIdentity).
+	identityWanted atomic.Bool
 
 	ready chan struct{} // closed when Start has upserted the configuration
 	// removedKeysRevoked is set once keys dropped from the configuration
@@ -166,6 +175,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.headers = headers
 	if err := a.validate(); err != nil {
+		return err
+	}
+	if a.authGuard, err = newAuthGuard(a.AuthFailures); err != nil {
 		return err
 	}
 	if err := a.compileMetering(); err != nil {
@@ -254,8 +266,26 @@ func (a *App) checkCustomers(repl *caddy.Replacer) error {
 				return fmt.Errorf("customer %q: anchor must be YYYY-MM-DD: %v", c.ID, err)
 			}
 		}
+		if c.StripeCustomerID != "" {
+			if err := checkStripeCustomerID(c.StripeCustomerID); err != nil {
+				return fmt.Errorf("customer %q: stripe_customer_id: %v", c.ID, err)
+			}
+		}
+		if c.Email != "" {
+			if err := checkEmail(c.Email); err != nil {
+				return fmt.Errorf("customer %q: email: %v", c.ID, err)
+			}
+		}
 		customers[c.ID] = true
 	}
+	// owner is the declaration of each resolved key, to refuse one key for
+	// two customers (two placeholders whose variables hold the same value):
+	// otherwise the last declaration would silently win.
+	type declaration struct {
+		n        int
+		customer string
+	}
+	owner := make(map[string]declaration, len(a.Keys))
 	for i, k := range a.Keys {
 		if !customers[k.Customer] {
 			return fmt.Errorf("key #%d: unknown customer %q", i+1, k.Customer)
@@ -268,6 +298,11 @@ func (a *App) checkCustomers(repl *caddy.Replacer) error {
 			return fmt.Errorf("key #%d of customer %q: must be at least %d characters once placeholders are replaced (is its environment variable set?), and a key starting with %q must carry a valid checksum",
 				i+1, k.Customer, apikey.MinLength, apikey.Prefix)
 		}
+		if prev, dup := owner[key]; dup && prev.customer != k.Customer {
+			return fmt.Errorf("key #%d of customer %q is the same key as key #%d of customer %q (check their placeholders' values): a key belongs to one customer",
+				i+1, k.Customer, prev.n, prev.customer)
+		}
+		owner[key] = declaration{n: i + 1, customer: k.Customer}
 	}
 	return nil
 }
@@ -447,6 +482,9 @@ func (a *App) syncConfig(ctx context.Context) error {
 		}
 		if stored.CreatedAt.Equal(now) {
 			a.audit(ctx, st, auditEntry{Actor: actorConfig, Action: auditKeyCreated, KeyID: stored.ID, Customer: stored.CustomerID, ExpiresAt: stored.ExpiresAt})
+		}
+		if a.authGuard != nil {
+			a.authGuard.accepted(hasher.Sum(key)) // never throttled, even from a scanner's address
 		}
 	}
 	if !a.removedKeysRevoked {

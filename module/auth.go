@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"net/textproto"
 	"net/url"
 	"strings"
@@ -24,8 +25,6 @@ type caller struct {
 	tier     *tierRuntime
 	// placeholders provides the request placeholders (see Handler).
 	placeholders caddy.ReplacerFunc
-	// source is where the request carried the key.
-	source KeySource
 }
 
 // defaultKeySources are used when a handler configures no key_from.
@@ -36,7 +35,7 @@ var defaultKeySources = []KeySource{{Header: "X-API-Key", canonical: "X-Api-Key"
 // has written the error response (401, 403 or 503).
 func (a *App) authenticate(ctx context.Context, w http.ResponseWriter, r *http.Request, now time.Time, sources []KeySource, logger *zap.Logger) (caller, store.Store, bool) {
 	m := getMetrics()
-	key, source := extractKey(r, sources)
+	key, _ := extractKey(r, sources)
 	if key == "" {
 		m.requests.WithLabelValues("none", decisionUnauthorized).Inc()
 		w.Header().Set("WWW-Authenticate", authenticateMissingHeader)
@@ -46,7 +45,15 @@ func (a *App) authenticate(ctx context.Context, w http.ResponseWriter, r *http.R
 		}, 0)
 		return caller{}, nil, false
 	}
+	guard := a.authGuard
 	if apikey.Check(key) != nil {
+		if guard != nil {
+			address := clientAddress(r)
+			if a.authThrottled(w, r, guard, address, now) {
+				return caller{}, nil, false
+			}
+			guard.failed(address, now)
+		}
 		invalidKey(w, r)
 		return caller{}, nil, false
 	}
@@ -62,18 +69,45 @@ func (a *App) authenticate(ctx context.Context, w http.ResponseWriter, r *http.R
 		storeUnavailable(w, r, logger, nil, "secret", err)
 		return caller{}, nil, false
 	}
-	entry, err := a.shared.registry.lookup(ctx, st, hasher.Sum(key), now)
+	// A key this process accepted before skips the throttle: customers
+	// behind the same address as a scanner keep working.
+	sum := hasher.Sum(key)
+	known := guard == nil || guard.knownValid(sum)
+	var address netip.Addr
+	if !known {
+		address = clientAddress(r)
+		if a.authThrottled(w, r, guard, address, now) {
+			return caller{}, nil, false
+		}
+	}
+	entry, err := a.shared.registry.lookup(ctx, st, sum, now)
 	if err != nil {
 		storeUnavailable(w, r, logger, nil, "lookup", err)
 		return caller{}, nil, false
 	}
+	// refuse counts a found-wanting key (unknown, revoked or expired) as a
+	// failed authentication of this address.
+	refuse := func() {
+		if guard != nil {
+			if known {
+				address = clientAddress(r)
+				guard.refused(sum)
+			}
+			guard.failed(address, now)
+		}
+	}
 	if !entry.found {
+		refuse()
 		invalidKey(w, r)
 		return caller{}, nil, false
 	}
 	if entry.key.Expired(now) {
+		refuse()
 		expiredKey(w, r, entry.key.ExpiresAt)
 		return caller{}, nil, false
+	}
+	if !known {
+		guard.accepted(sum)
 	}
 	entry.use.record(now)
 	tier := a.tierByName[entry.customer.Tier]
@@ -89,7 +123,22 @@ func (a *App) authenticate(ctx context.Context, w http.ResponseWriter, r *http.R
 		}, 0)
 		return caller{}, nil, false
 	}
-	return caller{key: entry.key, customer: entry.customer, tier: tier, placeholders: entry.placeholders, source: source}, st, true
+	return caller{key: entry.key, customer: entry.customer, tier: tier, placeholders: entry.placeholders}, st, true
+}
+
+// authThrottled answers 429 when address has spent its failed
+// authentications, and reports whether it did.
+func (a *App) authThrottled(w http.ResponseWriter, r *http.Request, guard *authGuard, address netip.Addr, now time.Time) bool {
+	throttled, wait := guard.throttled(address, now)
+	if !throttled {
+		return false
+	}
+	getMetrics().requests.WithLabelValues("none", decisionAuthThrottled).Inc()
+	writeProblem(w, r, problem{
+		Type: problemAuthThrottled, Title: "Too many failed authentications", Status: http.StatusTooManyRequests,
+		Detail: fmt.Sprintf("Too many requests from your address carried an invalid API key; retry after %d seconds with a valid key.", ceilSeconds(wait)),
+	}, wait)
+	return true
 }
 
 // extractKey returns the API key from the first source that has one, and
@@ -117,8 +166,19 @@ func extractKey(r *http.Request, sources []KeySource) (string, KeySource) {
 	return "", KeySource{}
 }
 
-// removeKey takes the key out of r, from the source that carried it, so
-// that neither the next handlers nor the upstream see it: the header, or
+// removeKeys takes every configured key source out of r, not only the one
+// whose key was checked, so that a second key sent beside it (say in
+// X-API-Key and in Authorization: Bearer) reaches neither the next handlers
+// nor the upstream either.
+func removeKeys(r *http.Request, sources []KeySource) {
+	for _, s := range sources {
+		removeKey(r, s)
+	}
+}
+
+// removeKey takes source s out of r, so that neither the next handlers nor
+// the upstream see a key there: the header, every Bearer Authorization
+// value (other schemes, such as Basic, are the upstream's and are kept), or
 // every occurrence of the query parameter (in r.URL and r.RequestURI; the
 // other parameters are kept as sent).
 func removeKey(r *http.Request, s KeySource) {
@@ -126,33 +186,67 @@ func removeKey(r *http.Request, s KeySource) {
 	case s.Header != "":
 		delete(r.Header, s.canonical)
 	case s.Bearer:
-		delete(r.Header, "Authorization")
+		removeBearer(r.Header)
 	case s.Query != "":
-		r.URL.RawQuery = withoutParam(r.URL.RawQuery, s.Query)
+		q, removed := withoutParam(r.URL.RawQuery, s.Query)
+		if !removed {
+			return // not there: the request stays as sent
+		}
+		r.URL.RawQuery = q
 		if path, query, ok := strings.Cut(r.RequestURI, "?"); ok {
 			r.RequestURI = path
-			if q := withoutParam(query, s.Query); q != "" {
+			if q, _ := withoutParam(query, s.Query); q != "" {
 				r.RequestURI += "?" + q
 			}
 		}
 	}
 }
 
+// removeBearer deletes the Authorization values that carry a Bearer token,
+// keeping the others.
+func removeBearer(h http.Header) {
+	values, ok := h["Authorization"]
+	if !ok {
+		return
+	}
+	kept := values[:0:0]
+	for _, v := range values {
+		if !isBearer(v) {
+			kept = append(kept, v)
+		}
+	}
+	if len(kept) == 0 {
+		delete(h, "Authorization")
+		return
+	}
+	h["Authorization"] = kept
+}
+
+// isBearer reports whether an Authorization value uses the Bearer scheme.
+func isBearer(v string) bool {
+	return len(v) >= 7 && strings.EqualFold(v[:7], "bearer ")
+}
+
 // withoutParam is the raw query without the parameter name, matched as
 // url.ParseQuery decodes names; the other parameters keep their order and
-// encoding.
-func withoutParam(rawQuery, name string) string {
+// encoding. removed reports whether the parameter was there; when it was
+// not, the query is returned unchanged.
+func withoutParam(rawQuery, name string) (query string, removed bool) {
 	var kept []string
 	for part := range strings.SplitSeq(rawQuery, "&") {
 		k, _, _ := strings.Cut(part, "=")
 		if key, err := url.QueryUnescape(k); err == nil && key == name {
+			removed = true
 			continue
 		}
 		if part != "" {
 			kept = append(kept, part)
 		}
 	}
-	return strings.Join(kept, "&")
+	if !removed {
+		return rawQuery, false
+	}
+	return strings.Join(kept, "&"), true
 }
 
 // keyHint describes the key sources for error messages.

@@ -84,19 +84,58 @@ func TestRemoveKey(t *testing.T) {
 			t.Fatalf("%s: no key found", tc.name)
 		}
 		removeKey(r, source)
-		if r.RequestURI != tc.wantURI || r.URL.RequestURI() != tc.wantURI {
-			t.Errorf("%s: RequestURI %q, URL %q, want %q", tc.name, r.RequestURI, r.URL.RequestURI(), tc.wantURI)
-		}
-		var left []string
-		for k, v := range r.Header {
-			left = append(left, k+"="+strings.Join(v, ","))
-		}
-		sort.Strings(left)
-		if got := strings.Join(left, ";"); got != tc.wantHeader {
+		checkURI(t, tc.name, r, tc.wantURI)
+		if got := headersLeft(r); got != tc.wantHeader {
 			t.Errorf("%s: headers left %q, want %q", tc.name, got, tc.wantHeader)
 		}
 		if k, _ := extractKey(r, sources); k == key {
 			t.Errorf("%s: the key can still be read from the request", tc.name)
 		}
+	}
+}
+
+// TestRemoveKeysEverySource checks that, without forward_key, every
+// configured key source leaves the request, not only the one whose key was
+// checked: a second key sent beside the first must not reach the upstream.
+// What is not a key source stays as sent.
+func TestRemoveKeysEverySource(t *testing.T) {
+	sources := threeKeySources(t)
+	for _, tc := range []struct {
+		name, url           string
+		headers             map[string]string
+		wantURI, wantHeader string
+	}{
+		{"all three", "/v1/x?x=1&api_key=k2", map[string]string{"Api-Key": "k1", "Authorization": "Bearer k3"}, "/v1/x?x=1", ""},
+		{"header and bearer", "/v1/x", map[string]string{"Api-Key": "k1", "Authorization": "bearer k3", "X-Other": "1"}, "/v1/x", "X-Other=1"},
+		{"basic auth is the upstream's", "/v1/x?api_key=k2", map[string]string{"Authorization": "Basic dXNlcjpwYXNz"}, "/v1/x", "Authorization=Basic dXNlcjpwYXNz"},
+		{"a query without the parameter is kept as sent", "/v1/x?a&&b=%2F", map[string]string{"Api-Key": "k1"}, "/v1/x?a&&b=%2F", ""},
+	} {
+		r := testRequest(tc.url, tc.headers)
+		removeKeys(r, sources)
+		checkURI(t, tc.name, r, tc.wantURI)
+		if got := headersLeft(r); got != tc.wantHeader {
+			t.Errorf("%s: headers left %q, want %q", tc.name, got, tc.wantHeader)
+		}
+		if k, _ := extractKey(r, sources); k != "" {
+			t.Errorf("%s: a key (%q) can still be read from the request", tc.name, k)
+		}
+	}
+}
+
+// headersLeft is r's headers as "Name=value;...", sorted.
+func headersLeft(r *http.Request) string {
+	var left []string
+	for k, v := range r.Header {
+		left = append(left, k+"="+strings.Join(v, ","))
+	}
+	sort.Strings(left)
+	return strings.Join(left, ";")
+}
+
+// checkURI checks that both r.RequestURI and r.URL say want.
+func checkURI(t *testing.T, name string, r *http.Request, want string) {
+	t.Helper()
+	if r.RequestURI != want || r.URL.RequestURI() != want {
+		t.Errorf("%s: RequestURI %q, URL %q, want %q", name, r.RequestURI, r.URL.RequestURI(), want)
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"maps"
 
-	"net/mail"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
 	"github.com/apimonetize/caddy-api-monetize/apikey"
 	"github.com/apimonetize/caddy-api-monetize/limiter"
@@ -90,6 +90,7 @@ func parseUsageHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, err
 //		bill_on       <1xx-5xx | status>... # billable responses; default 2xx 3xx
 //		usage_cost_header <Header-Name> [max <units>]
 //		thresholds    <percent>... | off    # ascending; default 80 100 120
+//		auth_failures <failures>/<window> [burst <failures>] | off   # per client address; default 20/min
 //
 //		tier <name> {
 //			price          0 | custom | <amount>/<month|year>   # exact decimal, at most 6 decimals
@@ -285,6 +286,23 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 			return d.Err(err.Error())
 		}
 		a.Thresholds = ts
+	case "auth_failures":
+		args, err := onceArgs(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if len(args) == 1 && args[0] == "off" {
+			a.AuthFailures = &AuthFailureLimit{Off: true}
+			break
+		}
+		rate, err := parseRate(args)
+		if err != nil {
+			return d.Errf("auth_failures: expected 'off' or a rate of failures per client address; %v", err)
+		}
+		a.AuthFailures = &AuthFailureLimit{Rate: rate}
+		if _, err := newAuthGuard(a.AuthFailures); err != nil {
+			return d.Err(err.Error())
+		}
 	case "tier":
 		return p.tier(d)
 	case "customer":
@@ -299,7 +317,7 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 	case "idempotency":
 		return p.idempotency(d)
 	default:
-		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, tier, customer, key, stripe, notify", name)
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, auth_failures, tier, customer, key, stripe, notify", name)
 	}
 	return nil
 }
@@ -359,6 +377,9 @@ func (p *appParser) tier(d *caddyfile.Dispenser) error {
 	}
 	if err := t.checkQuota(); err != nil {
 		return blame(err, seen, tok)
+	}
+	for _, gap := range excludeGaps(t.Exclude) {
+		caddy.Log().Named("caddyfile.api_monetize").Warn(excludeGapAdvice(t.Name, gap), zap.String("file", tok.File), zap.Int("line", tok.Line))
 	}
 	p.app.Tiers = append(p.app.Tiers, t)
 	return nil
@@ -524,13 +545,13 @@ func (p *appParser) customer(d *caddyfile.Dispenser) error {
 			c.Tier = v
 			p.customerTiers = append(p.customerTiers, reference{name: v, tok: d.Token()})
 		case "stripe":
-			if !strings.HasPrefix(v, "cus_") || len(v) == len("cus_") {
-				return d.Errf("customer %s: stripe expects a Stripe customer id such as cus_NffrFeUfNV2Hib, got '%s'", id, v)
+			if err := checkStripeCustomerID(v); err != nil {
+				return d.Errf("customer %s: stripe: %v, got '%s'", id, err, v)
 			}
 			c.StripeCustomerID = v
 		case "email":
-			if addr, err := mail.ParseAddress(v); err != nil || addr.Address != v {
-				return d.Errf("customer %s: email expects a plain address such as billing@example.com, got '%s'", id, v)
+			if err := checkEmail(v); err != nil {
+				return d.Errf("customer %s: email: %v, got '%s'", id, err, v)
 			}
 			c.Email = v
 		case "anchor":

@@ -101,7 +101,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	if !h.ForwardKey {
-		removeKey(r, c.source)
+		removeKeys(r, h.KeyFrom)
+	}
+	if app.identityWanted.Load() {
+		setIdentity(r, app, c)
 	}
 	tier := c.tier
 	if repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); repl != nil {

@@ -110,7 +110,7 @@ func (c testConfig) String() string {
 			included 50000/month
 			rate 100/min
 			endpoints /v1/*
-			exclude /v1/admin/*
+			exclude /v1/admin /v1/admin/*
 			support email
 		}
 		tier enterprise {
@@ -297,6 +297,13 @@ func testEndpointAccess(t *testing.T, cfg testConfig) {
 	if r := call(t, "/v1/admin/users", proKey); r.status != http.StatusForbidden || !strings.Contains(r.problem(t)["detail"].(string), "enterprise") {
 		t.Errorf("pro tier on an excluded path: %d %s", r.status, r.body)
 	}
+	// The README's exclude (/v1/admin and /v1/admin/*) covers the path
+	// itself too, not only what is below it.
+	for _, path := range []string{"/v1/admin", "/v1/admin/", "/v1/Admin"} {
+		if r := call(t, path, proKey); r.status != http.StatusForbidden {
+			t.Errorf("pro tier on %s: %d %s", path, r.status, r.body)
+		}
+	}
 	if r := call(t, "/v1/admin/users", entKey); r.status != http.StatusOK {
 		t.Errorf("enterprise on /v1/admin/users: %d", r.status)
 	}
@@ -458,6 +465,24 @@ func testAdminAPI(t *testing.T, cfg testConfig) {
 	}
 	if r := admin(t, http.MethodPost, "/api_monetize/customers", `{"id":"newco","tier":"free"`); r.status != http.StatusBadRequest {
 		t.Errorf("broken JSON: %d %s", r.status, r.body)
+	}
+	// email and stripe_customer_id are validated as the Caddyfile does: no
+	// line break can reach a notification's headers or a Stripe call.
+	for _, body := range []string{
+		`{"id":"newco","tier":"free","email":"a@example.com\r\nBcc: victim@example.com"}`,
+		`{"id":"newco","tier":"free","email":"Acme <a@example.com>"}`,
+		`{"id":"newco","tier":"free","stripe_customer_id":"cus_1\r\nX: y"}`,
+		`{"id":"newco","tier":"free","stripe_customer_id":"acme"}`,
+	} {
+		if r := admin(t, http.MethodPost, "/api_monetize/customers", body); r.status != http.StatusBadRequest {
+			t.Errorf("%s: %d %s, want 400", body, r.status, r.body)
+		}
+	}
+	if r := admin(t, http.MethodGet, "/api_monetize/customers/newco", ""); r.status != http.StatusNotFound {
+		t.Fatalf("a refused customer was stored: %d %s", r.status, r.body)
+	}
+	if r := admin(t, http.MethodPost, "/api_monetize/customers", `{"id":"mailco","tier":"free","email":"billing@mailco.example","stripe_customer_id":"cus_MailCo1"}`); r.status != http.StatusCreated {
+		t.Errorf("valid email and Stripe id: %d %s", r.status, r.body)
 	}
 	if r := admin(t, http.MethodPost, "/api_monetize/customers", `{"id":"newco","tier":"free"}`); r.status != http.StatusCreated {
 		t.Fatalf("create: %d %s", r.status, r.body)

@@ -95,11 +95,15 @@ func TestKeyKeptFromUpstreamAndLogs(t *testing.T) {
 		{"header", "/v1/a?x=1", http.Header{"X-Api-Key": {proKey}}},
 		{"query", "/v1/b?x=1&api_key=" + proKey + "&y=2", nil},
 		{"bearer", "/v1/c", http.Header{"Authorization": {"Bearer " + proKey}}},
+		// A second key beside the one checked reaches the upstream neither.
+		{"three sources", "/v1/d?api_key=second-key-0123456789abcdef&x=1",
+			http.Header{"X-Api-Key": {proKey}, "Authorization": {"Bearer third-key-0123456789abcdef"}}},
 	}
 	want := map[string]string{
-		"header": "x-api-key=[] authorization=[] uri=[/v1/a?x=1]",
-		"query":  "x-api-key=[] authorization=[] uri=[/v1/b?x=1&y=2]",
-		"bearer": "x-api-key=[] authorization=[] uri=[/v1/c]",
+		"header":        "x-api-key=[] authorization=[] uri=[/v1/a?x=1]",
+		"query":         "x-api-key=[] authorization=[] uri=[/v1/b?x=1&y=2]",
+		"bearer":        "x-api-key=[] authorization=[] uri=[/v1/c]",
+		"three sources": "x-api-key=[] authorization=[] uri=[/v1/d?x=1]",
 	}
 	for _, w := range ways {
 		r := do(t, http.MethodGet, testBase+w.path, w.header, "")

@@ -190,6 +190,9 @@ func (a *App) issueKey(ctx context.Context, st store.Store, c store.Customer, na
 		return store.Key{}, "", err
 	}
 	a.shared.registry.invalidate()
+	if g := a.authGuard; g != nil {
+		g.accepted(hasher.Sum(key)) // works at once, even from a throttled address
+	}
 	a.audit(ctx, st, auditEntry{Actor: actor, RemoteAddr: remote, Action: auditKeyCreated, KeyID: k.ID, Customer: k.CustomerID, Name: k.Name, ExpiresAt: k.ExpiresAt})
 	return k, key, nil
 }

@@ -13,6 +13,9 @@ const (
 	decisionRateLimited  = "rate_limited"
 	decisionForbidden    = "forbidden"
 	decisionUnauthorized = "unauthorized"
+	// decisionAuthThrottled: answered 429 because the client address made
+	// too many failed authentications (auth_failures).
+	decisionAuthThrottled = "auth_throttled"
 	// decisionDegraded: admitted while the store was unavailable
 	// (on_store_error local or allow).
 	decisionDegraded = "degraded_allowed"

@@ -17,6 +17,7 @@ const (
 	problemMissingKey         = problemTypeBase + "missing-api-key"
 	problemInvalidKey         = problemTypeBase + "invalid-api-key"
 	problemExpiredKey         = problemTypeBase + "expired-api-key"
+	problemAuthThrottled      = problemTypeBase + "auth-throttled"
 	problemEndpointNotInTier  = problemTypeBase + "endpoint-not-in-tier"
 	problemTierNotConfigured  = problemTypeBase + "tier-not-configured"
 	problemCostExceedsBurst   = problemTypeBase + "cost-exceeds-burst"

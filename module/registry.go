@@ -51,6 +51,10 @@ type registry struct {
 	uses *keyUses
 	// inflight collapses concurrent lookups of one key.
 	inflight flights
+	// negatives counts the entries of unknown keys (found false), which
+	// are bounded on their own (registryMaxNegative): a scan of distinct
+	// unknown keys must not push the callers' keys out of the cache.
+	negatives int
 }
 
 // digest is a key's HMAC-SHA256 (apikey.Hasher.Sum): the stored hash
@@ -76,6 +80,7 @@ const (
 	registryTTL         = time.Minute
 	registryNegativeTTL = 5 * time.Second
 	registryMaxEntries  = 100_000
+	registryMaxNegative = 10_000
 )
 
 func newRegistry() *registry {
@@ -125,13 +130,36 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 func (r *registry) keep(sum digest, gen uint64, e regEntry) {
 	r.mu.Lock()
 	if r.gen == gen { // nothing changed while we were reading
+		if old, ok := r.entries[sum]; ok && !old.found {
+			r.negatives--
+		}
+		if !e.found {
+			if r.negatives >= registryMaxNegative {
+				r.dropNegatives()
+			}
+			r.negatives++
+		}
 		if len(r.entries) >= registryMaxEntries {
 			r.stale, r.entries = r.entries, make(map[digest]regEntry)
+			r.negatives = 0
+			if !e.found {
+				r.negatives = 1
+			}
 		}
 		r.entries[sum] = e
 		delete(r.pending, sum)
 	}
 	r.mu.Unlock()
+}
+
+// dropNegatives forgets every cached unknown key. The caller holds r.mu.
+func (r *registry) dropNegatives() {
+	for sum, e := range r.entries {
+		if !e.found {
+			delete(r.entries, sum)
+		}
+	}
+	r.negatives = 0
 }
 
 // fetch looks hash up in the store: the active key and its customer, or an
@@ -206,6 +234,7 @@ func (r *registry) invalidate() {
 	}
 	if len(r.entries) > 0 {
 		r.entries = make(map[digest]regEntry)
+		r.negatives = 0
 	}
 	r.stale = nil
 	r.wakeRevalidation()

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -116,7 +118,7 @@ func (w *StripeWebhook) ServeHTTP(rw http.ResponseWriter, r *http.Request, _ cad
 	// an endpoint on another version is fine.
 	ev, err := webhook.ConstructEventWithOptions(payload, r.Header.Get("Stripe-Signature"), w.s.webhookSecret,
 		webhook.ConstructEventOptions{IgnoreAPIVersionMismatch: true})
-	if err != nil {
+	if err != nil || !signedRecently(r.Header.Get("Stripe-Signature"), time.Now(), webhook.DefaultTolerance) {
 		writeAdminError(rw, http.StatusBadRequest, "invalid Stripe-Signature")
 		return nil
 	}
@@ -316,3 +318,26 @@ var (
 	_ caddy.Provisioner           = (*StripeWebhook)(nil)
 	_ caddyhttp.MiddlewareHandler = (*StripeWebhook)(nil)
 )
+
+// signedRecently reports whether every timestamp (t=) of a Stripe-Signature
+// header is within tolerance of now, in either direction. The Stripe
+// library refuses signatures older than the tolerance only; one dated far
+// ahead would stay replayable until that date.
+func signedRecently(header string, now time.Time, tolerance time.Duration) bool {
+	seen := false
+	for part := range strings.SplitSeq(header, ",") {
+		v, ok := strings.CutPrefix(part, "t=")
+		if !ok {
+			continue
+		}
+		sec, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return false
+		}
+		if d := time.Unix(sec, 0).Sub(now); d > tolerance || d < -tolerance {
+			return false
+		}
+		seen = true
+	}
+	return seen
+}

@@ -20,8 +20,14 @@ import (
 // sendStripeEvent posts a Stripe event signed with secret to the webhook.
 func sendStripeEvent(t *testing.T, secret, id, typ, object string) response {
 	t.Helper()
+	return sendStripeEventAt(t, secret, id, typ, object, time.Now())
+}
+
+// sendStripeEventAt is sendStripeEvent with the signature dated at.
+func sendStripeEventAt(t *testing.T, secret, id, typ, object string, at time.Time) response {
+	t.Helper()
 	payload := fmt.Sprintf(`{"id":%q,"object":"event","type":%q,"api_version":"2026-06-24.dahlia","data":{"object":%s}}`, id, typ, object)
-	signed := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: []byte(payload), Secret: secret})
+	signed := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: []byte(payload), Secret: secret, Timestamp: at})
 	h := http.Header{"Stripe-Signature": {signed.Header}, "Content-Type": {"application/json"}}
 	return do(t, http.MethodPost, testBase+"/stripe/webhook", h, payload)
 }
@@ -69,8 +75,16 @@ func TestStripeWebhookChangesTiers(t *testing.T) {
 	if r := sendStripeEvent(t, secret, "evt_1", "customer.subscription.updated", sub); r.status != http.StatusOK || !strings.Contains(r.body, "replay") {
 		t.Fatalf("replay: %d %s", r.status, r.body)
 	}
+	// A correctly signed event dated beyond the tolerance, in the past or
+	// in the future (where it would stay replayable until that date), is
+	// refused too.
+	for _, at := range []time.Time{time.Now().Add(time.Hour), time.Now().Add(6 * time.Minute), time.Now().Add(-6 * time.Minute), time.Now().Add(100 * 365 * 24 * time.Hour)} {
+		if r := sendStripeEventAt(t, secret, "evt_future", "customer.subscription.updated", sub, at); r.status != http.StatusBadRequest {
+			t.Fatalf("event signed at now%+v: %d %s, want 400", time.Until(at).Round(time.Minute), r.status, r.body)
+		}
+	}
 	if got := tierSeen(t); got != "free" {
-		t.Fatalf("tier %q after a bad signature and a replay, want free", got)
+		t.Fatalf("tier %q after a bad signature, a replay and signatures out of tolerance, want free", got)
 	}
 	fetches := double.Requests("GET /v1/subscriptions/{id}")
 

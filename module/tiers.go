@@ -99,6 +99,11 @@ func (a *App) compileTiers() error {
 		if err := rt.exclude.Provision(caddy.Context{}); err != nil {
 			return err
 		}
+		for _, gap := range excludeGaps(t.Exclude) {
+			if a.logger != nil { // nil outside Provision (the stripe command)
+				a.logger.Warn(excludeGapAdvice(t.Name, gap))
+			}
+		}
 		if err := rt.compileQuota(a.Thresholds); err != nil {
 			return fmt.Errorf("tier %q: %w", t.Name, err)
 		}

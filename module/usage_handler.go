@@ -47,16 +47,21 @@ func (u *UsageHandler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("api_monetize_usage needs the api_monetize global option: %w", err)
 	}
 	u.app = app.(*App)
+	u.app.identityWanted.Store(true)
 	u.KeyFrom, err = checkKeySources(u.KeyFrom)
 	return err
 }
 
-// ServeHTTP writes the caller's usage as JSON.
+// ServeHTTP writes the caller's usage as JSON. A request that the
+// api_monetize handler already authenticated (it runs first, as in
+// `route /v1/usage { api_monetize; api_monetize_usage }`, and has taken
+// the key out of the request) is answered for that caller; any other
+// request is authenticated here with its key.
 func (u *UsageHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	now := clockNow()
 	ctx, cancel := u.app.storeContext(r, now)
 	defer cancel()
-	c, st, ok := u.app.authenticate(ctx, w, r, now, u.KeyFrom, u.logger)
+	c, st, ok := u.identified(ctx, r, w, now)
 	if !ok {
 		return nil
 	}
@@ -68,6 +73,21 @@ func (u *UsageHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddy
 	w.Header().Set("Cache-Control", "no-store")
 	writeJSON(w, http.StatusOK, view)
 	return nil
+}
+
+// identified is the request's caller: the one the api_monetize handler of
+// the same app authenticated, or else the one its key names. When it
+// returns false it has written the error response.
+func (u *UsageHandler) identified(ctx context.Context, r *http.Request, w http.ResponseWriter, now time.Time) (caller, store.Store, bool) {
+	if c := identity(r, u.app); c != nil {
+		st, err := u.app.store()
+		if err != nil {
+			storeUnavailable(w, r, u.logger, nil, "open", err)
+			return caller{}, nil, false
+		}
+		return *c, st, true
+	}
+	return u.app.authenticate(ctx, w, r, now, u.KeyFrom, u.logger)
 }
 
 // usageView is a customer's usage for one period, as the usage endpoints

@@ -196,7 +196,7 @@ func buildMessage(from, to *mail.Address, notificationID string, e Email, now ti
 		header("Content-Transfer-Encoding", "quoted-printable")
 		b.WriteString("\r\n")
 		qp := quotedprintable.NewWriter(&b)
-		_, _ = qp.Write([]byte(strings.ReplaceAll(body, "\n", "\r\n")))
+		_, _ = qp.Write([]byte(crlf.Replace(body)))
 		_ = qp.Close()
 		b.WriteString("\r\n")
 	}
@@ -205,6 +205,10 @@ func buildMessage(from, to *mail.Address, notificationID string, e Email, now ti
 	b.WriteString("--" + boundary + "--\r\n")
 	return b.Bytes()
 }
+
+// crlf writes every line end of a part's body (LF, CRLF or a lone CR) as
+// CRLF, so a CR in a field cannot turn into an extra line break.
+var crlf = strings.NewReplacer("\r\n", "\r\n", "\r", "\r\n", "\n", "\r\n")
 
 func randomBoundary() string {
 	var r [12]byte

@@ -7,6 +7,7 @@ package notify
 
 import (
 	"encoding/json"
+	"math"
 	"strconv"
 	"time"
 )
@@ -94,9 +95,16 @@ func NewPayload(customer, tier string, period Period, used, included int64, thre
 }
 
 // percentage is used*100/included rounded down; dividing first keeps
-// used*100 from overflowing.
+// used*100 from overflowing, and a quotient too large for the product
+// saturates at math.MaxInt64 instead of wrapping negative.
 func percentage(used, included int64) int64 {
 	q, r := used/included, used%included
+	if q > (math.MaxInt64-100)/100 || q < (math.MinInt64+100)/100 {
+		if (used < 0) != (included < 0) {
+			return math.MinInt64
+		}
+		return math.MaxInt64
+	}
 	return q*100 + r*100/included
 }
 

@@ -236,6 +236,7 @@ func decodeRecord(p []byte) (delta, error) {
 	n := r.uvarint()
 	if n > uint64(len(r.b)) { // each crossing takes at least 4 bytes
 		r.fail()
+		n = 0 // and decode none: the count is garbage, it must size nothing
 	}
 	for range n {
 		d.crossed = append(d.crossed, crossing{threshold: r.varint(), used: r.varint(), included: r.varint(), at: r.varint()})

@@ -263,7 +263,10 @@ func (c *conn) read() (vals []int64, reply, err error) {
 		if n < 0 {
 			return nil, permanent{errors.New("redisstore: script returned nil")}, nil
 		}
-		vals = make([]int64, 0, n)
+		// The count is the peer's word: it sizes nothing up front beyond
+		// what a script returns (a huge count would panic in make, or
+		// take the memory before a single element arrived).
+		vals = make([]int64, 0, min(n, maxPreallocReply))
 		for range n {
 			line, err := c.line()
 			if err != nil {
@@ -293,6 +296,9 @@ func (c *conn) read() (vals []int64, reply, err error) {
 		return nil, permanent{fmt.Errorf("redisstore: script returned a %q reply, want integers", line[0])}, nil
 	}
 }
+
+// maxPreallocReply is the most integers read preallocates room for.
+const maxPreallocReply = 16
 
 // line reads one line of the reply stream, without its CRLF.
 func (c *conn) line() ([]byte, error) {
