@@ -72,6 +72,8 @@ func (u *UsageHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddy
 type usageView struct {
 	Customer string `json:"customer"`
 	Tier     string `json:"tier"`
+	// Features are the features of the tier (see Tier.Features).
+	Features []string `json:"features"`
 	Period   struct {
 		ID    string    `json:"id"`
 		Start time.Time `json:"start"`
@@ -114,7 +116,7 @@ func (a *App) usageView(ctx context.Context, st store.Store, c store.Customer, m
 	if err != nil {
 		return v, http.StatusServiceUnavailable, "reading usage: " + err.Error()
 	}
-	v.Customer, v.Tier, v.PeriodUsage = c.ID, t.Name, u
+	v.Customer, v.Tier, v.Features, v.PeriodUsage = c.ID, t.Name, t.features, u
 	v.Period.ID, v.Period.Start, v.Period.End = period.ID(), period.Start, period.End
 	if t.quotaMode != store.QuotaMeter {
 		included, remaining := t.included, max(0, t.included-u.Billed)
