@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -362,4 +363,22 @@ func TestFeatures(t *testing.T) {
 			}
 		})
 	})
+}
+
+// BenchmarkHandlerEmbeddedFeatures is BenchmarkHandlerEmbedded with the
+// feature flags in use: the tier has features, the handler one
+// require_feature rule the request matches, and a matcher has asked for
+// the caller's identity in the request.
+func BenchmarkHandlerEmbeddedFeatures(b *testing.B) {
+	h, stop := benchHandler(b, func(app *App) {
+		app.StorePath = filepath.Join(b.TempDir(), "store.db")
+		app.Tiers[0].Features = []string{"bulk_export", "priority_routing"}
+	})
+	defer stop()
+	h.RequireFeatures = []FeatureRequirement{{Path: "/v1/*", Feature: "priority_routing"}}
+	if err := h.compileRequirements(caddy.Context{}); err != nil {
+		b.Fatal(err)
+	}
+	h.app.identityWanted.Store(true)
+	benchServe(b, h)
 }
