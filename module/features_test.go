@@ -382,3 +382,47 @@ func BenchmarkHandlerEmbeddedFeatures(b *testing.B) {
 	h.app.identityWanted.Store(true)
 	benchServe(b, h)
 }
+
+// FuzzFeatureLines parses arbitrary text as a tier's features lines, a
+// handler's require_feature lines and an api_monetize_feature matcher: no
+// input panics, and whatever is accepted holds only names the rules
+// accept (so the placeholder's commas always separate whole names).
+func FuzzFeatureLines(f *testing.F) {
+	for _, s := range []string{"bulk_export", "a b c", "a a", "x,y", "\"a b\"", "{\n}", "a {\n\tb\n}", "", "/v1/* bulk", "v1 bulk", "/a b c"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		check := func(where string, names []string) {
+			for _, n := range names {
+				if checkName(n) != nil {
+					t.Fatalf("%s accepted the name %q from %q", where, n, s)
+				}
+			}
+		}
+		if v, err := parseApp(caddyfile.NewTestDispenser("api_monetize {\n\ttier pro {\n\t\tfeatures "+s+"\n\t}\n}"), nil); err == nil {
+			var app App
+			if err := json.Unmarshal(v.(httpcaddyfile.App).Value, &app); err != nil {
+				t.Fatal(err)
+			}
+			for _, tier := range app.Tiers {
+				check("features", tier.Features)
+				if err := tier.checkFeatures(); err != nil {
+					t.Fatalf("the Caddyfile accepted features %q that Provision refuses: %v", tier.Features, err)
+				}
+			}
+		}
+		var h Handler
+		if h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("api_monetize {\n\trequire_feature "+s+"\n}")) == nil {
+			for _, req := range h.RequireFeatures {
+				check("require_feature", []string{req.Feature})
+				if checkPathPattern(req.Path) != nil {
+					t.Fatalf("require_feature accepted the pattern %q from %q", req.Path, s)
+				}
+			}
+		}
+		var m MatchFeature
+		if m.UnmarshalCaddyfile(caddyfile.NewTestDispenser("api_monetize_feature "+s)) == nil {
+			check("api_monetize_feature", m.Features)
+		}
+	})
+}
