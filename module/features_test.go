@@ -179,7 +179,8 @@ func featureUpstream(t *testing.T) *httptest.Server {
 // bulk_export and priority_routing. Requests under /v1/ go through
 // api_monetize (require_feature on /v1/export/*), then to the priority
 // upstream route when the caller's tier has priority_routing; /early/
-// evaluates the matcher before api_monetize has run.
+// evaluates the matcher before api_monetize has run, with the identity
+// variable set by the vars directive.
 func featureConfig(storeLine, upstream string) string {
 	return fmt.Sprintf(`{
 	admin localhost:%d
@@ -215,6 +216,8 @@ func featureConfig(storeLine, upstream string) string {
 :%d {
 	@priority api_monetize_feature priority_routing
 	route /early/* {
+		# A configuration cannot forge the identity either.
+		vars api_monetize.identity bigco
 		respond @priority "early: matched" 200
 		api_monetize
 		respond "early: not matched" 200
