@@ -123,7 +123,8 @@ type App struct {
 	// stripeRun reaches the running Stripe reporter; nil without Stripe.
 	stripeRun *stripeRunner
 
-	// identityWanted is set when an api_monetize_usage handler uses this
+	// identityWanted is set when an api_monetize_usage handler or an
+	// api_monetize_feature matcher uses this
 	// app: the api_monetize handler then leaves the caller it authenticated
 	// in the request's variables (see setIdentity).
 	identityWanted atomic.Bool

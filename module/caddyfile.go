@@ -101,6 +101,7 @@ func parseUsageHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, err
 //			rate           <units>/<s|sec|second|m|min|minute|h|hour|d|day> [burst <units>]
 //			endpoints      <path pattern>...    # repeatable
 //			exclude        <path pattern>...    # repeatable
+//			features       <name>...            # repeatable; each name once per tier
 //			support        <word>
 //			sla            <percent>%           # as written, e.g. 99.9%
 //			on_store_error local | allow | deny
@@ -409,6 +410,21 @@ func tierOption(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token
 			t.Exclude = append(t.Exclude, args...)
 		}
 		return nil
+	case "features":
+		args, err := lineArgs(d)
+		if err != nil {
+			return err
+		}
+		if len(args) == 0 {
+			return d.Errf("tier %s: features: expected at least one feature name, as in 'features bulk_export priority_routing'", t.Name)
+		}
+		for _, f := range args {
+			if err := checkFeature(t.Name, t.Features, f); err != nil {
+				return d.Err(err.Error())
+			}
+			t.Features = append(t.Features, f)
+		}
+		return nil
 	}
 
 	if err := once(d, seen); err != nil {
@@ -509,7 +525,7 @@ func tierOption(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token
 		t.Thresholds = ts
 	// Later tier options go here.
 	default:
-		return d.Errf("tier %s: unrecognized option '%s'; expected one of price, included, over_quota, period, thresholds, rate, endpoints, exclude, support, sla, on_store_error", t.Name, opt)
+		return d.Errf("tier %s: unrecognized option '%s'; expected one of price, included, over_quota, period, thresholds, rate, endpoints, exclude, features, support, sla, on_store_error", t.Name, opt)
 	}
 	return nil
 }
@@ -636,6 +652,7 @@ func (p *appParser) check() error {
 //		cost     <path pattern> <units>   # first match wins; default cost 1
 //		key_from header <Name> | query <param> | bearer   # repeatable, tried in order
 //		forward_key                       # pass the key on to the upstream
+//		require_feature <path pattern> <feature>   # repeatable; 403 unless the tier includes it
 //	}
 //
 // The block is optional. Without key_from, the key is read from the
@@ -679,8 +696,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("forward_key: takes no argument, got '%s'", d.Val())
 			}
 			h.ForwardKey = true
+		case "require_feature":
+			req, err := parseRequireFeature(d)
+			if err != nil {
+				return err
+			}
+			h.RequireFeatures = append(h.RequireFeatures, req)
 		default:
-			return d.Errf("api_monetize: unrecognized option '%s'; expected cost, key_from or forward_key", opt)
+			return d.Errf("api_monetize: unrecognized option '%s'; expected cost, key_from, forward_key or require_feature", opt)
 		}
 	}
 	return nil

@@ -22,6 +22,13 @@ type Tier struct {
 	// Exclude are path patterns this tier may not call, even when they
 	// match Endpoints.
 	Exclude []string `json:"exclude,omitempty"`
+	// Features are the names of the features this tier includes (e.g.
+	// "bulk_export"): the upstream learns them from the
+	// {http.api_monetize.features} placeholder, the api_monetize_feature
+	// matcher routes by them and the handler's require_feature refuses
+	// requests of tiers without them. Each name is 1 to 64 ASCII letters,
+	// digits, '.', '_' or '-', listed once.
+	Features []string `json:"features,omitempty"`
 	// Support is the support level shown to customers (e.g. "email").
 	Support string `json:"support,omitempty"`
 	// SLA is the availability commitment, as written (e.g. "99.9%").

@@ -34,6 +34,7 @@ func init() {
 // `{http.api_monetize.customer}` | the caller's customer id
 // `{http.api_monetize.tier}` | the caller's tier
 // `{http.api_monetize.key_id}` | the public id of the key used (never the key)
+// `{http.api_monetize.features}` | the features of the caller's tier, comma-separated (empty when none)
 type Handler struct {
 	// Costs assign a cost in units to request paths; the first match wins.
 	// A request matching none costs 1.
@@ -47,10 +48,15 @@ type Handler struct {
 	// parameter), so that it cannot reach the upstream or its logs; the
 	// upstream learns the caller from the placeholders.
 	ForwardKey bool `json:"forward_key,omitempty"`
+	// RequireFeatures refuse a request with 403 when its path matches a
+	// rule's pattern and the caller's tier does not include the rule's
+	// feature; every matching rule applies.
+	RequireFeatures []FeatureRequirement `json:"require_features,omitempty"`
 
-	app    *App
-	costs  []compiledCost
-	logger *zap.Logger
+	app          *App
+	costs        []compiledCost
+	requirements []compiledRequirement
+	logger       *zap.Logger
 }
 
 type compiledCost struct {
@@ -84,6 +90,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.costs = append(h.costs, compiledCost{match: m, units: c.Units})
 	}
+	if err := h.compileRequirements(ctx); err != nil {
+		return err
+	}
 	h.KeyFrom, err = checkKeySources(h.KeyFrom)
 	return err
 }
@@ -109,6 +118,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	tier := c.tier
 	if repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); repl != nil {
 		repl.Map(c.placeholders)
+		repl.Map(tier.placeholders)
 	}
 	allowed, err := tier.allows(r)
 	if err != nil {
@@ -117,6 +127,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !allowed {
 		h.forbidden(w, r, tier)
 		return nil
+	}
+	if len(h.requirements) > 0 {
+		req, err := h.missingFeature(r, tier)
+		if err != nil {
+			return caddyhttp.Error(http.StatusInternalServerError, err)
+		}
+		if req != nil {
+			h.featureForbidden(w, r, tier, req)
+			return nil
+		}
 	}
 
 	cost := h.cost(r)

@@ -38,6 +38,8 @@ type problem struct {
 	ViolatedPolicies []string `json:"violated-policies,omitempty"`
 	// Tier is the caller's tier.
 	Tier string `json:"tier,omitempty"`
+	// Feature is the feature the request needs (require_feature).
+	Feature string `json:"feature,omitempty"`
 	// Upgrade tells the caller how to get what was denied.
 	Upgrade *upgradeHint `json:"upgrade,omitempty"`
 }

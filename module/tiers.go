@@ -39,6 +39,10 @@ type tierRuntime struct {
 	policyHeader string
 	onStoreError string
 	metrics      tierMetrics
+	// features are the tier's features (never nil); placeholders provides
+	// {http.api_monetize.features} (see compileFeatures).
+	features     []string
+	placeholders caddy.ReplacerFunc
 
 	// periodRule computes the tier's billing periods; calendar caches the
 	// current calendar period.
@@ -107,6 +111,7 @@ func (a *App) compileTiers() error {
 		if err := rt.compileQuota(a.Thresholds); err != nil {
 			return fmt.Errorf("tier %q: %w", t.Name, err)
 		}
+		rt.compileFeatures()
 		rt.metrics = newTierMetrics(t.Name)
 		a.tierByName[t.Name] = rt
 		a.tiers = append(a.tiers, rt)

@@ -95,6 +95,8 @@ func (u *UsageHandler) identified(ctx context.Context, r *http.Request, w http.R
 type usageView struct {
 	Customer string `json:"customer"`
 	Tier     string `json:"tier"`
+	// Features are the features of the tier (see Tier.Features).
+	Features []string `json:"features"`
 	Period   struct {
 		ID    string    `json:"id"`
 		Start time.Time `json:"start"`
@@ -137,7 +139,7 @@ func (a *App) usageView(ctx context.Context, st store.Store, c store.Customer, m
 	if err != nil {
 		return v, http.StatusServiceUnavailable, "reading usage: " + err.Error()
 	}
-	v.Customer, v.Tier, v.PeriodUsage = c.ID, t.Name, u
+	v.Customer, v.Tier, v.Features, v.PeriodUsage = c.ID, t.Name, t.features, u
 	v.Period.ID, v.Period.Start, v.Period.End = period.ID(), period.Start, period.End
 	if t.quotaMode != store.QuotaMeter {
 		included, remaining := t.included, max(0, t.included-u.Billed)

@@ -74,8 +74,8 @@ func (a *App) validate() error {
 }
 
 // validate checks a tier's own options and their consistency: its name,
-// path patterns, price, included units, SLA, and that its quota options fit
-// together. compileTiers checks the rest (rate, over_quota mode and rate,
+// path patterns, price, included units, SLA, features, and that its quota
+// options fit together. compileTiers checks the rest (rate, over_quota mode and rate,
 // on_store_error, period zone) while compiling them.
 func (t *Tier) validate() error {
 	if err := checkName(t.Name); err != nil {
@@ -101,6 +101,9 @@ func (t *Tier) validate() error {
 		if err := checkSLA(t.SLA); err != nil {
 			return optionErr("sla", fmt.Errorf("sla '%s': %v", t.SLA, err))
 		}
+	}
+	if err := t.checkFeatures(); err != nil {
+		return err
 	}
 	return t.checkQuota()
 }

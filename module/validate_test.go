@@ -166,6 +166,20 @@ func TestJSONParity(t *testing.T) {
 			wantJSON: `tier "pro": rate must be a positive number of units per positive window`,
 		},
 		{
+			name:   "feature name",
+			global: "tier pro {\n\t\tfeatures bulk_export bulk,export\n\t}",
+			line:   3,
+			edit:   func(a *App) { a.Tiers[0].Features = []string{"bulk_export", "bulk,export"} },
+			want:   "tier pro: feature 'bulk,export': may only contain ASCII letters",
+		},
+		{
+			name:   "feature listed twice",
+			global: "tier pro {\n\t\tfeatures bulk_export\n\t\tfeatures priority bulk_export\n\t}",
+			line:   4,
+			edit:   func(a *App) { a.Tiers[0].Features = []string{"bulk_export", "priority", "bulk_export"} },
+			want:   "tier pro: feature 'bulk_export' is listed twice",
+		},
+		{
 			name:     "customer of an unknown tier",
 			global:   "tier pro\n\tcustomer acme tier gold",
 			line:     3,
