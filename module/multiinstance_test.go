@@ -292,25 +292,30 @@ func redisTestPrefix(t testing.TB) string {
 		defer rdb.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		var cursor uint64
-		for {
-			keys, next, err := rdb.Scan(ctx, cursor, prefix+"*", 1000).Result()
-			if err != nil {
-				t.Errorf("cleaning up Redis keys %s*: %v", prefix, err)
-				return
-			}
-			if len(keys) > 0 {
-				if err := rdb.Del(ctx, keys...).Err(); err != nil {
-					t.Errorf("cleaning up Redis keys %s*: %v", prefix, err)
-					return
-				}
-			}
-			if cursor = next; cursor == 0 {
-				return
-			}
+		if err := deleteRedisPrefix(ctx, rdb, prefix); err != nil {
+			t.Errorf("cleaning up Redis keys %s*: %v", prefix, err)
 		}
 	})
 	return prefix
+}
+
+// deleteRedisPrefix deletes every Redis key starting with prefix.
+func deleteRedisPrefix(ctx context.Context, rdb *redis.Client, prefix string) error {
+	var cursor uint64
+	for {
+		keys, next, err := rdb.Scan(ctx, cursor, prefix+"*", 1000).Result()
+		if err != nil {
+			return err
+		}
+		if len(keys) > 0 {
+			if err := rdb.Del(ctx, keys...).Err(); err != nil {
+				return err
+			}
+		}
+		if cursor = next; cursor == 0 {
+			return nil
+		}
+	}
 }
 
 // oneShotClient is an HTTP client that opens a new connection per request,

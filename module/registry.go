@@ -43,10 +43,9 @@ type registry struct {
 	gen     uint64
 	// wake tells revalidateLoop that pending has new digests.
 	wake chan struct{}
-	// verifyMiss, when set, is asked about a lookup that found no active
-	// key; its error (wrapping store.ErrUnavailable when the store lost
-	// its data) replaces the miss.
-	verifyMiss func(ctx context.Context, st store.Store) error
+	// seed, when set, vouches for lookups that found no active key (see
+	// reseed.go): a miss it does not confirm is not an unknown key.
+	seed missVerifier
 	// uses are the keys' last uses, for the store (see keyUses).
 	uses *keyUses
 	// inflight collapses concurrent lookups of one key.
@@ -99,9 +98,11 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 	}
 
 	e, err := r.inflight.do(ctx, sum, gen, func(ctx context.Context) (regEntry, error) {
-		e, err := fetch(ctx, st, hex.EncodeToString(sum[:]), now)
-		if err == nil && !e.found && r.verifyMiss != nil {
-			err = r.verifyMiss(ctx, st)
+		e, err := r.fetchVerified(ctx, st, sum, now)
+		if errors.Is(err, errSeedChanged) {
+			// The configuration was stored again during the lookup: read
+			// it as it is now.
+			e, err = r.fetchVerified(ctx, st, sum, now)
 		}
 		if err == nil {
 			if e.found {
@@ -123,6 +124,30 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 
 	r.keep(sum, gen, e)
 	return e, nil
+}
+
+// missVerifier tells a final miss from one the store's data loss, or a
+// sync during the lookup, may explain (implemented by shared).
+type missVerifier interface {
+	// lookupStarts is called before a lookup reads the store; its result
+	// is passed to verifyMiss if the lookup finds no active key.
+	lookupStarts() *seedView
+	// verifyMiss is called right after such a lookup: nil when the miss
+	// is final, else an error wrapping store.ErrUnavailable.
+	verifyMiss(ctx context.Context, st store.Store, since *seedView) error
+}
+
+// fetchVerified is fetch, with a miss confirmed by r.seed.
+func (r *registry) fetchVerified(ctx context.Context, st store.Store, sum digest, now time.Time) (regEntry, error) {
+	var since *seedView
+	if r.seed != nil {
+		since = r.seed.lookupStarts()
+	}
+	e, err := fetch(ctx, st, hex.EncodeToString(sum[:]), now)
+	if err == nil && !e.found && r.seed != nil {
+		err = r.seed.verifyMiss(ctx, st, since)
+	}
+	return e, err
 }
 
 // keep caches e for sum, looked up in generation gen, unless the registry

@@ -2,7 +2,6 @@ package module
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"time"
 
@@ -74,7 +73,9 @@ func (r *registry) revalidate(ctx context.Context, st store.Store) error {
 				return ctx.Err()
 			}
 			fctx, cancel := context.WithTimeout(ctx, revalidateTimeout)
-			e, err := fetch(fctx, st, hex.EncodeToString(sum[:]), time.Now())
+			// A miss is cached only when final: one read from a store that
+			// lost its data would answer a valid key 401 (see reseed.go).
+			e, err := r.fetchVerified(fctx, st, sum, time.Now())
 			cancel()
 			if err == nil && e.found {
 				e.use = r.uses.slot(e.key.ID) // its last use is recorded as lookup's are

@@ -118,7 +118,7 @@ func newShared(open opener, spoolDir string) *shared {
 		logger: zap.NewNop(), seed: newSeedState(), instanceID: hex.EncodeToString(newSecret()[:8]),
 		remote: spoolDir != "", // only a shared store has a spool
 	}
-	s.registry.verifyMiss = s.verifyMiss
+	s.registry.seed = s
 	if spoolDir == "" {
 		s.mem = newMemBuffer(memBufferMax)
 	}
