@@ -71,3 +71,36 @@ func microsOf(t *testing.T, amount, currency string) int64 {
 	}
 	return w*scale + fr
 }
+
+// FuzzIdentifier fuzzes the meter-event identifier. Properties: it fits
+// Stripe's 100 characters and is printable ASCII; it is the same for the
+// same hour (a retry after a crash is deduplicated by Stripe); and two
+// different (namespace, customer, Stripe customer, meter, hour) tuples whose
+// fields hold no NUL — every field the configuration and the admin API
+// accept — never share an identifier, however the fields' characters are
+// split between them (so no deployment's usage is taken for another's).
+func FuzzIdentifier(f *testing.F) {
+	f.Add("prod", "acme", "cus_A", "api_calls", "20261101T000000Z", "staging", "acme", "cus_A", "api_calls", "20261101T000000Z")
+	f.Add("ab", "c", "cus_1", "m", "h", "a", "bc", "cus_1", "m", "h")
+	f.Add("", "acme", "", "api_calls", "20261101T000000Z", "", "acme", "cus_B", "api_calls", "20261101T000000Z")
+	f.Fuzz(func(t *testing.T, ns1, c1, s1, m1, h1, ns2, c2, s2, m2, h2 string) {
+		a := []string{ns1, c1, s1, m1, h1}
+		b := []string{ns2, c2, s2, m2, h2}
+		for _, v := range append(a, b...) {
+			if strings.ContainsRune(v, 0) {
+				return
+			}
+		}
+		id := Identifier(ns1, c1, s1, m1, h1)
+		if len(id) > 100 || !strings.HasPrefix(id, "am2_") || strings.ContainsFunc(id, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
+			t.Fatalf("identifier %q is not a short printable ASCII am2_ id", id)
+		}
+		if again := Identifier(ns1, c1, s1, m1, h1); again != id {
+			t.Fatalf("identifier not deterministic: %q then %q", id, again)
+		}
+		same := strings.Join(a, "\x00") == strings.Join(b, "\x00")
+		if other := Identifier(ns2, c2, s2, m2, h2); (other == id) != same {
+			t.Fatalf("%q and %q: identifiers %q and %q (same tuple: %v)", a, b, id, other, same)
+		}
+	})
+}
