@@ -85,9 +85,7 @@ func (a *App) authenticate(ctx context.Context, w http.ResponseWriter, r *http.R
 		storeUnavailable(w, r, logger, nil, "lookup", err)
 		return caller{}, nil, false
 	}
-	// refuse counts a found-wanting key (unknown, revoked or expired) as a
-	// failed authentication of this address.
-	refuse := func() {
+	if !entry.found {
 		if guard != nil {
 			if known {
 				address = clientAddress(r)
@@ -95,14 +93,13 @@ func (a *App) authenticate(ctx context.Context, w http.ResponseWriter, r *http.R
 			}
 			guard.failed(address, now)
 		}
-	}
-	if !entry.found {
-		refuse()
 		invalidKey(w, r)
 		return caller{}, nil, false
 	}
+	// An expired key is not a failed authentication (auth_failures counts
+	// malformed, unknown and revoked keys): it was valid, it is cached, and
+	// its caller learns from the answer when it expired.
 	if entry.key.Expired(now) {
-		refuse()
 		expiredKey(w, r, entry.key.ExpiresAt)
 		return caller{}, nil, false
 	}

@@ -11,31 +11,17 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-
-	"github.com/apimonetize/caddy-api-monetize/store"
 )
-
-// lookupCounter is the real store, counting key lookups.
-type lookupCounter struct {
-	store.Store
-	lookups atomic.Int64
-}
-
-func (c *lookupCounter) KeyByHash(ctx context.Context, hash string) (store.Key, error) {
-	c.lookups.Add(1)
-	return c.Store.KeyByHash(ctx, hash)
-}
 
 // guardedHandler is a started app on the embedded store with
 // auth_failures 5/min, its handler, and the store's lookup counter.
-func guardedHandler(t *testing.T, limit *AuthFailureLimit) (*Handler, *lookupCounter) {
+func guardedHandler(t *testing.T, limit *AuthFailureLimit) (*Handler, *countingStore) {
 	t.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	app := &App{
@@ -52,7 +38,7 @@ func guardedHandler(t *testing.T, limit *AuthFailureLimit) (*Handler, *lookupCou
 	if err != nil {
 		t.Fatal(err)
 	}
-	counting := &lookupCounter{Store: st}
+	counting := &countingStore{Store: st}
 	app.shared.st.Store(&storeBox{counting})
 	if err := app.Start(); err != nil {
 		t.Fatal(err)
