@@ -51,6 +51,9 @@ type scriptCall struct {
 	// deadline bounds the call: its pipeline ends by then, and it is not
 	// sent after it.
 	deadline time.Time
+	// asking sends ASKING before the call (a cluster's ASK redirection:
+	// the slot is being imported by this node).
+	asking bool
 
 	// taken is set when a leader takes the call: from then on it is sent
 	// (or fails) whatever its caller does.
@@ -330,6 +333,9 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 	for eval := false; len(batch) > 0; eval = true {
 		c.w = c.w[:0]
 		for _, call := range batch {
+			if call.asking {
+				c.w = append(c.w, askingCommand...)
+			}
 			c.w = appendCall(c.w, call.script, call.args, eval)
 		}
 		if n, err := c.nc.Write(c.w); err != nil {
@@ -346,7 +352,16 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		}
 		unknown := batch[:0:0]
 		for i, call := range batch {
-			vals, reply, err := c.read()
+			var err error
+			if call.asking {
+				// ASKING's own reply (+OK): what matters is the call's.
+				_, _, err = c.read()
+			}
+			var vals []int64
+			var reply error
+			if err == nil {
+				vals, reply, err = c.read()
+			}
 			if err != nil {
 				b.failedLast.Store(true)
 				b.drop(l)
@@ -373,6 +388,9 @@ func (b *batcher) drop(l *lane) {
 	_ = l.conn.nc.Close()
 	l.conn = nil
 }
+
+// askingCommand is ASKING in RESP.
+const askingCommand = "*1\r\n$6\r\nASKING\r\n"
 
 func fail(calls []*scriptCall, err error) {
 	for _, c := range calls {

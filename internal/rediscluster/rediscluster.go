@@ -1,0 +1,257 @@
+// Package rediscluster starts a private Redis Cluster on loopback for
+// tests: three masters with a replica each, every node a redis-server
+// process of its own with its own directory, without persistence. Tests
+// that need it are skipped only when redis-server or redis-cli is not
+// installed.
+package rediscluster
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Node is one redis-server of the cluster.
+type Node struct {
+	// Port is its loopback port (its cluster bus is Port+10000).
+	Port int
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// Addr is the node's address.
+func (n *Node) Addr() string { return "127.0.0.1:" + strconv.Itoa(n.Port) }
+
+// Kill stops the node with SIGKILL (a crash: nothing is saved or handed
+// over) and waits for it to exit.
+func (n *Node) Kill() {
+	if n.cmd.Process != nil {
+		_ = n.cmd.Process.Signal(syscall.SIGKILL)
+	}
+	<-n.done
+}
+
+// Cluster is a running test cluster.
+type Cluster struct {
+	// Nodes are its nodes, masters first (as created: the first three
+	// are masters, the next three their replicas).
+	Nodes []*Node
+	t     testing.TB
+}
+
+// URL is the cluster's URL in go-redis's cluster form: every node a seed.
+func (c *Cluster) URL() string {
+	u := "redis://" + c.Nodes[0].Addr()
+	for i, n := range c.Nodes[1:] {
+		if i == 0 {
+			u += "?"
+		} else {
+			u += "&"
+		}
+		u += "addr=" + n.Addr()
+	}
+	return u
+}
+
+// Client returns a go-redis cluster client on c, closed at cleanup.
+func (c *Cluster) Client() *redis.ClusterClient {
+	o, err := redis.ParseClusterURL(c.URL())
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	o.ClusterStateReloadInterval = time.Second
+	cl := redis.NewClusterClient(o)
+	c.t.Cleanup(func() { _ = cl.Close() })
+	return cl
+}
+
+// MasterFor returns the node that is master of key's slot now, asking the
+// cluster (not a cached map).
+func (c *Cluster) MasterFor(ctx context.Context, key string) (*Node, error) {
+	for _, n := range c.Nodes {
+		cl := redis.NewClient(&redis.Options{Addr: n.Addr()})
+		slot, err := cl.ClusterKeySlot(ctx, key).Result()
+		if err != nil {
+			_ = cl.Close()
+			continue
+		}
+		slots, err := cl.ClusterSlots(ctx).Result()
+		_ = cl.Close()
+		if err != nil {
+			continue
+		}
+		for _, s := range slots {
+			if int64(s.Start) <= slot && slot <= int64(s.End) && len(s.Nodes) > 0 {
+				for _, m := range c.Nodes {
+					if m.Addr() == s.Nodes[0].Addr {
+						return m, nil
+					}
+				}
+			}
+		}
+	}
+	return nil, fmt.Errorf("no node knows the master of %q", key)
+}
+
+// Start starts a cluster of masters masters with replicas replicas each,
+// stopped at cleanup. It skips the test when redis-server or redis-cli is
+// missing.
+func Start(t testing.TB, masters, replicas int) *Cluster {
+	t.Helper()
+	server, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Skip("redis-server not installed")
+	}
+	cli, err := exec.LookPath("redis-cli")
+	if err != nil {
+		t.Skip("redis-cli not installed")
+	}
+	c := &Cluster{t: t}
+	dir := t.TempDir()
+	used := map[int]bool{}
+	for i := range masters * (1 + replicas) {
+		port := freePort(t, used)
+		nd := filepath.Join(dir, strconv.Itoa(port))
+		if err := os.Mkdir(nd, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(server, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+			"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+			"--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+			// A replica syncs at once (the default waits 5s for others),
+			// so it can take over from the start.
+			"--repl-diskless-sync-delay", "0",
+			// The masters that live keep serving their slots while one is
+			// failing over (what docs/redis-cluster.md recommends).
+			"--cluster-require-full-coverage", "no",
+			"--dir", nd, "--logfile", filepath.Join(nd, "log"))
+		if err := cmd.Start(); err != nil {
+			t.Fatalf("starting redis-server %d: %v", i, err)
+		}
+		n := &Node{Port: port, cmd: cmd, done: make(chan struct{})}
+		go func() { _ = cmd.Wait(); close(n.done) }()
+		c.Nodes = append(c.Nodes, n)
+		t.Cleanup(n.Kill)
+	}
+	for _, n := range c.Nodes {
+		waitPing(t, n)
+	}
+	args := []string{"--cluster", "create"}
+	for _, n := range c.Nodes {
+		args = append(args, n.Addr())
+	}
+	args = append(args, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
+	out, err := exec.Command(cli, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
+	}
+	// Every node agrees the cluster is up, and every replica has synced.
+	deadline := time.Now().Add(30 * time.Second)
+	for _, n := range c.Nodes {
+		for {
+			out, _ := exec.Command(cli, "-p", strconv.Itoa(n.Port), "cluster", "info").Output()
+			repl, _ := exec.Command(cli, "-p", strconv.Itoa(n.Port), "info", "replication").Output()
+			synced := bytes.Contains(repl, []byte("role:master")) || bytes.Contains(repl, []byte("master_link_status:up"))
+			if bytes.Contains(out, []byte("cluster_state:ok")) && synced {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("cluster node %s not ok:\n%s", n.Addr(), out)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return c
+}
+
+// WaitFailover waits until a node other than gone is master of key's
+// slot (a replica of gone took over) and every node but gone reports
+// cluster_state:ok.
+func (c *Cluster) WaitFailover(ctx context.Context, gone *Node, key string) error {
+	for {
+		m, err := c.MasterFor(ctx, key)
+		ok := err == nil && m != gone
+		for _, n := range c.Nodes {
+			if n == gone || !ok {
+				continue
+			}
+			cl := redis.NewClient(&redis.Options{Addr: n.Addr()})
+			info, err := cl.ClusterInfo(ctx).Result()
+			_ = cl.Close()
+			if err != nil || !strings.Contains(info, "cluster_state:ok") {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// freePort returns a loopback port that is free, and whose cluster bus
+// port (+10000) is free too.
+func freePort(t testing.TB, used map[int]bool) int {
+	t.Helper()
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		_ = l.Close()
+		if port+10000 > 65535 || used[port] || used[port+10000] || used[port-10000] {
+			continue
+		}
+		bus, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port+10000))
+		if err != nil {
+			continue
+		}
+		_ = bus.Close()
+		used[port], used[port+10000] = true, true
+		return port
+	}
+	t.Fatal("no free port pair for a cluster node")
+	return 0
+}
+
+func waitPing(t testing.TB, n *Node) {
+	t.Helper()
+	cl := redis.NewClient(&redis.Options{Addr: n.Addr()})
+	defer cl.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := cl.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			return
+		}
+		select {
+		case <-n.done:
+			log, _ := os.ReadFile(filepath.Join(filepath.Dir(n.cmd.Args[len(n.cmd.Args)-1]), "log"))
+			t.Fatalf("redis-server %s exited:\n%s", n.Addr(), log)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redis-server %s does not answer: %v", n.Addr(), err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
