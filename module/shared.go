@@ -31,6 +31,8 @@ type opener func() (store.Store, error)
 // storeConfig selects and tunes a store.
 type storeConfig struct {
 	redisURL, redisPrefix string
+	// redisCluster makes redisURL a Redis Cluster's seed URL.
+	redisCluster bool
 	path                  string
 	timeout               time.Duration
 	flushInterval         time.Duration
@@ -43,8 +45,12 @@ func storeOpener(c storeConfig, logger *zap.Logger) (string, opener) {
 		// The key leaves the timeout out: the spool directory may be open
 		// once per process, so a reload that changes store_timeout keeps
 		// the open client (the new timeout applies at the next start).
-		return "redis|" + c.redisURL + "|" + c.redisPrefix, func() (store.Store, error) {
-			return redisstore.New(redisstore.Options{URL: c.redisURL, KeyPrefix: c.redisPrefix, OpTimeout: c.timeout})
+		kind := "redis|"
+		if c.redisCluster {
+			kind = "redis-cluster|"
+		}
+		return kind + c.redisURL + "|" + c.redisPrefix, func() (store.Store, error) {
+			return redisstore.New(redisstore.Options{URL: c.redisURL, Cluster: c.redisCluster, KeyPrefix: c.redisPrefix, OpTimeout: c.timeout})
 		}
 	}
 	// One process may open a bbolt file once: the key is the path alone, so
