@@ -255,3 +255,97 @@ func waitPing(t testing.TB, n *Node) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// client returns a plain client on n, closed at cleanup.
+func (c *Cluster) client(n *Node) *redis.Client {
+	cl := redis.NewClient(&redis.Options{Addr: n.Addr(), ReadTimeout: 10 * time.Second})
+	c.t.Cleanup(func() { _ = cl.Close() })
+	return cl
+}
+
+// Slot returns the hash slot of key.
+func (c *Cluster) Slot(ctx context.Context, key string) (int, error) {
+	n, err := c.client(c.Nodes[0]).ClusterKeySlot(ctx, key).Result()
+	return int(n), err
+}
+
+// Masters returns the nodes that are masters now.
+func (c *Cluster) Masters(ctx context.Context) []*Node {
+	var ms []*Node
+	for _, n := range c.Nodes {
+		info, err := c.client(n).Info(ctx, "replication").Result()
+		if err == nil && strings.Contains(info, "role:master") {
+			ms = append(ms, n)
+		}
+	}
+	return ms
+}
+
+// MoveSlot migrates slot from the master that owns it to the master to,
+// as redis-cli --cluster reshard does: IMPORTING on to, MIGRATING on the
+// owner, MIGRATE of its keys in batches of batch (each batch after
+// pause, so traffic meets the split state), then SETSLOT NODE on every
+// master.
+func (c *Cluster) MoveSlot(ctx context.Context, slot int, to *Node, batch int, pause time.Duration) error {
+	var from *Node
+	for _, m := range c.Masters(ctx) {
+		slots, err := c.client(m).ClusterSlots(ctx).Result()
+		if err != nil {
+			return err
+		}
+		for _, s := range slots {
+			if int(s.Start) <= slot && slot <= int(s.End) && len(s.Nodes) > 0 {
+				for _, n := range c.Nodes {
+					if n.Addr() == s.Nodes[0].Addr {
+						from = n
+					}
+				}
+			}
+		}
+		break
+	}
+	if from == nil {
+		return fmt.Errorf("no master owns slot %d", slot)
+	}
+	if from == to {
+		return nil
+	}
+	src, dst := c.client(from), c.client(to)
+	srcID, err := src.ClusterMyID(ctx).Result()
+	if err != nil {
+		return err
+	}
+	dstID, err := dst.ClusterMyID(ctx).Result()
+	if err != nil {
+		return err
+	}
+	if err := dst.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err(); err != nil {
+		return err
+	}
+	if err := src.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err(); err != nil {
+		return err
+	}
+	for {
+		keys, err := src.ClusterGetKeysInSlot(ctx, slot, batch).Result()
+		if err != nil {
+			return err
+		}
+		if len(keys) == 0 {
+			break
+		}
+		args := []any{"MIGRATE", "127.0.0.1", to.Port, "", 0, 5000, "KEYS"}
+		for _, k := range keys {
+			args = append(args, k)
+		}
+		if err := src.Do(ctx, args...).Err(); err != nil {
+			return fmt.Errorf("MIGRATE: %w", err)
+		}
+		time.Sleep(pause)
+	}
+	for _, n := range append([]*Node{to, from}, c.Masters(ctx)...) {
+		if err := c.client(n).Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err(); err != nil {
+			return fmt.Errorf("SETSLOT NODE on %s: %w", n.Addr(), err)
+		}
+	}
+	return nil
+}
