@@ -32,10 +32,10 @@ type opener func() (store.Store, error)
 type storeConfig struct {
 	redisURL, redisPrefix string
 	// redisCluster makes redisURL a Redis Cluster's seed URL.
-	redisCluster bool
-	path                  string
-	timeout               time.Duration
-	flushInterval         time.Duration
+	redisCluster  bool
+	path          string
+	timeout       time.Duration
+	flushInterval time.Duration
 }
 
 // storeOpener returns the pool key identifying a store configuration and a

@@ -53,8 +53,8 @@ const (
 	// without being told to (its default of 60s kept it dialling a dead
 	// master for a minute after a failover).
 	clusterReloadInterval = 2 * time.Second
-	// clusterMaxRedirects bounds the MOVED/ASK redirections and TRYAGAIN
-	// retries of one call (all within its deadline).
+	// clusterMaxRedirects bounds the MOVED/ASK redirections of one call;
+	// TRYAGAIN is retried until the call's deadline.
 	clusterMaxRedirects = 8
 	// clusterRetryBackoff is the wait before retrying a TRYAGAIN reply
 	// (a slot being migrated with the subject's keys split).
@@ -94,6 +94,10 @@ type clusterState struct {
 	mu     sync.RWMutex
 	shards map[string]*shard // by address
 	closed bool
+
+	// redirects and retries count the MOVED/ASK redirections followed and
+	// the TRYAGAIN replies retried by metering scripts.
+	redirects, retries atomic.Int64
 
 	// reconcileDue is set when an outbox index write failed.
 	reconcileDue atomic.Bool
@@ -264,18 +268,23 @@ func (s *Store) runCluster(ctx context.Context, key string, script *luaScript, a
 		// No cluster map: no master could be asked for it.
 		return nil, fmt.Errorf("redisstore: %w: cluster map: %w", store.ErrUnavailable, err)
 	}
-	ask := false
-	for attempt := 0; ; attempt++ {
+	ask, redirects := false, 0
+	for {
 		probe, err := sh.breaker.allow()
 		if err != nil {
 			return nil, fmt.Errorf("%w (master %s)", err, sh.addr)
 		}
 		call := &scriptCall{script: script, args: args, deadline: deadline, asking: ask}
+		var reply []int64
 		if err = sh.scripts.do(ctx, call); err == nil {
-			err = call.err
+			// Done: its fields are this goroutine's (not so after an
+			// error, when it may still be in flight).
+			reply, err = call.reply, call.err
 		}
-		last := attempt >= clusterMaxRedirects || !time.Now().Before(deadline)
-		if addr, isAsk, ok := redirection(err); ok && !last {
+		late := !time.Now().Before(deadline)
+		if addr, isAsk, ok := redirection(err); ok && !late && redirects < clusterMaxRedirects {
+			redirects++
+			s.cluster.redirects.Add(1)
 			sh.breaker.done(probe, healthy)
 			if !isAsk {
 				s.cluster.client.ReloadState(ctx)
@@ -283,7 +292,8 @@ func (s *Store) runCluster(ctx context.Context, key string, script *luaScript, a
 			sh, ask = s.cluster.shardAt(addr), isAsk
 			continue
 		}
-		if tryAgain(err) && !last {
+		if tryAgain(err) && !late {
+			s.cluster.retries.Add(1)
 			sh.breaker.done(probe, healthy)
 			t := time.NewTimer(min(clusterRetryBackoff, time.Until(deadline)))
 			select {
@@ -291,14 +301,13 @@ func (s *Store) runCluster(ctx context.Context, key string, script *luaScript, a
 			case <-ctx.Done():
 				t.Stop()
 			}
-			ask = false
-			continue
+			continue // to the same node, with ASKING again if it had it
 		}
 		if err != nil && !isReply(err) {
 			// The master may be gone (a failover): have the map reloaded.
 			s.cluster.client.ReloadState(ctx)
 		}
-		return call.reply, finishOn(sh.breaker, ctx, probe, err)
+		return reply, finishOn(sh.breaker, ctx, probe, err)
 	}
 }
 

@@ -356,3 +356,109 @@ func TestClusterRejectsBracedPrefix(t *testing.T) {
 		t.Fatalf("New with a braced prefix: %v, want an error", err)
 	}
 }
+
+// TestClusterResharding moves the slot of a busy customer to another
+// master, as redis-cli --cluster reshard does (MIGRATE of 10 keys at a
+// time), while three handles reserve for it, some requests with an
+// idempotency key of their own (so the slot holds many keys). The calls
+// follow the redirections (ASK during the move, MOVED after it) and retry
+// TRYAGAIN (the customer's keys split between the masters: Redis refuses
+// multi-key scripts then, and the script does not run); a call still
+// refused at its deadline fails as unavailable within OpTimeout. No unit
+// is counted twice or lost: the usage stored is what was admitted.
+func TestClusterResharding(t *testing.T) {
+	c := rediscluster.Start(t, 3, 0)
+	prefix := clusterPrefix()
+	const opTimeout = 500 * time.Millisecond
+	handles := []*Store{}
+	for range 3 {
+		handles = append(handles, openStore(t, Options{URL: c.URL(), Cluster: true, KeyPrefix: prefix, OpTimeout: opTimeout}))
+	}
+	const sub = "acme"
+	q := blockQuota(1 << 40)
+	var ok, failed, slow atomic.Int64
+	var seq atomic.Int64
+	ctx, stop := context.WithCancel(t.Context())
+	var wg sync.WaitGroup
+	for _, s := range handles {
+		for range 4 {
+			wg.Go(func() {
+				for ctx.Err() == nil {
+					r := store.Reservation{Subject: sub, Cost: 1, Quota: q}
+					if n := seq.Add(1); n%4 == 0 {
+						r.IdempotencyKey, r.IdempotencyFingerprint = fmt.Sprintf("req-%d", n), "fp"
+						r.IdempotencyRepeats, r.IdempotencyWindow = 1, time.Minute
+					}
+					began := time.Now()
+					out, err := s.Reserve(ctx, r)
+					switch {
+					case err == nil && out.Allowed && !out.Duplicate:
+						ok.Add(1)
+					case ctx.Err() != nil:
+						// cancelled at the end: it may have run (below)
+					case err != nil && errors.Is(err, store.ErrUnavailable):
+						failed.Add(1)
+						if time.Since(began) > opTimeout+200*time.Millisecond {
+							slow.Add(1)
+						}
+					default:
+						t.Errorf("Reserve: %+v, %v", out, err)
+					}
+				}
+			})
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	slot, err := c.Slot(t.Context(), prefix+"{"+sub+"}:x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	from, err := c.MasterFor(t.Context(), prefix+"{"+sub+"}:x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var to *rediscluster.Node
+	for _, m := range c.Masters(t.Context()) {
+		if m != from {
+			to = m
+			break
+		}
+	}
+	start := time.Now()
+	before := ok.Load()
+	if err := c.MoveSlot(t.Context(), slot, to, 10, 0); err != nil {
+		t.Fatalf("moving the slot: %v", err)
+	}
+	took := time.Since(start)
+	during := ok.Load() - before
+	time.Sleep(300 * time.Millisecond)
+	stop()
+	wg.Wait()
+	if m, _ := c.MasterFor(t.Context(), prefix+"{"+sub+"}:x"); m != to {
+		t.Fatalf("the slot did not move")
+	}
+	var redirects, retries int64
+	for _, s := range handles {
+		redirects += s.cluster.redirects.Load()
+		retries += s.cluster.retries.Load()
+	}
+	t.Logf("moved slot %d (%d reservations admitted before) in %v: %d admitted meanwhile, %d failed as unavailable; %d redirections followed, %d TRYAGAIN retried",
+		slot, before, took.Round(time.Millisecond), during, failed.Load(), redirects, retries)
+	if redirects == 0 {
+		t.Errorf("no redirection followed: the handles' maps were never stale?")
+	}
+	if n := slow.Load(); n > 0 {
+		t.Errorf("%d failed calls took longer than OpTimeout", n)
+	}
+	u, err := handles[0].Usage(t.Context(), sub, q.PeriodID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Calls cancelled at the end may have run: at most one per worker.
+	if u.Counters.Billed < ok.Load() || u.Counters.Billed > ok.Load()+12 {
+		t.Errorf("stored %d units, admitted %d: counted twice or lost", u.Counters.Billed, ok.Load())
+	}
+	if after := ok.Load() - before - during; after == 0 {
+		t.Errorf("nothing admitted after the move")
+	}
+}

@@ -621,10 +621,12 @@ func (s *Store) run(ctx context.Context, subject string, script *luaScript, args
 		deadline = d
 	}
 	call := &scriptCall{script: script, args: args, deadline: deadline}
-	if err = s.scripts.do(ctx, call); err == nil {
-		err = call.err
+	if err = s.scripts.do(ctx, call); err != nil {
+		// The call may still be in flight (its caller gave up): its
+		// fields are not this goroutine's to read.
+		return nil, s.finish(ctx, probe, err)
 	}
-	return call.reply, s.finish(ctx, probe, err)
+	return call.reply, s.finish(ctx, probe, call.err)
 }
 
 // Reserve implements store.Meter with one EVALSHA round trip: the replay
