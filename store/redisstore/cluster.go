@@ -39,8 +39,10 @@ import (
 //     {catalogue}: its transactions run on one node. It is not on the
 //     request path (instances cache keys), but it is not partitioned.
 //   - A record kind's keys are hash-tagged by the kind (see records.go).
-//   - The key secret, the seed marker, leases, key uses and the instances
-//     set are single keys, on the master owning their slot.
+//   - The key secret, the seed marker (see seed.go) and key uses are in
+//     the catalogue's slot too: the seed marker vouches for what is on
+//     that node. Leases and the instances set are single keys, each on the
+//     master owning its slot.
 //   - Changes are announced on the classic Pub/Sub channel, which a
 //     cluster forwards to every node.
 //

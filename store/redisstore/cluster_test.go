@@ -183,6 +183,12 @@ func TestClusterLayout(t *testing.T) {
 	if err := s.CreateCustomer(t.Context(), store.Customer{ID: "acme", Tier: "pro"}); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := s.KeySecret(t.Context(), []byte("secret-candidate")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ClaimSeedMarker(t.Context(), "token"); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := s.Reserve(t.Context(), store.Reservation{Subject: "acme", Cost: 1, Quota: blockQuota(1)}); err != nil {
 		t.Fatal(err)
 	}
@@ -201,6 +207,7 @@ func TestClusterLayout(t *testing.T) {
 	}
 	for _, want := range []string{
 		prefix + "{catalogue}:cust:acme", prefix + "{catalogue}:customers",
+		prefix + "{catalogue}:secret", prefix + "{catalogue}:seeded",
 		prefix + "{acme}:u:" + blockQuota(1).PeriodID, prefix + "{acme}:outbox",
 		prefix + "{ob:" + fmt.Sprint(outboxBucket("acme")) + "}:outbox:subjects",
 	} {
@@ -460,5 +467,47 @@ func TestClusterResharding(t *testing.T) {
 	}
 	if after := ok.Load() - before - during; after == 0 {
 		t.Errorf("nothing admitted after the move")
+	}
+}
+
+// TestClusterSeedMarkerWithCatalogue: the node that loses the catalogue
+// (customers, keys, key secret) loses the seed marker with it, so the
+// instances notice and store them again (module/reseed.go).
+func TestClusterSeedMarkerWithCatalogue(t *testing.T) {
+	c := rediscluster.Start(t, 3, 0)
+	// A prefix under which an untagged marker would be on another node.
+	var prefix string
+	for {
+		prefix = clusterPrefix()
+		a, err1 := c.MasterFor(t.Context(), prefix+"seeded")
+		b, err2 := c.MasterFor(t.Context(), prefix+"{catalogue}:x")
+		if err1 != nil || err2 != nil {
+			t.Fatal(err1, err2)
+		}
+		if a != b {
+			break
+		}
+	}
+	s := openCluster(t, c, prefix)
+	if err := s.CreateCustomer(t.Context(), store.Customer{ID: "acme", Tier: "pro"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ClaimSeedMarker(t.Context(), "token"); err != nil {
+		t.Fatal(err)
+	}
+	node, err := c.MasterFor(t.Context(), s.custKey("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := redis.NewClient(&redis.Options{Addr: node.Addr()})
+	defer cl.Close()
+	if err := cl.FlushAll(t.Context()).Err(); err != nil { // a private cluster
+		t.Fatal(err)
+	}
+	if _, err := s.GetCustomer(t.Context(), "acme"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("after the catalogue's node lost its data, GetCustomer: %v, want not found", err)
+	}
+	if got, err := s.SeedMarker(t.Context()); err != nil || got != "" {
+		t.Fatalf("after the catalogue's node lost its data, the seed marker is %q (%v), want gone", got, err)
 	}
 }

@@ -228,7 +228,7 @@ func (s *Store) Close() error {
 
 // The catalogue's keys: in a cluster (catalogueTag) they share one hash
 // slot, so its transactions stay on one node.
-func (s *Store) secretKey() string        { return s.prefix + "secret" }
+func (s *Store) secretKey() string        { return s.prefix + s.catalogueTag() + "secret" }
 func (s *Store) custKey(id string) string { return s.prefix + s.catalogueTag() + "cust:" + id }
 func (s *Store) customersKey() string     { return s.prefix + s.catalogueTag() + "customers" }
 func (s *Store) keyKey(hash string) string {
