@@ -309,9 +309,9 @@ func forEachExactCluster(t *testing.T, redisInstances int, test func(t *testing.
 		test(t, start(t, redisInstances, "redis "+testRedisURL+"\n\t\tredis_prefix "+prefix))
 	})
 	t.Run(fmt.Sprintf("redis cluster, %d instances", redisInstances), func(t *testing.T) {
-		rc := rediscluster.Start(t, 3, 1)
+		rc := sharedCluster(t)
 		spreadCustomers(t, rc, "mixed", "ones", "payg", "gated")
-		test(t, start(t, redisInstances, "redis_cluster "+rc.URL()))
+		test(t, start(t, redisInstances, "redis_cluster "+rc.URL()+"\n\t\tredis_prefix "+redisTestPrefix(t)))
 	})
 	t.Run("embedded store", func(t *testing.T) {
 		test(t, start(t, 1, "store_path "+filepath.Join(t.TempDir(), "store.db")))

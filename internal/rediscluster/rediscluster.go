@@ -8,6 +8,7 @@ package rediscluster
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -28,6 +30,7 @@ type Node struct {
 	Port int
 	cmd  *exec.Cmd
 	done chan struct{}
+	dir  string
 }
 
 // Addr is the node's address.
@@ -47,7 +50,33 @@ type Cluster struct {
 	// Nodes are its nodes, masters first (as created: the first three
 	// are masters, the next three their replicas).
 	Nodes []*Node
-	t     testing.TB
+	dir   string
+
+	mu          sync.Mutex
+	clients     []interface{ Close() error } // closed by Stop
+	nodeClients map[*Node]*redis.Client
+}
+
+// keep registers cl to be closed by Stop.
+func (c *Cluster) keep(cl interface{ Close() error }) {
+	c.mu.Lock()
+	c.clients = append(c.clients, cl)
+	c.mu.Unlock()
+}
+
+// Stop kills every node, closes the clients handed out and removes the
+// nodes' directories.
+func (c *Cluster) Stop() {
+	c.mu.Lock()
+	for _, cl := range c.clients {
+		_ = cl.Close()
+	}
+	c.clients, c.nodeClients = nil, nil
+	c.mu.Unlock()
+	for _, n := range c.Nodes {
+		n.Kill()
+	}
+	_ = os.RemoveAll(c.dir)
 }
 
 // URL is the cluster's URL in go-redis's cluster form: every node a seed.
@@ -64,15 +93,14 @@ func (c *Cluster) URL() string {
 	return u
 }
 
-// Client returns a go-redis cluster client on c, closed at cleanup.
+// Client returns a go-redis cluster client on c, closed by Stop.
 func (c *Cluster) Client() *redis.ClusterClient {
-	o, err := redis.ParseClusterURL(c.URL())
-	if err != nil {
-		c.t.Fatal(err)
+	var addrs []string
+	for _, n := range c.Nodes {
+		addrs = append(addrs, n.Addr())
 	}
-	o.ClusterStateReloadInterval = time.Second
-	cl := redis.NewClusterClient(o)
-	c.t.Cleanup(func() { _ = cl.Close() })
+	cl := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs, ClusterStateReloadInterval: time.Second})
+	c.keep(cl)
 	return cl
 }
 
@@ -104,27 +132,61 @@ func (c *Cluster) MasterFor(ctx context.Context, key string) (*Node, error) {
 	return nil, fmt.Errorf("no node knows the master of %q", key)
 }
 
+// Available reports why a cluster cannot be started here (redis-server
+// or redis-cli missing), or nil.
+func Available() error {
+	for _, bin := range []string{"redis-server", "redis-cli"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return fmt.Errorf("%s not installed", bin)
+		}
+	}
+	return nil
+}
+
 // Start starts a cluster of masters masters with replicas replicas each,
 // stopped at cleanup. It skips the test when redis-server or redis-cli is
 // missing.
 func Start(t testing.TB, masters, replicas int) *Cluster {
 	t.Helper()
-	server, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Skip("redis-server not installed")
+	if err := Available(); err != nil {
+		t.Skip(err)
 	}
-	cli, err := exec.LookPath("redis-cli")
+	c, err := New(masters, replicas)
 	if err != nil {
-		t.Skip("redis-cli not installed")
+		t.Fatal(err)
 	}
-	c := &Cluster{t: t}
-	dir := t.TempDir()
+	t.Cleanup(c.Stop)
+	return c
+}
+
+// New starts a cluster of masters masters with replicas replicas each, on
+// free loopback ports, and waits until every node reports the cluster ok
+// and every replica has synced. Stop ends it.
+func New(masters, replicas int) (_ *Cluster, err error) {
+	if err := Available(); err != nil {
+		return nil, err
+	}
+	server, _ := exec.LookPath("redis-server")
+	cli, _ := exec.LookPath("redis-cli")
+	dir, err := os.MkdirTemp("", "rediscluster-")
+	if err != nil {
+		return nil, err
+	}
+	c := &Cluster{dir: dir}
+	defer func() {
+		if err != nil {
+			c.Stop()
+		}
+	}()
 	used := map[int]bool{}
 	for i := range masters * (1 + replicas) {
-		port := freePort(t, used)
+		port, err := freePort(used)
+		if err != nil {
+			return nil, err
+		}
 		nd := filepath.Join(dir, strconv.Itoa(port))
 		if err := os.Mkdir(nd, 0o700); err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		cmd := exec.Command(server, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
 			"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
@@ -137,15 +199,16 @@ func Start(t testing.TB, masters, replicas int) *Cluster {
 			"--cluster-require-full-coverage", "no",
 			"--dir", nd, "--logfile", filepath.Join(nd, "log"))
 		if err := cmd.Start(); err != nil {
-			t.Fatalf("starting redis-server %d: %v", i, err)
+			return nil, fmt.Errorf("starting redis-server %d: %w", i, err)
 		}
-		n := &Node{Port: port, cmd: cmd, done: make(chan struct{})}
+		n := &Node{Port: port, cmd: cmd, done: make(chan struct{}), dir: nd}
 		go func() { _ = cmd.Wait(); close(n.done) }()
 		c.Nodes = append(c.Nodes, n)
-		t.Cleanup(n.Kill)
 	}
 	for _, n := range c.Nodes {
-		waitPing(t, n)
+		if err := waitPing(n); err != nil {
+			return nil, err
+		}
 	}
 	args := []string{"--cluster", "create"}
 	for _, n := range c.Nodes {
@@ -154,7 +217,7 @@ func Start(t testing.TB, masters, replicas int) *Cluster {
 	args = append(args, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
 	out, err := exec.Command(cli, args...).CombinedOutput()
 	if err != nil {
-		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
+		return nil, fmt.Errorf("redis-cli --cluster create: %w\n%s", err, out)
 	}
 	// Every node agrees the cluster is up, and every replica has synced.
 	deadline := time.Now().Add(30 * time.Second)
@@ -167,12 +230,12 @@ func Start(t testing.TB, masters, replicas int) *Cluster {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("cluster node %s not ok:\n%s", n.Addr(), out)
+				return nil, fmt.Errorf("cluster node %s not ok:\n%s%s", n.Addr(), out, repl)
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	return c
+	return c, nil
 }
 
 // WaitFailover waits until a node other than gone is master of key's
@@ -206,13 +269,12 @@ func (c *Cluster) WaitFailover(ctx context.Context, gone *Node, key string) erro
 }
 
 // freePort returns a loopback port that is free, and whose cluster bus
-// port (+10000) is free too.
-func freePort(t testing.TB, used map[int]bool) int {
-	t.Helper()
+// port (+10000) is free too, and not in used.
+func freePort(used map[int]bool) (int, error) {
 	for range 100 {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			t.Fatal(err)
+			return 0, err
 		}
 		port := l.Addr().(*net.TCPAddr).Port
 		_ = l.Close()
@@ -225,14 +287,12 @@ func freePort(t testing.TB, used map[int]bool) int {
 		}
 		_ = bus.Close()
 		used[port], used[port+10000] = true, true
-		return port
+		return port, nil
 	}
-	t.Fatal("no free port pair for a cluster node")
-	return 0
+	return 0, errors.New("no free port pair for a cluster node")
 }
 
-func waitPing(t testing.TB, n *Node) {
-	t.Helper()
+func waitPing(n *Node) error {
 	cl := redis.NewClient(&redis.Options{Addr: n.Addr()})
 	defer cl.Close()
 	deadline := time.Now().Add(10 * time.Second)
@@ -241,25 +301,34 @@ func waitPing(t testing.TB, n *Node) {
 		err := cl.Ping(ctx).Err()
 		cancel()
 		if err == nil {
-			return
+			return nil
 		}
 		select {
 		case <-n.done:
-			log, _ := os.ReadFile(filepath.Join(filepath.Dir(n.cmd.Args[len(n.cmd.Args)-1]), "log"))
-			t.Fatalf("redis-server %s exited:\n%s", n.Addr(), log)
+			log, _ := os.ReadFile(filepath.Join(n.dir, "log"))
+			return fmt.Errorf("redis-server %s exited:\n%s", n.Addr(), log)
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("redis-server %s does not answer: %v", n.Addr(), err)
+			return fmt.Errorf("redis-server %s does not answer: %w", n.Addr(), err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 }
 
-// client returns a plain client on n, closed at cleanup.
+// client returns a plain client on n, closed by Stop.
 func (c *Cluster) client(n *Node) *redis.Client {
-	cl := redis.NewClient(&redis.Options{Addr: n.Addr(), ReadTimeout: 10 * time.Second})
-	c.t.Cleanup(func() { _ = cl.Close() })
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.nodeClients == nil {
+		c.nodeClients = map[*Node]*redis.Client{}
+	}
+	cl := c.nodeClients[n]
+	if cl == nil {
+		cl = redis.NewClient(&redis.Options{Addr: n.Addr(), ReadTimeout: 10 * time.Second})
+		c.nodeClients[n] = cl
+		c.clients = append(c.clients, cl)
+	}
 	return cl
 }
 
