@@ -21,7 +21,7 @@ var testCluster struct {
 func sharedCluster(t *testing.T) *rediscluster.Cluster {
 	t.Helper()
 	if err := rediscluster.Available(); err != nil {
-		t.Skip(err)
+		rediscluster.Skip(t, err)
 	}
 	testCluster.once.Do(func() { testCluster.c, testCluster.err = rediscluster.New(3, 1) })
 	if testCluster.err != nil {

@@ -1,8 +1,8 @@
 // Package rediscluster starts a private Redis Cluster on loopback for
-// tests: three masters with a replica each, every node a redis-server
-// process of its own with its own directory, without persistence. Tests
-// that need it are skipped only when redis-server or redis-cli is not
-// installed.
+// tests: masters with replicas, every node a redis-server process of its
+// own with its own directory, without persistence. Tests that need it are
+// skipped only when redis-server or redis-cli is not installed (and fail
+// then under RequiredEnv).
 package rediscluster
 
 import (
@@ -132,6 +132,21 @@ func (c *Cluster) MasterFor(ctx context.Context, key string) (*Node, error) {
 	return nil, fmt.Errorf("no node knows the master of %q", key)
 }
 
+// RequiredEnv, set to "required" (as .ci/test does), makes Start and the
+// callers of Skip fail the test instead of skipping it when no cluster can
+// be started.
+const RequiredEnv = "REDIS_CLUSTER_TESTS"
+
+// Skip skips t because of err, or fails it when RequiredEnv says the
+// cluster tests must run.
+func Skip(t testing.TB, err error) {
+	t.Helper()
+	if os.Getenv(RequiredEnv) == "required" {
+		t.Fatalf("%s=required: %v", RequiredEnv, err)
+	}
+	t.Skip(err)
+}
+
 // Available reports why a cluster cannot be started here (redis-server
 // or redis-cli missing), or nil.
 func Available() error {
@@ -149,7 +164,7 @@ func Available() error {
 func Start(t testing.TB, masters, replicas int) *Cluster {
 	t.Helper()
 	if err := Available(); err != nil {
-		t.Skip(err)
+		Skip(t, err)
 	}
 	c, err := New(masters, replicas)
 	if err != nil {

@@ -33,7 +33,9 @@
 // over connections of their own (see batch.go and resp.go); everything
 // else goes through go-redis.
 // The metadata operations touch several keys in one transaction and
-// assume they live on one node.
+// assume they live on one node: on a Redis Cluster (Options.Cluster) those
+// keys share a hash tag, and the metering scripts go to the master owning
+// the subject's slot (see cluster.go for the layout there).
 package redisstore
 
 import (
