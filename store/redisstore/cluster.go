@@ -263,9 +263,15 @@ func (s *Store) runCluster(ctx context.Context, key string, script *luaScript, a
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
-	rctx, cancel := context.WithDeadline(ctx, deadline)
+	rctx := ctx
+	if d, ok := ctx.Deadline(); !ok || d.After(deadline) {
+		// Bounds the first load of the cluster map (a request's context
+		// usually has its deadline already: no allocation then).
+		var cancel context.CancelFunc
+		rctx, cancel = context.WithDeadline(ctx, deadline)
+		defer cancel()
+	}
 	sh, err := s.cluster.shardFor(rctx, key)
-	cancel()
 	if err != nil {
 		// No cluster map: no master could be asked for it.
 		return nil, fmt.Errorf("redisstore: %w: cluster map: %w", store.ErrUnavailable, err)
