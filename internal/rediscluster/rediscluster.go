@@ -365,48 +365,77 @@ func (c *Cluster) Masters(ctx context.Context) []*Node {
 	return ms
 }
 
+// owner returns the master that owns slot.
+func (c *Cluster) owner(ctx context.Context, slot int) (*Node, error) {
+	for _, m := range c.Masters(ctx) {
+		slots, err := c.client(m).ClusterSlots(ctx).Result()
+		if err != nil {
+			continue
+		}
+		for _, s := range slots {
+			if int(s.Start) <= slot && slot <= int(s.End) && len(s.Nodes) > 0 {
+				for _, n := range c.Nodes {
+					if n.Addr() == s.Nodes[0].Addr {
+						return n, nil
+					}
+				}
+			}
+		}
+	}
+	return nil, fmt.Errorf("no master owns slot %d", slot)
+}
+
+// BeginMigration puts slot in the migrating state towards to (IMPORTING
+// on to, MIGRATING on its owner), moving no key, and returns the owner.
+func (c *Cluster) BeginMigration(ctx context.Context, slot int, to *Node) (*Node, error) {
+	from, err := c.owner(ctx, slot)
+	if err != nil {
+		return nil, err
+	}
+	srcID, err := c.client(from).ClusterMyID(ctx).Result()
+	if err != nil {
+		return nil, err
+	}
+	dstID, err := c.client(to).ClusterMyID(ctx).Result()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.client(to).Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err(); err != nil {
+		return nil, err
+	}
+	return from, c.client(from).Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err()
+}
+
+// CancelMigration ends slot's migrating state on from and to, leaving it
+// with from.
+func (c *Cluster) CancelMigration(ctx context.Context, slot int, from, to *Node) error {
+	for _, n := range []*Node{from, to} {
+		if err := c.client(n).Do(ctx, "CLUSTER", "SETSLOT", slot, "STABLE").Err(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // MoveSlot migrates slot from the master that owns it to the master to,
 // as redis-cli --cluster reshard does: IMPORTING on to, MIGRATING on the
 // owner, MIGRATE of its keys in batches of batch (each batch after
 // pause, so traffic meets the split state), then SETSLOT NODE on every
 // master.
 func (c *Cluster) MoveSlot(ctx context.Context, slot int, to *Node, batch int, pause time.Duration) error {
-	var from *Node
-	for _, m := range c.Masters(ctx) {
-		slots, err := c.client(m).ClusterSlots(ctx).Result()
-		if err != nil {
-			return err
-		}
-		for _, s := range slots {
-			if int(s.Start) <= slot && slot <= int(s.End) && len(s.Nodes) > 0 {
-				for _, n := range c.Nodes {
-					if n.Addr() == s.Nodes[0].Addr {
-						from = n
-					}
-				}
-			}
-		}
-		break
-	}
-	if from == nil {
-		return fmt.Errorf("no master owns slot %d", slot)
+	from, err := c.owner(ctx, slot)
+	if err != nil {
+		return err
 	}
 	if from == to {
 		return nil
 	}
-	src, dst := c.client(from), c.client(to)
-	srcID, err := src.ClusterMyID(ctx).Result()
+	if _, err := c.BeginMigration(ctx, slot, to); err != nil {
+		return err
+	}
+	src := c.client(from)
+	dstID, err := c.client(to).ClusterMyID(ctx).Result()
 	if err != nil {
-		return err
-	}
-	dstID, err := dst.ClusterMyID(ctx).Result()
-	if err != nil {
-		return err
-	}
-	if err := dst.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err(); err != nil {
-		return err
-	}
-	if err := src.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err(); err != nil {
 		return err
 	}
 	for {

@@ -289,7 +289,7 @@ func (s *Store) runCluster(ctx context.Context, key string, script *luaScript, a
 			// error, when it may still be in flight).
 			reply, err = call.reply, call.err
 		}
-		late := !time.Now().Before(deadline)
+		late := !time.Now().Before(deadline) || ctx.Err() != nil
 		if addr, isAsk, ok := redirection(err); ok && !late && redirects < clusterMaxRedirects {
 			redirects++
 			s.cluster.redirects.Add(1)
@@ -310,6 +310,13 @@ func (s *Store) runCluster(ctx context.Context, key string, script *luaScript, a
 				t.Stop()
 			}
 			continue // to the same node, with ASKING again if it had it
+		}
+		if _, _, ok := redirection(err); ok || tryAgain(err) {
+			// Still redirected, or the slot still split, at the deadline:
+			// unavailable for this call, but the master answered, so its
+			// breaker (which all its other customers share) stays closed.
+			sh.breaker.done(probe, healthy)
+			return nil, fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
 		}
 		if err != nil && !isReply(err) {
 			// The master may be gone (a failover): have the map reloaded.

@@ -511,3 +511,68 @@ func TestClusterSeedMarkerWithCatalogue(t *testing.T) {
 		t.Fatalf("after the catalogue's node lost its data, the seed marker is %q (%v), want gone", got, err)
 	}
 }
+
+// TestClusterStuckMigrationKeepsMasterServing: while a customer's slot
+// stays split (a migration begun and not finished, so Redis answers its
+// multi-key scripts TRYAGAIN), that customer's calls fail as unavailable
+// within OpTimeout, and the master's other customers are still served:
+// TRYAGAIN is an answer, so the master's breaker stays closed.
+func TestClusterStuckMigrationKeepsMasterServing(t *testing.T) {
+	c := rediscluster.Start(t, 3, 0)
+	prefix := clusterPrefix()
+	const opTimeout = 50 * time.Millisecond
+	s := openStore(t, Options{URL: c.URL(), Cluster: true, KeyPrefix: prefix, OpTimeout: opTimeout, BreakerFailures: 2})
+	q := blockQuota(1 << 40)
+	key := func(sub string) string { return prefix + "{" + sub + "}:x" }
+	master, err := c.MasterFor(t.Context(), key("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another customer on the same master, in another slot.
+	other := ""
+	for i := 0; other == ""; i++ {
+		sub := fmt.Sprint("neighbour-", i)
+		m, err := c.MasterFor(t.Context(), key(sub))
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, _ := c.Slot(t.Context(), key(sub))
+		b, _ := c.Slot(t.Context(), key("acme"))
+		if m == master && a != b {
+			other = sub
+		}
+	}
+	for _, sub := range []string{"acme", other} {
+		if _, err := s.Reserve(t.Context(), store.Reservation{Subject: sub, Cost: 1, Quota: q}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	slot, err := c.Slot(t.Context(), key("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var to *rediscluster.Node
+	for _, m := range c.Masters(t.Context()) {
+		if m != master {
+			to = m
+		}
+	}
+	from, err := c.BeginMigration(t.Context(), slot, to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.CancelMigration(context.Background(), slot, from, to) }()
+	for i := range 5 {
+		began := time.Now()
+		_, err := s.Reserve(t.Context(), store.Reservation{Subject: "acme", Cost: 1, Quota: q})
+		if !errors.Is(err, store.ErrUnavailable) || !strings.Contains(err.Error(), "TRYAGAIN") {
+			t.Fatalf("reservation %d for the customer whose slot is split: %v, want unavailable (TRYAGAIN)", i, err)
+		}
+		if took := time.Since(began); took > opTimeout+100*time.Millisecond {
+			t.Errorf("reservation %d took %v, OpTimeout is %v", i, took, opTimeout)
+		}
+	}
+	if _, err := s.Reserve(t.Context(), store.Reservation{Subject: other, Cost: 1, Quota: q}); err != nil {
+		t.Fatalf("the master's other customer after 5 TRYAGAIN failures: %v", err)
+	}
+}
