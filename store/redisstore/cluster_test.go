@@ -270,6 +270,9 @@ func TestClusterFailover(t *testing.T) {
 			wg.Go(func() {
 				tl := tallies[sub]
 				for ctx.Err() == nil {
+					// A steady load that leaves CPU to the tests of other
+					// packages running meanwhile (CI runs them in parallel).
+					time.Sleep(time.Millisecond)
 					after := healed.Load()
 					out, err := s.Reserve(ctx, store.Reservation{Subject: sub, Cost: 1, Quota: q})
 					switch {
@@ -391,6 +394,7 @@ func TestClusterResharding(t *testing.T) {
 		for range 4 {
 			wg.Go(func() {
 				for ctx.Err() == nil {
+					time.Sleep(200 * time.Microsecond) // see TestClusterFailover
 					r := store.Reservation{Subject: sub, Cost: 1, Quota: q}
 					if n := seq.Add(1); n%4 == 0 {
 						r.IdempotencyKey, r.IdempotencyFingerprint = fmt.Sprintf("req-%d", n), "fp"
