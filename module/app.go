@@ -41,6 +41,12 @@ type App struct {
 	// cluster form: redis://[user:password@]host:port?addr=host2:port2&addr=host3:port3
 	// (rediss:// for TLS). See docs/redis-cluster.md.
 	RedisCluster string `json:"redis_cluster,omitempty"`
+	// RedisWaitReplicas, when positive, makes the Redis store answer a
+	// metering call only once that many replicas have it (WAIT, up to a
+	// quarter of store_timeout, then it answers anyway): it narrows what a
+	// failover can lose. Default 0 (Redis's asynchronous replication). A
+	// change applies at the next start. See docs/redis-cluster.md.
+	RedisWaitReplicas int `json:"redis_wait_replicas,omitempty"`
 	// RedisPrefix is prepended to every Redis key, so several deployments
 	// can share one Redis. Default: "am:".
 	RedisPrefix string `json:"redis_prefix,omitempty"`
@@ -204,7 +210,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	key, open := storeOpener(storeConfig{
 		redisURL: redisURL, redisCluster: cluster, redisPrefix: repl.ReplaceAll(a.RedisPrefix, ""), path: path,
-		timeout: a.timeout, flushInterval: time.Duration(a.StoreFlushInterval),
+		waitReplicas: a.RedisWaitReplicas,
+		timeout:      a.timeout, flushInterval: time.Duration(a.StoreFlushInterval),
 	}, a.logger)
 	spoolDir := ""
 	if redisURL != "" {

@@ -81,6 +81,7 @@ func parseUsageHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, err
 //	api_monetize {
 //		redis         <url>        # redis://[user:password@]host:port/db; omit for the embedded store
 //		redis_cluster <url>        # redis://host1:port?addr=host2:port&addr=host3:port; instead of redis
+//		redis_wait_replicas <n>    # answer metering calls once n replicas have them (WAIT)
 //		redis_prefix  <prefix>     # only with redis or redis_cluster
 //		store_path    <file>       # embedded store file; not with redis or redis_cluster
 //		store_timeout <duration>
@@ -185,6 +186,16 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 			return d.Err(err.Error())
 		}
 		a.RedisCluster = v
+	case "redis_wait_replicas":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > maxWaitReplicas {
+			return d.Errf("redis_wait_replicas: expected a number of replicas from 0 to %d, got '%s'", maxWaitReplicas, v)
+		}
+		a.RedisWaitReplicas = n
 	case "redis_prefix":
 		v, err := single(d, p.seen)
 		if err != nil {
@@ -309,7 +320,7 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 	case "idempotency":
 		return p.idempotency(d)
 	default:
-		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_cluster, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, tier, customer, key, stripe, notify", name)
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_cluster, redis_wait_replicas, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, tier, customer, key, stripe, notify", name)
 	}
 	return nil
 }

@@ -56,6 +56,12 @@ func (a *App) validate() error {
 	if err := checkRedisClusterURL(a.RedisCluster); err != nil {
 		return optionErr("redis_cluster", err)
 	}
+	if a.RedisWaitReplicas < 0 || a.RedisWaitReplicas > maxWaitReplicas {
+		return optionErr("redis_wait_replicas", fmt.Errorf("redis_wait_replicas: expected a number of replicas from 0 to %d, got %d", maxWaitReplicas, a.RedisWaitReplicas))
+	}
+	if a.RedisWaitReplicas > 0 && a.Redis == "" && a.RedisCluster == "" {
+		return optionErr("redis_wait_replicas", errors.New("redis_wait_replicas applies only to a Redis store: add 'redis <url>' (or 'redis_cluster <url>') or remove it"))
+	}
 	if a.RedisCluster != "" && strings.ContainsAny(a.RedisPrefix, "{}") {
 		return optionErr("redis_prefix", fmt.Errorf("redis_prefix '%s': with redis_cluster the prefix must not contain '{' or '}' (they would change the keys' hash slots)", a.RedisPrefix))
 	}
@@ -217,6 +223,10 @@ func checkRedisURL(v string) error {
 	}
 	return nil
 }
+
+// maxWaitReplicas bounds redis_wait_replicas: more replicas than that per
+// master is not a deployment this is meant for.
+const maxWaitReplicas = 16
 
 // checkRedisClusterURL validates a literal Redis Cluster URL the way the
 // store will parse it; a placeholder or an empty URL passes. The URL is

@@ -114,6 +114,13 @@ func TestJSONParity(t *testing.T) {
 			want:   "redis_cluster: expected a URL such as redis://",
 		},
 		{
+			name:   "redis_wait_replicas without redis",
+			global: "redis_wait_replicas 1\n\ttier pro",
+			line:   2,
+			edit:   func(a *App) { a.RedisWaitReplicas = 1 },
+			want:   "redis_wait_replicas applies only to a Redis store",
+		},
+		{
 			name:   "redis_cluster prefix with a brace",
 			global: "redis_cluster redis://127.0.0.1:7000\n\tredis_prefix am{x}:\n\ttier pro",
 			line:   3,

@@ -462,3 +462,17 @@ func (c *Cluster) MoveSlot(ctx context.Context, slot int, to *Node, batch int, p
 	}
 	return nil
 }
+
+// ReplicaOf returns a replica of master, or nil.
+func (c *Cluster) ReplicaOf(ctx context.Context, master *Node) *Node {
+	for _, n := range c.Nodes {
+		if n == master {
+			continue
+		}
+		info, err := c.client(n).Info(ctx, "replication").Result()
+		if err == nil && strings.Contains(info, "master_port:"+strconv.Itoa(master.Port)+"\r\n") {
+			return n
+		}
+	}
+	return nil
+}

@@ -103,6 +103,12 @@ type batcher struct {
 	// failedLast is set when the last pipeline to end failed for want
 	// of Redis (an I/O error or a timeout), cleared by one answered.
 	failedLast atomic.Bool
+	// wait, when set, is a WAIT command sent after each pipeline's calls
+	// (see Options.WaitReplicas); unreplicated counts the pipelines whose
+	// WAIT returned before enough replicas acknowledged them.
+	wait         []byte
+	waitReplicas int64
+	unreplicated atomic.Int64
 
 	mu      sync.Mutex
 	pending []*scriptCall // guarded by mu: calls not yet taken, oldest first
@@ -338,6 +344,7 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 			}
 			c.w = appendCall(c.w, call.script, call.args, eval)
 		}
+		c.w = append(c.w, b.wait...)
 		if n, err := c.nc.Write(c.w); err != nil {
 			b.drop(l)
 			if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
@@ -374,6 +381,18 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 			}
 			call.reply, call.err = vals, reply
 		}
+		if b.wait != nil {
+			// The calls are answered (they ran): WAIT only tells whether
+			// a replica has them. A connection lost now is dropped.
+			acked, _, err := c.read()
+			if err != nil {
+				b.drop(l)
+				return
+			}
+			if len(acked) != 1 || acked[0] < b.waitReplicas {
+				b.unreplicated.Add(1)
+			}
+		}
 		batch = unknown
 	}
 	b.failedLast.Store(false)
@@ -387,6 +406,15 @@ func (b *batcher) drop(l *lane) {
 	b.drops.Add(1)
 	_ = l.conn.nc.Close()
 	l.conn = nil
+}
+
+// waitCommand is WAIT replicas timeout in RESP.
+func waitCommand(replicas int, timeout time.Duration) []byte {
+	var c command
+	c.str("WAIT", "")
+	c.int(int64(replicas))
+	c.int(max(1, timeout.Milliseconds()))
+	return append(appendArray(nil, c.n), c.b...)
 }
 
 // askingCommand is ASKING in RESP.

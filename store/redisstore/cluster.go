@@ -92,6 +92,8 @@ type clusterState struct {
 	grace    time.Duration
 	failures int
 	cooldown time.Duration
+	// setWait applies Options.WaitReplicas to a new shard's batcher.
+	setWait func(*batcher)
 
 	mu     sync.RWMutex
 	shards map[string]*shard // by address
@@ -153,7 +155,8 @@ func newCluster(o Options) (*Store, error) {
 			client: client, opts: co,
 			window: o.OpTimeout, grace: max(o.OpTimeout, o.overloadWait),
 			failures: o.BreakerFailures, cooldown: o.BreakerCooldown,
-			shards: map[string]*shard{},
+			setWait: o.setWait,
+			shards:  map[string]*shard{},
 		},
 		prefix:    o.KeyPrefix,
 		opTimeout: o.OpTimeout,
@@ -190,6 +193,7 @@ func (c *clusterState) shardAt(addr string) *shard {
 		breaker: brk,
 	}
 	sh.scripts.failing = brk.failing
+	c.setWait(sh.scripts)
 	if c.closed {
 		sh.scripts.close()
 	}

@@ -72,8 +72,20 @@ func usedMemory(info string) int64 {
 // cluster with 8×GOMAXPROCS goroutines on one store, each on its own
 // customer (customers spread over the masters by their slots).
 func BenchmarkClusterReserveParallel(b *testing.B) {
-	c := rediscluster.Start(b, 3, 0)
-	s := openStore(b, Options{URL: c.URL(), Cluster: true, KeyPrefix: clusterPrefix(), OpTimeout: time.Second})
+	benchClusterReserve(b, rediscluster.Start(b, 3, 0), 0)
+}
+
+// BenchmarkClusterReserveParallelWait is BenchmarkClusterReserveParallel
+// on a cluster with a replica per master, without and with WaitReplicas 1:
+// the cost of waiting for a replica (one WAIT per pipeline).
+func BenchmarkClusterReserveParallelWait(b *testing.B) {
+	c := rediscluster.Start(b, 3, 1)
+	b.Run("no-wait", func(b *testing.B) { benchClusterReserve(b, c, 0) })
+	b.Run("wait-1", func(b *testing.B) { benchClusterReserve(b, c, 1) })
+}
+
+func benchClusterReserve(b *testing.B, c *rediscluster.Cluster, wait int) {
+	s := openStore(b, Options{URL: c.URL(), Cluster: true, KeyPrefix: clusterPrefix(), OpTimeout: time.Second, WaitReplicas: wait})
 	// Warm up: every master's connections and scripts.
 	for i := range 30 {
 		if _, err := s.Reserve(context.Background(), benchReservation(fmt.Sprint("warm-", i))); err != nil {

@@ -101,6 +101,17 @@ type Options struct {
 	// (rediss:// for TLS), as parsed by go-redis's ParseClusterURL. Keys are
 	// then laid out by hash slot (see cluster.go).
 	Cluster bool
+	// WaitReplicas, when positive, makes every pipeline of metering
+	// scripts end with WAIT WaitReplicas WaitTimeout on its connection: a
+	// reservation is answered once that many replicas have it, or
+	// WaitTimeout passed (then it is answered anyway, and counted by
+	// Unreplicated). It narrows what a failover can lose (Redis
+	// replication is asynchronous) for one replica round trip per
+	// pipeline; it is not a guarantee.
+	WaitReplicas int
+	// WaitTimeout bounds WAIT (OpTimeout/4 when zero); it must be below
+	// OpTimeout.
+	WaitTimeout time.Duration
 
 	// dial replaces the network dialer (tests count connection attempts).
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -187,6 +198,7 @@ func New(o Options) (*Store, error) {
 		end:       end,
 	}
 	s.scripts.failing = brk.failing
+	o.setWait(s.scripts)
 	return s, nil
 }
 
@@ -210,7 +222,36 @@ func (o *Options) defaults() error {
 	if o.OpTimeout < 0 || o.BreakerFailures < 0 || o.BreakerFailures > math.MaxInt32 || o.BreakerCooldown < 0 {
 		return errors.New("redisstore: negative timeout or cooldown, or breaker threshold out of range")
 	}
+	if o.WaitTimeout == 0 {
+		o.WaitTimeout = o.OpTimeout / 4
+	}
+	if o.WaitReplicas < 0 || o.WaitTimeout < 0 || o.WaitTimeout >= o.OpTimeout {
+		return errors.New("redisstore: negative WaitReplicas, or WaitTimeout not below OpTimeout")
+	}
 	return nil
+}
+
+// setWait makes b end its pipelines with WAIT as o asks.
+func (o *Options) setWait(b *batcher) {
+	if o.WaitReplicas > 0 {
+		b.wait, b.waitReplicas = waitCommand(o.WaitReplicas, o.WaitTimeout), int64(o.WaitReplicas)
+	}
+}
+
+// Unreplicated counts the pipelines of metering scripts whose WAIT (see
+// Options.WaitReplicas) returned before enough replicas acknowledged
+// them.
+func (s *Store) Unreplicated() int64 {
+	if s.cluster == nil {
+		return s.scripts.unreplicated.Load()
+	}
+	s.cluster.mu.RLock()
+	defer s.cluster.mu.RUnlock()
+	var n int64
+	for _, sh := range s.cluster.shards {
+		n += sh.scripts.unreplicated.Load()
+	}
+	return n
 }
 
 // Close implements store.Store: it ends every Watch and closes the Redis
