@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -35,6 +36,17 @@ type App struct {
 	// unix:///path/redis.sock?db=N for a local Unix socket). Empty means the
 	// embedded store in Caddy's data directory.
 	Redis string `json:"redis,omitempty"`
+	// RedisCluster is, instead of Redis, the seed URL of a Redis Cluster
+	// (Redis 7+ or Valkey) shared by every Caddy instance, in go-redis's
+	// cluster form: redis://[user:password@]host:port?addr=host2:port2&addr=host3:port3
+	// (rediss:// for TLS). See docs/redis-cluster.md.
+	RedisCluster string `json:"redis_cluster,omitempty"`
+	// RedisWaitReplicas, when positive, makes the Redis store answer a
+	// metering call only once that many replicas have it (WAIT, up to a
+	// quarter of store_timeout, then it answers anyway): it narrows what a
+	// failover can lose. Default 0 (Redis's asynchronous replication). A
+	// change applies at the next start. See docs/redis-cluster.md.
+	RedisWaitReplicas int `json:"redis_wait_replicas,omitempty"`
 	// RedisPrefix is prepended to every Redis key, so several deployments
 	// can share one Redis. Default: "am:".
 	RedisPrefix string `json:"redis_prefix,omitempty"`
@@ -195,13 +207,24 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 
 	redisURL := repl.ReplaceAll(a.Redis, "")
+	cluster := a.RedisCluster != ""
+	if cluster {
+		redisURL = repl.ReplaceAll(a.RedisCluster, "")
+		if redisURL == "" {
+			return errors.New("redis_cluster: the URL is empty once its placeholders are replaced")
+		}
+		if err := checkRedisClusterURL(redisURL); err != nil {
+			return err
+		}
+	}
 	path := repl.ReplaceAll(a.StorePath, "")
 	if redisURL == "" && path == "" {
 		path = filepath.Join(caddy.AppDataDir(), "api_monetize", "store.db")
 	}
 	key, open := storeOpener(storeConfig{
-		redisURL: redisURL, redisPrefix: repl.ReplaceAll(a.RedisPrefix, ""), path: path,
-		timeout: a.timeout, flushInterval: time.Duration(a.StoreFlushInterval),
+		redisURL: redisURL, redisCluster: cluster, redisPrefix: repl.ReplaceAll(a.RedisPrefix, ""), path: path,
+		waitReplicas: a.RedisWaitReplicas,
+		timeout:      a.timeout, flushInterval: time.Duration(a.StoreFlushInterval),
 	}, a.logger)
 	spoolDir := ""
 	if redisURL != "" {
@@ -315,7 +338,7 @@ func (a *App) checkCustomers(repl *caddy.Replacer) error {
 func (a *App) Start() error {
 	bg, cancel := context.WithCancel(context.Background())
 	a.bgCancel = cancel
-	if a.Redis != "" {
+	if a.Redis != "" || a.RedisCluster != "" {
 		a.releaseRedisLog = redisLogs.use(a.logger)
 	}
 	if err := a.shared.start(a.logger); err != nil {

@@ -49,8 +49,10 @@ func parseApp(d *caddyfile.Dispenser, existing any) (any, error) {
 //
 //	api_monetize {
 //		redis         <url>        # redis://[user:password@]host:port/db; omit for the embedded store
-//		redis_prefix  <prefix>     # only with redis
-//		store_path    <file>       # embedded store file; not with redis
+//		redis_cluster <url>        # redis://host1:port?addr=host2:port&addr=host3:port; instead of redis
+//		redis_wait_replicas <n>    # answer metering calls once n replicas have them (WAIT)
+//		redis_prefix  <prefix>     # only with redis or redis_cluster
+//		store_path    <file>       # embedded store file; not with redis or redis_cluster
 //		store_timeout <duration>
 //		key_secret    <secret>     # use a placeholder: {env.API_MONETIZE_KEY_SECRET}
 //		admin_api     read_only | read_write
@@ -146,6 +148,25 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 			return d.Err(err.Error())
 		}
 		a.Redis = v
+	case "redis_cluster":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		if err := checkRedisClusterURL(v); err != nil {
+			return d.Err(err.Error())
+		}
+		a.RedisCluster = v
+	case "redis_wait_replicas":
+		v, err := single(d, p.seen)
+		if err != nil {
+			return err
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > maxWaitReplicas {
+			return d.Errf("redis_wait_replicas: expected a number of replicas from 0 to %d, got '%s'", maxWaitReplicas, v)
+		}
+		a.RedisWaitReplicas = n
 	case "redis_prefix":
 		v, err := single(d, p.seen)
 		if err != nil {
@@ -286,7 +307,7 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 	case "idempotency":
 		return p.idempotency(d)
 	default:
-		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, auth_failures, tier, customer, key, stripe, notify", name)
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_cluster, redis_wait_replicas, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, auth_failures, tier, customer, key, stripe, notify", name)
 	}
 	return nil
 }

@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/apimonetize/caddy-api-monetize/internal/rediscluster"
 )
 
 // Metering exactness: what the ledger records is compared with what the
@@ -286,7 +288,9 @@ type exactCluster struct {
 }
 
 // forEachExactCluster runs test against redisInstances Caddy processes
-// sharing one Redis and against one Caddy process on the embedded store.
+// sharing one Redis, against as many sharing a 3-master Redis Cluster
+// (customers spread over all masters), and against one Caddy process on
+// the embedded store.
 func forEachExactCluster(t *testing.T, redisInstances int, test func(t *testing.T, c exactCluster)) {
 	start := func(t *testing.T, n int, storeLines string) exactCluster {
 		up := newExactUpstream(t)
@@ -304,9 +308,57 @@ func forEachExactCluster(t *testing.T, redisInstances int, test func(t *testing.
 		prefix := redisTestPrefix(t)
 		test(t, start(t, redisInstances, "redis "+testRedisURL+"\n\t\tredis_prefix "+prefix))
 	})
+	t.Run(fmt.Sprintf("redis cluster, %d instances", redisInstances), func(t *testing.T) {
+		rc := sharedCluster(t)
+		spreadCustomers(t, rc, "mixed", "ones", "payg", "gated")
+		test(t, start(t, redisInstances, "redis_cluster "+rc.URL()+"\n\t\tredis_prefix "+redisTestPrefix(t)))
+	})
 	t.Run("embedded store", func(t *testing.T) {
 		test(t, start(t, 1, "store_path "+filepath.Join(t.TempDir(), "store.db")))
 	})
+}
+
+// spreadCustomers moves the (empty) hash slots of customers so that their
+// metering keys cover every master of rc.
+func spreadCustomers(t *testing.T, rc *rediscluster.Cluster, customers ...string) {
+	t.Helper()
+	ctx := t.Context()
+	masters := rc.Masters(ctx)
+	owner := map[string]*rediscluster.Node{}
+	count := map[*rediscluster.Node]int{}
+	for _, c := range customers {
+		m, err := rc.MasterFor(ctx, "{"+c+"}")
+		if err != nil {
+			t.Fatal(err)
+		}
+		owner[c] = m
+		count[m]++
+	}
+	for _, m := range masters {
+		if count[m] > 0 {
+			continue
+		}
+		for _, c := range customers {
+			if count[owner[c]] > 1 {
+				slot, err := rc.Slot(ctx, "{"+c+"}")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := rc.MoveSlot(ctx, slot, m, 100, 0); err != nil {
+					t.Fatalf("moving %s's slot: %v", c, err)
+				}
+				count[owner[c]]--
+				owner[c] = m
+				count[m]++
+				break
+			}
+		}
+	}
+	for _, m := range masters {
+		if count[m] == 0 {
+			t.Fatalf("no customer on master %s", m.Addr())
+		}
+	}
 }
 
 // requests builds n requests with key, request i to path pattern i%len

@@ -69,6 +69,7 @@ func TestMain(m *testing.M) {
 	os.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
 	os.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
 	code := m.Run()
+	stopSharedCluster()
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -160,6 +161,9 @@ func forEachStore(t *testing.T, test func(t *testing.T, cfg testConfig)) {
 	})
 	t.Run("redis", func(t *testing.T) {
 		test(t, testConfig{storeLine: "redis " + testRedisURL + "\n\t\tredis_prefix " + redisTestPrefix(t)})
+	})
+	t.Run("redis cluster", func(t *testing.T) {
+		test(t, testConfig{storeLine: clusterStoreLines(t)})
 	})
 }
 

@@ -184,6 +184,9 @@ func TestNotifications(t *testing.T) {
 	t.Run("redis", func(t *testing.T) {
 		testNotifications(t, "redis "+testRedisURL+"\n\t\tredis_prefix "+redisTestPrefix(t))
 	})
+	t.Run("redis cluster", func(t *testing.T) {
+		testNotifications(t, clusterStoreLines(t))
+	})
 }
 
 func testNotifications(t *testing.T, storeLines string) {
@@ -369,6 +372,9 @@ func parseMail(t *testing.T, data []byte) (subject, text string) {
 func TestNotificationsAcrossInstancesAndReload(t *testing.T) {
 	t.Run("redis, two instances", func(t *testing.T) {
 		testNotificationsAcrossReload(t, "redis "+testRedisURL+"\n\t\tredis_prefix "+redisTestPrefix(t), 2)
+	})
+	t.Run("redis cluster, two instances", func(t *testing.T) {
+		testNotificationsAcrossReload(t, clusterStoreLines(t), 2)
 	})
 	t.Run("embedded", func(t *testing.T) {
 		testNotificationsAcrossReload(t, "store_path "+filepath.Join(t.TempDir(), "store.db"), 1)

@@ -31,9 +31,13 @@ type opener func() (store.Store, error)
 // storeConfig selects and tunes a store.
 type storeConfig struct {
 	redisURL, redisPrefix string
-	path                  string
-	timeout               time.Duration
-	flushInterval         time.Duration
+	// redisCluster makes redisURL a Redis Cluster's seed URL.
+	redisCluster bool
+	// waitReplicas is redisstore.Options.WaitReplicas.
+	waitReplicas  int
+	path          string
+	timeout       time.Duration
+	flushInterval time.Duration
 }
 
 // storeOpener returns the pool key identifying a store configuration and a
@@ -42,9 +46,17 @@ func storeOpener(c storeConfig, logger *zap.Logger) (string, opener) {
 	if c.redisURL != "" {
 		// The key leaves the timeout out: the spool directory may be open
 		// once per process, so a reload that changes store_timeout keeps
-		// the open client (the new timeout applies at the next start).
-		return "redis|" + c.redisURL + "|" + c.redisPrefix, func() (store.Store, error) {
-			return redisstore.New(redisstore.Options{URL: c.redisURL, KeyPrefix: c.redisPrefix, OpTimeout: c.timeout})
+		// the open client (the new timeout applies at the next start; so
+		// does redis_wait_replicas).
+		kind := "redis|"
+		if c.redisCluster {
+			kind = "redis-cluster|"
+		}
+		return kind + c.redisURL + "|" + c.redisPrefix, func() (store.Store, error) {
+			return redisstore.New(redisstore.Options{
+				URL: c.redisURL, Cluster: c.redisCluster, KeyPrefix: c.redisPrefix, OpTimeout: c.timeout,
+				WaitReplicas: c.waitReplicas,
+			})
 		}
 	}
 	// One process may open a bbolt file once: the key is the path alone, so

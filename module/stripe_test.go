@@ -20,13 +20,19 @@ import (
 // stripeCaddyfile is a deployment reporting to the Stripe double; variant
 // changes report_every so that loading it again is a real reload.
 func stripeCaddyfile(prefix, apiBase string, variant int) string {
+	return stripeCaddyfileOn("redis "+testRedisURL, prefix, apiBase, variant)
+}
+
+// stripeCaddyfileOn is stripeCaddyfile on the Redis store of storeLine
+// (a redis or redis_cluster option).
+func stripeCaddyfileOn(storeLine, prefix, apiBase string, variant int) string {
 	return fmt.Sprintf(`{
 	admin localhost:%d
 	http_port %d
 	https_port 9382
 	grace_period 1ns
 	api_monetize {
-		redis %s
+		%s
 		redis_prefix %s
 		key_secret test-secret-0123456789
 		stripe {
@@ -64,7 +70,7 @@ func stripeCaddyfile(prefix, apiBase string, variant int) string {
 		respond "ok customer={http.api_monetize.customer} tier={http.api_monetize.tier}"
 	}
 }
-`, testAdminPort, testHTTPPort, testRedisURL, prefix, 50+variant, apiBase, proKey, testHTTPPort)
+`, testAdminPort, testHTTPPort, storeLine, prefix, 50+variant, apiBase, proKey, testHTTPPort)
 }
 
 // seedHour bills units in a past hour of the customer's current period,
@@ -100,11 +106,24 @@ func shortenStripeTimings(t *testing.T) {
 // hours to report and Stripe failing now and then, and checks that every
 // hour reached Stripe exactly once with the ledger's exact units.
 func TestStripeReportingAcrossReload(t *testing.T) {
+	t.Run("redis", func(t *testing.T) {
+		testStripeReportingAcrossReload(t, redisstore.Options{URL: testRedisURL}, "redis "+testRedisURL)
+	})
+	t.Run("redis cluster", func(t *testing.T) {
+		c := sharedCluster(t)
+		testStripeReportingAcrossReload(t, redisstore.Options{URL: c.URL(), Cluster: true}, "redis_cluster "+c.URL())
+	})
+}
+
+// testStripeReportingAcrossReload is TestStripeReportingAcrossReload on
+// the Redis store of o (the same as storeLine's).
+func testStripeReportingAcrossReload(t *testing.T, o redisstore.Options, storeLine string) {
 	shortenStripeTimings(t)
 	double := stripedouble.New()
 	defer double.Close()
 	prefix := redisTestPrefix(t)
-	st, err := redisstore.New(redisstore.Options{URL: testRedisURL, KeyPrefix: prefix})
+	o.KeyPrefix = prefix
+	st, err := redisstore.New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +136,7 @@ func TestStripeReportingAcrossReload(t *testing.T) {
 	}
 	double.Fail(stripedouble.RateLimit, stripedouble.ServerError)
 	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: testAdminPort})
-	tester.InitServer(stripeCaddyfile(prefix, double.URL, 0), "caddyfile")
+	tester.InitServer(stripeCaddyfileOn(storeLine, prefix, double.URL, 0), "caddyfile")
 	waitUntil(t, 20*time.Second, "10 hours reported", func() bool { return len(double.Events()) == 10 })
 
 	// Reload while more hours wait and Stripe loses a response after
@@ -126,7 +145,7 @@ func TestStripeReportingAcrossReload(t *testing.T) {
 		seedHour(t, st, "acme", h, int64(h))
 	}
 	double.Fail(stripedouble.AcceptThen500)
-	tester.InitServer(stripeCaddyfile(prefix, double.URL, 1), "caddyfile")
+	tester.InitServer(stripeCaddyfileOn(storeLine, prefix, double.URL, 1), "caddyfile")
 	waitUntil(t, 20*time.Second, "13 hours reported", func() bool { return len(double.Events()) == 13 })
 
 	var recon reconciliationView

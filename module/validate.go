@@ -40,14 +40,32 @@ func optionErr(option string, err error) error {
 // validate checks the app-wide options that compileMetering and
 // compileTiers do not compile.
 func (a *App) validate() error {
+	if a.Redis != "" && a.RedisCluster != "" {
+		return optionErr("redis_cluster", errors.New("redis_cluster and redis both set the Redis store: keep one of them"))
+	}
 	if a.Redis != "" && a.StorePath != "" {
 		return optionErr("store_path", errors.New("store_path sets the embedded store's file, but redis is set: remove one of them"))
 	}
-	if a.RedisPrefix != "" && a.Redis == "" {
-		return optionErr("redis_prefix", errors.New("redis_prefix applies only to a Redis store: add 'redis <url>' or remove it"))
+	if a.RedisCluster != "" && a.StorePath != "" {
+		return optionErr("store_path", errors.New("store_path sets the embedded store's file, but redis_cluster is set: remove one of them"))
+	}
+	if a.RedisPrefix != "" && a.Redis == "" && a.RedisCluster == "" {
+		return optionErr("redis_prefix", errors.New("redis_prefix applies only to a Redis store: add 'redis <url>' (or 'redis_cluster <url>') or remove it"))
 	}
 	if err := checkRedisURL(a.Redis); err != nil {
 		return optionErr("redis", err)
+	}
+	if err := checkRedisClusterURL(a.RedisCluster); err != nil {
+		return optionErr("redis_cluster", err)
+	}
+	if a.RedisWaitReplicas < 0 || a.RedisWaitReplicas > maxWaitReplicas {
+		return optionErr("redis_wait_replicas", fmt.Errorf("redis_wait_replicas: expected a number of replicas from 0 to %d, got %d", maxWaitReplicas, a.RedisWaitReplicas))
+	}
+	if a.RedisWaitReplicas > 0 && a.Redis == "" && a.RedisCluster == "" {
+		return optionErr("redis_wait_replicas", errors.New("redis_wait_replicas applies only to a Redis store: add 'redis <url>' (or 'redis_cluster <url>') or remove it"))
+	}
+	if a.RedisCluster != "" && strings.ContainsAny(a.RedisPrefix, "{}") {
+		return optionErr("redis_prefix", fmt.Errorf("redis_prefix '%s': with redis_cluster the prefix must not contain '{' or '}' (they would change the keys' hash slots)", a.RedisPrefix))
 	}
 	if a.StoreTimeout < 0 {
 		return optionErr("store_timeout", errors.New("store_timeout must be a positive duration such as 100ms or 2s"))
@@ -202,6 +220,28 @@ func checkRedisURL(v string) error {
 	}
 	if _, err := redis.ParseURL(v); err != nil {
 		const usage = "redis: expected a URL such as redis://[user:password@]host:6379/0 (rediss:// for TLS, or unix://)"
+		var urlErr *url.Error
+		if errors.As(err, &urlErr) {
+			return errors.New(usage)
+		}
+		return fmt.Errorf("%s: %v", usage, err)
+	}
+	return nil
+}
+
+// maxWaitReplicas bounds redis_wait_replicas: more replicas than that per
+// master is not a deployment this is meant for.
+const maxWaitReplicas = 16
+
+// checkRedisClusterURL validates a literal Redis Cluster URL the way the
+// store will parse it; a placeholder or an empty URL passes. The URL is
+// never echoed: it may hold a password.
+func checkRedisClusterURL(v string) error {
+	if v == "" || hasPlaceholder(v) {
+		return nil
+	}
+	if _, err := redis.ParseClusterURL(v); err != nil {
+		const usage = "redis_cluster: expected a URL such as redis://[user:password@]host1:6379?addr=host2:6379&addr=host3:6379 (rediss:// for TLS)"
 		var urlErr *url.Error
 		if errors.As(err, &urlErr) {
 			return errors.New(usage)

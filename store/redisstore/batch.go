@@ -51,6 +51,9 @@ type scriptCall struct {
 	// deadline bounds the call: its pipeline ends by then, and it is not
 	// sent after it.
 	deadline time.Time
+	// asking sends ASKING before the call (a cluster's ASK redirection:
+	// the slot is being imported by this node).
+	asking bool
 
 	// taken is set when a leader takes the call: from then on it is sent
 	// (or fails) whatever its caller does.
@@ -100,6 +103,12 @@ type batcher struct {
 	// failedLast is set when the last pipeline to end failed for want
 	// of Redis (an I/O error or a timeout), cleared by one answered.
 	failedLast atomic.Bool
+	// wait, when set, is a WAIT command sent after each pipeline's calls
+	// (see Options.WaitReplicas); unreplicated counts the pipelines whose
+	// WAIT returned before enough replicas acknowledged them.
+	wait         []byte
+	waitReplicas int64
+	unreplicated atomic.Int64
 
 	mu      sync.Mutex
 	pending []*scriptCall // guarded by mu: calls not yet taken, oldest first
@@ -330,8 +339,12 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 	for eval := false; len(batch) > 0; eval = true {
 		c.w = c.w[:0]
 		for _, call := range batch {
+			if call.asking {
+				c.w = append(c.w, askingCommand...)
+			}
 			c.w = appendCall(c.w, call.script, call.args, eval)
 		}
+		c.w = append(c.w, b.wait...)
 		if n, err := c.nc.Write(c.w); err != nil {
 			b.drop(l)
 			if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
@@ -346,7 +359,16 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 		}
 		unknown := batch[:0:0]
 		for i, call := range batch {
-			vals, reply, err := c.read()
+			var err error
+			if call.asking {
+				// ASKING's own reply (+OK): what matters is the call's.
+				_, _, err = c.read()
+			}
+			var vals []int64
+			var reply error
+			if err == nil {
+				vals, reply, err = c.read()
+			}
 			if err != nil {
 				b.failedLast.Store(true)
 				b.drop(l)
@@ -358,6 +380,18 @@ func (b *batcher) exec(l *lane, batch []*scriptCall, deadline time.Time) {
 				continue
 			}
 			call.reply, call.err = vals, reply
+		}
+		if b.wait != nil {
+			// The calls are answered (they ran): WAIT only tells whether
+			// a replica has them. A connection lost now is dropped.
+			acked, _, err := c.read()
+			if err != nil {
+				b.drop(l)
+				return
+			}
+			if len(acked) != 1 || acked[0] < b.waitReplicas {
+				b.unreplicated.Add(1)
+			}
 		}
 		batch = unknown
 	}
@@ -373,6 +407,18 @@ func (b *batcher) drop(l *lane) {
 	_ = l.conn.nc.Close()
 	l.conn = nil
 }
+
+// waitCommand is WAIT replicas timeout in RESP.
+func waitCommand(replicas int, timeout time.Duration) []byte {
+	var c command
+	c.str("WAIT", "")
+	c.int(int64(replicas))
+	c.int(max(1, timeout.Milliseconds()))
+	return append(appendArray(nil, c.n), c.b...)
+}
+
+// askingCommand is ASKING in RESP.
+const askingCommand = "*1\r\n$6\r\nASKING\r\n"
 
 func fail(calls []*scriptCall, err error) {
 	for _, c := range calls {

@@ -15,7 +15,7 @@ import (
 // keyUsedKey is the hash of key id -> last use (Unix microseconds). It is
 // kept apart from the key records so that recording uses changes no key
 // and publishes nothing.
-func (s *Store) keyUsedKey() string { return s.prefix + "keyused" }
+func (s *Store) keyUsedKey() string { return s.prefix + s.catalogueTag() + "keyused" }
 
 // hashOfID returns the hash of the key with this id.
 func (s *Store) hashOfID(ctx context.Context, keyID string) (string, error) {

@@ -85,8 +85,9 @@ import (
 // the idempotency window.
 //
 // Reserve and Settle also write Poutbox:subjects when a threshold is
-// crossed, which is outside the subject's hash slot, so metering does not
-// support Redis Cluster.
+// crossed, which is outside the subject's hash slot: in a Redis Cluster
+// the script leaves it out and the store indexes the subject in its
+// bucket afterwards (see Store.indexOutbox).
 //
 // All numbers (units, seqs, µs) are integers below 2^53, exact in Lua's
 // doubles; Reserve and Settle reject larger ones.
@@ -168,7 +169,8 @@ end
 
 -- cross records the thresholds reached at usage u and not crossed before
 -- in the period, writes one outbox entry each, and returns them (nil for
--- none).
+-- none); crossedAny is set once it wrote one.
+local crossedAny = false
 local function cross(u)
   local crossed = p[2] or ','
   if level < 0 or crossed == ARGV[8] or u < level then return nil end
@@ -199,9 +201,14 @@ local function cross(u)
   end
   local left, exp = expiry - nows, format('%d', expiry)
   if redis.call('TTL', KEYS[4]) < left then redis.call('EXPIREAT', KEYS[4], exp) end
-  redis.call('ZADD', KEYS[5], 'GT', exp, ARGV[6])
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', format('%d', nows))
-  if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIREAT', KEYS[5], exp) end
+  crossedAny = true
+  -- In a cluster the outbox subjects index is in another slot: the store
+  -- writes it after the script (see Store.indexOutbox).
+  if KEYS[5] then
+    redis.call('ZADD', KEYS[5], 'GT', exp, ARGV[6])
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', format('%d', nows))
+    if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIREAT', KEYS[5], exp) end
+  end
   return got
 end
 
@@ -403,7 +410,8 @@ return reply(1, throttled, 0, used + cost, over, 0, got, applied, ok, avail, ret
 
 // settleScript is one settlement (see Store.Settle). Its own numbers:
 // reserved, the reservation's overage, actual. It returns 1 when
-// applied, 0 when a replay was skipped.
+// applied, 2 when applied and a threshold was crossed, 0 when a replay was
+// skipped.
 var settleScript = meterScript(`
 local reserved, resOver, actual = sunpack('<i8i8i8', ARGV[2], 49)
 if replay and track and slot ~= '1' then return 0 end
@@ -443,6 +451,7 @@ end
 if billed > 0 then cross(used + billed) end
 if track then mark('2') end
 flush()
+if crossedAny then return 2 end
 return 1
 `)
 
@@ -499,12 +508,18 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, idemFP, ori
 	levels := appendThresholds(ts[:0], q.Thresholds)
 	c := &command{b: make([]byte, 0, 384+2*len(s.prefix)+5*len(subject)+len(q.PeriodID)+len(idemKey)+len(idemFP)+len(origin)+2*len(levels))}
 	tag := s.tag(subject)
-	c.int(5)
+	if s.cluster != nil {
+		c.int(4) // no outbox subjects key: it is in another slot
+	} else {
+		c.int(5)
+	}
 	c.str(tag, rateKeySuffix)
 	c.str(tag+idemKeySuffix, idemKey)
 	c.str(tag+periodKeySuffix, q.PeriodID)
 	c.str(tag, outboxKeySuffix)
-	c.str(s.prefix, outboxSubjectsKeyName)
+	if s.cluster == nil {
+		c.str(s.prefix, outboxSubjectsKeyName)
+	}
 	c.str(mode, "")
 	var nums [maxMeterNumbers]int64
 	n := append(nums[:0], q.Included, q.PeriodEnd.Add(store.Retention).Unix(), flag(idemKey != ""), seq, flag(replay), firstLevel(q))
@@ -590,9 +605,13 @@ func policyArgs(p limiter.Policy) (interval, burst int64) {
 	return p.Interval(), p.BurstUnits()
 }
 
-// run runs a metering script under the breaker and OpTimeout, in a
-// pipeline shared with concurrent calls (see batcher).
-func (s *Store) run(ctx context.Context, script *luaScript, args *command) ([]int64, error) {
+// run runs a metering script of subject under the breaker and OpTimeout,
+// in a pipeline shared with concurrent calls (see batcher); in a cluster,
+// on the master that owns the subject's slot (see Store.runCluster).
+func (s *Store) run(ctx context.Context, subject string, script *luaScript, args *command) ([]int64, error) {
+	if s.cluster != nil {
+		return s.runCluster(ctx, s.tag(subject), script, args)
+	}
 	probe, err := s.breaker.allow()
 	if err != nil {
 		return nil, err
@@ -602,10 +621,12 @@ func (s *Store) run(ctx context.Context, script *luaScript, args *command) ([]in
 		deadline = d
 	}
 	call := &scriptCall{script: script, args: args, deadline: deadline}
-	if err = s.scripts.do(ctx, call); err == nil {
-		err = call.err
+	if err = s.scripts.do(ctx, call); err != nil {
+		// The call may still be in flight (its caller gave up): its
+		// fields are not this goroutine's to read.
+		return nil, s.finish(ctx, probe, err)
 	}
-	return call.reply, s.finish(ctx, probe, err)
+	return call.reply, s.finish(ctx, probe, call.err)
 }
 
 // Reserve implements store.Meter with one EVALSHA round trip: the replay
@@ -670,9 +691,12 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	if err != nil {
 		return store.Reserved{}, 0, err
 	}
-	v, err := s.run(ctx, reserveScript, c)
+	v, err := s.run(ctx, r.Subject, reserveScript, c)
 	if err != nil {
 		return store.Reserved{}, 0, err
+	}
+	if s.cluster != nil && len(v) > 7 {
+		s.indexOutbox(ctx, r.Subject, r.Quota)
 	}
 	if len(v) < 7 {
 		return store.Reserved{}, 0, fmt.Errorf("redisstore: reserve script returned %d values, want at least 7", len(v))
@@ -733,7 +757,10 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 	if err != nil {
 		return err
 	}
-	_, err = s.run(ctx, settleScript, c)
+	v, err := s.run(ctx, st.Subject, settleScript, c)
+	if err == nil && s.cluster != nil && len(v) == 1 && v[0] == 2 {
+		s.indexOutbox(ctx, st.Subject, st.Quota)
+	}
 	return err
 }
 
@@ -818,9 +845,17 @@ func packedInts(v string, count int) ([]int64, bool) {
 // first; events of one instant keep their outbox order.
 func (s *Store) ThresholdEvents(ctx context.Context, subject string) ([]store.ThresholdEvent, error) {
 	var events []store.ThresholdEvent
+	if subject == "" && s.cluster != nil {
+		s.maybeReconcileOutboxes(ctx)
+	}
 	err := s.call(ctx, func(ctx context.Context) error {
 		subjects := []string{subject}
-		if subject == "" {
+		if subject == "" && s.cluster != nil {
+			var err error
+			if subjects, err = s.outboxSubjects(ctx); err != nil {
+				return err
+			}
+		} else if subject == "" {
 			var err error
 			subjects, err = s.client.ZRangeByScore(ctx, s.outboxSubjectsKey(), &redis.ZRangeBy{
 				Min: strconv.FormatInt(time.Now().Unix(), 10), Max: "+inf",

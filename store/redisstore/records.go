@@ -32,18 +32,28 @@ import (
 // whose hash is gone) and by every PutRecord (up to recordPruneBatch
 // members of Precexp that have expired), so kinds that are only written and
 // read by id stay bounded too. The scripts touch record hashes they compute
-// from the prefix, so Records does not support Redis Cluster.
+// from the prefix: in a Redis Cluster, a kind's keys share its hash tag.
 
 // recordPruneBatch bounds the expired records one PutRecord removes.
 const recordPruneBatch = 64
 
 var _ store.Records = (*Store)(nil)
 
-func (s *Store) recPrefix(kind string) string  { return s.prefix + "rec:" + kind + ":" }
-func (s *Store) recIdxKey(kind string) string  { return s.prefix + "recidx:" + kind }
-func (s *Store) recExpKey(kind string) string  { return s.prefix + "recexp:" + kind }
+// In a Redis Cluster a kind's keys are hash-tagged by the kind (Prec:{<kind>}:<id>,
+// Precidx:{<kind>}, Precexp:{<kind>}), so its scripts stay on one node.
+func (s *Store) recPrefix(kind string) string  { return s.prefix + "rec:" + s.kindTag(kind) + ":" }
+func (s *Store) recIdxKey(kind string) string  { return s.prefix + "recidx:" + s.kindTag(kind) }
+func (s *Store) recExpKey(kind string) string  { return s.prefix + "recexp:" + s.kindTag(kind) }
 func (s *Store) leaseKey(name string) string   { return s.prefix + "lease:" + name }
 func (s *Store) recKey(kind, id string) string { return s.recPrefix(kind) + id }
+
+// kindTag is kind, hash-tagged in a cluster.
+func (s *Store) kindTag(kind string) string {
+	if s.cluster == nil {
+		return kind
+	}
+	return "{" + kind + "}"
+}
 
 // checkKind rejects kinds whose keys could collide with another kind's.
 func checkKind(kind string) error {

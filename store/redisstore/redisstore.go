@@ -33,7 +33,9 @@
 // over connections of their own (see batch.go and resp.go); everything
 // else goes through go-redis.
 // The metadata operations touch several keys in one transaction and
-// assume they live on one node.
+// assume they live on one node: on a Redis Cluster (Options.Cluster) those
+// keys share a hash tag, and the metering scripts go to the master owning
+// the subject's slot (see cluster.go for the layout there).
 package redisstore
 
 import (
@@ -93,6 +95,23 @@ type Options struct {
 	// BreakerCooldown is how long the open breaker fails calls at once
 	// before letting one probe through (DefaultBreakerCooldown when zero).
 	BreakerCooldown time.Duration
+	// Cluster makes URL the seed list of a Redis Cluster (Redis 7+ or
+	// Valkey) in go-redis's cluster URL form,
+	// redis://[user:password@]host:port?addr=host2:port2&addr=host3:port3
+	// (rediss:// for TLS), as parsed by go-redis's ParseClusterURL. Keys are
+	// then laid out by hash slot (see cluster.go).
+	Cluster bool
+	// WaitReplicas, when positive, makes every pipeline of metering
+	// scripts end with WAIT WaitReplicas WaitTimeout on its connection: a
+	// reservation is answered once that many replicas have it, or
+	// WaitTimeout passed (then it is answered anyway, and counted by
+	// Unreplicated). It narrows what a failover can lose (Redis
+	// replication is asynchronous) for one replica round trip per
+	// pipeline; it is not a guarantee.
+	WaitReplicas int
+	// WaitTimeout bounds WAIT (OpTimeout/4 when zero); it must be below
+	// OpTimeout.
+	WaitTimeout time.Duration
 
 	// dial replaces the network dialer (tests count connection attempts).
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -102,11 +121,15 @@ type Options struct {
 
 // Store is a store.Store on Redis. It is safe for concurrent use.
 type Store struct {
-	client    *redis.Client
-	prefix    string
+	// client is a *redis.Client, or a *redis.ClusterClient with Cluster.
+	client redis.UniversalClient
+	prefix string
+	// cluster is set with Options.Cluster; nil on a single Redis.
+	cluster   *clusterState
 	opTimeout time.Duration
 	breaker   *breaker
-	// scripts sends the metering scripts.
+	// scripts sends the metering scripts (single Redis; in a cluster,
+	// cluster.shards has one batcher per master).
 	scripts *batcher
 
 	// life is cancelled by Close, ending every Watch.
@@ -123,6 +146,9 @@ func New(o Options) (*Store, error) {
 	if o.URL == "" {
 		return nil, errors.New("redisstore: no Redis URL")
 	}
+	if o.Cluster {
+		return newCluster(o)
+	}
 	ro, err := redis.ParseURL(o.URL)
 	if err != nil {
 		// The URL may hold a password: never repeat it.
@@ -132,20 +158,8 @@ func New(o Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("redisstore: invalid Redis URL: %w", err)
 	}
-	if o.KeyPrefix == "" {
-		o.KeyPrefix = DefaultKeyPrefix
-	}
-	if o.OpTimeout == 0 {
-		o.OpTimeout = DefaultOpTimeout
-	}
-	if o.BreakerFailures == 0 {
-		o.BreakerFailures = DefaultBreakerFailures
-	}
-	if o.BreakerCooldown == 0 {
-		o.BreakerCooldown = DefaultBreakerCooldown
-	}
-	if o.OpTimeout < 0 || o.BreakerFailures < 0 || o.BreakerFailures > math.MaxInt32 || o.BreakerCooldown < 0 {
-		return nil, errors.New("redisstore: negative timeout or cooldown, or breaker threshold out of range")
+	if err := o.defaults(); err != nil {
+		return nil, err
 	}
 
 	ro.DialTimeout = o.OpTimeout
@@ -167,9 +181,6 @@ func New(o Options) (*Store, error) {
 	if o.dial != nil {
 		ro.Dialer = o.dial
 	}
-	if o.overloadWait == 0 {
-		o.overloadWait = OverloadWait
-	}
 	life, end := context.WithCancel(context.Background())
 	client := redis.NewClient(ro)
 	co := client.Options() // with go-redis's default dialer filled in
@@ -187,7 +198,60 @@ func New(o Options) (*Store, error) {
 		end:       end,
 	}
 	s.scripts.failing = brk.failing
+	o.setWait(s.scripts)
 	return s, nil
+}
+
+// defaults fills in o's zero values and checks the ranges.
+func (o *Options) defaults() error {
+	if o.KeyPrefix == "" {
+		o.KeyPrefix = DefaultKeyPrefix
+	}
+	if o.OpTimeout == 0 {
+		o.OpTimeout = DefaultOpTimeout
+	}
+	if o.BreakerFailures == 0 {
+		o.BreakerFailures = DefaultBreakerFailures
+	}
+	if o.BreakerCooldown == 0 {
+		o.BreakerCooldown = DefaultBreakerCooldown
+	}
+	if o.overloadWait == 0 {
+		o.overloadWait = OverloadWait
+	}
+	if o.OpTimeout < 0 || o.BreakerFailures < 0 || o.BreakerFailures > math.MaxInt32 || o.BreakerCooldown < 0 {
+		return errors.New("redisstore: negative timeout or cooldown, or breaker threshold out of range")
+	}
+	if o.WaitTimeout == 0 {
+		o.WaitTimeout = o.OpTimeout / 4
+	}
+	if o.WaitReplicas < 0 || o.WaitTimeout < 0 || o.WaitTimeout >= o.OpTimeout {
+		return errors.New("redisstore: negative WaitReplicas, or WaitTimeout not below OpTimeout")
+	}
+	return nil
+}
+
+// setWait makes b end its pipelines with WAIT as o asks.
+func (o *Options) setWait(b *batcher) {
+	if o.WaitReplicas > 0 {
+		b.wait, b.waitReplicas = waitCommand(o.WaitReplicas, o.WaitTimeout), int64(o.WaitReplicas)
+	}
+}
+
+// Unreplicated counts the pipelines of metering scripts whose WAIT (see
+// Options.WaitReplicas) returned before enough replicas acknowledged
+// them.
+func (s *Store) Unreplicated() int64 {
+	if s.cluster == nil {
+		return s.scripts.unreplicated.Load()
+	}
+	s.cluster.mu.RLock()
+	defer s.cluster.mu.RUnlock()
+	var n int64
+	for _, sh := range s.cluster.shards {
+		n += sh.scripts.unreplicated.Load()
+	}
+	return n
 }
 
 // Close implements store.Store: it ends every Watch and closes the Redis
@@ -195,19 +259,29 @@ func New(o Options) (*Store, error) {
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		s.end()
-		s.scripts.close()
+		if s.cluster != nil {
+			s.cluster.close()
+		} else {
+			s.scripts.close()
+		}
 		s.closeErr = s.client.Close()
 	})
 	return s.closeErr
 }
 
-func (s *Store) secretKey() string            { return s.prefix + "secret" }
-func (s *Store) custKey(id string) string     { return s.prefix + "cust:" + id }
-func (s *Store) customersKey() string         { return s.prefix + "customers" }
-func (s *Store) keyKey(hash string) string    { return s.prefix + "key:" + hash }
-func (s *Store) keyIDKey(id string) string    { return s.prefix + "keyid:" + id }
-func (s *Store) custKeysKey(id string) string { return s.prefix + "custkeys:{" + id + "}" }
-func (s *Store) changesChannel() string       { return s.prefix + "changes" }
+// The catalogue's keys: in a cluster (catalogueTag) they share one hash
+// slot, so its transactions stay on one node.
+func (s *Store) secretKey() string        { return s.prefix + s.catalogueTag() + "secret" }
+func (s *Store) custKey(id string) string { return s.prefix + s.catalogueTag() + "cust:" + id }
+func (s *Store) customersKey() string     { return s.prefix + s.catalogueTag() + "customers" }
+func (s *Store) keyKey(hash string) string {
+	return s.prefix + s.catalogueTag() + "key:" + hash
+}
+func (s *Store) keyIDKey(id string) string { return s.prefix + s.catalogueTag() + "keyid:" + id }
+func (s *Store) custKeysKey(id string) string {
+	return s.prefix + s.catalogueTag() + "custkeys:{" + id + "}"
+}
+func (s *Store) changesChannel() string { return s.prefix + "changes" }
 
 // permanent marks errors raised by the store's own checks (a missing
 // record, a conflicting id, a corrupt value). They say nothing about
@@ -252,32 +326,38 @@ func (s *Store) call(ctx context.Context, op func(ctx context.Context) error) er
 // slow (a call sent and not answered by its deadline, the caller's or
 // OpTimeout) or refused service.
 func (s *Store) finish(ctx context.Context, probe bool, err error) error {
+	return finishOn(s.breaker, ctx, probe, err)
+}
+
+// finishOn is finish for a call through brk (in a cluster, a master's
+// metering scripts have a breaker of their own).
+func finishOn(brk *breaker, ctx context.Context, probe bool, err error) error { //nolint:revive // ctx after the breaker reads best here
 	if err == nil {
-		s.breaker.done(probe, healthy)
+		brk.done(probe, healthy)
 		return nil
 	}
 	var p permanent
 	switch {
 	case errors.As(err, &p):
-		s.breaker.done(probe, healthy)
+		brk.done(probe, healthy)
 		return err
 	case errors.Is(ctx.Err(), context.Canceled):
 		// The caller gave up: nothing is learned about Redis.
-		s.breaker.done(probe, unknown)
+		brk.done(probe, unknown)
 		return fmt.Errorf("redisstore: %w", err)
 	case errors.Is(err, errQueuedBehindStall):
 		// Not sent, but because Redis stopped answering the pipelines
 		// before it: unavailable, and already counted by those.
-		s.breaker.done(probe, unknown)
+		brk.done(probe, unknown)
 		return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
 	case notSent(err):
-		s.breaker.done(probe, unknown)
+		brk.done(probe, unknown)
 		return fmt.Errorf("redisstore: %w: %w", store.ErrBusy, err)
 	case isReply(err) && !unavailableReply(err):
-		s.breaker.done(probe, healthy)
+		brk.done(probe, healthy)
 		return fmt.Errorf("redisstore: %w", err)
 	default:
-		s.breaker.done(probe, failed)
+		brk.done(probe, failed)
 		return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
 	}
 }

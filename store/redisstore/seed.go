@@ -16,7 +16,10 @@ import (
 // token it saw after its own seeding. A marker that is gone, or carries
 // another token, means the data this instance stored may be gone too.
 
-func (s *Store) seedKey() string { return s.prefix + "seeded" }
+// In a cluster the marker is in the catalogue's slot (catalogueTag), with
+// the key secret, customers and keys it vouches for: the node that would
+// lose them loses it too.
+func (s *Store) seedKey() string { return s.prefix + s.catalogueTag() + "seeded" }
 
 // SeedMarker returns the seed marker's token, "" when there is none.
 func (s *Store) SeedMarker(ctx context.Context) (string, error) {
