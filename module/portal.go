@@ -194,7 +194,18 @@ func (b portalBackend) Keys(ctx context.Context, customerID string) ([]store.Key
 	if err != nil {
 		return nil, err
 	}
-	return st.ListKeys(ctx, customerID)
+	keys, err := st.ListKeys(ctx, customerID)
+	if err != nil {
+		return nil, err
+	}
+	// Uses this process has not written to the store yet (at most one
+	// write per key per minute) are shown too.
+	for i := range keys {
+		if t := b.app.shared.registry.uses.lastUse(keys[i].ID); t.After(keys[i].LastUsedAt) {
+			keys[i].LastUsedAt = t
+		}
+	}
+	return keys, nil
 }
 
 func (b portalBackend) CreateKey(ctx context.Context, customerID, name string, expires time.Time, remote string) (store.Key, string, error) {

@@ -335,6 +335,9 @@ func TestPortalSignupKeysUsage(t *testing.T) {
 				t.Fatalf("API call with the portal's key: %d %s", res.status, res.body)
 			}
 		}
+		if keys := b.do("/keys", nil); !strings.Contains(keys.body, `<td class="last-used">`+time.Now().UTC().Format("2006-01-02")) {
+			t.Fatalf("the keys page does not show today's use: %s", keys.body)
+		}
 		usage := b.do("/usage", nil)
 		if usage.status != http.StatusOK || !strings.Contains(usage.body, `<dd id="used">3</dd>`) ||
 			!strings.Contains(usage.body, `<dd id="included">1000</dd>`) || !strings.Contains(usage.body, `<dd id="remaining">997</dd>`) ||
