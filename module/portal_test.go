@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -594,4 +595,39 @@ func TestPortalThrottle(t *testing.T) {
 	if res := newBrowser(t).requestLink("third@example.com"); res.status != http.StatusOK {
 		t.Fatalf("another address: %d", res.status)
 	}
+}
+
+// TestPortalSignInLinkRace: one link posted by several browsers at once
+// signs in exactly one of them, on both stores.
+func TestPortalSignInLinkRace(t *testing.T) {
+	portalStores(t, func(t *testing.T, storeLine string) {
+		smtp := startPortal(t, storeLine, "open")
+		newBrowser(t).requestLink("dev@example.com")
+		link := waitLink(t, smtp, "dev@example.com", 1)
+		const n = 8
+		browsers := make([]*browser, n)
+		forms := make([]url.Values, n)
+		for i := range browsers {
+			browsers[i] = newBrowser(t)
+			page := browsers[i].do(link, nil)
+			forms[i] = url.Values{"csrf": {csrf(t, page)}, "token": {tokenIn(t, page)}}
+		}
+		statuses := make([]int, n)
+		var wg sync.WaitGroup
+		for i := range browsers {
+			wg.Go(func() { statuses[i] = browsers[i].do("/signin/confirm", forms[i]).status })
+		}
+		wg.Wait()
+		signedIn := 0
+		for i, s := range statuses {
+			if s == http.StatusSeeOther && browsers[i].session() != "" {
+				signedIn++
+			} else if s != http.StatusBadRequest {
+				t.Errorf("browser %d: %d", i, s)
+			}
+		}
+		if signedIn != 1 {
+			t.Fatalf("%d browsers signed in with one link: %v", signedIn, statuses)
+		}
+	})
 }
