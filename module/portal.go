@@ -16,6 +16,7 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/notify"
 	"github.com/apimonetize/caddy-api-monetize/portal"
 	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
 
 func init() {
@@ -95,7 +96,16 @@ func (p *PortalHandler) Provision(ctx caddy.Context) error {
 	if err := notify.CheckSMTP(sender.Addr, sender.From); err != nil {
 		return fmt.Errorf("api_monetize_portal: email: %v", err)
 	}
+	var billing portal.Billing
+	if a.Stripe != nil {
+		s, err := a.stripeSettings()
+		if err != nil {
+			return fmt.Errorf("api_monetize_portal: %w", err)
+		}
+		billing = portalBilling{app: a, client: stripereport.NewClient(s.secretKey, s.apiBase, stripeRequestTimeout)}
+	}
 	p.portal, err = portal.New(portal.Config{
+		Billing: billing,
 		BaseURL: repl.ReplaceAll(p.BaseURL, ""), ProductName: p.ProductName, LogoURL: p.LogoURL,
 		AccentColor: p.AccentColor, DocsURL: p.DocsURL, Signup: p.Signup,
 		ClientIP: func(r *http.Request) string {
@@ -292,7 +302,7 @@ func (b portalBackend) Plans() []portal.Plan {
 	cur := strings.ToUpper(b.app.currency())
 	plans := make([]portal.Plan, 0, len(b.app.tiers))
 	for _, t := range b.app.tiers {
-		p := portal.Plan{Name: t.Name, Support: t.Support, SLA: t.SLA, Price: "Free", Included: "Pay as you go", Rate: "No limit", Endpoints: "All endpoints"}
+		p := portal.Plan{Name: t.Name, Support: t.Support, SLA: t.SLA, Purchasable: purchasable(t), Price: "Free", Included: "Pay as you go", Rate: "No limit", Endpoints: "All endpoints"}
 		switch {
 		case t.Price != nil && t.Price.Custom:
 			p.Price = "Custom pricing"

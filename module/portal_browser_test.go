@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+
+	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
 )
 
 // envPortalScreenshots, set to 1, makes TestPortalBrowser write its
@@ -44,7 +46,9 @@ func TestPortalBrowser(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	smtp := startPortal(t, "store_path "+t.TempDir()+"/store.db", "open")
+	double := stripedouble.New()
+	defer double.Close()
+	smtp := startPortalStripe(t, "store_path "+t.TempDir()+"/store.db", "open", portalStripeBlock(double.URL))
 
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(chromium), chromedp.NoSandbox, chromedp.DisableGPU,
@@ -154,6 +158,7 @@ func TestPortalBrowser(t *testing.T) {
 	do("plans page",
 		chromedp.Navigate(portalBase+"/plans"),
 		chromedp.WaitVisible(chromedp.CSS(".plan.current")),
+		chromedp.WaitVisible(chromedp.ID("upgrade-pro")),
 		shot("plans"),
 	)
 	if current := text("current plan", chromedp.Text(chromedp.CSS(".plan.current h2"))); !strings.HasPrefix(current, "free") {

@@ -32,6 +32,16 @@ var (
 // sending through smtp) and the integration tests' tiers and customers;
 // customer acme's contact email is owner@acme.test.
 func portalConfig(storeLine, signup, smtp string) string {
+	return portalConfigStripe(storeLine, signup, smtp, "")
+}
+
+// portalConfigStripe is portalConfig with a stripe block (and the Stripe
+// webhook at /stripe/webhook on the API's port) when stripeBlock is set.
+func portalConfigStripe(storeLine, signup, smtp, stripeBlock string) string {
+	webhook := ""
+	if stripeBlock != "" {
+		webhook = "handle /stripe/webhook {\n\t\tapi_monetize_stripe_webhook\n\t}"
+	}
 	return fmt.Sprintf(`{
 	admin localhost:%d
 	http_port %d
@@ -42,6 +52,7 @@ func portalConfig(storeLine, signup, smtp string) string {
 		%s
 		key_secret test-secret-0123456789
 		store_timeout 2s
+		%s
 		tier free {
 			price 0
 			included 1000/month
@@ -64,8 +75,11 @@ func portalConfig(storeLine, signup, smtp string) string {
 }
 
 :%d {
-	api_monetize
-	respond "ok customer={http.api_monetize.customer}"
+	%s
+	handle {
+		api_monetize
+		respond "ok customer={http.api_monetize.customer} tier={http.api_monetize.tier}"
+	}
 }
 
 https://localhost:%d {
@@ -84,16 +98,22 @@ https://localhost:%d {
 		}
 	}
 }
-`, testAdminPort, testHTTPPort, testHTTPSPort, storeLine, proKey, testHTTPPort, testHTTPSPort, portalBase, signup, smtp)
+`, testAdminPort, testHTTPPort, testHTTPSPort, storeLine, stripeBlock, proKey, testHTTPPort, webhook, testHTTPSPort, portalBase, signup, smtp)
 }
 
 // startPortal starts Caddy with the portal and a real SMTP server that
 // captures the sign-in emails.
 func startPortal(t *testing.T, storeLine, signup string) *notifytest.SMTPServer {
 	t.Helper()
+	return startPortalStripe(t, storeLine, signup, "")
+}
+
+// startPortalStripe is startPortal with a stripe block.
+func startPortalStripe(t *testing.T, storeLine, signup, stripeBlock string) *notifytest.SMTPServer {
+	t.Helper()
 	smtp := notifytest.NewSMTPServer(t, notifytest.SMTPOptions{})
 	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: testAdminPort})
-	tester.InitServer(portalConfig(storeLine, signup, smtp.Addr), "caddyfile")
+	tester.InitServer(portalConfigStripe(storeLine, signup, smtp.Addr, stripeBlock), "caddyfile")
 	if t.Failed() {
 		t.FailNow()
 	}
@@ -535,7 +555,7 @@ func TestPortalEnumeration(t *testing.T) {
 	}
 	b := newBrowser(t)
 	b.signIn(smtp, "owner@acme.test", 1)
-	if res := call(t, "/v1/basic/x", b.createKey("ci")); res.body != "ok customer=acme" {
+	if res := call(t, "/v1/basic/x", b.createKey("ci")); !strings.HasPrefix(res.body, "ok customer=acme ") {
 		t.Fatalf("the invited member's key is not acme's: %s", res.body)
 	}
 	for _, m := range smtp.Mails() {

@@ -179,5 +179,16 @@ func (h *Handler) plansPage(w http.ResponseWriter, r *http.Request, s *session) 
 		h.failErr(w, r, s, err)
 		return
 	}
-	h.render(w, r, http.StatusOK, "plans", s, map[string]any{"Plans": h.be.Plans(), "Current": c.Tier})
+	data := map[string]any{"Plans": h.be.Plans(), "Current": c.Tier, "Billing": h.cfg.Billing != nil, "Paying": c.StripeCustomerID != ""}
+	if h.cfg.Billing != nil {
+		p, err := h.pendingTier(r, s.Customer)
+		if err != nil {
+			h.failErr(w, r, s, err)
+			return
+		}
+		if p != "" && p != c.Tier {
+			data["Pending"] = p
+		}
+	}
+	h.render(w, r, http.StatusOK, "plans", s, data)
 }

@@ -69,6 +69,22 @@ type Config struct {
 	// ClientIP returns the client address sign-in attempts are throttled
 	// by; nil uses the request's remote address.
 	ClientIP func(*http.Request) string
+	// Billing, when set, lets members buy a plan (Stripe Checkout) and
+	// manage their billing (Stripe Billing Portal).
+	Billing Billing
+}
+
+// Billing opens the payment provider's hosted pages.
+type Billing interface {
+	// Checkout opens a checkout moving customerID to tier and returns its
+	// URL; the member comes back to returnURL. A plan that cannot be
+	// bought, or a customer who already pays and must use ManageBilling,
+	// is an InputError.
+	Checkout(ctx context.Context, customerID, tier, returnURL string) (string, error)
+	// ManageBilling opens the customer's billing portal (payment method,
+	// invoices, plan changes, cancellation) and returns its URL; a
+	// customer without a billing account is an InputError.
+	ManageBilling(ctx context.Context, customerID, returnURL string) (string, error)
 }
 
 // Backend is what the portal needs from the app. Every method that takes
@@ -143,6 +159,9 @@ type Usage struct {
 // formatted for people.
 type Plan struct {
 	Name, Price, Included, Rate, Endpoints, OverQuota, OveragePrice, Support, SLA string
+	// Purchasable marks a plan members can buy through Billing (a fixed,
+	// non-zero price).
+	Purchasable bool
 }
 
 // Handler serves the portal.
@@ -191,6 +210,11 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 	if cfg.ProductName == "" {
 		cfg.ProductName = "API"
 	}
+	formAction := "'self'"
+	if cfg.Billing != nil {
+		// Chrome applies form-action to the redirect after a POST.
+		formAction += " https://checkout.stripe.com https://billing.stripe.com"
+	}
 	imgSrc := "'self' data:"
 	if cfg.LogoURL != "" {
 		u, err := url.Parse(cfg.LogoURL)
@@ -217,7 +241,7 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 		cfg: cfg, be: be, mail: mail, log: log, base: base,
 		basePath: strings.TrimSuffix(base.Path, "/"), secure: base.Scheme == "https",
 		csp: "default-src 'none'; style-src 'self'; img-src " + imgSrc +
-			"; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+			"; base-uri 'none'; frame-ancestors 'none'; form-action " + formAction,
 		closed: make(chan struct{}),
 	}
 	if err := h.parseTemplates(); err != nil {
@@ -267,6 +291,10 @@ func (h *Handler) routes() *http.ServeMux {
 	mux.HandleFunc("POST /keys/{id}/revoke", h.member(h.revokeKey))
 	mux.HandleFunc("GET /usage", h.member(h.usagePage))
 	mux.HandleFunc("GET /plans", h.member(h.plansPage))
+	if h.cfg.Billing != nil {
+		mux.HandleFunc("POST /plans/{tier}/checkout", h.member(h.checkout))
+		mux.HandleFunc("POST /billing", h.member(h.manageBilling))
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, r, nil, http.StatusNotFound, "There is no such page.")
 	})
