@@ -44,11 +44,7 @@ func checkoutParams(customer, email string, items []*stripe.CheckoutSessionCreat
 // created: the flat base price (quantity 1) and, when the tier bills
 // overage, the metered usage price (no quantity).
 func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL string) (string, error) {
-	st, err := b.app.store()
-	if err != nil {
-		return "", err
-	}
-	c, err := st.GetCustomer(ctx, customerID)
+	c, err := portalBackend{app: b.app}.Customer(ctx, customerID)
 	if err != nil {
 		return "", err
 	}
@@ -89,11 +85,7 @@ func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL
 // ManageBilling opens a Billing Portal session for the customer's Stripe
 // customer.
 func (b portalBilling) ManageBilling(ctx context.Context, customerID, returnURL string) (string, error) {
-	st, err := b.app.store()
-	if err != nil {
-		return "", err
-	}
-	c, err := st.GetCustomer(ctx, customerID)
+	c, err := portalBackend{app: b.app}.Customer(ctx, customerID)
 	if err != nil {
 		return "", err
 	}
