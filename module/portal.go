@@ -54,6 +54,8 @@ type PortalHandler struct {
 	// Email sends the sign-in links. Default: the api_monetize notify
 	// email settings.
 	Email *EmailConfig `json:"email,omitempty"`
+	// OIDC adds sign-in with an OpenID Connect provider.
+	OIDC *PortalOIDC `json:"oidc,omitempty"`
 
 	portal *portal.Handler
 }
@@ -104,8 +106,12 @@ func (p *PortalHandler) Provision(ctx caddy.Context) error {
 		}
 		billing = portalBilling{app: a, client: stripereport.NewClient(s.secretKey, s.apiBase, stripeRequestTimeout)}
 	}
+	var oidc *portal.OIDC
+	if o := p.OIDC; o != nil {
+		oidc = &portal.OIDC{Issuer: repl.ReplaceAll(o.Issuer, ""), ClientID: repl.ReplaceAll(o.ClientID, ""), ClientSecret: repl.ReplaceAll(o.ClientSecret, "")}
+	}
 	p.portal, err = portal.New(portal.Config{
-		Billing: billing,
+		Billing: billing, OIDC: oidc,
 		BaseURL: repl.ReplaceAll(p.BaseURL, ""), ProductName: p.ProductName, LogoURL: p.LogoURL,
 		AccentColor: p.AccentColor, DocsURL: p.DocsURL, Signup: p.Signup,
 		ClientIP: func(r *http.Request) string {
@@ -133,6 +139,17 @@ func (p *PortalHandler) Cleanup() error {
 		p.portal.Close()
 	}
 	return nil
+}
+
+// PortalOIDC is an OpenID Connect provider for portal sign-in. Register
+// <base_url>/oidc/callback as the client's redirect URI.
+type PortalOIDC struct {
+	// Issuer is the provider's issuer URL (https).
+	Issuer string `json:"issuer"`
+	// ClientID is the portal's client id at the provider.
+	ClientID string `json:"client_id"`
+	// ClientSecret is the client's secret; use {env.*}.
+	ClientSecret string `json:"client_secret"`
 }
 
 // portalMailer sends the portal's emails through SMTP.

@@ -38,6 +38,7 @@ func parsePortal(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		docs_url     <url>
 //		signup       open | invite | off  # default invite
 //		signup_tier  <tier>             # tier of open signups; default the first tier
+//		oidc <issuer> <client_id> <client_secret>  # also sign in with OpenID Connect
 //		email {                         # default: the api_monetize notify email settings
 //			smtp     <host:port>
 //			from     <address>
@@ -63,6 +64,17 @@ func (p *PortalHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			p.Email = e
+			continue
+		}
+		if opt == "oidc" {
+			args, err := onceArgs(d, seen)
+			if err != nil {
+				return err
+			}
+			if len(args) != 3 {
+				return d.Errf("api_monetize_portal: oidc expects <issuer> <client_id> <client_secret>, got %d values", len(args))
+			}
+			p.OIDC = &PortalOIDC{Issuer: args[0], ClientID: args[1], ClientSecret: args[2]}
 			continue
 		}
 		if opt == "accent_color" && !d.NextArg() {
@@ -98,7 +110,7 @@ func (p *PortalHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "signup_tier":
 			p.SignupTier = v
 		default:
-			return d.Errf("api_monetize_portal: unrecognized option '%s'; expected base_url, product_name, logo_url, accent_color, docs_url, signup, signup_tier or email", opt)
+			return d.Errf("api_monetize_portal: unrecognized option '%s'; expected base_url, product_name, logo_url, accent_color, docs_url, signup, signup_tier, email or oidc", opt)
 		}
 	}
 	if p.BaseURL == "" {

@@ -21,6 +21,7 @@ func TestParsePortal(t *testing.T) {
 		docs_url https://docs.example.com/openapi.json
 		signup open
 		signup_tier pro
+		oidc https://accounts.example.com portal-client {env.OIDC_SECRET}
 		email {
 			smtp smtp.example.com:587
 			from "Acme <portal@example.com>"
@@ -35,6 +36,7 @@ func TestParsePortal(t *testing.T) {
 	want := &PortalHandler{
 		BaseURL: "https://portal.example.com", ProductName: "Acme API", LogoURL: "https://cdn.example.com/logo.svg",
 		AccentColor: "#0b6e4f", DocsURL: "https://docs.example.com/openapi.json", Signup: "open", SignupTier: "pro",
+		OIDC:  &PortalOIDC{Issuer: "https://accounts.example.com", ClientID: "portal-client", ClientSecret: "{env.OIDC_SECRET}"},
 		Email: &EmailConfig{SMTP: "smtp.example.com:587", From: "Acme <portal@example.com>", Username: "{env.SMTP_USER}", Password: "{env.SMTP_PASSWORD}"},
 	}
 	if g, w := mustJSON(t, got), mustJSON(t, want); g != w {
@@ -54,6 +56,7 @@ func TestParsePortalErrors(t *testing.T) {
 		{"bad signup", "api_monetize_portal {\n\tbase_url https://x\n\tsignup maybe\n}", 3, "signup expects open, invite or off, got 'maybe'"},
 		{"twice", "api_monetize_portal {\n\tbase_url https://x\n\tbase_url https://y\n}", 3, "given twice (first at Testfile:2)"},
 		{"unquoted colour", "api_monetize_portal {\n\tbase_url https://x\n\taccent_color #0b6e4f\n}", 3, "quote it: an unquoted # starts a comment"},
+		{"oidc without secret", "api_monetize_portal {\n\tbase_url https://x\n\toidc https://id.example.com client\n}", 3, "oidc expects <issuer> <client_id> <client_secret>, got 2 values"},
 		{"email without from", "api_monetize_portal {\n\tbase_url https://x\n\temail {\n\t\tsmtp smtp.example.com:587\n\t}\n}", 3, "email: missing 'from <address>'"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -89,6 +92,7 @@ func TestPortalProvisionErrors(t *testing.T) {
 		{"css in colour", "", "base_url https://p.example.com\naccent_color \"red;}body{x\"\n" + email, "accent_color: expected a colour as #rrggbb"},
 		{"unknown tier", "", "base_url https://p.example.com\nsignup_tier gold\n" + email, `signup_tier "gold" is not a configured tier`},
 		{"http logo", "", "base_url https://p.example.com\nlogo_url http://cdn.example.com/l.png\n" + email, "logo_url: expected an https URL or an absolute path"},
+		{"http issuer", "", "base_url https://p.example.com\noidc http://id.example.com c s\n" + email, "oidc: the issuer must be https"},
 		{"script docs", "", "base_url https://p.example.com\ndocs_url javascript:alert(1)\n" + email, "docs_url: expected an http(s) URL"},
 		{"notify email is used", "notify {\n\t\t\temail {\n\t\t\t\tsmtp 127.0.0.1:2525\n\t\t\t\tfrom a@example.com\n\t\t\t}\n\t\t}", "base_url https://p.example.com", ""},
 	} {

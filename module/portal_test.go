@@ -38,6 +38,12 @@ func portalConfig(storeLine, signup, smtp string) string {
 // portalConfigStripe is portalConfig with a stripe block (and the Stripe
 // webhook at /stripe/webhook on the API's port) when stripeBlock is set.
 func portalConfigStripe(storeLine, signup, smtp, stripeBlock string) string {
+	return portalConfigFull(storeLine, signup, smtp, stripeBlock, "")
+}
+
+// portalConfigFull is portalConfigStripe with more lines (portalExtra) in
+// the portal's block.
+func portalConfigFull(storeLine, signup, smtp, stripeBlock, portalExtra string) string {
 	webhook := ""
 	if stripeBlock != "" {
 		webhook = "handle /stripe/webhook {\n\t\tapi_monetize_stripe_webhook\n\t}"
@@ -91,6 +97,7 @@ https://localhost:%d {
 			accent_color "#0b6e4f"
 			docs_url https://docs.example.com/
 			signup %s
+			%s
 			email {
 				smtp %s
 				from "Acme Weather API <portal@acme.test>"
@@ -98,7 +105,7 @@ https://localhost:%d {
 		}
 	}
 }
-`, testAdminPort, testHTTPPort, testHTTPSPort, storeLine, stripeBlock, proKey, testHTTPPort, webhook, testHTTPSPort, portalBase, signup, smtp)
+`, testAdminPort, testHTTPPort, testHTTPSPort, storeLine, stripeBlock, proKey, testHTTPPort, webhook, testHTTPSPort, portalBase, signup, portalExtra, smtp)
 }
 
 // startPortal starts Caddy with the portal and a real SMTP server that
@@ -153,7 +160,7 @@ func newBrowser(t *testing.T) *browser {
 func (b *browser) do(path string, form url.Values) response {
 	b.t.Helper()
 	u := path
-	if !strings.HasPrefix(u, "https://") {
+	if !strings.HasPrefix(u, "https://") && !strings.HasPrefix(u, "http://") {
 		u = portalBase + path
 	}
 	method, body := http.MethodGet, ""

@@ -69,6 +69,8 @@ type Config struct {
 	// ClientIP returns the client address sign-in attempts are throttled
 	// by; nil uses the request's remote address.
 	ClientIP func(*http.Request) string
+	// OIDC, when set, adds sign-in with an OpenID Connect provider.
+	OIDC *OIDC
 	// Billing, when set, lets members buy a plan (Stripe Checkout) and
 	// manage their billing (Stripe Billing Portal).
 	Billing Billing
@@ -175,6 +177,7 @@ type Handler struct {
 	secure   bool
 	csp      string
 	pages    map[string]*template.Template
+	oidc     *oidcClient // nil without OIDC
 	handler  http.Handler
 	// sending counts sign-in emails in flight; Close waits for them.
 	sending sync.WaitGroup
@@ -231,6 +234,13 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 			return nil, fmt.Errorf("docs_url: expected an http(s) URL or an absolute path, got %q", cfg.DocsURL)
 		}
 	}
+	var oc *oidcClient
+	if cfg.OIDC != nil {
+		if err := checkOIDC(cfg.OIDC); err != nil {
+			return nil, err
+		}
+		oc = &oidcClient{cfg: *cfg.OIDC}
+	}
 	if cfg.ClientIP == nil {
 		cfg.ClientIP = remoteHost
 	}
@@ -242,7 +252,7 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 		basePath: strings.TrimSuffix(base.Path, "/"), secure: base.Scheme == "https",
 		csp: "default-src 'none'; style-src 'self'; img-src " + imgSrc +
 			"; base-uri 'none'; frame-ancestors 'none'; form-action " + formAction,
-		closed: make(chan struct{}),
+		closed: make(chan struct{}), oidc: oc,
 	}
 	if err := h.parseTemplates(); err != nil {
 		return nil, err
@@ -285,6 +295,10 @@ func (h *Handler) routes() *http.ServeMux {
 	mux.HandleFunc("GET /signin/confirm", h.confirmPage)
 	mux.HandleFunc("POST /signin/confirm", h.confirm)
 	mux.HandleFunc("POST /signout", h.member(h.signout))
+	if h.oidc != nil {
+		mux.HandleFunc("GET /oidc/start", h.oidcStart)
+		mux.HandleFunc("GET /oidc/callback", h.oidcCallback)
+	}
 	mux.HandleFunc("GET /keys", h.member(h.keysPage))
 	mux.HandleFunc("POST /keys", h.member(h.createKey))
 	mux.HandleFunc("POST /keys/{id}/roll", h.member(h.rollKey))

@@ -79,7 +79,17 @@ func (h *Handler) signinPage(w http.ResponseWriter, r *http.Request) {
 		http.Redirect(w, r, h.link("/keys"), http.StatusSeeOther)
 		return
 	}
-	h.render(w, r, http.StatusOK, "signin", nil, map[string]any{"CSRF": h.anonymousCSRF(w, r)})
+	h.render(w, r, http.StatusOK, "signin", nil, h.signinData(w, r))
+}
+
+// signinData is what the sign-in page shows: the form's CSRF token and the
+// OpenID Connect provider, if any.
+func (h *Handler) signinData(w http.ResponseWriter, r *http.Request) map[string]any {
+	data := map[string]any{"CSRF": h.anonymousCSRF(w, r)}
+	if h.oidc != nil {
+		data["OIDC"] = oidcLabel(h.oidc.cfg.Issuer)
+	}
+	return data
 }
 
 // signinSend sends a sign-in link. Known and unknown addresses get the
@@ -92,9 +102,9 @@ func (h *Handler) signinSend(w http.ResponseWriter, r *http.Request) {
 	}
 	email := normalizeEmail(r.PostFormValue("email"))
 	if email == "" {
-		h.render(w, r, http.StatusBadRequest, "signin", nil, map[string]any{
-			"CSRF": h.anonymousCSRF(w, r), "Error": "Enter an email address such as dev@example.com.", "Email": r.PostFormValue("email"),
-		})
+		data := h.signinData(w, r)
+		data["Error"], data["Email"] = "Enter an email address such as dev@example.com.", r.PostFormValue("email")
+		h.render(w, r, http.StatusBadRequest, "signin", nil, data)
 		return
 	}
 	ctx := r.Context()
