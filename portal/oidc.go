@@ -224,21 +224,7 @@ func (h *Handler) oidcCallback(w http.ResponseWriter, r *http.Request) {
 		refused("invalid email claim")
 		return
 	}
-	customer, err := h.enter(ctx, recs, email)
-	if errors.Is(err, errNotAllowed) {
-		h.fail(w, r, nil, http.StatusForbidden, "Sign-ups are closed for this address. Ask the API's provider for an invitation.")
-		return
-	}
-	if err != nil {
-		h.failErr(w, r, nil, err)
-		return
-	}
-	if err := h.startSession(ctx, w, r, customer, email); err != nil {
-		h.failErr(w, r, nil, err)
-		return
-	}
-	h.log.Info("portal sign-in", zap.String("customer", customer), zap.String("method", "oidc"))
-	http.Redirect(w, r, h.link("/keys"), http.StatusSeeOther)
+	h.signIn(w, r, recs, email, "oidc")
 }
 
 // oidcLabel names the provider on the sign-in button: its host.

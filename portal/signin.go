@@ -264,7 +264,13 @@ func (h *Handler) confirm(w http.ResponseWriter, r *http.Request) {
 		invalid()
 		return
 	}
-	customer, err := h.enter(ctx, recs, l.Email)
+	h.signIn(w, r, recs, l.Email, "email")
+}
+
+// signIn lets a verified email in by the signup policy: it starts a new
+// session for its customer and goes to the keys page.
+func (h *Handler) signIn(w http.ResponseWriter, r *http.Request, recs store.Records, email, method string) {
+	customer, err := h.enter(r.Context(), recs, email)
 	if errors.Is(err, errNotAllowed) {
 		h.fail(w, r, nil, http.StatusForbidden, "Sign-ups are closed for this address. Ask the API's provider for an invitation.")
 		return
@@ -273,11 +279,11 @@ func (h *Handler) confirm(w http.ResponseWriter, r *http.Request) {
 		h.failErr(w, r, nil, err)
 		return
 	}
-	if err := h.startSession(ctx, w, r, customer, l.Email); err != nil {
+	if err := h.startSession(r.Context(), w, r, customer, email); err != nil {
 		h.failErr(w, r, nil, err)
 		return
 	}
-	h.log.Info("portal sign-in", zap.String("customer", customer))
+	h.log.Info("portal sign-in", zap.String("customer", customer), zap.String("method", method))
 	http.Redirect(w, r, h.link("/keys"), http.StatusSeeOther)
 }
 
