@@ -32,7 +32,8 @@ func chromiumPath() string {
 
 // TestPortalBrowser drives a real headless Chromium through the portal
 // served by Caddy: sign up by the emailed link, create a key, call the API
-// with it, see the usage, roll the key, compare the plans. It takes a
+// with it, see the usage, roll the key, compare the plans, invite a
+// teammate. It takes a
 // screenshot of every page.
 func TestPortalBrowser(t *testing.T) {
 	chromium := chromiumPath()
@@ -164,4 +165,14 @@ func TestPortalBrowser(t *testing.T) {
 	if current := text("current plan", chromedp.Text(chromedp.CSS(".plan.current h2"))); !strings.HasPrefix(current, "free") {
 		t.Fatalf("current plan marked: %q", current)
 	}
+
+	do("team page: invite a teammate",
+		chromedp.Navigate(portalBase+"/team"),
+		chromedp.WaitVisible(chromedp.ID("invite-email")),
+		chromedp.SendKeys(chromedp.ID("invite-email"), "mate@example.com"),
+		chromedp.Click(chromedp.ID("invite")),
+		chromedp.WaitVisible(chromedp.ID("invited")),
+		shot("team"),
+	)
+	waitLink(t, smtp, "mate@example.com", 1)
 }

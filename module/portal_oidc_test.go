@@ -30,6 +30,7 @@ func startPortalOIDC(t *testing.T, signup string) *mockoidc.MockOIDC {
 	if t.Failed() {
 		t.FailNow()
 	}
+	waitPortalTLS(t)
 	return m
 }
 

@@ -30,7 +30,8 @@ var (
 
 // portalConfig is a Caddyfile with the portal (signup policy signup,
 // sending through smtp) and the integration tests' tiers and customers;
-// customer acme's contact email is owner@acme.test.
+// customer acme's contact email is owner@acme.test, rival's
+// boss@rival.test.
 func portalConfig(storeLine, signup, smtp string) string {
 	return portalConfigStripe(storeLine, signup, smtp, "")
 }
@@ -76,6 +77,7 @@ func portalConfigFull(storeLine, signup, smtp, stripeBlock, portalExtra string) 
 			sla 99.9%%
 		}
 		customer acme tier pro email owner@acme.test
+		customer rival tier free email boss@rival.test
 		key %s acme
 	}
 }
@@ -124,7 +126,23 @@ func startPortalStripe(t *testing.T, storeLine, signup, stripeBlock string) *not
 	if t.Failed() {
 		t.FailNow()
 	}
+	waitPortalTLS(t)
 	return smtp
+}
+
+// waitPortalTLS waits until Caddy serves the portal's certificate (its
+// internal CA issues it in the background after a config load).
+func waitPortalTLS(t *testing.T) {
+	t.Helper()
+	client := newBrowser(t).client
+	waitUntil(t, 15*time.Second, "the portal's TLS certificate", func() bool {
+		res, err := client.Get(portalBase + "/signin")
+		if err != nil {
+			return false
+		}
+		res.Body.Close()
+		return true
+	})
 }
 
 // portalStores runs test on a fresh embedded store and a fresh Redis key

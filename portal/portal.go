@@ -305,6 +305,9 @@ func (h *Handler) routes() *http.ServeMux {
 	mux.HandleFunc("POST /keys/{id}/revoke", h.member(h.revokeKey))
 	mux.HandleFunc("GET /usage", h.member(h.usagePage))
 	mux.HandleFunc("GET /plans", h.member(h.plansPage))
+	mux.HandleFunc("GET /team", h.member(h.teamPage))
+	mux.HandleFunc("POST /team", h.member(h.invite))
+	mux.HandleFunc("POST /team/remove", h.member(h.removeMember))
 	if h.cfg.Billing != nil {
 		mux.HandleFunc("POST /plans/{tier}/checkout", h.member(h.checkout))
 		mux.HandleFunc("POST /billing", h.member(h.manageBilling))

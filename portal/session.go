@@ -47,7 +47,8 @@ type session struct {
 	CSRF    string    `json:"csrf"`
 	Created time.Time `json:"created"`
 
-	id string // the record id (SHA-256 of the cookie value)
+	id   string // the record id (SHA-256 of the cookie value)
+	role string // the member's role, read with the session
 }
 
 // randomToken returns 32 random bytes, base64url.
@@ -108,7 +109,16 @@ func (h *Handler) currentSession(r *http.Request) (*session, error) {
 	if err := json.Unmarshal(rec.Data, &s); err != nil || s.Customer == "" {
 		return nil, nil
 	}
-	s.id = id
+	// A member removed from the customer (or moved) loses the session.
+	m, err := readMember(r.Context(), recs, s.Email)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && m.Customer != s.Customer) {
+		_ = recs.DeleteRecord(r.Context(), recordKindSession, id)
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	s.id, s.role = id, m.Role
 	return &s, nil
 }
 

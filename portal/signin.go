@@ -135,13 +135,10 @@ func (h *Handler) signinSend(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if send {
-		token := randomToken()
-		data, _ := json.Marshal(link{Email: email, Created: now.UTC()})
-		if _, err := recs.PutRecord(ctx, store.Record{Kind: recordKindLink, ID: hashToken(token), Data: data, Expires: now.Add(linkLifetime)}, false); err != nil {
+		if err := h.emailLink(ctx, recs, email, "Sign in to "+h.cfg.ProductName+":"); err != nil {
 			h.failErr(w, r, nil, err)
 			return
 		}
-		h.sendLink(email, token)
 	}
 	h.render(w, r, http.StatusOK, "sent", nil, map[string]any{"Email": email})
 }
@@ -176,7 +173,7 @@ func (h *Handler) mayEnter(ctx context.Context, recs store.Records, email string
 	if h.cfg.Signup == SignupOpen {
 		return true, nil
 	}
-	if _, err := recs.GetRecord(ctx, recordKindMember, email); err == nil {
+	if _, err := readMember(ctx, recs, email); err == nil {
 		return true, nil
 	} else if !errors.Is(err, store.ErrNotFound) {
 		return false, err
@@ -192,14 +189,21 @@ func (h *Handler) mayEnter(ctx context.Context, recs store.Records, email string
 	return false, nil
 }
 
-// sendLink emails a sign-in link in the background.
-func (h *Handler) sendLink(email, token string) {
+// emailLink stores a new sign-in link for email and emails it in the
+// background, after intro (one line of plain text).
+func (h *Handler) emailLink(ctx context.Context, recs store.Records, email, intro string) error {
+	token := randomToken()
+	now := time.Now()
+	data, _ := json.Marshal(link{Email: email, Created: now.UTC()})
+	if _, err := recs.PutRecord(ctx, store.Record{Kind: recordKindLink, ID: hashToken(token), Data: data, Expires: now.Add(linkLifetime)}, false); err != nil {
+		return err
+	}
 	u := *h.base
 	u.Path = h.basePath + "/signin/confirm"
 	u.RawQuery = url.Values{"token": {token}}.Encode()
-	text := fmt.Sprintf("Sign in to %s:\n\n%s\n\nThe link works once, for 15 minutes. If you did not ask for it, ignore this email.\n", h.cfg.ProductName, u.String())
-	html := fmt.Sprintf(`<!DOCTYPE html><html><body><p>Sign in to %s:</p><p><a href="%s">Continue to sign in</a></p><p>The link works once, for 15 minutes. If you did not ask for it, ignore this email.</p></body></html>`,
-		template.HTMLEscapeString(h.cfg.ProductName), template.HTMLEscapeString(u.String()))
+	text := fmt.Sprintf("%s\n\n%s\n\nThe link works once, for 15 minutes; afterwards, ask for a new one at %s/signin. If you did not expect this email, ignore it.\n", intro, u.String(), h.base.String())
+	html := fmt.Sprintf(`<!DOCTYPE html><html><body><p>%s</p><p><a href="%s">Continue to sign in</a></p><p>The link works once, for 15 minutes; afterwards, ask for a new one at %s/signin. If you did not expect this email, ignore it.</p></body></html>`,
+		template.HTMLEscapeString(intro), template.HTMLEscapeString(u.String()), template.HTMLEscapeString(h.base.String()))
 	h.sending.Add(1)
 	go func() {
 		defer h.sending.Done()
@@ -209,6 +213,7 @@ func (h *Handler) sendLink(email, token string) {
 			h.log.Error("could not send a sign-in email", zap.Error(err))
 		}
 	}()
+	return nil
 }
 
 // confirmPage shows the button that consumes a sign-in link. Opening the
@@ -292,15 +297,8 @@ func (h *Handler) signIn(w http.ResponseWriter, r *http.Request, recs store.Reco
 // policy allows.
 func (h *Handler) enter(ctx context.Context, recs store.Records, email string) (string, error) {
 	read := func() (string, error) {
-		rec, err := recs.GetRecord(ctx, recordKindMember, email)
-		if err != nil {
-			return "", err
-		}
-		var m memberRecord
-		if err := json.Unmarshal(rec.Data, &m); err != nil || m.Customer == "" {
-			return "", fmt.Errorf("member record of a sign-in is damaged: %v", err)
-		}
-		return m.Customer, nil
+		m, err := readMember(ctx, recs, email)
+		return m.Customer, err
 	}
 	if c, err := read(); err == nil {
 		return c, h.be.CreateCustomer(ctx, c, email)
