@@ -390,6 +390,18 @@ func TestPortalSignupKeysUsage(t *testing.T) {
 			!strings.Contains(usage.body, `<rect `) {
 			t.Fatalf("usage page after 3 calls: %d %s", usage.status, usage.body)
 		}
+		if !strings.Contains(usage.body, `id="hourly"`) || !strings.Contains(usage.body, ": 3 units</title>") {
+			t.Fatalf("usage page has no hourly chart with this hour's 3 units: %s", usage.body)
+		}
+		if res := b.do("/usage?period="+time.Now().UTC().Format("2006-01"), nil); res.status != http.StatusOK || !strings.Contains(res.body, `<dd id="used">3</dd>`) {
+			t.Fatalf("usage of the current month chosen: %d", res.status)
+		}
+		if res := b.do("/usage?period=1999-01", nil); res.status != http.StatusOK || !strings.Contains(res.body, `<dd id="used">0</dd>`) {
+			t.Fatalf("an earlier period: %d", res.status)
+		}
+		if res := b.do("/usage?period=Jan-99", nil); res.status != http.StatusBadRequest {
+			t.Fatalf("a malformed period: %d", res.status)
+		}
 		plans := b.do("/plans", nil)
 		if !regexp.MustCompile(`(?s)<h2 id="plan-free">free <span class="badge">Your plan</span>`).MatchString(plans.body) ||
 			!strings.Contains(plans.body, "49.00 USD per month") || !strings.Contains(plans.body, "0.002 USD per unit") {

@@ -170,7 +170,7 @@ func (h *Handler) usagePage(w http.ResponseWriter, r *http.Request, s *session) 
 	if month == "" {
 		month = u.Start.UTC().Format("2006-01")
 	}
-	h.render(w, r, http.StatusOK, "usage", s, map[string]any{"Usage": u, "Chart": dailyChart(u, time.Now()), "Month": month})
+	h.render(w, r, http.StatusOK, "usage", s, map[string]any{"Usage": u, "Chart": dailyChart(u, time.Now()), "Hourly": hourlyChart(u, time.Now()), "Month": month})
 }
 
 func (h *Handler) plansPage(w http.ResponseWriter, r *http.Request, s *session) {

@@ -105,3 +105,28 @@ func TestDailyChart(t *testing.T) {
 		t.Errorf("included line at %d, want %d", c.IncludedY, want)
 	}
 }
+
+// TestHourlyChart: one bar per UTC hour of the last two days up to the
+// current hour, never before the period's start.
+func TestHourlyChart(t *testing.T) {
+	start := time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+	now := start.Add(3*24*time.Hour + 90*time.Minute) // Nov 4, 01:30
+	u := Usage{Start: start, End: start.AddDate(0, 1, 0), Hours: []store.HourUsage{
+		{HourID: metering.TimeID(start), Counters: store.Counters{Billed: 99}}, // outside the two days
+		{HourID: metering.TimeID(now.Truncate(time.Hour)), Counters: store.Counters{Billed: 7}},
+		{HourID: metering.TimeID(now.Add(-5 * time.Hour).Truncate(time.Hour)), Counters: store.Counters{Billed: 14}},
+	}}
+	c := hourlyChart(u, now)
+	if len(c.Bars) != 48 || c.Max != 14 {
+		t.Fatalf("%d bars, max %d; want 48 bars, max 14", len(c.Bars), c.Max)
+	}
+	if last := c.Bars[47]; !strings.Contains(last.Title, "2026-11-04 01:00 UTC: 7 units") {
+		t.Errorf("last bar %+v", last)
+	}
+	if b := c.Bars[42]; b.Y != c.AxisY || !strings.Contains(b.Title, ": 14 units") {
+		t.Errorf("bar of 5 hours ago %+v", b)
+	}
+	if young := hourlyChart(u, start.Add(9*time.Hour+time.Minute)); len(young.Bars) != 10 {
+		t.Errorf("a period 9 hours old has %d hourly bars, want 10", len(young.Bars))
+	}
+}
