@@ -43,33 +43,33 @@ func checkoutParams(customer, email string, items []*stripe.CheckoutSessionCreat
 // Checkout opens a Checkout Session for tier with the prices stripe-sync
 // created: the flat base price (quantity 1) and, when the tier bills
 // overage, the metered usage price (no quantity).
-func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL string) (string, error) {
+func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL string) (string, string, error) {
 	c, err := portalBackend{app: b.app}.Customer(ctx, customerID)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	if c.StripeCustomerID != "" {
-		return "", portal.InputError("You already pay through Stripe: change your plan with Manage billing.")
+		return "", "", portal.InputError("You already pay through Stripe: change your plan with Manage billing.")
 	}
 	t := b.app.tierByName[tier]
 	if t == nil || !purchasable(t) {
-		return "", portal.InputError("This plan cannot be bought here.")
+		return "", "", portal.InputError("This plan cannot be bought here.")
 	}
 	if t.Name == c.Tier {
-		return "", portal.InputError("You are already on this plan.")
+		return "", "", portal.InputError("You are already on this plan.")
 	}
 	baseKey, usageKey := stripereport.BaseLookupKey(tier), stripereport.UsageLookupKey(tier)
 	prices := map[string]*stripe.Price{}
 	list := b.client.V1Prices.List(ctx, &stripe.PriceListParams{LookupKeys: []*string{&baseKey, &usageKey}, Active: stripe.Bool(true)})
 	for p, err := range list.All(ctx) {
 		if err != nil {
-			return "", fmt.Errorf("listing the Stripe prices of tier %q: %w", tier, err)
+			return "", "", fmt.Errorf("listing the Stripe prices of tier %q: %w", tier, err)
 		}
 		prices[p.LookupKey] = p
 	}
 	base := prices[baseKey]
 	if base == nil {
-		return "", fmt.Errorf("tier %q has no active Stripe price with lookup key %s: run `caddy api-monetize stripe-sync`", tier, baseKey)
+		return "", "", fmt.Errorf("tier %q has no active Stripe price with lookup key %s: run `caddy api-monetize stripe-sync`", tier, baseKey)
 	}
 	items := []*stripe.CheckoutSessionCreateLineItemParams{{Price: stripe.String(base.ID), Quantity: stripe.Int64(1)}}
 	if u := prices[usageKey]; u != nil {
@@ -77,9 +77,9 @@ func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL
 	}
 	s, err := b.client.V1CheckoutSessions.Create(ctx, checkoutParams(c.ID, c.Email, items, returnURL, time.Now()))
 	if err != nil {
-		return "", fmt.Errorf("creating a Stripe Checkout Session: %w", err)
+		return "", "", fmt.Errorf("creating a Stripe Checkout Session: %w", err)
 	}
-	return s.URL, nil
+	return s.ID, s.URL, nil
 }
 
 // ManageBilling opens a Billing Portal session for the customer's Stripe

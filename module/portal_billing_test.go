@@ -57,16 +57,35 @@ func TestPortalUpgradeThroughCheckout(t *testing.T) {
 	if res := b.do("/plans/pro/checkout", url.Values{}); res.status != http.StatusForbidden || len(double.CheckoutSessions()) != 0 {
 		t.Fatalf("checkout without CSRF: %d, sessions %d", res.status, len(double.CheckoutSessions()))
 	}
-	res := b.do("/plans/pro/checkout", url.Values{"csrf": {csrf(t, plans)}})
-	if res.status != http.StatusSeeOther || !strings.HasPrefix(res.header.Get("Location"), double.URL+"/pay/") {
-		t.Fatalf("checkout: %d Location %q %s", res.status, res.header.Get("Location"), res.body)
+	checkout := func() string {
+		t.Helper()
+		res := b.do("/plans/pro/checkout", url.Values{"csrf": {csrf(t, plans)}})
+		loc := res.header.Get("Location")
+		if res.status != http.StatusSeeOther || !strings.HasPrefix(loc, double.URL+"/pay/") {
+			t.Fatalf("checkout: %d Location %q %s", res.status, loc, res.body)
+		}
+		if !strings.Contains(b.do("/plans", nil).body, `id="pending"`) {
+			t.Fatal("the plans page does not show the pending change")
+		}
+		return strings.TrimPrefix(loc, double.URL+"/pay/")
 	}
-	sessions := double.CheckoutSessions()
-	if len(sessions) != 1 {
-		t.Fatalf("%d checkout sessions", len(sessions))
-	}
-	cs := sessions[0]
+	// A checkout that expires is no longer shown as pending.
+	first := checkout()
+	cs := double.CheckoutSessions()[0]
 	customer := cs["client_reference_id"]
+	expired := fmt.Sprintf(`{"id":%q,"object":"checkout.session","mode":"subscription","client_reference_id":%q}`, first, customer)
+	if r := sendStripeEvent(t, "whsec_test_secret", "evt_expired", "checkout.session.expired", expired); r.status != http.StatusOK {
+		t.Fatalf("expiry event: %d %s", r.status, r.body)
+	}
+	if strings.Contains(b.do("/plans", nil).body, `id="pending"`) {
+		t.Fatal("an expired checkout is still shown as pending")
+	}
+	second := checkout()
+	sessions := double.CheckoutSessions()
+	if len(sessions) != 2 || second == first {
+		t.Fatalf("%d checkout sessions, ids %s %s", len(sessions), first, second)
+	}
+	cs = sessions[1]
 	want := map[string]string{
 		"mode": "subscription", "customer_email": "dev@example.com", "metadata[api_monetize_customer]": customer,
 		"line_items[0][price]": "price_pro_base", "line_items[0][quantity]": "1", "line_items[1][price]": "price_pro_usage",
@@ -83,11 +102,8 @@ func TestPortalUpgradeThroughCheckout(t *testing.T) {
 	if _, ok := cs["line_items[1][quantity]"]; ok {
 		t.Error("the metered price has a quantity")
 	}
-	if !strings.Contains(b.do("/plans", nil).body, `id="pending"`) {
-		t.Fatal("the plans page does not show the pending change")
-	}
 	// A forged completion (bad signature) links nothing.
-	completed := fmt.Sprintf(`{"id":"cs_1","object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_NEW","subscription":"sub_NEW"}`, customer)
+	completed := fmt.Sprintf(`{"id":%q,"object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_NEW","subscription":"sub_NEW"}`, second, customer)
 	if r := sendStripeEvent(t, "whsec_wrong", "evt_forged", "checkout.session.completed", completed); r.status != http.StatusBadRequest {
 		t.Fatalf("forged event: %d", r.status)
 	}
@@ -99,7 +115,7 @@ func TestPortalUpgradeThroughCheckout(t *testing.T) {
 	if r := sendStripeEvent(t, "whsec_test_secret", "evt_done", "checkout.session.completed", completed); r.status != http.StatusOK {
 		t.Fatalf("completion event: %d %s", r.status, r.body)
 	}
-	res = call(t, "/v1/pro-only", key)
+	res := call(t, "/v1/pro-only", key)
 	if res.status != http.StatusOK || !strings.HasSuffix(res.body, "tier=pro") || !strings.Contains(res.header.Get("RateLimit-Policy"), `"pro-min";q=100`) {
 		t.Fatalf("the member's key after the upgrade: %d %s %v", res.status, res.body, res.header)
 	}
@@ -113,7 +129,7 @@ func TestPortalUpgradeThroughCheckout(t *testing.T) {
 		double.PortalSessions()[0]["return_url"] != portalBase+"/plans" {
 		t.Fatalf("manage billing: %d %v", res.status, double.PortalSessions())
 	}
-	if res := b.do("/plans/pro/checkout", url.Values{"csrf": {csrf(t, plans)}}); res.status != http.StatusBadRequest || len(double.CheckoutSessions()) != 1 {
+	if res := b.do("/plans/pro/checkout", url.Values{"csrf": {csrf(t, plans)}}); res.status != http.StatusBadRequest || len(double.CheckoutSessions()) != 2 {
 		t.Fatalf("a second checkout for a paying customer: %d, sessions %d", res.status, len(double.CheckoutSessions()))
 	}
 }

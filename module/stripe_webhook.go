@@ -16,6 +16,7 @@ import (
 	"github.com/stripe/stripe-go/v86/webhook"
 	"go.uber.org/zap"
 
+	"github.com/apimonetize/caddy-api-monetize/portal"
 	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
@@ -165,7 +166,13 @@ func (w *StripeWebhook) apply(ctx context.Context, st store.Store, ev stripe.Eve
 		if obj.Mode != string(stripe.CheckoutSessionModeSubscription) {
 			return nil
 		}
-		return w.checkoutCompleted(ctx, st, obj.ClientReferenceID, obj.Customer, obj.Subscription)
+		if err := w.checkoutCompleted(ctx, st, obj.ClientReferenceID, obj.Customer, obj.Subscription); err != nil {
+			return err
+		}
+		return portal.ClearPendingCheckout(ctx, st, obj.ClientReferenceID, obj.ID)
+	case "checkout.session.expired":
+		// The portal stops showing the plan change as pending.
+		return portal.ClearPendingCheckout(ctx, st, obj.ClientReferenceID, obj.ID)
 	}
 	return nil
 }

@@ -79,10 +79,10 @@ type Config struct {
 // Billing opens the payment provider's hosted pages.
 type Billing interface {
 	// Checkout opens a checkout moving customerID to tier and returns its
-	// URL; the member comes back to returnURL. A plan that cannot be
-	// bought, or a customer who already pays and must use ManageBilling,
-	// is an InputError.
-	Checkout(ctx context.Context, customerID, tier, returnURL string) (string, error)
+	// id and URL; the member comes back to returnURL. A plan that cannot
+	// be bought, or a customer who already pays and must use
+	// ManageBilling, is an InputError.
+	Checkout(ctx context.Context, customerID, tier, returnURL string) (id, url string, err error)
 	// ManageBilling opens the customer's billing portal (payment method,
 	// invoices, plan changes, cancellation) and returns its URL; a
 	// customer without a billing account is an InputError.
