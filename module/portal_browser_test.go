@@ -118,6 +118,8 @@ func TestPortalBrowser(t *testing.T) {
 		chromedp.SendKeys(chromedp.ID("name"), "production"),
 		chromedp.Click(chromedp.ID("create-key")),
 		chromedp.WaitVisible(chromedp.ID("secret")),
+		// The copy button appears only when the script ran under the CSP.
+		chromedp.WaitVisible(chromedp.ID("copy")),
 		shot("key-created"),
 	)
 	key := text("the new key", chromedp.Value(chromedp.ID("secret")))

@@ -8,8 +8,9 @@
 // a random id; the store holds only its SHA-256), the cookie is
 // __Host-prefixed, HttpOnly, Secure and SameSite=Lax and is replaced at
 // sign-in; every state-changing form carries a CSRF token and cross-origin
-// POSTs are refused; pages carry a strict Content-Security-Policy with no
-// script at all; every page reads only the signed-in member's customer.
+// POSTs are refused; pages carry a strict Content-Security-Policy without
+// inline script (one static file adds optional enhancements, such as copy
+// buttons); every page reads only the signed-in member's customer.
 package portal
 
 import (
@@ -250,7 +251,7 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 	h := &Handler{
 		cfg: cfg, be: be, mail: mail, log: log, base: base,
 		basePath: strings.TrimSuffix(base.Path, "/"), secure: base.Scheme == "https",
-		csp: "default-src 'none'; style-src 'self'; img-src " + imgSrc +
+		csp: "default-src 'none'; script-src 'self'; style-src 'self'; img-src " + imgSrc +
 			"; base-uri 'none'; frame-ancestors 'none'; form-action " + formAction,
 		closed: make(chan struct{}), oidc: oc,
 	}
