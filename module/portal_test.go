@@ -688,3 +688,19 @@ func TestPortalSignInLinkRace(t *testing.T) {
 		}
 	})
 }
+
+// TestPortalSessionSurvivesReload: sessions live in the store, so a
+// config reload (a new portal handler and app) keeps members signed in,
+// on both stores.
+func TestPortalSessionSurvivesReload(t *testing.T) {
+	portalStores(t, func(t *testing.T, storeLine string) {
+		smtp := startPortal(t, storeLine, "open")
+		b := newBrowser(t)
+		b.signIn(smtp, "dev@example.com", 1)
+		before := b.session()
+		startPortal(t, storeLine, "open") // a reload: another SMTP server, so another config
+		if res := b.do("/keys", nil); res.status != http.StatusOK || !strings.Contains(res.body, "dev@example.com") || b.session() != before {
+			t.Fatalf("after a reload: %d", res.status)
+		}
+	})
+}
