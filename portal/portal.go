@@ -182,8 +182,6 @@ type Handler struct {
 	handler  http.Handler
 	// sending counts sign-in emails in flight; Close waits for them.
 	sending sync.WaitGroup
-	closed  chan struct{}
-	once    sync.Once
 }
 
 var accentPattern = regexp.MustCompile(`^#[0-9a-fA-F]{6}$`)
@@ -253,7 +251,7 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 		basePath: strings.TrimSuffix(base.Path, "/"), secure: base.Scheme == "https",
 		csp: "default-src 'none'; script-src 'self'; style-src 'self'; img-src " + imgSrc +
 			"; base-uri 'none'; frame-ancestors 'none'; form-action " + formAction,
-		closed: make(chan struct{}), oidc: oc,
+		oidc: oc,
 	}
 	if err := h.parseTemplates(); err != nil {
 		return nil, err
@@ -265,7 +263,6 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 // Close waits for the sign-in emails in flight (each bounded by a
 // timeout).
 func (h *Handler) Close() {
-	h.once.Do(func() { close(h.closed) })
 	h.sending.Wait()
 }
 
