@@ -49,6 +49,18 @@ func (u *keyUses) slot(keyID string) *keyUse {
 	return s
 }
 
+// lastUse is the latest use of keyID this process has seen, written to
+// the store or not yet; zero when none.
+func (u *keyUses) lastUse(keyID string) time.Time {
+	u.mu.Lock()
+	s := u.slots[keyID]
+	u.mu.Unlock()
+	if s == nil || s.used.Load() == 0 {
+		return time.Time{}
+	}
+	return time.Unix(s.used.Load(), 0).UTC()
+}
+
 // record notes a use at now: one atomic load per request, and a store
 // only when the second changed. A lookup made without a slot (nil) records
 // nothing.

@@ -18,6 +18,7 @@ import (
 	"github.com/stripe/stripe-go/v86/webhook"
 	"go.uber.org/zap"
 
+	"github.com/apimonetize/caddy-api-monetize/portal"
 	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
@@ -147,9 +148,11 @@ func (w *StripeWebhook) ServeHTTP(rw http.ResponseWriter, r *http.Request, _ cad
 // apply applies one verified event.
 func (w *StripeWebhook) apply(ctx context.Context, st store.Store, ev stripe.Event) error {
 	var obj struct {
-		ID           string `json:"id"`
-		Customer     string `json:"customer"`
-		Subscription string `json:"subscription"`
+		ID                string `json:"id"`
+		Customer          string `json:"customer"`
+		Subscription      string `json:"subscription"`
+		ClientReferenceID string `json:"client_reference_id"`
+		Mode              string `json:"mode"`
 	}
 	if ev.Data == nil || json.Unmarshal(ev.Data.Raw, &obj) != nil {
 		return nil
@@ -161,8 +164,58 @@ func (w *StripeWebhook) apply(ctx context.Context, st store.Store, ev stripe.Eve
 		return w.paymentFailed(ctx, st, obj.Customer)
 	case "invoice.paid":
 		return w.paid(ctx, st, obj.Customer)
+	case "checkout.session.completed":
+		if obj.Mode != string(stripe.CheckoutSessionModeSubscription) {
+			return nil
+		}
+		if err := w.checkoutCompleted(ctx, st, obj.ClientReferenceID, obj.Customer, obj.Subscription); err != nil {
+			return err
+		}
+		return portal.ClearPendingCheckout(ctx, st, obj.ClientReferenceID, obj.ID)
+	case "checkout.session.expired":
+		// The portal stops showing the plan change as pending.
+		return portal.ClearPendingCheckout(ctx, st, obj.ClientReferenceID, obj.ID)
 	}
 	return nil
+}
+
+// checkoutCompleted links the Stripe customer a portal checkout created
+// to the api_monetize customer named by client_reference_id, then applies
+// the subscription (whose own events may have arrived before the link).
+// A customer already linked to another Stripe customer is left alone.
+func (w *StripeWebhook) checkoutCompleted(ctx context.Context, st store.Store, customer, stripeID, subscription string) error {
+	if customer == "" || stripeID == "" {
+		return nil
+	}
+	c, err := st.GetCustomer(ctx, customer)
+	if errors.Is(err, store.ErrNotFound) {
+		w.logger.Warn("checkout completed for an unknown customer", zap.String("client_reference_id", customer))
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	switch c.StripeCustomerID {
+	case stripeID:
+	case "":
+		// UpsertConfigCustomer with the stored customer changes only its
+		// contact fields: here the Stripe id.
+		linked := c
+		linked.StripeCustomerID = stripeID
+		if _, err := st.UpsertConfigCustomer(ctx, linked); err != nil {
+			return err
+		}
+		w.app.shared.registry.invalidate()
+		w.logger.Info("Stripe customer linked by checkout", zap.String("customer", c.ID), zap.String("stripe_customer", stripeID))
+	default:
+		w.logger.Warn("checkout completed for a customer linked to another Stripe customer; not relinked",
+			zap.String("customer", c.ID), zap.String("stripe_customer", stripeID))
+		return nil
+	}
+	if subscription == "" {
+		return nil
+	}
+	return w.syncSubscription(ctx, st, subscription)
 }
 
 // customerByStripeID finds the customer with a Stripe id.

@@ -65,6 +65,9 @@ type Double struct {
 	seq      int
 	// Creates counts objects created, by kind.
 	creates map[string]int
+	// sessions are the Checkout and Billing Portal sessions created, as
+	// their form parameters, in order.
+	checkouts, portals []map[string]string
 }
 
 // New starts a double; stop it with Close.
@@ -126,6 +129,46 @@ func (d *Double) SetSubscription(id, customer, status string, lookupKeys ...stri
 	}
 }
 
+// SetPrice stores an active recurring price with a lookup key; usageType
+// is "licensed" or "metered".
+func (d *Double) SetPrice(id, lookupKey, usageType string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.prices[id] = map[string]any{
+		"id": id, "object": "price", "active": true, "currency": "usd", "lookup_key": lookupKey,
+		"recurring": map[string]any{"interval": "month", "interval_count": 1, "usage_type": usageType},
+	}
+}
+
+// CheckoutSessions returns the parameters of the Checkout Sessions
+// created, in order.
+func (d *Double) CheckoutSessions() []map[string]string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]map[string]string(nil), d.checkouts...)
+}
+
+// PortalSessions returns the parameters of the Billing Portal sessions
+// created, in order.
+func (d *Double) PortalSessions() []map[string]string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]map[string]string(nil), d.portals...)
+}
+
+// session records a Checkout or Billing Portal session and answers with
+// its id and a URL on the double.
+func (d *Double) session(w http.ResponseWriter, r *http.Request, object string, list *[]map[string]string) {
+	f := form(r)
+	d.mu.Lock()
+	d.seq++
+	id := fmt.Sprintf("cs_%d", d.seq)
+	*list = append(*list, f)
+	d.mu.Unlock()
+	writeJSON(w, map[string]any{"id": id, "object": object, "url": d.URL + "/pay/" + id,
+		"client_reference_id": orNull(f["client_reference_id"]), "customer": orNull(f["customer"]), "mode": orNull(f["mode"])})
+}
+
 func (d *Double) serve(w http.ResponseWriter, r *http.Request) {
 	if !strings.HasPrefix(r.Header.Get("Authorization"), "Bearer sk_") {
 		writeError(w, http.StatusUnauthorized, "invalid_request_error", "Invalid API Key provided")
@@ -162,6 +205,10 @@ func (d *Double) serve(w http.ResponseWriter, r *http.Request) {
 		d.listPrices(w, r)
 	case route == "POST /v1/prices":
 		d.createPrice(w, r)
+	case route == "POST /v1/checkout/sessions":
+		d.session(w, r, "checkout.session", &d.checkouts)
+	case route == "POST /v1/billing_portal/sessions":
+		d.session(w, r, "billing_portal.session", &d.portals)
 	case route == "GET /v1/billing/meters":
 		d.list(w, d.meters, "/v1/billing/meters")
 	case route == "POST /v1/billing/meters":

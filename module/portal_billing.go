@@ -1,0 +1,109 @@
+package module
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/stripe/stripe-go/v86"
+
+	"github.com/apimonetize/caddy-api-monetize/portal"
+	"github.com/apimonetize/caddy-api-monetize/stripereport"
+)
+
+// portalBilling opens Stripe Checkout and Billing Portal sessions for the
+// portal. The tier changes only when Stripe's signed webhook says so
+// (checkout.session.completed links the Stripe customer; the
+// subscription's prices name the tier).
+type portalBilling struct {
+	app    *App
+	client *stripe.Client
+}
+
+// checkoutParams is a subscription-mode Checkout Session for customer
+// with the given line items, expiring after an hour. The Stripe customer
+// is created by Checkout (with email prefilled) and linked to customer by
+// client_reference_id when the session completes.
+func checkoutParams(customer, email string, items []*stripe.CheckoutSessionCreateLineItemParams, returnURL string, now time.Time) *stripe.CheckoutSessionCreateParams {
+	p := &stripe.CheckoutSessionCreateParams{
+		Mode:              stripe.String(string(stripe.CheckoutSessionModeSubscription)),
+		ClientReferenceID: stripe.String(customer),
+		LineItems:         items,
+		SuccessURL:        stripe.String(returnURL + "?checkout=done"),
+		CancelURL:         stripe.String(returnURL),
+		ExpiresAt:         stripe.Int64(now.Add(time.Hour).Unix()),
+		Metadata:          map[string]string{"api_monetize_customer": customer},
+	}
+	if email != "" {
+		p.CustomerEmail = stripe.String(email)
+	}
+	return p
+}
+
+// Checkout opens a Checkout Session for tier with the prices stripe-sync
+// created: the flat base price (quantity 1) and, when the tier bills
+// overage, the metered usage price (no quantity).
+func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL string) (string, string, error) {
+	c, err := portalBackend{app: b.app}.Customer(ctx, customerID)
+	if err != nil {
+		return "", "", err
+	}
+	if c.StripeCustomerID != "" {
+		return "", "", portal.InputError("You already pay through Stripe: change your plan with Manage billing.")
+	}
+	t := b.app.tierByName[tier]
+	if t == nil || !purchasable(t) {
+		return "", "", portal.InputError("This plan cannot be bought here.")
+	}
+	if t.Name == c.Tier {
+		return "", "", portal.InputError("You are already on this plan.")
+	}
+	baseKey, usageKey := stripereport.BaseLookupKey(tier), stripereport.UsageLookupKey(tier)
+	prices := map[string]*stripe.Price{}
+	list := b.client.V1Prices.List(ctx, &stripe.PriceListParams{LookupKeys: []*string{&baseKey, &usageKey}, Active: stripe.Bool(true)})
+	for p, err := range list.All(ctx) {
+		if err != nil {
+			return "", "", fmt.Errorf("listing the Stripe prices of tier %q: %w", tier, err)
+		}
+		prices[p.LookupKey] = p
+	}
+	base := prices[baseKey]
+	if base == nil {
+		return "", "", fmt.Errorf("tier %q has no active Stripe price with lookup key %s: run `caddy api-monetize stripe-sync`", tier, baseKey)
+	}
+	items := []*stripe.CheckoutSessionCreateLineItemParams{{Price: stripe.String(base.ID), Quantity: stripe.Int64(1)}}
+	if u := prices[usageKey]; u != nil {
+		items = append(items, &stripe.CheckoutSessionCreateLineItemParams{Price: stripe.String(u.ID)})
+	}
+	s, err := b.client.V1CheckoutSessions.Create(ctx, checkoutParams(c.ID, c.Email, items, returnURL, time.Now()))
+	if err != nil {
+		return "", "", fmt.Errorf("creating a Stripe Checkout Session: %w", err)
+	}
+	return s.ID, s.URL, nil
+}
+
+// ManageBilling opens a Billing Portal session for the customer's Stripe
+// customer.
+func (b portalBilling) ManageBilling(ctx context.Context, customerID, returnURL string) (string, error) {
+	c, err := portalBackend{app: b.app}.Customer(ctx, customerID)
+	if err != nil {
+		return "", err
+	}
+	if c.StripeCustomerID == "" {
+		return "", portal.InputError("There is no billing account yet: choose a paid plan first.")
+	}
+	s, err := b.client.V1BillingPortalSessions.Create(ctx, &stripe.BillingPortalSessionCreateParams{
+		Customer: stripe.String(c.StripeCustomerID), ReturnURL: stripe.String(returnURL),
+	})
+	if err != nil {
+		return "", fmt.Errorf("creating a Stripe Billing Portal session: %w", err)
+	}
+	return s.URL, nil
+}
+
+// purchasable reports whether a tier has a fixed, non-zero price.
+func purchasable(t *tierRuntime) bool {
+	return t.Price != nil && !t.Price.Custom && t.Price.AmountMicros > 0
+}
+
+var _ portal.Billing = portalBilling{}

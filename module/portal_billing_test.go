@@ -1,0 +1,166 @@
+package module
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stripe/stripe-go/v86"
+
+	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
+	"github.com/apimonetize/caddy-api-monetize/stripereport"
+)
+
+// portalStripeBlock is a stripe block talking to apiBase.
+func portalStripeBlock(apiBase string) string {
+	return fmt.Sprintf(`stripe {
+			secret_key sk_test_123
+			webhook_secret whsec_test_secret
+			downgrade_to free
+			api_base %s
+		}`, apiBase)
+}
+
+// TestPortalUpgradeThroughCheckout: a member on the free plan chooses pro;
+// the portal opens a subscription-mode Checkout Session with the prices
+// stripe-sync made (base quantity 1, metered usage without quantity) and
+// the customer as client_reference_id, and shows the change as pending;
+// Stripe's signed checkout.session.completed links the Stripe customer
+// and moves the tier, and the pro plan's endpoints and rate limit apply to
+// the member's key at once. Then "Manage billing" opens the Billing
+// Portal and Checkout is refused (no second subscription).
+func TestPortalUpgradeThroughCheckout(t *testing.T) {
+	double := stripedouble.New()
+	defer double.Close()
+	double.SetPrice("price_pro_base", stripereport.BaseLookupKey("pro"), "licensed")
+	double.SetPrice("price_pro_usage", stripereport.UsageLookupKey("pro"), "metered")
+	smtp := startPortalStripe(t, "store_path "+t.TempDir()+"/store.db", "open", portalStripeBlock(double.URL))
+
+	b := newBrowser(t)
+	b.signIn(smtp, "dev@example.com", 1)
+	key := b.createKey("ci")
+	if res := call(t, "/v1/pro-only", key); res.status != http.StatusForbidden {
+		t.Fatalf("a free key on a pro endpoint: %d", res.status)
+	}
+	plans := b.do("/plans", nil)
+	if !strings.Contains(plans.body, `id="upgrade-pro"`) || strings.Contains(plans.body, `id="upgrade-free"`) || strings.Contains(plans.body, "manage-billing") {
+		t.Fatalf("plans page offers: %s", plans.body)
+	}
+	if csp := plans.header.Get("Content-Security-Policy"); !strings.Contains(csp, "form-action 'self' https://checkout.stripe.com https://billing.stripe.com") {
+		t.Errorf("CSP does not allow the Stripe redirects: %s", csp)
+	}
+	// Without the CSRF token nothing is opened.
+	if res := b.do("/plans/pro/checkout", url.Values{}); res.status != http.StatusForbidden || len(double.CheckoutSessions()) != 0 {
+		t.Fatalf("checkout without CSRF: %d, sessions %d", res.status, len(double.CheckoutSessions()))
+	}
+	checkout := func() string {
+		t.Helper()
+		res := b.do("/plans/pro/checkout", url.Values{"csrf": {csrf(t, plans)}})
+		loc := res.header.Get("Location")
+		if res.status != http.StatusSeeOther || !strings.HasPrefix(loc, double.URL+"/pay/") {
+			t.Fatalf("checkout: %d Location %q %s", res.status, loc, res.body)
+		}
+		if !strings.Contains(b.do("/plans", nil).body, `id="pending"`) {
+			t.Fatal("the plans page does not show the pending change")
+		}
+		return strings.TrimPrefix(loc, double.URL+"/pay/")
+	}
+	// A checkout that expires is no longer shown as pending.
+	first := checkout()
+	cs := double.CheckoutSessions()[0]
+	customer := cs["client_reference_id"]
+	expired := fmt.Sprintf(`{"id":%q,"object":"checkout.session","mode":"subscription","client_reference_id":%q}`, first, customer)
+	if r := sendStripeEvent(t, "whsec_test_secret", "evt_expired", "checkout.session.expired", expired); r.status != http.StatusOK {
+		t.Fatalf("expiry event: %d %s", r.status, r.body)
+	}
+	if strings.Contains(b.do("/plans", nil).body, `id="pending"`) {
+		t.Fatal("an expired checkout is still shown as pending")
+	}
+	second := checkout()
+	sessions := double.CheckoutSessions()
+	if len(sessions) != 2 || second == first {
+		t.Fatalf("%d checkout sessions, ids %s %s", len(sessions), first, second)
+	}
+	cs = sessions[1]
+	want := map[string]string{
+		"mode": "subscription", "customer_email": "dev@example.com", "metadata[api_monetize_customer]": customer,
+		"line_items[0][price]": "price_pro_base", "line_items[0][quantity]": "1", "line_items[1][price]": "price_pro_usage",
+		"success_url": portalBase + "/plans?checkout=done", "cancel_url": portalBase + "/plans",
+	}
+	for k, v := range want {
+		if cs[k] != v {
+			t.Errorf("checkout %s = %q, want %q", k, cs[k], v)
+		}
+	}
+	if !strings.HasPrefix(customer, "c-") {
+		t.Errorf("client_reference_id %q is not the portal customer", customer)
+	}
+	if _, ok := cs["line_items[1][quantity]"]; ok {
+		t.Error("the metered price has a quantity")
+	}
+	// A forged completion (bad signature) links nothing.
+	completed := fmt.Sprintf(`{"id":%q,"object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_NEW","subscription":"sub_NEW"}`, second, customer)
+	if r := sendStripeEvent(t, "whsec_wrong", "evt_forged", "checkout.session.completed", completed); r.status != http.StatusBadRequest {
+		t.Fatalf("forged event: %d", r.status)
+	}
+	if res := call(t, "/v1/pro-only", key); res.status != http.StatusForbidden {
+		t.Fatalf("after a forged event: %d", res.status)
+	}
+
+	double.SetSubscription("sub_NEW", "cus_NEW", "active", stripereport.BaseLookupKey("pro"), stripereport.UsageLookupKey("pro"))
+	if r := sendStripeEvent(t, "whsec_test_secret", "evt_done", "checkout.session.completed", completed); r.status != http.StatusOK {
+		t.Fatalf("completion event: %d %s", r.status, r.body)
+	}
+	res := call(t, "/v1/pro-only", key)
+	if res.status != http.StatusOK || !strings.HasSuffix(res.body, "tier=pro") || !strings.Contains(res.header.Get("RateLimit-Policy"), `"pro-min";q=100`) {
+		t.Fatalf("the member's key after the upgrade: %d %s %v", res.status, res.body, res.header)
+	}
+	plans = b.do("/plans", nil)
+	if strings.Contains(plans.body, `id="pending"`) || !strings.Contains(plans.body, `<h2 id="plan-pro">pro <span class="badge">Your plan</span>`) ||
+		!strings.Contains(plans.body, `id="manage-billing"`) || strings.Contains(plans.body, `id="upgrade-`) {
+		t.Fatalf("plans page after the upgrade: %s", plans.body)
+	}
+	res = b.do("/billing", url.Values{"csrf": {csrf(t, plans)}})
+	if res.status != http.StatusSeeOther || len(double.PortalSessions()) != 1 || double.PortalSessions()[0]["customer"] != "cus_NEW" ||
+		double.PortalSessions()[0]["return_url"] != portalBase+"/plans" {
+		t.Fatalf("manage billing: %d %v", res.status, double.PortalSessions())
+	}
+	if res := b.do("/plans/pro/checkout", url.Values{"csrf": {csrf(t, plans)}}); res.status != http.StatusBadRequest || len(double.CheckoutSessions()) != 2 {
+		t.Fatalf("a second checkout for a paying customer: %d, sessions %d", res.status, len(double.CheckoutSessions()))
+	}
+}
+
+// TestPortalCheckoutIsValidForStripe sends the portal's Checkout Session
+// and Billing Portal session requests to stripe-mock, which validates them
+// against Stripe's OpenAPI description.
+func TestPortalCheckoutIsValidForStripe(t *testing.T) {
+	base := stripedouble.StripeMock(t)
+	sc := stripereport.NewClient("sk_test_123", base, 10*time.Second)
+	items := []*stripe.CheckoutSessionCreateLineItemParams{
+		{Price: stripe.String("price_base"), Quantity: stripe.Int64(1)},
+		{Price: stripe.String("price_usage")},
+	}
+	s, err := sc.V1CheckoutSessions.Create(context.Background(), checkoutParams("c-1", "dev@example.com", items, "https://portal.example.com/plans", time.Now()))
+	if err != nil {
+		t.Fatalf("checkout session: %v", err)
+	}
+	if s.URL == "" || s.Mode != stripe.CheckoutSessionModeSubscription || s.ClientReferenceID != "c-1" {
+		t.Fatalf("checkout session %+v", s)
+	}
+	p, err := sc.V1BillingPortalSessions.Create(context.Background(), &stripe.BillingPortalSessionCreateParams{
+		Customer: stripe.String("cus_1"), ReturnURL: stripe.String("https://portal.example.com/plans"),
+	})
+	if err != nil || p.URL == "" {
+		t.Fatalf("billing portal session: %v %+v", err, p)
+	}
+	list := sc.V1Prices.List(context.Background(), &stripe.PriceListParams{LookupKeys: []*string{stripe.String("am_pro_base")}, Active: stripe.Bool(true)})
+	for _, err := range list.All(context.Background()) {
+		if err != nil {
+			t.Fatalf("price list: %v", err)
+		}
+	}
+}

@@ -1,0 +1,153 @@
+package portal
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+const (
+	// roleMember is a teammate an owner invited: same pages, but cannot
+	// invite or remove members.
+	roleMember = "member"
+	// invitesPerCustomer bounds the invitations a customer sends per
+	// throttleWindow.
+	invitesPerCustomer = 20
+)
+
+// member reads the member record of email, store.ErrNotFound when the
+// address is no member.
+func readMember(ctx context.Context, recs store.Records, email string) (memberRecord, error) {
+	rec, err := recs.GetRecord(ctx, recordKindMember, email)
+	if err != nil {
+		return memberRecord{}, err
+	}
+	var m memberRecord
+	if err := json.Unmarshal(rec.Data, &m); err != nil || m.Customer == "" {
+		return memberRecord{}, errors.New("a member record is damaged")
+	}
+	return m, nil
+}
+
+// teamMember is a row of the team page.
+type teamMember struct {
+	Email, Role string
+	Since       time.Time
+}
+
+// team lists the members of a customer, owners first, then by address.
+func team(ctx context.Context, recs store.Records, customer string) ([]teamMember, error) {
+	all, err := recs.ListRecords(ctx, recordKindMember, "")
+	if err != nil {
+		return nil, err
+	}
+	var out []teamMember
+	for _, rec := range all {
+		var m memberRecord
+		if json.Unmarshal(rec.Data, &m) == nil && m.Customer == customer {
+			out = append(out, teamMember{Email: rec.ID, Role: m.Role, Since: m.Created})
+		}
+	}
+	sort.SliceStable(out, func(i, j int) bool { return out[i].Role == roleOwner && out[j].Role != roleOwner })
+	return out, nil
+}
+
+func (h *Handler) teamPage(w http.ResponseWriter, r *http.Request, s *session) {
+	h.showTeam(w, r, s, http.StatusOK, nil)
+}
+
+func (h *Handler) showTeam(w http.ResponseWriter, r *http.Request, s *session, status int, extra map[string]any) {
+	recs, err := h.be.Records(r.Context())
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	members, err := team(r.Context(), recs, s.Customer)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	data := map[string]any{"Members": members, "Owner": s.role == roleOwner}
+	for k, v := range extra {
+		data[k] = v
+	}
+	h.render(w, r, status, "team", s, data)
+}
+
+// invite makes an address a member of the owner's customer and emails it
+// a sign-in link. The answer is the same whether or not the address could
+// be added (an address already a member of any customer is left as it
+// is, and gets no email), so that owners learn nothing of other customers.
+func (h *Handler) invite(w http.ResponseWriter, r *http.Request, s *session) {
+	if s.role != roleOwner {
+		h.fail(w, r, s, http.StatusForbidden, "Only the account's owner can invite teammates.")
+		return
+	}
+	email := normalizeEmail(r.PostFormValue("email"))
+	if email == "" {
+		h.showTeam(w, r, s, http.StatusBadRequest, map[string]any{"Error": "Enter an email address such as dev@example.com.", "Email": r.PostFormValue("email")})
+		return
+	}
+	ctx := r.Context()
+	recs, err := h.be.Records(ctx)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	if ok, err := allow(ctx, recs, "invite", s.Customer, invitesPerCustomer, time.Now()); err != nil || !ok {
+		if err != nil {
+			h.failErr(w, r, s, err)
+			return
+		}
+		h.fail(w, r, s, http.StatusTooManyRequests, "Too many invitations. Please wait a few minutes and try again.")
+		return
+	}
+	data, _ := json.Marshal(memberRecord{Customer: s.Customer, Role: roleMember, Created: time.Now().UTC()})
+	added, err := recs.PutRecord(ctx, store.Record{Kind: recordKindMember, ID: email, Data: data}, true)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	if added {
+		if err := h.emailLink(ctx, recs, email, s.Email+" invited you to the "+h.cfg.ProductName+" developer portal. Sign in:"); err != nil {
+			h.failErr(w, r, s, err)
+			return
+		}
+	}
+	h.showTeam(w, r, s, http.StatusOK, map[string]any{"Invited": email})
+}
+
+// removeMember removes a teammate from the owner's customer; their
+// sessions end at their next request.
+func (h *Handler) removeMember(w http.ResponseWriter, r *http.Request, s *session) {
+	if s.role != roleOwner {
+		h.fail(w, r, s, http.StatusForbidden, "Only the account's owner can remove teammates.")
+		return
+	}
+	email := normalizeEmail(r.PostFormValue("email"))
+	ctx := r.Context()
+	recs, err := h.be.Records(ctx)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	m, err := readMember(ctx, recs, email)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && (m.Customer != s.Customer || m.Role == roleOwner)) {
+		h.fail(w, r, s, http.StatusNotFound, "There is no such teammate.")
+		return
+	}
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	if err := recs.DeleteRecord(ctx, recordKindMember, email); err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	http.Redirect(w, r, h.link("/team"), http.StatusSeeOther)
+}
