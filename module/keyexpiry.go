@@ -68,6 +68,10 @@ func (n *notifier) announceExpiringKeys(ctx context.Context, st store.Store) err
 		if err != nil {
 			return err
 		}
+		// Each key is judged by the clock after it was listed, never by one
+		// read before: a key created during the scan is not announced for a
+		// window it was never in.
+		now := clockNow()
 		for _, k := range keys {
 			if !k.Active() || k.ExpiresAt.IsZero() || k.Expired(now) {
 				continue

@@ -602,9 +602,10 @@ func TestClusterWaitReplicas(t *testing.T) {
 		rc := redis.NewClient(&redis.Options{Addr: replica.Addr(), OnConnect: func(ctx context.Context, cn *redis.Conn) error {
 			return cn.ReadOnly(ctx).Err()
 		}})
-		behind := 0
+		behind, unreported := 0, 0
 		const n = 300
 		for i := range n {
+			before := s.Unreplicated()
 			if _, err := s.Reserve(t.Context(), store.Reservation{Subject: "acme", Cost: 1, Quota: q}); err != nil {
 				t.Fatal(err)
 			}
@@ -614,13 +615,19 @@ func TestClusterWaitReplicas(t *testing.T) {
 			}
 			if got, ok := packedInts(v, 5); !ok || got[0] != int64(i+1) {
 				behind++
+				// A WAIT that timed out (a loaded machine) is counted by the
+				// store; a reservation behind without that is a broken promise.
+				if s.Unreplicated() == before {
+					unreported++
+				}
 			}
 		}
 		_ = rc.Close()
 		if wait > 0 {
-			if behind > 0 || s.Unreplicated() > 0 {
-				t.Errorf("with WAIT 1: the replica lacked %d of %d answered reservations (%d pipelines unreplicated)", behind, n, s.Unreplicated())
+			if unreported > 0 {
+				t.Errorf("with WAIT 1: the replica lacked %d of %d answered reservations, %d of them in pipelines not counted as unreplicated", behind, n, unreported)
 			}
+			t.Logf("with WAIT 1: %d of %d behind, all in the %d pipelines counted as unreplicated", behind, n, s.Unreplicated())
 		} else {
 			t.Logf("without WAIT: the replica lacked %d of %d answered reservations when read right after", behind, n)
 		}
