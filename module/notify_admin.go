@@ -15,17 +15,12 @@ import (
 // notification with its delivery state, oldest event first. Query
 // parameters customer=<id> and state=pending|delivered|dead filter it;
 // state=dead is the dead-letter list.
-func (a *adminAPI) listNotifications(w http.ResponseWriter, r *http.Request) {
-	rec, ok := a.store(w)
-	if !ok {
-		return
-	}
+func (a *adminAPI) listNotifications(w http.ResponseWriter, r *http.Request, rec store.Store) error {
 	state := r.URL.Query().Get("state")
 	switch state {
 	case "", statePending, stateDelivered, stateDead:
 	default:
-		writeAdminError(w, http.StatusBadRequest, "state: expected pending, delivered or dead, got "+state)
-		return
+		return apiError(http.StatusBadRequest, "state: expected pending, delivered or dead, got "+state)
 	}
 	prefix := ""
 	if c := r.URL.Query().Get("customer"); c != "" {
@@ -33,8 +28,7 @@ func (a *adminAPI) listNotifications(w http.ResponseWriter, r *http.Request) {
 	}
 	all, err := loadNotifications(r.Context(), rec, prefix)
 	if err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	out := make([]notification, 0, len(all))
 	for _, nt := range all {
@@ -52,42 +46,35 @@ func (a *adminAPI) listNotifications(w http.ResponseWriter, r *http.Request) {
 		return strings.Compare(a.ID, b.ID)
 	})
 	writeJSON(w, http.StatusOK, out)
+	return nil
 }
 
 // replayNotification serves POST /api_monetize/notifications/{id}/replay:
 // a delivered or dead-lettered notification is delivered again, with the
 // same webhook-id and a fresh 24 h retry window. It answers 202 with the
 // notification, 404 for an unknown id and 409 while it is pending.
-func (a *adminAPI) replayNotification(w http.ResponseWriter, r *http.Request) {
-	rec, ok := a.store(w)
-	if !ok {
-		return
-	}
+func (a *adminAPI) replayNotification(w http.ResponseWriter, r *http.Request, rec store.Store) error {
 	id := r.PathValue("id")
 	rd, err := rec.GetRecord(r.Context(), recordKindNotification, id)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
-			writeAdminError(w, http.StatusNotFound, "no notification "+id)
-			return
+			return apiError(http.StatusNotFound, "no notification "+id)
 		}
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	var nt notification
 	if err := json.Unmarshal(rd.Data, &nt); err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	if nt.State == statePending {
-		writeAdminError(w, http.StatusConflict, "notification "+id+" is pending delivery already")
-		return
+		return apiError(http.StatusConflict, "notification "+id+" is pending delivery already")
 	}
 	nt.State, nt.Attempts = statePending, 0
 	nt.FirstTry, nt.DeliveredAt = time.Time{}, time.Time{}
 	nt.NextTry = time.Now().UTC()
 	if _, err := putNotification(r.Context(), rec, nt, false); err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	writeJSON(w, http.StatusAccepted, nt)
+	return nil
 }
