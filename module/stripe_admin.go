@@ -1,6 +1,7 @@
 package module
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"time"
@@ -124,7 +125,10 @@ func (a *adminAPI) stripeReport(w http.ResponseWriter, r *http.Request) error {
 	}
 	reply := make(chan stripePass, 1)
 	select {
-	case run.passes <- reply:
+	case run.passes <- func(ctx context.Context) {
+		res, err := run.pass(ctx)
+		reply <- stripePass{res: res, err: err}
+	}:
 	case <-run.done:
 		return apiError(http.StatusServiceUnavailable, "the Stripe reporter of this configuration has stopped")
 	case <-r.Context().Done():
