@@ -515,9 +515,8 @@ func (a *App) syncConfig(ctx context.Context) error {
 		if err := a.revokeUndeclaredKeys(ctx, st, declared); err != nil {
 			return err
 		}
-		// Revoked keys stop working at once here; other processes learn
-		// through the store's change notifications.
-		a.shared.registry.invalidate()
+		// Revoked keys stop working at once here.
+		a.invalidateKeys()
 		a.removedKeysRevoked = true
 	}
 	return a.shared.confirmSeed(ctx, st, token)
@@ -559,6 +558,11 @@ func (a *App) hasher(ctx context.Context) (*apikey.Hasher, error) {
 
 // store returns the opened store.
 func (a *App) store() (store.Store, error) { return a.shared.open() }
+
+// invalidateKeys drops this process's cached key lookups, so that a change
+// to a key, a customer or a tier applies to the next request here (other
+// processes learn through the store's change notifications).
+func (a *App) invalidateKeys() { a.shared.registry.invalidate() }
 
 // waitReady blocks until Start has stored the configuration, at most d. On
 // a reload the new handlers may run before the new app started.

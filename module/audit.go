@@ -87,26 +87,24 @@ type auditPage struct {
 // listAudit serves GET /api_monetize/audit: the key audit trail, oldest
 // first, limit entries (default 100, at most 1000) after the cursor
 // after; customer=<id> and key_id=<id> filter it.
-func (a *adminAPI) listAudit(w http.ResponseWriter, r *http.Request) {
+func (a *adminAPI) listAudit(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	limit := 100
 	if v := q.Get("limit"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 || n > 1000 {
-			writeAdminError(w, http.StatusBadRequest, "limit: expected a whole number from 1 to 1000, got "+strconv.Quote(v))
-			return
+			return apiError(http.StatusBadRequest, "limit: expected a whole number from 1 to 1000, got "+strconv.Quote(v))
 		}
 		limit = n
 	}
 	after, customer, keyID := q.Get("after"), q.Get("customer"), q.Get("key_id")
-	st, ok := a.store(w)
-	if !ok {
-		return
+	st, err := a.app.store()
+	if err != nil {
+		return err
 	}
 	recs, err := st.ListRecords(r.Context(), recordKindAudit, "")
 	if err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	page := auditPage{Entries: []auditEntry{}}
 	for _, rec := range recs {
@@ -115,8 +113,7 @@ func (a *adminAPI) listAudit(w http.ResponseWriter, r *http.Request) {
 		}
 		var e auditEntry
 		if err := json.Unmarshal(rec.Data, &e); err != nil {
-			writeStoreError(w, fmt.Errorf("audit entry %s: %w", rec.ID, err))
-			return
+			return fmt.Errorf("audit entry %s: %w", rec.ID, err)
 		}
 		if (customer != "" && e.Customer != customer) || (keyID != "" && e.KeyID != keyID && e.Replaces != keyID) {
 			continue
@@ -128,4 +125,5 @@ func (a *adminAPI) listAudit(w http.ResponseWriter, r *http.Request) {
 		page.Entries = append(page.Entries, e)
 	}
 	writeJSON(w, http.StatusOK, page)
+	return nil
 }

@@ -158,3 +158,22 @@ func TestConcurrentLookupsCollapse(t *testing.T) {
 	close(st.gate)
 	wg.Wait()
 }
+
+// TestDegradedAdmissionIsTheStores checks that the decision made while the
+// store is unreachable (on_store_error local) is the stores' own: a
+// request that costs nothing is admitted over a block quota, as both stores
+// admit it, and one that does not fit is refused.
+func TestDegradedAdmissionIsTheStores(t *testing.T) {
+	a := &App{shared: &shared{local: limiter.NewLocal()}}
+	tr := &tierRuntime{onStoreError: storeErrorLocal}
+	q := store.Quota{PeriodID: "20261101T000000Z", HourID: "20261101T000000Z", Mode: store.QuotaBlock, Included: 5}
+	a.shared.usage.add("c", q.PeriodID, 7) // over the quota (a reported cost, a lowered quota)
+	out, err := a.reserveDegraded(store.Reservation{Subject: "c", Cost: 0, Quota: q}, tr)
+	if err != nil || !out.Allowed || out.QuotaExceeded {
+		t.Errorf("a free request over a block quota during an outage: %+v, %v; want admitted, as the stores admit it", out, err)
+	}
+	out, err = a.reserveDegraded(store.Reservation{Subject: "c", Cost: 1, Quota: q}, tr)
+	if err != nil || out.Allowed || !out.QuotaExceeded || out.Used != 7 {
+		t.Errorf("a paid request over a block quota during an outage: %+v, %v; want refused, quota exceeded, used 7", out, err)
+	}
+}

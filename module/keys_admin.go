@@ -71,32 +71,27 @@ type keyRules struct {
 
 // decodeKeyRequest reads an optional JSON body (an empty body is no
 // change) and checks it; allowed lists the fields the endpoint accepts.
-// It answers 400 with a precise message and returns false when the body
-// is not acceptable.
-func decodeKeyRequest(w http.ResponseWriter, r *http.Request, now time.Time, rules keyRules) (keyEdit, bool) {
+// It refuses (400, with a precise message) a body that is not acceptable.
+func decodeKeyRequest(w http.ResponseWriter, r *http.Request, now time.Time, rules keyRules) (keyEdit, error) {
 	var edit keyEdit
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<16))
 	if err != nil {
-		writeAdminError(w, http.StatusBadRequest, "reading the body: "+err.Error())
-		return edit, false
+		return edit, apiError(http.StatusBadRequest, "reading the body: "+err.Error())
 	}
 	if len(bytes.TrimSpace(body)) == 0 {
-		return edit, true
+		return edit, nil
 	}
 	var in keyRequest
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&in); err != nil {
-		writeAdminError(w, http.StatusBadRequest, "invalid JSON body: "+err.Error())
-		return edit, false
+		return edit, apiError(http.StatusBadRequest, "invalid JSON body: "+err.Error())
 	}
 	if dec.More() {
-		writeAdminError(w, http.StatusBadRequest, "invalid JSON body: more than one JSON value")
-		return edit, false
+		return edit, apiError(http.StatusBadRequest, "invalid JSON body: more than one JSON value")
 	}
-	bad := func(msg string) (keyEdit, bool) {
-		writeAdminError(w, http.StatusBadRequest, msg)
-		return keyEdit{}, false
+	bad := func(msg string) (keyEdit, error) {
+		return keyEdit{}, apiError(http.StatusBadRequest, msg)
 	}
 	given := map[string]bool{"name": in.Name != nil, "expires_at": in.ExpiresAt != nil, "expires_in": in.ExpiresIn != nil, "overlap": in.Overlap != nil}
 	for field, set := range given {
@@ -141,7 +136,7 @@ func decodeKeyRequest(w http.ResponseWriter, r *http.Request, now time.Time, rul
 		}
 		edit.overlap, edit.hasOverlap = d, true
 	}
-	return edit, true
+	return edit, nil
 }
 
 // parseExpiresAt reads expires_at: a date (ok true), or null (ok false).
@@ -189,7 +184,7 @@ func (a *App) issueKey(ctx context.Context, st store.Store, c store.Customer, na
 	if err != nil {
 		return store.Key{}, "", err
 	}
-	a.shared.registry.invalidate()
+	a.invalidateKeys()
 	if g := a.authGuard; g != nil {
 		g.accepted(hasher.Sum(key)) // works at once, even from a throttled address
 	}
@@ -239,7 +234,7 @@ func (a *App) rollKey(ctx context.Context, st store.Store, oldID string, name *s
 		until := now.Add(overlap).UTC().Truncate(time.Second)
 		old, err = st.UpdateKey(ctx, old.ID, store.KeyChange{ExpiresAt: &until, ShortenOnly: true})
 	}
-	a.shared.registry.invalidate()
+	a.invalidateKeys()
 	if err != nil {
 		err = fmt.Errorf("the new key %s was issued, but the old key %s could not be changed (retry with DELETE or PATCH on it): %w", newKey.ID, old.ID, err)
 		return
@@ -267,7 +262,7 @@ func (a *App) updateKey(ctx context.Context, st store.Store, id string, ch store
 	if k, err = st.UpdateKey(ctx, id, ch); err != nil {
 		return store.Key{}, err
 	}
-	a.shared.registry.invalidate()
+	a.invalidateKeys()
 	a.audit(ctx, st, auditEntry{Actor: actor, RemoteAddr: remote, Action: auditKeyUpdated, KeyID: k.ID, Customer: k.CustomerID, Name: k.Name, ExpiresAt: k.ExpiresAt})
 	return k, nil
 }
@@ -283,7 +278,7 @@ func (a *App) revokeKeyAs(ctx context.Context, st store.Store, id, actor, remote
 	if err != nil {
 		return store.Key{}, err
 	}
-	a.shared.registry.invalidate()
+	a.invalidateKeys()
 	if before.Active() {
 		a.audit(ctx, st, auditEntry{Actor: actor, RemoteAddr: remote, Action: auditKeyRevoked, KeyID: k.ID, Customer: k.CustomerID, Name: k.Name})
 	}
@@ -292,21 +287,20 @@ func (a *App) revokeKeyAs(ctx context.Context, st store.Store, id, actor, remote
 
 // createKey serves POST /api_monetize/customers/{id}/keys with an optional
 // body {"name": …, "expires_at": …} or {"name": …, "expires_in": …}.
-func (a *adminAPI) createKey(w http.ResponseWriter, r *http.Request) {
+func (a *adminAPI) createKey(w http.ResponseWriter, r *http.Request) error {
 	now := clockNow()
-	edit, ok := decodeKeyRequest(w, r, now, keyRules{fields: []string{"name", "expires_at", "expires_in"}})
-	if !ok {
-		return
+	edit, err := decodeKeyRequest(w, r, now, keyRules{fields: []string{"name", "expires_at", "expires_in"}})
+	if err != nil {
+		return err
 	}
-	st, ok := a.store(w)
-	if !ok {
-		return
+	st, err := a.app.store()
+	if err != nil {
+		return err
 	}
 	ctx := r.Context()
 	c, err := st.GetCustomer(ctx, r.PathValue("id"))
 	if err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	var name string
 	var expires time.Time
@@ -318,22 +312,22 @@ func (a *adminAPI) createKey(w http.ResponseWriter, r *http.Request) {
 	}
 	k, key, err := a.app.issueKey(ctx, st, c, name, expires, actorAdminAPI, r.RemoteAddr)
 	if err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	v := newKeyView(k)
 	v.Key = key
 	w.Header().Set("Cache-Control", "no-store")
 	writeJSON(w, http.StatusCreated, v)
+	return nil
 }
 
 // rollKey serves POST /api_monetize/keys/{id}/roll with an optional body
 // {"overlap": "24h", "name": …, "expires_at"/"expires_in": …}.
-func (a *adminAPI) rollKey(w http.ResponseWriter, r *http.Request) {
+func (a *adminAPI) rollKey(w http.ResponseWriter, r *http.Request) error {
 	now := clockNow()
-	edit, ok := decodeKeyRequest(w, r, now, keyRules{fields: []string{"name", "overlap", "expires_at", "expires_in"}})
-	if !ok {
-		return
+	edit, err := decodeKeyRequest(w, r, now, keyRules{fields: []string{"name", "overlap", "expires_at", "expires_in"}})
+	if err != nil {
+		return err
 	}
 	if !edit.hasOverlap {
 		edit.overlap = defaultRollOverlap
@@ -342,63 +336,57 @@ func (a *adminAPI) rollKey(w http.ResponseWriter, r *http.Request) {
 	if edit.expires != nil {
 		expires = *edit.expires
 	}
-	st, ok := a.store(w)
-	if !ok {
-		return
+	st, err := a.app.store()
+	if err != nil {
+		return err
 	}
 	k, key, old, err := a.app.rollKey(r.Context(), st, r.PathValue("id"), edit.name, expires, edit.overlap, now, actorAdminAPI, r.RemoteAddr)
 	if err != nil {
-		writeKeyError(w, err)
-		return
+		return keyError(err)
 	}
 	v := newKeyView(k)
 	v.Key, v.Replaces = key, old.ID
 	w.Header().Set("Cache-Control", "no-store")
 	writeJSON(w, http.StatusCreated, v)
+	return nil
 }
 
 // patchKey serves PATCH /api_monetize/keys/{id} with {"name": …} and/or
 // {"expires_at": <RFC 3339 date, or null for none>}.
-func (a *adminAPI) patchKey(w http.ResponseWriter, r *http.Request) {
-	edit, ok := decodeKeyRequest(w, r, clockNow(), keyRules{fields: []string{"name", "expires_at"}, anyExpiry: true})
-	if !ok {
-		return
+func (a *adminAPI) patchKey(w http.ResponseWriter, r *http.Request) error {
+	edit, err := decodeKeyRequest(w, r, clockNow(), keyRules{fields: []string{"name", "expires_at"}, anyExpiry: true})
+	if err != nil {
+		return err
 	}
 	if edit.name == nil && edit.expires == nil {
-		writeAdminError(w, http.StatusBadRequest, "expected a JSON body with name and/or expires_at")
-		return
+		return apiError(http.StatusBadRequest, "expected a JSON body with name and/or expires_at")
 	}
-	st, ok := a.store(w)
-	if !ok {
-		return
+	st, err := a.app.store()
+	if err != nil {
+		return err
 	}
 	k, err := a.app.updateKey(r.Context(), st, r.PathValue("id"), store.KeyChange{Name: edit.name, ExpiresAt: edit.expires}, actorAdminAPI, r.RemoteAddr)
 	if err != nil {
-		writeKeyError(w, err)
-		return
+		return keyError(err)
 	}
 	writeJSON(w, http.StatusOK, newKeyView(k))
+	return nil
 }
 
 // getKey serves GET /api_monetize/keys/{id}.
-func (a *adminAPI) getKey(w http.ResponseWriter, r *http.Request) {
-	st, ok := a.store(w)
-	if !ok {
-		return
-	}
+func (a *adminAPI) getKey(w http.ResponseWriter, r *http.Request, st store.Store) error {
 	k, err := st.KeyByID(r.Context(), r.PathValue("id"))
 	if err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	writeJSON(w, http.StatusOK, newKeyView(k))
+	return nil
 }
 
-// writeKeyError answers 409 for a revoked key, else as writeStoreError.
-func writeKeyError(w http.ResponseWriter, err error) {
+// keyError answers 409 for a revoked key, else err as a store error.
+func keyError(err error) error {
 	if errors.Is(err, errKeyRevoked) {
-		writeAdminError(w, http.StatusConflict, err.Error()+"; issue a new key with POST /api_monetize/customers/{id}/keys")
-		return
+		return apiError(http.StatusConflict, err.Error()+"; issue a new key with POST /api_monetize/customers/{id}/keys")
 	}
-	writeStoreError(w, err)
+	return err
 }

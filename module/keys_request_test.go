@@ -51,8 +51,9 @@ func FuzzDecodeKeyRequest(f *testing.F) {
 		} {
 			w := httptest.NewRecorder()
 			r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(body))
-			edit, ok := decodeKeyRequest(w, r, now, rules)
-			if !ok {
+			edit, err := decodeKeyRequest(w, r, now, rules)
+			if err != nil {
+				writeAPIError(w, err)
 				if w.Code != http.StatusBadRequest {
 					t.Fatalf("refused with %d, want 400", w.Code)
 				}

@@ -91,13 +91,12 @@ func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Rese
 	used := a.shared.usage.get(res.Subject, res.Quota.PeriodID)
 	q := res.Quota
 	if t.onStoreError == storeErrorLocal {
-		policy := res.Rate
-		if q.Mode == store.QuotaThrottle && used >= q.Included {
-			policy, out.Throttled = q.Throttle, true
-		}
-		if q.Mode == store.QuotaBlock && used+res.Cost > q.Included {
+		adm := res.Admit(used) // the stores' decision (store/admission.go)
+		if adm.QuotaExceeded {
 			return store.Reserved{QuotaExceeded: true, Used: used}, nil
 		}
+		policy := adm.Policy
+		out.Throttled = adm.Throttled
 		if policy.Valid() {
 			// This instance's share, from the store's last word (see
 			// fallback.go).

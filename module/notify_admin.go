@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/apimonetize/caddy-api-monetize/notify/notifier"
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
@@ -15,34 +16,28 @@ import (
 // notification with its delivery state, oldest event first. Query
 // parameters customer=<id> and state=pending|delivered|dead filter it;
 // state=dead is the dead-letter list.
-func (a *adminAPI) listNotifications(w http.ResponseWriter, r *http.Request) {
-	rec, ok := a.store(w)
-	if !ok {
-		return
-	}
+func (a *adminAPI) listNotifications(w http.ResponseWriter, r *http.Request, rec store.Store) error {
 	state := r.URL.Query().Get("state")
 	switch state {
-	case "", statePending, stateDelivered, stateDead:
+	case "", notifier.StatePending, notifier.StateDelivered, notifier.StateDead:
 	default:
-		writeAdminError(w, http.StatusBadRequest, "state: expected pending, delivered or dead, got "+state)
-		return
+		return apiError(http.StatusBadRequest, "state: expected pending, delivered or dead, got "+state)
 	}
 	prefix := ""
 	if c := r.URL.Query().Get("customer"); c != "" {
 		prefix = c + "|"
 	}
-	all, err := loadNotifications(r.Context(), rec, prefix)
+	all, err := notifier.Load(r.Context(), rec, prefix)
 	if err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
-	out := make([]notification, 0, len(all))
+	out := make([]notifier.Notification, 0, len(all))
 	for _, nt := range all {
 		if state == "" || nt.State == state {
 			out = append(out, nt)
 		}
 	}
-	slices.SortStableFunc(out, func(a, b notification) int {
+	slices.SortStableFunc(out, func(a, b notifier.Notification) int {
 		if c := a.Event.At.Compare(b.Event.At); c != 0 {
 			return c
 		}
@@ -52,42 +47,35 @@ func (a *adminAPI) listNotifications(w http.ResponseWriter, r *http.Request) {
 		return strings.Compare(a.ID, b.ID)
 	})
 	writeJSON(w, http.StatusOK, out)
+	return nil
 }
 
 // replayNotification serves POST /api_monetize/notifications/{id}/replay:
 // a delivered or dead-lettered notification is delivered again, with the
 // same webhook-id and a fresh 24 h retry window. It answers 202 with the
 // notification, 404 for an unknown id and 409 while it is pending.
-func (a *adminAPI) replayNotification(w http.ResponseWriter, r *http.Request) {
-	rec, ok := a.store(w)
-	if !ok {
-		return
-	}
+func (a *adminAPI) replayNotification(w http.ResponseWriter, r *http.Request, rec store.Store) error {
 	id := r.PathValue("id")
-	rd, err := rec.GetRecord(r.Context(), recordKindNotification, id)
+	rd, err := rec.GetRecord(r.Context(), notifier.RecordKind, id)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
-			writeAdminError(w, http.StatusNotFound, "no notification "+id)
-			return
+			return apiError(http.StatusNotFound, "no notification "+id)
 		}
-		writeStoreError(w, err)
-		return
+		return err
 	}
-	var nt notification
+	var nt notifier.Notification
 	if err := json.Unmarshal(rd.Data, &nt); err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
-	if nt.State == statePending {
-		writeAdminError(w, http.StatusConflict, "notification "+id+" is pending delivery already")
-		return
+	if nt.State == notifier.StatePending {
+		return apiError(http.StatusConflict, "notification "+id+" is pending delivery already")
 	}
-	nt.State, nt.Attempts = statePending, 0
+	nt.State, nt.Attempts = notifier.StatePending, 0
 	nt.FirstTry, nt.DeliveredAt = time.Time{}, time.Time{}
 	nt.NextTry = time.Now().UTC()
-	if _, err := putNotification(r.Context(), rec, nt, false); err != nil {
-		writeStoreError(w, err)
-		return
+	if _, err := notifier.Put(r.Context(), rec, nt, false); err != nil {
+		return err
 	}
 	writeJSON(w, http.StatusAccepted, nt)
+	return nil
 }

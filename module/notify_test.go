@@ -21,6 +21,7 @@ import (
 
 	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/notify"
+	"github.com/apimonetize/caddy-api-monetize/notify/notifier"
 	"github.com/apimonetize/caddy-api-monetize/notify/notifytest"
 )
 
@@ -142,13 +143,13 @@ func sendN(t *testing.T, base, path, key string, n, want int) {
 }
 
 // listed reads GET /api_monetize/notifications with a query.
-func listed(t *testing.T, adminBase, query string) []notification {
+func listed(t *testing.T, adminBase, query string) []notifier.Notification {
 	t.Helper()
 	res := do(t, http.MethodGet, adminBase+"/api_monetize/notifications"+query, nil, "")
 	if res.status != http.StatusOK {
 		t.Fatalf("list notifications: %d %s", res.status, res.body)
 	}
-	var out []notification
+	var out []notifier.Notification
 	if err := json.Unmarshal([]byte(res.body), &out); err != nil {
 		t.Fatal(err)
 	}
@@ -287,10 +288,10 @@ func testNotifications(t *testing.T, storeLines string) {
 	states := map[string]int{}
 	for _, n := range all {
 		states[n.Channel[:min(len(n.Channel), 7)]+" "+n.State]++
-		if n.State == stateDelivered && (n.DeliveredAt.IsZero() || n.Attempts < 1) {
+		if n.State == notifier.StateDelivered && (n.DeliveredAt.IsZero() || n.Attempts < 1) {
 			t.Errorf("%s delivered without a time or attempts: %+v", n.ID, n)
 		}
-		if n.State == stateDead && (n.Attempts < 2 || n.LastError == "") {
+		if n.State == notifier.StateDead && (n.Attempts < 2 || n.LastError == "") {
 			t.Errorf("%s dead after %d attempts, last error %q", n.ID, n.Attempts, n.LastError)
 		}
 	}
@@ -466,7 +467,7 @@ func testNotificationsAcrossReload(t *testing.T, storeLines string, instances in
 	for _, p := range procs {
 		waitFor(t, 10*time.Second, p.name+" lists every notification as delivered", func() bool {
 			all := listed(t, p.adminBase, "")
-			return len(all) == 3*len(want)-2 && !slices.ContainsFunc(all, func(n notification) bool { return n.State != stateDelivered })
+			return len(all) == 3*len(want)-2 && !slices.ContainsFunc(all, func(n notifier.Notification) bool { return n.State != notifier.StateDelivered })
 		})
 	}
 }

@@ -128,9 +128,13 @@ func (a *App) provisionStripe(ctx caddy.Context) error {
 		return err
 	}
 	rep := a.newReporter(s)
-	run := &stripeRunner{passes: make(chan chan stripePass), done: make(chan struct{})}
+	run := &stripeRunner{passes: make(chan func(context.Context)), done: make(chan struct{})}
+	run.pass = func(ctx context.Context) (stripereport.Result, error) { return a.reportPass(ctx, rep) }
 	a.stripeRun = run
 	a.tasks = append(a.tasks, func(ctx context.Context) { a.runReporter(ctx, rep, s, run) })
+	if s.downgradeTo != "" {
+		a.tasks = append(a.tasks, func(ctx context.Context) { a.pastDueLoop(ctx, s) })
+	}
 	return nil
 }
 
@@ -171,9 +175,10 @@ func (a *App) reportPeriods(c store.Customer, now time.Time) []string {
 // (POST /api_monetize/stripe/report), so that passes never overlap and the
 // pass uses the reporter's own lease.
 type stripeRunner struct {
-	// passes carries requests for a pass; the reporter answers on the
-	// channel sent (buffered, capacity 1).
-	passes chan chan stripePass
+	// passes carries requests for a pass, run in the reporter's loop.
+	passes chan func(context.Context)
+	// pass runs one pass.
+	pass func(context.Context) (stripereport.Result, error)
 	// done is closed when the reporter loop has returned.
 	done chan struct{}
 }
@@ -193,38 +198,37 @@ func (a *App) runReporter(ctx context.Context, rep *stripereport.Reporter, s str
 	defer close(run.done)
 	logger := a.logger.Named("stripe")
 	leaseEvery := time.Duration(stripeLeaseEvery.Load())
-	renew := time.NewTicker(leaseEvery)
-	defer renew.Stop()
-	next := time.NewTimer(0) // the first pass runs at start
-	defer next.Stop()
-	for {
+	store.LeasedLoop{
+		Lease:   rep.Lease(),
+		Records: func() (store.Records, error) { return a.store() },
+		Run: func(ctx context.Context) time.Duration {
+			res, _ := a.reportPass(ctx, rep)
+			if !res.Leader {
+				return min(s.reportEvery, leaseEvery)
+			}
+			return s.reportEvery
+		},
+		RenewEvery: leaseEvery,
+		OnRenewError: func(err error) {
+			logger.Warn("could not renew the Stripe reporter lease", zap.Error(err))
+		},
+		Requests: run.passes,
+	}.Loop(ctx)
+}
+
+// pastDueLoop downgrades customers whose past_due_grace ran out (see
+// applyPastDue) every stripeLeaseEvery, until ctx is done. Every instance
+// runs it: it is idempotent.
+func (a *App) pastDueLoop(ctx context.Context, s stripeSettings) {
+	every := time.Duration(stripeLeaseEvery.Load())
+	for wait := time.NewTimer(every); ; wait.Reset(every) {
 		select {
 		case <-ctx.Done():
-			if st, err := a.store(); err == nil {
-				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-				_ = st.ReleaseLease(rctx, stripereport.LeaseName, rep.Holder)
-				cancel()
-			}
+			wait.Stop()
 			return
-		case <-next.C:
-			res, _ := a.reportPass(ctx, rep)
-			wait := s.reportEvery
-			if !res.Leader {
-				wait = min(wait, leaseEvery)
-			}
-			next.Reset(wait)
-		case reply := <-run.passes:
-			res, err := a.reportPass(ctx, rep)
-			reply <- stripePass{res: res, err: err}
-		case <-renew.C:
-			st, err := a.store()
-			if err != nil {
-				logger.Warn("store not available", zap.Error(err))
-				continue
-			}
-			if _, err := st.TryLease(ctx, stripereport.LeaseName, rep.Holder, rep.LeaseTTL); err != nil && ctx.Err() == nil {
-				logger.Warn("could not renew the Stripe reporter lease", zap.Error(err))
-			}
+		case <-wait.C:
+		}
+		if st, err := a.store(); err == nil {
 			a.applyPastDue(ctx, st, s)
 		}
 	}

@@ -1,6 +1,7 @@
 package module
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"time"
@@ -36,33 +37,29 @@ type reconciliationView struct {
 // stripeReconciliation lists, per customer with a Stripe id and ledger
 // hour of the period starting in ?period=YYYY-MM (default: the current
 // period), the ledger's units, the units Stripe accepted and the state.
-func (a *adminAPI) stripeReconciliation(w http.ResponseWriter, r *http.Request) {
+func (a *adminAPI) stripeReconciliation(w http.ResponseWriter, r *http.Request) error {
 	if a.app.Stripe == nil {
-		writeAdminError(w, http.StatusNotFound, "stripe is not configured")
-		return
+		return apiError(http.StatusNotFound, "stripe is not configured")
 	}
 	s, err := a.app.stripeSettings()
 	if err != nil {
-		writeAdminError(w, http.StatusInternalServerError, err.Error())
-		return
+		return apiError(http.StatusInternalServerError, err.Error())
 	}
 	month := r.URL.Query().Get("period")
 	var y int
 	var m time.Month
 	if month != "" {
 		if y, m, err = metering.ParseMonth(month); err != nil {
-			writeAdminError(w, http.StatusBadRequest, "period: expected YYYY-MM")
-			return
+			return apiError(http.StatusBadRequest, "period: expected YYYY-MM")
 		}
 	}
-	st, ok := a.store(w)
-	if !ok {
-		return
+	st, err := a.app.store()
+	if err != nil {
+		return err
 	}
 	customers, err := st.ListCustomers(r.Context())
 	if err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	now := time.Now()
 	var in []stripereport.ReconcileInput
@@ -73,6 +70,7 @@ func (a *adminAPI) stripeReconciliation(w http.ResponseWriter, r *http.Request) 
 		}
 		p := t.periodRule.Period(now, c.BillingAnchor())
 		if month != "" {
+			var ok bool
 			if p, ok = t.periodRule.StartingIn(y, m, c.BillingAnchor()); !ok {
 				continue
 			}
@@ -83,14 +81,12 @@ func (a *adminAPI) stripeReconciliation(w http.ResponseWriter, r *http.Request) 
 	rep.Store = st
 	rows, err := rep.Reconcile(r.Context(), in)
 	if err != nil {
-		writeStoreError(w, err)
-		return
+		return err
 	}
 	ns := s.namespace
 	if ns == "" {
 		if ns, err = stripereport.StoredNamespace(r.Context(), st); err != nil {
-			writeStoreError(w, err)
-			return
+			return err
 		}
 	}
 	v := reconciliationView{Period: month, Namespace: ns, Hours: rows}
@@ -101,6 +97,7 @@ func (a *adminAPI) stripeReconciliation(w http.ResponseWriter, r *http.Request) 
 		v.UnreportedUnits += row.UnreportedUnits()
 	}
 	writeJSON(w, http.StatusOK, v)
+	return nil
 }
 
 // reportView is the answer of POST /api_monetize/stripe/report.
@@ -121,30 +118,30 @@ type reportView struct {
 // stripeReport runs one reporter pass now and answers what it did. The
 // pass runs in the reporter's own loop, with its lease: on an instance
 // that does not hold the lease it answers 409 and sends nothing.
-func (a *adminAPI) stripeReport(w http.ResponseWriter, r *http.Request) {
+func (a *adminAPI) stripeReport(w http.ResponseWriter, r *http.Request) error {
 	run := a.app.stripeRun
 	if a.app.Stripe == nil || run == nil {
-		writeAdminError(w, http.StatusNotFound, "stripe is not configured")
-		return
+		return apiError(http.StatusNotFound, "stripe is not configured")
 	}
 	reply := make(chan stripePass, 1)
 	select {
-	case run.passes <- reply:
+	case run.passes <- func(ctx context.Context) {
+		res, err := run.pass(ctx)
+		reply <- stripePass{res: res, err: err}
+	}:
 	case <-run.done:
-		writeAdminError(w, http.StatusServiceUnavailable, "the Stripe reporter of this configuration has stopped")
-		return
+		return apiError(http.StatusServiceUnavailable, "the Stripe reporter of this configuration has stopped")
 	case <-r.Context().Done():
-		return
+		return nil
 	}
 	var p stripePass
 	select {
 	case p = <-reply:
 	case <-r.Context().Done():
-		return // the pass goes on; its result is in the metrics and the reconciliation
+		return nil // the pass goes on; its result is in the metrics and the reconciliation
 	}
 	if !p.res.Leader && (p.err == nil || errors.Is(p.err, stripereport.ErrLeaseLost)) {
-		writeAdminError(w, http.StatusConflict, "another instance holds the Stripe reporter lease and reports; run this on that instance, or wait for its next run")
-		return
+		return apiError(http.StatusConflict, "another instance holds the Stripe reporter lease and reports; run this on that instance, or wait for its next run")
 	}
 	v := reportView{Sent: p.res.Sent, Failed: p.res.Failed, TooOld: p.res.TooOld, UnreportedUnits: p.res.Unreported, Hours: p.res.Hours}
 	if v.Hours == nil {
@@ -163,4 +160,5 @@ func (a *adminAPI) stripeReport(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	writeJSON(w, status, v)
+	return nil
 }

@@ -361,7 +361,7 @@ func (a *App) setTierFromStripe(ctx context.Context, st store.Store, c store.Cus
 	if _, err := st.SetTier(ctx, c.ID, tier); err != nil {
 		return err
 	}
-	a.shared.registry.invalidate()
+	a.invalidateKeys()
 	a.logger.Info("tier changed by Stripe", zap.String("customer", c.ID), zap.String("from", c.Tier), zap.String("to", tier))
 	return nil
 }

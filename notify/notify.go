@@ -1,8 +1,8 @@
 // Package notify builds and delivers quota threshold notifications: the
 // JSON payload and its human message, Standard Webhooks signing and
 // delivery, email over SMTP, and the retry schedule. It keeps no state:
-// the api_monetize app decides what to send and records delivery state in
-// its store.
+// package notifier (notify/notifier) decides what to send and records
+// delivery state in the store.
 package notify
 
 import (

@@ -156,6 +156,11 @@ type HourResult struct {
 // tick.
 var ErrLeaseLost = errors.New("stripe reporter lease lost")
 
+// Lease is the reporter's lease.
+func (r *Reporter) Lease() store.Lease {
+	return store.Lease{Name: LeaseName, Holder: r.Holder, TTL: r.LeaseTTL}
+}
+
 func (r *Reporter) now() time.Time {
 	if r.Now != nil {
 		return r.Now()
@@ -176,7 +181,7 @@ func (r *Reporter) logger() *zap.Logger {
 // rest waits for the next one.
 func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 	var res Result
-	ok, err := r.Store.TryLease(ctx, LeaseName, r.Holder, r.LeaseTTL)
+	ok, err := r.Lease().Renew(ctx, r.Store)
 	if err != nil || !ok {
 		return res, err
 	}
@@ -230,7 +235,7 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 			}
 			// Renew the lease before each event, so a long backlog never
 			// outlives it, and stop if another reporter took over.
-			if ok, err := r.Store.TryLease(ctx, LeaseName, r.Holder, r.LeaseTTL); err != nil || !ok {
+			if ok, err := r.Lease().Renew(ctx, r.Store); err != nil || !ok {
 				if err == nil {
 					err = ErrLeaseLost
 				}

@@ -472,11 +472,9 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 	if p != nil {
 		used = p.Billed
 	}
-	policy := r.Rate
-	res := store.Reserved{Used: used}
-	if q.Mode == store.QuotaThrottle && used >= q.Included {
-		policy, res.Throttled = q.Throttle, true
-	}
+	adm := r.Admit(used)
+	policy := adm.Policy
+	res := store.Reserved{Used: used, Throttled: adm.Throttled}
 	// report fills in the applicable rate's state without spending it.
 	report := func() {
 		if policy.Limit != 0 {
@@ -494,7 +492,7 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 	rec, held := m.idem[ik]
 	held = held && r.IdempotencyKey != "" && rec.exp > us
 	duplicate := held && rec.fp != "" && rec.fp == r.IdempotencyFingerprint && rec.repeats < r.IdempotencyRepeats
-	if q.Mode == store.QuotaBlock && !r.Replay && r.Cost > q.Included-used {
+	if adm.QuotaExceeded {
 		report()
 		res.QuotaExceeded = true
 		return res, nil

@@ -936,6 +936,13 @@ func testCostZero(t *testing.T, client func(t *testing.T) *meterClient) {
 	}
 	c.usageWant("acme", cur.ID(), store.Counters{Billed: 5, Requests: 2})
 	checkEvents(t, c.events("acme"), []wantEvent{{"acme", cur.ID(), 50, 5, 5}})
+	// And beyond it (a reported cost above the reserved one): the rule
+	// store.Reservation.Admit writes for the Go deciders.
+	r, out := c.reserve(res("over", quota(cur, store.QuotaBlock, 5), 5))
+	c.settle(r, out, 7)
+	if _, out := c.reserve(res("over", quota(cur, store.QuotaBlock, 5), 0)); !out.Allowed || out.QuotaExceeded || out.Used != 7 {
+		t.Errorf("cost 0 beyond a block quota (7 of 5 used): %+v; want admitted, used 7", out)
+	}
 }
 
 func testRateAndQuota(t *testing.T, client func(t *testing.T) *meterClient) {
