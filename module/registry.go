@@ -98,6 +98,15 @@ func (r *registry) lookup(ctx context.Context, st store.Store, sum digest, now t
 	}
 
 	e, err := r.inflight.do(ctx, sum, gen, func(ctx context.Context) (regEntry, error) {
+		// A flight that ended between our cache read and this flight's
+		// start kept its answer before it ended: use it, no second call.
+		r.mu.RLock()
+		c, ok := r.entries[sum]
+		ok = ok && r.gen == gen && now.Before(c.expires)
+		r.mu.RUnlock()
+		if ok {
+			return c, nil
+		}
 		e, err := r.fetchVerified(ctx, st, sum, now)
 		if errors.Is(err, errSeedChanged) {
 			// The configuration was stored again during the lookup: read
