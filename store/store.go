@@ -95,12 +95,15 @@ func (k Key) Active() bool { return k.RevokedAt.IsZero() }
 
 // MergeConfig returns stored, the customer as the store holds it, updated
 // by c, the same customer declared in the configuration, by the rule of
-// Store.UpsertConfigCustomer: contact fields (Email, StripeCustomerID,
-// Anchor when set) from c, and Tier from c only when c.ConfigTier differs
-// from the stored ConfigTier.
+// Store.UpsertConfigCustomer: contact fields (Email, Anchor when set, and
+// StripeCustomerID when set) from c, and Tier from c only when
+// c.ConfigTier differs from the stored ConfigTier. A Stripe link made at
+// runtime (a checkout) survives a configuration that declares none.
 func (stored Customer) MergeConfig(c Customer) Customer {
 	stored.Email = c.Email
-	stored.StripeCustomerID = c.StripeCustomerID
+	if c.StripeCustomerID != "" {
+		stored.StripeCustomerID = c.StripeCustomerID
+	}
 	if !c.Anchor.IsZero() {
 		stored.Anchor = c.Anchor
 	}
