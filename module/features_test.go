@@ -402,7 +402,13 @@ func FuzzFeatureLines(f *testing.F) {
 				}
 			}
 		}
-		if v, err := parseApp(caddyfile.NewTestDispenser("api_monetize {\n\ttier pro {\n\t\tfeatures "+s+"\n\t}\n}"), nil); err == nil {
+		// dispenser, not caddyfile.NewTestDispenser, which exits the
+		// process on input the lexer refuses (a heredoc's "<<").
+		d, ok := dispenser("api_monetize {\n\ttier pro {\n\t\tfeatures " + s + "\n\t}\n}")
+		if !ok {
+			return
+		}
+		if v, err := parseApp(d, nil); err == nil {
 			var app App
 			if err := json.Unmarshal(v.(httpcaddyfile.App).Value, &app); err != nil {
 				t.Fatal(err)
@@ -415,7 +421,7 @@ func FuzzFeatureLines(f *testing.F) {
 			}
 		}
 		var h Handler
-		if h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("api_monetize {\n\trequire_feature "+s+"\n}")) == nil {
+		if d, ok := dispenser("api_monetize {\n\trequire_feature " + s + "\n}"); ok && h.UnmarshalCaddyfile(d) == nil {
 			for _, req := range h.RequireFeatures {
 				check("require_feature", []string{req.Feature})
 				if checkPathPattern(req.Path) != nil {
