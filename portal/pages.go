@@ -181,13 +181,13 @@ func (h *Handler) plansPage(w http.ResponseWriter, r *http.Request, s *session) 
 	}
 	data := map[string]any{"Plans": h.be.Plans(), "Current": c.Tier, "Billing": h.cfg.Billing != nil, "Paying": c.StripeCustomerID != ""}
 	if h.cfg.Billing != nil {
-		p, err := h.pendingTier(r, s.Customer)
+		p, err := h.openCheckout(r.Context(), s.Customer)
 		if err != nil {
 			h.failErr(w, r, s, err)
 			return
 		}
-		if p != "" && p != c.Tier {
-			data["Pending"] = p
+		if p != nil && p.Tier != c.Tier {
+			data["Pending"], data["PendingURL"] = p.Tier, p.URL
 		}
 	}
 	h.render(w, r, http.StatusOK, "plans", s, data)

@@ -80,14 +80,28 @@ type Config struct {
 // Billing opens the payment provider's hosted pages.
 type Billing interface {
 	// Checkout opens a checkout moving customerID to tier and returns its
-	// id and URL; the member comes back to returnURL. A plan that cannot
-	// be bought, or a customer who already pays and must use
-	// ManageBilling, is an InputError.
-	Checkout(ctx context.Context, customerID, tier, returnURL string) (id, url string, err error)
+	// id and URL; the member comes back to returnURL. Calls with the same
+	// attempt open the same checkout (the attempt is the payment
+	// provider's idempotency key), and the checkout expires
+	// CheckoutLifetime after attempt.Created. A plan that cannot be
+	// bought, or a customer who already pays and must use ManageBilling,
+	// is an InputError.
+	Checkout(ctx context.Context, customerID, tier, returnURL string, attempt CheckoutAttempt) (id, url string, err error)
 	// ManageBilling opens the customer's billing portal (payment method,
 	// invoices, plan changes, cancellation) and returns its URL; a
 	// customer without a billing account is an InputError.
 	ManageBilling(ctx context.Context, customerID, returnURL string) (string, error)
+}
+
+// CheckoutAttempt is one attempt of a customer to open a checkout. The
+// portal keeps at most one per customer, so that two windows (or two
+// teammates) choosing a plan at once open one checkout, not two.
+type CheckoutAttempt struct {
+	// Key identifies the attempt; it is safe to send to the payment
+	// provider as an idempotency key.
+	Key string
+	// Created is when the attempt began.
+	Created time.Time
 }
 
 // Backend is what the portal needs from the app. Every method that takes
