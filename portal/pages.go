@@ -15,7 +15,7 @@ import (
 
 // pageNames are the pages, each templates/<name>.html on top of
 // templates/layout.html.
-var pageNames = []string{"error", "signin", "sent", "confirm", "keys", "key_shown", "usage", "plans", "team"}
+var pageNames = []string{"error", "signin", "sent", "confirm", "keys", "key_shown", "usage", "plans", "team", "account"}
 
 func (h *Handler) parseTemplates() error {
 	funcs := template.FuncMap{

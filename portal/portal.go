@@ -75,6 +75,12 @@ type Config struct {
 	// Billing, when set, lets members buy a plan (Stripe Checkout) and
 	// manage their billing (Stripe Billing Portal).
 	Billing Billing
+	// SessionIdleTimeout ends a session unused for this long, from
+	// MinSessionIdle up to the absolute lifetime of 12 hours; zero means
+	// DefaultSessionIdle.
+	SessionIdleTimeout time.Duration
+	// Now is the time sessions are judged by; nil uses time.Now.
+	Now func() time.Time
 }
 
 // Billing opens the payment provider's hosted pages.
@@ -134,6 +140,9 @@ type Backend interface {
 	Usage(ctx context.Context, customerID, month string) (Usage, error)
 	// Plans are the tiers, in the order they are offered.
 	Plans() []Plan
+	// OwnerTransferred records in the audit trail that from made to the
+	// owner of customerID (a failure is logged: the change is made).
+	OwnerTransferred(ctx context.Context, customerID, from, to, remote string)
 }
 
 // InputError is a mistake in what the member entered; its text is shown.
@@ -254,6 +263,15 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 		}
 		oc = &oidcClient{cfg: *cfg.OIDC}
 	}
+	if cfg.SessionIdleTimeout == 0 {
+		cfg.SessionIdleTimeout = DefaultSessionIdle
+	}
+	if cfg.SessionIdleTimeout < MinSessionIdle || cfg.SessionIdleTimeout > sessionLifetime {
+		return nil, fmt.Errorf("session_idle_timeout: expected from %v to %v, got %v", MinSessionIdle, sessionLifetime, cfg.SessionIdleTimeout)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	if cfg.ClientIP == nil {
 		cfg.ClientIP = remoteHost
 	}
@@ -320,6 +338,10 @@ func (h *Handler) routes() *http.ServeMux {
 	mux.HandleFunc("GET /team", h.member(h.teamPage))
 	mux.HandleFunc("POST /team", h.member(h.invite))
 	mux.HandleFunc("POST /team/remove", h.member(h.removeMember))
+	mux.HandleFunc("POST /team/transfer", h.member(h.transferOwnership))
+	mux.HandleFunc("GET /account", h.member(h.accountPage))
+	mux.HandleFunc("POST /account/sessions/end-others", h.member(h.endOtherSessions))
+	mux.HandleFunc("POST /account/sessions/{id}/end", h.member(h.endOneSession))
 	if h.cfg.Billing != nil {
 		mux.HandleFunc("POST /plans/{tier}/checkout", h.member(h.checkout))
 		mux.HandleFunc("POST /billing", h.member(h.manageBilling))
@@ -329,6 +351,9 @@ func (h *Handler) routes() *http.ServeMux {
 	})
 	return mux
 }
+
+// now is the current time, as sessions are judged.
+func (h *Handler) now() time.Time { return h.cfg.Now() }
 
 // link returns the public path of a portal page.
 func (h *Handler) link(p string) string { return h.basePath + p }
