@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -36,7 +37,7 @@ func (h *Handler) memberSessions(r *http.Request, s *session) ([]sessionView, er
 	var out []sessionView
 	for _, rec := range all {
 		var v seen
-		if json.Unmarshal(rec.Data, &v) != nil || now.Sub(v.LastSeen) >= h.cfg.SessionIdleTimeout {
+		if json.Unmarshal(rec.Data, &v) != nil || v.Email != s.Email || now.Sub(v.LastSeen) >= h.cfg.SessionIdleTimeout {
 			continue
 		}
 		if _, err := recs.GetRecord(ctx, recordKindSession, v.Session); errors.Is(err, store.ErrNotFound) {
@@ -67,7 +68,7 @@ func (h *Handler) showAccount(w http.ResponseWriter, r *http.Request, s *session
 		h.failErr(w, r, s, err)
 		return
 	}
-	data := map[string]any{"Sessions": list, "Idle": h.cfg.SessionIdleTimeout.String(), "Role": s.role}
+	data := map[string]any{"Sessions": list, "Idle": humanDuration(h.cfg.SessionIdleTimeout), "Role": s.role}
 	for k, v := range extra {
 		data[k] = v
 	}
@@ -106,6 +107,10 @@ func (h *Handler) endOneSession(w http.ResponseWriter, r *http.Request, s *sessi
 		return
 	}
 	rec, err := recs.GetRecord(r.Context(), recordKindSeen, seenID(s.Email, public))
+	var v seen
+	if err == nil && (json.Unmarshal(rec.Data, &v) != nil || v.Email != s.Email) {
+		err = store.ErrNotFound
+	}
 	if errors.Is(err, store.ErrNotFound) || strings.Contains(public, "/") {
 		h.fail(w, r, s, http.StatusNotFound, "There is no such session.")
 		return
@@ -114,8 +119,7 @@ func (h *Handler) endOneSession(w http.ResponseWriter, r *http.Request, s *sessi
 		h.failErr(w, r, s, err)
 		return
 	}
-	var v seen
-	if json.Unmarshal(rec.Data, &v) == nil && v.Session == s.id {
+	if v.Session == s.id {
 		h.signout(w, r, s)
 		return
 	}
@@ -141,7 +145,10 @@ func (h *Handler) endPublic(r *http.Request, s *session, public string) error {
 		return err
 	}
 	var v seen
-	if json.Unmarshal(rec.Data, &v) == nil && v.Session != "" {
+	if json.Unmarshal(rec.Data, &v) != nil || v.Email != s.Email {
+		return nil
+	}
+	if v.Session != "" {
 		if err := recs.DeleteRecord(ctx, recordKindSession, v.Session); err != nil {
 			return err
 		}
@@ -171,4 +178,17 @@ func agentSummary(ua string) string {
 		}
 	}
 	return browser
+}
+
+// humanDuration writes a whole number of hours or minutes in words ("1
+// hour", "90 minutes").
+func humanDuration(d time.Duration) string {
+	n, unit := int64(d/time.Minute), "minute"
+	if d%time.Hour == 0 {
+		n, unit = int64(d/time.Hour), "hour"
+	}
+	if n == 1 {
+		return "1 " + unit
+	}
+	return strconv.FormatInt(n, 10) + " " + unit + "s"
 }

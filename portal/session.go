@@ -70,7 +70,10 @@ type session struct {
 // seen is when and from where a session was last used.
 type seen struct {
 	// Session is the session's record id.
-	Session  string    `json:"session"`
+	Session string `json:"session"`
+	// Email is the member's address (the record id's prefix; checked, as
+	// an address may itself contain a "/").
+	Email    string    `json:"email"`
 	Created  time.Time `json:"created"`
 	LastSeen time.Time `json:"last_seen"`
 	// Remote is the client address; Agent a summary of the User-Agent
@@ -188,7 +191,7 @@ func (h *Handler) currentSession(r *http.Request) (*session, error) {
 	sid := seenID(s.Email, s.Public)
 	srec, err := recs.GetRecord(r.Context(), recordKindSeen, sid)
 	var v seen
-	if err == nil && (json.Unmarshal(srec.Data, &v) != nil || v.Session != id) {
+	if err == nil && (json.Unmarshal(srec.Data, &v) != nil || v.Session != id || v.Email != s.Email) {
 		err = store.ErrNotFound
 	}
 	if errors.Is(err, store.ErrNotFound) || (err == nil && now.Sub(v.LastSeen) >= h.cfg.SessionIdleTimeout) {
@@ -223,7 +226,7 @@ func (h *Handler) startSession(ctx context.Context, w http.ResponseWriter, r *ht
 	token := randomToken()
 	now := h.now().UTC()
 	s := session{Customer: customer, Email: email, CSRF: randomToken(), Created: now, Public: randomToken()[:22]}
-	v := seen{Session: hashToken(token), Created: now, LastSeen: now, Remote: h.cfg.ClientIP(r), Agent: agentSummary(r.UserAgent())}
+	v := seen{Session: hashToken(token), Email: email, Created: now, LastSeen: now, Remote: h.cfg.ClientIP(r), Agent: agentSummary(r.UserAgent())}
 	seenData, _ := json.Marshal(v)
 	if _, err := recs.PutRecord(ctx, store.Record{Kind: recordKindSeen, ID: seenID(email, s.Public), Data: seenData, Expires: h.seenExpiry(v)}, false); err != nil {
 		return err
