@@ -1,8 +1,11 @@
 package boltstore
 
 import (
+	"compress/gzip"
 	"context"
 	"errors"
+	"io"
+	"os"
 	"path/filepath"
 	"reflect"
 	"testing"
@@ -222,5 +225,75 @@ func TestRecordMetersRoundTrip(t *testing.T) {
 	payload := append([]byte{recordDeltaMeters}, appendRecord(nil, &d)[1:]...)
 	if _, err := decodeRecord(append(payload, 0)); err == nil {
 		t.Error("a meters record with no meter decodes")
+	}
+}
+
+// TestSingleMeterLayoutReadUnchanged opens a store written by the code
+// before meters existed (commit 9f07f54, testdata/single-meter: a
+// checkpoint with two reservations, and a log segment with a reservation
+// and its settlement, as a killed process left them): its usage reads as
+// it was written, and counting goes on from there with meters.
+func TestSingleMeterLayoutReadUnchanged(t *testing.T) {
+	dir := t.TempDir()
+	for _, name := range []string{"store.db", "store.db.wal.0000000000000002"} {
+		gunzipFile(t, filepath.Join("testdata", "single-meter", name+".gz"), filepath.Join(dir, name))
+	}
+	path := filepath.Join(dir, "store.db")
+	s, err := Open(path, noFlush)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const period = "20990101T000000Z"
+	want := store.PeriodUsage{PeriodID: period, Counters: store.Counters{Billed: 102, Overage: 2, Requests: 3}, Thresholds: []int{80},
+		Hours: []store.HourUsage{
+			{HourID: "20990101T000000Z", Counters: store.Counters{Billed: 90, Requests: 2}},
+			{HourID: "20990101T010000Z", Counters: store.Counters{Billed: 12, Overage: 2, Requests: 1}},
+		}}
+	at := time.Date(2026, 12, 6, 13, 4, 43, 295400000, time.UTC)
+	wantEvents := []store.ThresholdEvent{{ID: "acme|" + period + "|80", Subject: "acme", PeriodID: period, Threshold: 80, Used: 90, Included: 100, At: at}}
+	check := func(t *testing.T, s *Store, want store.PeriodUsage) {
+		t.Helper()
+		u, err := s.Usage(context.Background(), "acme", period)
+		if err != nil || !reflect.DeepEqual(u, want) {
+			t.Fatalf("usage %+v, %v;\nwant %+v", u, err, want)
+		}
+		if evs := mustEvents(t, s, "acme"); !reflect.DeepEqual(evs, wantEvents) {
+			t.Fatalf("events %+v;\nwant %+v", evs, wantEvents)
+		}
+	}
+	check(t, s, want)
+	q := store.Quota{PeriodID: period, PeriodEnd: time.Date(2099, 2, 1, 0, 0, 0, 0, time.UTC), HourID: "20990101T010000Z", Included: 100, Mode: store.QuotaBill, Thresholds: []int{80}}
+	out := mustReserve(t, s, store.Reservation{Subject: "acme", Cost: 1, Quota: q,
+		Meters: []store.MeterReservation{{Meter: "upload", Mode: store.QuotaBill, Included: 100, Amount: 9}}})
+	if out.Used != 103 || out.Overage != 1 || len(out.Crossed) != 0 || out.Meters[0].Used != 9 {
+		t.Fatalf("reservation on the old usage: %+v; want default Used 103, Overage 1, upload 9", out)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	want.Counters = store.Counters{Billed: 103, Overage: 3, Requests: 4}
+	want.Hours[1].Counters = store.Counters{Billed: 13, Overage: 3, Requests: 2}
+	want.Meters = []store.MeterUsage{{Meter: "upload", Counters: store.Counters{Billed: 9, Requests: 1},
+		Hours: []store.HourUsage{{HourID: "20990101T010000Z", Counters: store.Counters{Billed: 9, Requests: 1}}}}}
+	check(t, openTemp(t, path, noFlush), want)
+}
+
+func gunzipFile(t *testing.T, src, dst string) {
+	t.Helper()
+	f, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	z, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := io.ReadAll(z)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, data, 0o600); err != nil {
+		t.Fatal(err)
 	}
 }
