@@ -64,6 +64,7 @@ func RunMeter(t *testing.T, open func(t *testing.T) store.Store) {
 	t.Run("Thresholds", func(t *testing.T) { testThresholds(t, client) })
 	t.Run("CostZeroReports", func(t *testing.T) { testCostZero(t, client) })
 	t.Run("RateAndQuota", func(t *testing.T) { testRateAndQuota(t, client) })
+	t.Run("Meters", func(t *testing.T) { testMeters(t, client) })
 }
 
 // meterClient reserves through one store handle the way one Caddy instance
@@ -903,6 +904,15 @@ func testThresholds(t *testing.T, client func(t *testing.T) *meterClient) {
 			{"acme", cur.ID(), 80, 80, 100}, {"acme", cur.ID(), 100, 100, 100}, {"acme", cur.ID(), 120, 120, 100},
 		})
 	})
+	t.Run("ReachedBeforeATierChange", func(t *testing.T) {
+		// 90 units counted without thresholds (another tier), then a tier
+		// with 100 included and thresholds: 80 is reached and was never
+		// crossed, so the next growth crosses it.
+		c := client(t)
+		crossed(t, c, res("acme", quota(cur, store.QuotaMeter, 0), 90))
+		crossed(t, c, res("acme", thresholds(quota(cur, store.QuotaBill, 100)), 1), 80)
+		checkEvents(t, c.events("acme"), []wantEvent{{"acme", cur.ID(), 80, 91, 100}})
+	})
 	t.Run("NoneWithoutIncludedUnits", func(t *testing.T) {
 		c := client(t)
 		crossed(t, c, res("acme", thresholds(quota(cur, store.QuotaBill, 0)), 10))
@@ -1064,6 +1074,7 @@ func RunMeterShared(t *testing.T, open func(t *testing.T) (a, b store.Store)) {
 		})
 	})
 	t.Run("Replay", func(t *testing.T) { testReplay(t, clients) })
+	t.Run("Meters", func(t *testing.T) { testMetersShared(t, clients) })
 }
 
 // replayed marks r, as reserved by a, as a Replay (sent through any handle).
