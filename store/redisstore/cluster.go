@@ -147,6 +147,11 @@ func newCluster(o Options) (*Store, error) {
 	if o.dial != nil {
 		co.Dialer = o.dial
 	}
+	co.NewClient = func(opt *redis.Options) *redis.Client {
+		c := redis.NewClient(opt)
+		c.AddHook(attemptHook{})
+		return c
+	}
 	client := redis.NewClusterClient(co)
 	life, end := context.WithCancel(context.Background())
 	return &Store{

@@ -633,3 +633,32 @@ func TestClusterWaitReplicas(t *testing.T) {
 		}
 	}
 }
+
+// TestClusterDeadMasterCatalogueUnavailable: a catalogue read whose master
+// is dead (killed, no replica to take over) fails as unavailable, so the
+// tier's on_store_error applies; it is not "busy" (local saturation), and
+// it fails within OpTimeout.
+func TestClusterDeadMasterCatalogueUnavailable(t *testing.T) {
+	c := rediscluster.Start(t, 3, 0)
+	prefix := clusterPrefix()
+	const opTimeout = 200 * time.Millisecond
+	s := openStore(t, Options{URL: c.URL(), Cluster: true, KeyPrefix: prefix, OpTimeout: opTimeout})
+	if err := s.CreateCustomer(t.Context(), store.Customer{ID: "acme", Tier: "pro"}); err != nil {
+		t.Fatal(err)
+	}
+	node, err := c.MasterFor(t.Context(), s.custKey("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node.Kill()
+	for i := range 3 {
+		began := time.Now()
+		_, err := s.GetCustomer(t.Context(), "acme")
+		if !errors.Is(err, store.ErrUnavailable) || errors.Is(err, store.ErrBusy) {
+			t.Fatalf("read %d of a customer on a dead master: %v, want unavailable (not busy)", i, err)
+		}
+		if took := time.Since(began); took > opTimeout+200*time.Millisecond {
+			t.Errorf("read %d took %v, OpTimeout is %v", i, took, opTimeout)
+		}
+	}
+}

@@ -313,9 +313,13 @@ func (s *Store) call(ctx context.Context, op func(ctx context.Context) error) er
 		return err
 	}
 	octx, cancel := context.WithTimeout(ctx, s.opTimeout)
+	var tried *attempts
+	if s.cluster != nil {
+		octx, tried = withAttempts(octx)
+	}
 	err = op(octx)
 	cancel()
-	return s.finish(ctx, probe, err)
+	return s.finish(ctx, probe, afterFailedAttempts(err, tried))
 }
 
 // finish reports a call's outcome to the breaker and returns its error:
