@@ -35,16 +35,10 @@ import (
 //     Store.indexOutbox); a write that failed is repaired by a SCAN of every
 //     master's outboxes (at most hourly, and at once after a failure seen by
 //     this process).
-//   - The catalogue (customers, keys and their indexes) is hash-tagged
-//     {catalogue}: its transactions run on one node. It is not on the
-//     request path (instances cache keys), but it is not partitioned.
-//   - A record kind's keys are hash-tagged by the kind (see records.go).
-//   - The key secret, the seed marker (see seed.go) and key uses are in
-//     the catalogue's slot too: the seed marker vouches for what is on
-//     that node. Leases and the instances set are single keys, each on the
-//     master owning its slot.
-//   - Changes are announced on the classic Pub/Sub channel, which a
-//     cluster forwards to every node.
+//   - The catalogue (customers, keys and their indexes, key uses, the key
+//     secret), the records, the leases, the seed marker and the instances
+//     set are spread over 64 buckets (see buckets.go).
+//   - Changes are announced after they are written (see publish).
 //
 // The key prefix must not contain '{' or '}', which would change the hash
 // tags.
@@ -74,14 +68,6 @@ const (
 	// outboxReconcileTimeout bounds one reconciliation.
 	outboxReconcileTimeout = 30 * time.Second
 )
-
-// catalogueTag starts the catalogue's key names after the prefix.
-func (s *Store) catalogueTag() string {
-	if s.cluster == nil {
-		return ""
-	}
-	return "{catalogue}:"
-}
 
 // clusterState is a cluster Store's routing of metering scripts: one shard
 // (batcher and breaker) per master address.
@@ -466,4 +452,9 @@ func escapeGlob(s string) string {
 		b.WriteRune(r)
 	}
 	return b.String()
+}
+
+// publish announces a change on channel.
+func (c *clusterState) publish(ctx context.Context, channel, what string) error {
+	return c.client.Publish(ctx, channel, what).Err()
 }

@@ -174,8 +174,9 @@ func TestClusterOutboxReconcile(t *testing.T) {
 }
 
 // TestClusterLayout pins the cluster key layout: a customer's metering keys
-// on its own slot, the catalogue on one slot, and nothing written under the
-// single-node outbox index.
+// on its own slot; the catalogue, records, leases, the seed marker and the
+// instances set in buckets (see buckets.go); and nothing written under the
+// single-node keys.
 func TestClusterLayout(t *testing.T) {
 	c := rediscluster.Start(t, 3, 0)
 	prefix := clusterPrefix()
@@ -192,6 +193,21 @@ func TestClusterLayout(t *testing.T) {
 	if _, err := s.Reserve(t.Context(), store.Reservation{Subject: "acme", Cost: 1, Quota: blockQuota(1)}); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := s.PutKey(t.Context(), store.Key{ID: "k1", Hash: "h1", CustomerID: "acme"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.TouchKeys(t.Context(), map[string]time.Time{"k1": time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutRecord(t.Context(), store.Record{Kind: "sent", ID: "acme|2026-12", Data: []byte("x")}, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.TryLease(t.Context(), "report", "me", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Heartbeat(t.Context(), "inst1", time.Minute); err != nil {
+		t.Fatal(err)
+	}
 	raw := c.Client()
 	var keys []string
 	var mu sync.Mutex
@@ -205,12 +221,20 @@ func TestClusterLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{
-		prefix + "{catalogue}:cust:acme", prefix + "{catalogue}:customers",
-		prefix + "{catalogue}:secret", prefix + "{catalogue}:seeded",
+	b := func(x string) string { return prefix + bucketTag(bucketOf(x)) }
+	want := []string{
+		b("acme") + "cust:acme", b("acme") + "customers", b("acme") + "custkeys:acme",
+		b("h1") + "key:h1", b("k1") + "keyid:k1", b("k1") + "keyused",
+		prefix + bucketTag(0) + "secret",
+		b("acme") + "rec:sent:acme|2026-12", b("acme") + "recidx:sent",
+		b("report") + "lease:report", b("inst1") + "instances",
 		prefix + "{acme}:u:" + blockQuota(1).PeriodID, prefix + "{acme}:outbox",
 		prefix + "{ob:" + fmt.Sprint(outboxBucket("acme")) + "}:outbox:subjects",
-	} {
+	}
+	for n := range buckets {
+		want = append(want, prefix+bucketTag(n)+"seeded")
+	}
+	for _, want := range want {
 		found := false
 		for _, k := range keys {
 			found = found || k == want
@@ -220,9 +244,21 @@ func TestClusterLayout(t *testing.T) {
 		}
 	}
 	for _, k := range keys {
-		if k == prefix+outboxSubjectsKeyName {
-			t.Errorf("the single-node outbox index %s was written in a cluster", k)
+		if !strings.HasPrefix(k, prefix+"{") {
+			t.Errorf("the key %s, without a hash tag, was written in a cluster", k)
 		}
+	}
+	// The buckets spread over every master.
+	masters := map[*rediscluster.Node]bool{}
+	for n := range buckets {
+		m, err := c.MasterFor(t.Context(), prefix+bucketTag(n)+"x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		masters[m] = true
+	}
+	if len(masters) != 3 {
+		t.Errorf("the %d buckets are on %d masters, want 3", buckets, len(masters))
 	}
 }
 
@@ -474,24 +510,13 @@ func TestClusterResharding(t *testing.T) {
 	}
 }
 
-// TestClusterSeedMarkerWithCatalogue: the node that loses the catalogue
-// (customers, keys, key secret) loses the seed marker with it, so the
-// instances notice and store them again (module/reseed.go).
+// TestClusterSeedMarkerWithCatalogue: a master that loses its data (and
+// with it its buckets' customers and keys) loses the seed marker with it,
+// so the instances notice and store them again (module/reseed.go); a
+// claim after that makes the marker whole again.
 func TestClusterSeedMarkerWithCatalogue(t *testing.T) {
 	c := rediscluster.Start(t, 3, 0)
-	// A prefix under which an untagged marker would be on another node.
-	var prefix string
-	for {
-		prefix = clusterPrefix()
-		a, err1 := c.MasterFor(t.Context(), prefix+"seeded")
-		b, err2 := c.MasterFor(t.Context(), prefix+"{catalogue}:x")
-		if err1 != nil || err2 != nil {
-			t.Fatal(err1, err2)
-		}
-		if a != b {
-			break
-		}
-	}
+	prefix := clusterPrefix()
 	s := openCluster(t, c, prefix)
 	if err := s.CreateCustomer(t.Context(), store.Customer{ID: "acme", Tier: "pro"}); err != nil {
 		t.Fatal(err)
@@ -513,6 +538,13 @@ func TestClusterSeedMarkerWithCatalogue(t *testing.T) {
 	}
 	if got, err := s.SeedMarker(t.Context()); err != nil || got != "" {
 		t.Fatalf("after the catalogue's node lost its data, the seed marker is %q (%v), want gone", got, err)
+	}
+	got, err := s.ClaimSeedMarker(t.Context(), "token2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if now, err := s.SeedMarker(t.Context()); err != nil || now != got {
+		t.Fatalf("after a new claim (%q), the seed marker is %q (%v)", got, now, err)
 	}
 }
 

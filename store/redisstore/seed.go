@@ -16,21 +16,44 @@ import (
 // token it saw after its own seeding. A marker that is gone, or carries
 // another token, means the data this instance stored may be gone too.
 
-// In a cluster the marker is in the catalogue's slot (catalogueTag), with
-// the key secret, customers and keys it vouches for: the node that would
-// lose them loses it too.
-func (s *Store) seedKey() string { return s.prefix + s.catalogueTag() + "seeded" }
+// In a cluster the catalogue is spread over buckets (see buckets.go), so
+// the marker has a copy in every bucket, next to the customers, keys and
+// (bucket 0) key secret it vouches for: a master that loses its data loses
+// its buckets' copies. The marker is bucket 0's copy when every copy
+// carries it, and none otherwise; a claim takes bucket 0's copy (setting
+// it unless there is one) and writes it to every other bucket.
+func (s *Store) seedKey(b int) string { return s.prefix + s.tagAt(b) + "seeded" }
 
 // SeedMarker returns the seed marker's token, "" when there is none.
 func (s *Store) SeedMarker(ctx context.Context) (string, error) {
 	var token string
 	err := s.call(ctx, func(ctx context.Context) error {
-		v, err := s.client.Get(ctx, s.seedKey()).Result()
-		if errors.Is(err, redis.Nil) {
+		bs := s.bucketList()
+		cmds := make([]*redis.StringCmd, len(bs))
+		_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, b := range bs {
+				cmds[i] = p.Get(ctx, s.seedKey(b))
+			}
 			return nil
+		})
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return err
 		}
-		token = v
-		return err
+		for i, c := range cmds {
+			v, err := c.Result()
+			switch {
+			case errors.Is(err, redis.Nil):
+				token = ""
+				return nil // a copy lost: no marker
+			case err != nil:
+				return err
+			case i > 0 && v != token:
+				token = ""
+				return nil // copies of different claims: no marker
+			}
+			token = v
+		}
+		return nil
 	})
 	return token, err
 }
@@ -43,7 +66,17 @@ func (s *Store) ClaimSeedMarker(ctx context.Context, token string) (string, erro
 	}
 	var got string
 	err := s.call(ctx, func(ctx context.Context) error {
-		v, err := keySecretScript.Run(ctx, s.client, []string{s.seedKey()}, token).Text()
+		v, err := keySecretScript.Run(ctx, s.client, []string{s.seedKey(0)}, token).Text()
+		if err != nil || s.cluster == nil {
+			got = v
+			return err
+		}
+		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for b := 1; b < buckets; b++ {
+				p.Set(ctx, s.seedKey(b), v, 0)
+			}
+			return nil
+		})
 		got = v
 		return err
 	})
