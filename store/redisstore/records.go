@@ -45,7 +45,9 @@ var _ store.Records = (*Store)(nil)
 // buckets.go), with that bucket's indexes of its kind
 // (P{b:NN}:rec:<kind>:<id>, P{b:NN}:recidx:<kind>, P{b:NN}:recexp:<kind>),
 // so its scripts stay on one node. On a single Redis b is ignored.
-func (s *Store) recPrefix(kind string, b int) string { return s.prefix + s.tagAt(b) + "rec:" + kind + ":" }
+func (s *Store) recPrefix(kind string, b int) string {
+	return s.prefix + s.tagAt(b) + "rec:" + kind + ":"
+}
 func (s *Store) recIdxKey(kind string, b int) string { return s.prefix + s.tagAt(b) + "recidx:" + kind }
 func (s *Store) recExpKey(kind string, b int) string { return s.prefix + s.tagAt(b) + "recexp:" + kind }
 func (s *Store) leaseKey(name string) string         { return s.prefix + s.tagOf(name) + "lease:" + name }
