@@ -93,6 +93,9 @@ type clusterState struct {
 	reconcileDue atomic.Bool
 	// reconciledAt is when the outbox index was last reconciled (Unix ns).
 	reconciledAt atomic.Int64
+	// classic is set once the cluster refused sharded Pub/Sub (Redis
+	// before 7): changes then go over classic Pub/Sub.
+	classic atomic.Bool
 }
 
 // shard is one master's metering script client.
@@ -454,7 +457,16 @@ func escapeGlob(s string) string {
 	return b.String()
 }
 
-// publish announces a change on channel.
+// publish announces a change on channel: with SPUBLISH, on the shard that
+// owns the channel's slot (see Store.WatchChanges), or with PUBLISH on a
+// cluster without sharded Pub/Sub (Redis 6).
 func (c *clusterState) publish(ctx context.Context, channel, what string) error {
+	if !c.classic.Load() {
+		err := c.client.SPublish(ctx, channel, what).Err()
+		if !unknownCommand(err) {
+			return err
+		}
+		c.classic.Store(true)
+	}
 	return c.client.Publish(ctx, channel, what).Err()
 }
