@@ -29,7 +29,8 @@ func (s *Store) hashOfID(ctx context.Context, keyID string) (string, error) {
 }
 
 // modifyKey runs change on the key with this id under WATCH and, when it
-// reports a change, stores the key and announces it. It returns the key.
+// reports a change, stores the key and announces it (in a cluster it
+// announces it even when nothing changed, see below). It returns the key.
 func (s *Store) modifyKey(ctx context.Context, keyID string, change func(k *store.Key) bool) (store.Key, error) {
 	var k store.Key
 	err := s.call(ctx, func(ctx context.Context) error {
@@ -66,9 +67,11 @@ func (s *Store) modifyKey(ctx context.Context, keyID string, change func(k *stor
 			changed = err == nil
 			return err
 		}, key)
-		if err != nil || !changed {
+		if err != nil || (!changed && s.cluster == nil) {
 			return err
 		}
+		// In a cluster the announcement follows the write and can fail
+		// alone: a retry that finds the change made announces it again.
 		return s.publishAfter(ctx, "key")
 	})
 	if err != nil {

@@ -2,6 +2,7 @@ package redisstore
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -93,4 +94,67 @@ func TestClusterWatchShardedAcrossFailover(t *testing.T) {
 			t.Fatal("no change delivered after the failover within 30s")
 		}
 	}
+}
+
+// TestClusterRevokeAnnouncedByRetry: in a cluster a change is announced
+// after it is written, so the announcement can fail alone (here Redis
+// refuses SPUBLISH to the writer's user). The revocation then fails, and
+// the admin's retry, which finds the key already revoked, announces it:
+// the other instances drop the key at once.
+func TestClusterRevokeAnnouncedByRetry(t *testing.T) {
+	c := rediscluster.Start(t, 3, 0)
+	ctx := t.Context()
+	acl := func(rules ...string) {
+		t.Helper()
+		for _, n := range c.Masters(ctx) {
+			nc := redis.NewClient(&redis.Options{Addr: n.Addr()})
+			err := nc.Do(ctx, append([]any{"ACL", "SETUSER", "writer", "on", ">pw", "~*", "&*"}, toAny(rules)...)...).Err()
+			_ = nc.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	acl("+@all")
+	prefix := clusterPrefix()
+	watcher := openCluster(t, c, prefix)
+	writer := openStore(t, Options{URL: strings.Replace(c.URL(), "redis://", "redis://writer:pw@", 1), Cluster: true, KeyPrefix: prefix, OpTimeout: contractTimeout})
+	if _, err := writer.PutKey(ctx, store.Key{ID: "k1", Hash: "h1", CustomerID: "acme"}); err != nil {
+		t.Fatal(err)
+	}
+	changes := make(chan struct{}, 10)
+	resynced := make(chan struct{}, 10)
+	wctx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = watcher.WatchChanges(wctx, func() { changes <- struct{}{} }, func() { resynced <- struct{}{} })
+	}()
+	defer func() { stop(); <-done }()
+	<-resynced
+
+	acl("-spublish")
+	if _, err := writer.RevokeKey(ctx, "k1"); err == nil {
+		t.Fatal("RevokeKey succeeded although its announcement was refused")
+	}
+	if k, err := watcher.KeyByID(ctx, "k1"); err != nil || k.RevokedAt.IsZero() {
+		t.Fatalf("the revocation was not written: %+v, %v", k, err)
+	}
+	acl("+spublish")
+	if _, err := writer.RevokeKey(ctx, "k1"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-changes:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the retried revocation was not announced")
+	}
+}
+
+func toAny(s []string) []any {
+	out := make([]any, len(s))
+	for i, v := range s {
+		out[i] = v
+	}
+	return out
 }
