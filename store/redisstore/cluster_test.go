@@ -512,39 +512,59 @@ func TestClusterResharding(t *testing.T) {
 
 // TestClusterSeedMarkerWithCatalogue: a master that loses its data (and
 // with it its buckets' customers and keys) loses the seed marker with it,
-// so the instances notice and store them again (module/reseed.go); a
-// claim after that makes the marker whole again.
+// so the instances notice and store them again (module/reseed.go). The
+// master here is not bucket 0's, whose copy survives: the claim after the
+// loss still installs a new token, so that every instance that adopted the
+// old one sees the loss (a claim restoring the old token would let an
+// instance confirm a key lookup that missed during the loss).
 func TestClusterSeedMarkerWithCatalogue(t *testing.T) {
 	c := rediscluster.Start(t, 3, 0)
 	prefix := clusterPrefix()
 	s := openCluster(t, c, prefix)
-	if err := s.CreateCustomer(t.Context(), store.Customer{ID: "acme", Tier: "pro"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.ClaimSeedMarker(t.Context(), "token"); err != nil {
-		t.Fatal(err)
-	}
-	node, err := c.MasterFor(t.Context(), s.custKey("acme"))
+	ctx := t.Context()
+	first, err := c.MasterFor(ctx, s.seedKey(0))
 	if err != nil {
 		t.Fatal(err)
+	}
+	// A customer on another master than bucket 0's.
+	var id string
+	var node *rediscluster.Node
+	for i := 0; node == nil; i++ {
+		id = fmt.Sprint("acme-", i)
+		m, err := c.MasterFor(ctx, s.custKey(id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m != first {
+			node = m
+		}
+	}
+	if err := s.CreateCustomer(ctx, store.Customer{ID: id, Tier: "pro"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.ClaimSeedMarker(ctx, "token"); err != nil || got != "token" {
+		t.Fatalf("ClaimSeedMarker = %q, %v", got, err)
+	}
+	if got, err := s.ClaimSeedMarker(ctx, "other"); err != nil || got != "token" {
+		t.Fatalf("a second ClaimSeedMarker = %q, %v; want the first claim's token", got, err)
 	}
 	cl := redis.NewClient(&redis.Options{Addr: node.Addr()})
 	defer cl.Close()
-	if err := cl.FlushAll(t.Context()).Err(); err != nil { // a private cluster
+	if err := cl.FlushAll(ctx).Err(); err != nil { // a private cluster
 		t.Fatal(err)
 	}
-	if _, err := s.GetCustomer(t.Context(), "acme"); !errors.Is(err, store.ErrNotFound) {
-		t.Fatalf("after the catalogue's node lost its data, GetCustomer: %v, want not found", err)
+	if _, err := s.GetCustomer(ctx, id); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("after the customer's master lost its data, GetCustomer: %v, want not found", err)
 	}
-	if got, err := s.SeedMarker(t.Context()); err != nil || got != "" {
-		t.Fatalf("after the catalogue's node lost its data, the seed marker is %q (%v), want gone", got, err)
+	if got, err := s.SeedMarker(ctx); err != nil || got != "" {
+		t.Fatalf("after a master lost its data, the seed marker is %q (%v), want gone", got, err)
 	}
-	got, err := s.ClaimSeedMarker(t.Context(), "token2")
-	if err != nil {
-		t.Fatal(err)
+	got, err := s.ClaimSeedMarker(ctx, "token2")
+	if err != nil || got != "token2" {
+		t.Fatalf("the claim after the loss = %q, %v; want the new token", got, err)
 	}
-	if now, err := s.SeedMarker(t.Context()); err != nil || now != got {
-		t.Fatalf("after a new claim (%q), the seed marker is %q (%v)", got, now, err)
+	if now, err := s.SeedMarker(ctx); err != nil || now != "token2" {
+		t.Fatalf("after the new claim, the seed marker is %q (%v)", now, err)
 	}
 }
 

@@ -19,9 +19,13 @@ import (
 // In a cluster the catalogue is spread over buckets (see buckets.go), so
 // the marker has a copy in every bucket, next to the customers, keys and
 // (bucket 0) key secret it vouches for: a master that loses its data loses
-// its buckets' copies. The marker is bucket 0's copy when every copy
-// carries it, and none otherwise; a claim takes bucket 0's copy (setting
-// it unless there is one) and writes it to every other bucket.
+// its buckets' copies. The marker is the copies' token when they all carry
+// the same one, and none otherwise. A claim that finds the marker keeps
+// it; one that does not installs its own token (a new one even when some
+// copies survived, so that every instance that adopted the old token sees
+// the loss): it swaps bucket 0's copy for it, compare-and-set, and writes
+// bucket 0's token to every other copy. Concurrent claims agree on bucket
+// 0's token.
 func (s *Store) seedKey(b int) string { return s.prefix + s.tagAt(b) + "seeded" }
 
 // SeedMarker returns the seed marker's token, "" when there is none.
@@ -64,23 +68,58 @@ func (s *Store) ClaimSeedMarker(ctx context.Context, token string) (string, erro
 	if token == "" {
 		return "", errors.New("redisstore: empty seed marker token")
 	}
+	if s.cluster != nil {
+		return s.claimSeedMarkerCluster(ctx, token)
+	}
 	var got string
 	err := s.call(ctx, func(ctx context.Context) error {
 		v, err := keySecretScript.Run(ctx, s.client, []string{s.seedKey(0)}, token).Text()
-		if err != nil || s.cluster == nil {
-			got = v
-			return err
-		}
-		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for b := 1; b < buckets; b++ {
-				p.Set(ctx, s.seedKey(b), v, 0)
-			}
-			return nil
-		})
 		got = v
 		return err
 	})
 	return got, err
+}
+
+// swapSeedScript sets KEYS[1] to ARGV[2] if it holds ARGV[1] ("" for
+// none), and returns what it holds then.
+var swapSeedScript = redis.NewScript(`
+local v = redis.call('GET', KEYS[1]) or ''
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return v
+`)
+
+// claimSeedMarkerCluster is ClaimSeedMarker in a cluster (see above).
+func (s *Store) claimSeedMarkerCluster(ctx context.Context, token string) (string, error) {
+	got, err := s.SeedMarker(ctx)
+	if err != nil || got != "" {
+		return got, err
+	}
+	err = s.call(ctx, func(ctx context.Context) error {
+		first, err := s.client.Get(ctx, s.seedKey(0)).Result()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return err
+		}
+		// Bucket 0's copy as read: swapped for token unless another claim
+		// changed it meanwhile, whose token then wins.
+		got, err = swapSeedScript.Run(ctx, s.client, []string{s.seedKey(0)}, first, token).Text()
+		if err != nil {
+			return err
+		}
+		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for b := 1; b < buckets; b++ {
+				p.Set(ctx, s.seedKey(b), got, 0)
+			}
+			return nil
+		})
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	return got, nil
 }
 
 // Persistence is what a Redis server says about keeping its data on disk.
