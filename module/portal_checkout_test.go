@@ -137,6 +137,17 @@ func TestPortalResubscribeAfterSubscriptionEnded(t *testing.T) {
 	if c := admin(t, http.MethodGet, "/api_monetize/customers/"+customer, ""); !strings.Contains(c.body, `"stripe_customer_id":"cus_X"`) || !strings.Contains(c.body, `"tier":"pro"`) {
 		t.Fatalf("customer after the duplicate: %s", c.body)
 	}
+
+	// Stripe unreachable: the plans page still answers, with Manage
+	// billing only, and Choose opens nothing.
+	double.Close()
+	plans = b.do("/plans", nil)
+	if plans.status != http.StatusOK || strings.Contains(plans.body, `id="upgrade-`) || !strings.Contains(plans.body, `id="manage-billing"`) {
+		t.Fatalf("plans page with Stripe unreachable: %d %s", plans.status, plans.body)
+	}
+	if res := b.do("/plans/pro/checkout", url.Values{"csrf": {token}}); res.status == http.StatusSeeOther || len(double.CheckoutSessions()) != 2 {
+		t.Fatalf("Choose with Stripe unreachable: %d, %d checkouts", res.status, len(double.CheckoutSessions()))
+	}
 }
 
 var cancelFormPattern = regexp.MustCompile(`name="checkout" value="([^"]+)"`)
