@@ -79,7 +79,7 @@ func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL
 	list := b.client.V1Prices.List(ctx, &stripe.PriceListParams{LookupKeys: []*string{&baseKey, &usageKey}, Active: stripe.Bool(true)})
 	for p, err := range list.All(ctx) {
 		if err != nil {
-			return "", "", fmt.Errorf("listing the Stripe prices of tier %q: %w", tier, err)
+			return "", "", fmt.Errorf("listing the Stripe prices of tier %q: %w", tier, providerErr(err))
 		}
 		prices[p.LookupKey] = p
 	}
@@ -93,7 +93,7 @@ func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL
 	}
 	s, err := b.client.V1CheckoutSessions.Create(ctx, checkoutParams(c.ID, c.StripeCustomerID, c.Email, items, returnURL, attempt))
 	if err != nil {
-		return "", "", fmt.Errorf("creating a Stripe Checkout Session: %w", busy(err))
+		return "", "", fmt.Errorf("creating a Stripe Checkout Session: %w", providerErr(err))
 	}
 	return s.ID, s.URL, nil
 }
@@ -112,7 +112,7 @@ func (b portalBilling) ManageBilling(ctx context.Context, customerID, returnURL 
 		Customer: stripe.String(c.StripeCustomerID), ReturnURL: stripe.String(returnURL),
 	})
 	if err != nil {
-		return "", fmt.Errorf("creating a Stripe Billing Portal session: %w", err)
+		return "", fmt.Errorf("creating a Stripe Billing Portal session: %w", providerErr(err))
 	}
 	return s.URL, nil
 }
@@ -124,7 +124,8 @@ func (b portalBilling) Subscribed(ctx context.Context, customerID string) (bool,
 	if err != nil || c.StripeCustomerID == "" {
 		return false, err
 	}
-	return liveSubscription(ctx, b.client, c.StripeCustomerID, "")
+	live, err := liveSubscription(ctx, b.client, c.StripeCustomerID, "")
+	return live, providerErr(err)
 }
 
 // CancelCheckout expires an open Checkout Session of the customer. When
@@ -136,13 +137,13 @@ func (b portalBilling) CancelCheckout(ctx context.Context, customerID, id string
 	var se *stripe.Error
 	if err == nil || !errors.As(err, &se) || se.HTTPStatusCode != http.StatusBadRequest {
 		if err != nil {
-			return fmt.Errorf("expiring Stripe Checkout Session %s: %w", id, busy(err))
+			return fmt.Errorf("expiring Stripe Checkout Session %s: %w", id, providerErr(err))
 		}
 		return nil
 	}
 	s, gerr := b.client.V1CheckoutSessions.Retrieve(ctx, id, nil)
 	if gerr != nil {
-		return fmt.Errorf("expiring Stripe Checkout Session %s: %w (reading it back: %w)", id, err, gerr)
+		return fmt.Errorf("expiring Stripe Checkout Session %s: %w (reading it back: %w)", id, err, providerErr(gerr))
 	}
 	if s.ClientReferenceID != customerID {
 		return fmt.Errorf("Stripe Checkout Session %s is not customer %s's", id, customerID)
@@ -156,12 +157,22 @@ func (b portalBilling) CancelCheckout(ctx context.Context, customerID, id string
 	return fmt.Errorf("expiring Stripe Checkout Session %s (status %q): %w", id, s.Status, err)
 }
 
-// busy wraps Stripe's 409 (another request with the same idempotency key
-// is in progress) as portal.ErrBillingBusy.
-func busy(err error) error {
+// providerErr wraps Stripe's 409 (another request with the same
+// idempotency key is in progress) as portal.ErrBillingBusy, and Stripe not
+// answering (a network error, a timeout, 429 or a 5xx) as
+// portal.ErrBillingUnavailable.
+func providerErr(err error) error {
+	if err == nil {
+		return nil
+	}
 	var se *stripe.Error
-	if errors.As(err, &se) && se.HTTPStatusCode == http.StatusConflict {
+	switch {
+	case !errors.As(err, &se) || se.HTTPStatusCode == 0:
+		return fmt.Errorf("%w: %w", portal.ErrBillingUnavailable, err)
+	case se.HTTPStatusCode == http.StatusConflict:
 		return fmt.Errorf("%w: %w", portal.ErrBillingBusy, err)
+	case se.HTTPStatusCode == http.StatusTooManyRequests || se.HTTPStatusCode >= 500:
+		return fmt.Errorf("%w: %w", portal.ErrBillingUnavailable, err)
 	}
 	return err
 }

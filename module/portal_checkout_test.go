@@ -55,7 +55,9 @@ func completeCheckout(t *testing.T, event, session, customer, stripeCustomer, su
 // the tier; from then Choose opens the Billing Portal again. A further
 // subscription of the same Stripe customer completing later (a second
 // checkout) is the duplicate and is canceled, the older one kept, even
-// when the completions are delivered again.
+// when the completions are delivered again. With Stripe unreachable, the
+// plans page still answers (Manage billing only) and Choose and Manage
+// billing answer 502.
 func TestPortalResubscribeAfterSubscriptionEnded(t *testing.T) {
 	double := stripedouble.New()
 	defer double.Close()
@@ -139,14 +141,21 @@ func TestPortalResubscribeAfterSubscriptionEnded(t *testing.T) {
 	}
 
 	// Stripe unreachable: the plans page still answers, with Manage
-	// billing only, and Choose opens nothing.
+	// billing only; Choose and Manage billing say the payment provider
+	// is not answering (502), and nothing is opened.
 	double.Close()
 	plans = b.do("/plans", nil)
 	if plans.status != http.StatusOK || strings.Contains(plans.body, `id="upgrade-`) || !strings.Contains(plans.body, `id="manage-billing"`) {
 		t.Fatalf("plans page with Stripe unreachable: %d %s", plans.status, plans.body)
 	}
-	if res := b.do("/plans/pro/checkout", url.Values{"csrf": {token}}); res.status == http.StatusSeeOther || len(double.CheckoutSessions()) != 2 {
-		t.Fatalf("Choose with Stripe unreachable: %d, %d checkouts", res.status, len(double.CheckoutSessions()))
+	for _, path := range []string{"/plans/pro/checkout", "/billing"} {
+		res := b.do(path, url.Values{"csrf": {token}})
+		if res.status != http.StatusBadGateway || !strings.Contains(res.body, "payment provider is not answering") || len(double.CheckoutSessions()) != 2 {
+			t.Fatalf("%s with Stripe unreachable: %d %s", path, res.status, res.body)
+		}
+	}
+	if strings.Contains(b.do("/plans", nil).body, `id="pending"`) {
+		t.Fatal("a checkout that could not be opened is pending")
 	}
 }
 

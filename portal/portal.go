@@ -119,6 +119,10 @@ var ErrCheckoutCompleted = errors.New("portal: the checkout was completed")
 // answer.
 var ErrBillingBusy = errors.New("portal: the payment provider is handling the same request")
 
+// ErrBillingUnavailable is a Billing answer (wrapped) meaning the payment
+// provider did not answer (unreachable, timed out, overloaded or failing).
+var ErrBillingUnavailable = errors.New("portal: the payment provider did not answer")
+
 // CheckoutAttempt is one attempt of a customer to open a checkout. The
 // portal keeps at most one per customer, so that two windows (or two
 // teammates) choosing a plan at once open one checkout, not two.
@@ -416,6 +420,9 @@ func (h *Handler) failErr(w http.ResponseWriter, r *http.Request, s *session, er
 		h.log.Debug("checkout being opened by a concurrent request", zap.String("path", r.URL.Path), zap.Error(err))
 		w.Header().Set("Retry-After", "1")
 		h.fail(w, r, s, http.StatusServiceUnavailable, "Your checkout is being prepared. Please try again in a moment.")
+	case errors.Is(err, ErrBillingUnavailable):
+		h.log.Warn("the payment provider did not answer", zap.String("path", r.URL.Path), zap.Error(err))
+		h.fail(w, r, s, http.StatusBadGateway, "The payment provider is not answering. Please try again in a minute.")
 	default:
 		h.log.Error("portal request failed", zap.String("path", r.URL.Path), zap.Error(err))
 		h.fail(w, r, s, http.StatusInternalServerError, "Something went wrong. Please try again.")
