@@ -61,7 +61,7 @@ func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL
 	if c.StripeCustomerID != "" {
 		live, err := liveSubscription(ctx, b.client, c.StripeCustomerID, "")
 		if err != nil {
-			return "", "", err
+			return "", "", providerErr(err)
 		}
 		if live {
 			return "", "", portal.InputError("You already pay through Stripe: change your plan with Manage billing.")
