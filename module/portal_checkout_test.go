@@ -12,14 +12,18 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
 
-// startCheckoutPortal starts the portal with Stripe on a fresh embedded
-// store, the pro prices in the double, and a member of a new customer
-// signed in; it returns the browser and the plans page's CSRF token.
-func startCheckoutPortal(t *testing.T, double *stripedouble.Double) (*browser, string) {
+// startCheckoutPortal starts the portal with Stripe on a store (a fresh
+// embedded one when storeLine is empty), the pro prices in the double,
+// and a member of a new customer signed in; it returns the browser and
+// the plans page's CSRF token.
+func startCheckoutPortal(t *testing.T, double *stripedouble.Double, storeLine string) (*browser, string) {
 	t.Helper()
 	double.SetPrice("price_pro_base", stripereport.BaseLookupKey("pro"), "licensed")
 	double.SetPrice("price_pro_usage", stripereport.UsageLookupKey("pro"), "metered")
-	smtp := startPortalStripe(t, "store_path "+t.TempDir()+"/store.db", "open", portalStripeBlock(double.URL))
+	if storeLine == "" {
+		storeLine = "store_path " + t.TempDir() + "/store.db"
+	}
+	smtp := startPortalStripe(t, storeLine, "open", portalStripeBlock(double.URL))
 	b := newBrowser(t)
 	b.signIn(smtp, "dev@example.com", 1)
 	return b, csrf(t, b.do("/plans", nil))
@@ -61,7 +65,7 @@ func completeCheckout(t *testing.T, event, session, customer, stripeCustomer, su
 func TestPortalResubscribeAfterSubscriptionEnded(t *testing.T) {
 	double := stripedouble.New()
 	defer double.Close()
-	b, token := startCheckoutPortal(t, double)
+	b, token := startCheckoutPortal(t, double, "")
 	first := choosePro(t, b, double, token)
 	customer := double.CheckoutSessions()[0]["client_reference_id"]
 	double.SetSubscription("sub_1", "cus_X", "active", stripereport.BaseLookupKey("pro"), stripereport.UsageLookupKey("pro"))
@@ -168,11 +172,16 @@ var cancelFormPattern = regexp.MustCompile(`name="checkout" value="([^"]+)"`)
 // an older checkout cancels nothing. A checkout paid before the cancel
 // reaches Stripe cannot be expired: it stays pending (409 with the
 // reason), choosing again still goes to it, and its completion moves the
-// tier. A checkout that expired at Stripe meanwhile frees the claim.
+// tier. A checkout that expired at Stripe meanwhile frees the claim. On
+// the embedded store and Redis.
 func TestPortalCancelCheckout(t *testing.T) {
+	portalStores(t, testPortalCancelCheckout)
+}
+
+func testPortalCancelCheckout(t *testing.T, storeLine string) {
 	double := stripedouble.New()
 	defer double.Close()
-	b, token := startCheckoutPortal(t, double)
+	b, token := startCheckoutPortal(t, double, storeLine)
 	first := choosePro(t, b, double, token)
 	customer := double.CheckoutSessions()[0]["client_reference_id"]
 	plans := b.do("/plans", nil)
@@ -259,7 +268,7 @@ func TestPortalCancelCheckout(t *testing.T) {
 func TestPortalCheckoutBusyIsRetryable(t *testing.T) {
 	double := stripedouble.New()
 	defer double.Close()
-	b, token := startCheckoutPortal(t, double)
+	b, token := startCheckoutPortal(t, double, "")
 	held, release := double.HoldNextCheckout()
 	defer release()
 	done := make(chan response, 1)
