@@ -2,6 +2,8 @@ package store
 
 import (
 	"context"
+	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
@@ -107,6 +109,68 @@ type Reservation struct {
 	// already served), is applied only if (Origin, Seq) was not applied,
 	// and does not touch rate-limit state.
 	Replay bool
+	// Meters are the request's other meters (besides the default one that
+	// Cost and Quota describe), in configuration order, each named once.
+	// Empty without meter blocks: then nothing else changes what a store
+	// does. A reservation's meters share its Quota's period and hour, its
+	// idempotency and its replay window: the whole request is admitted or
+	// denied, applied or deduplicated, as one. At most MaxMeters.
+	Meters []MeterReservation `json:"Meters,omitempty"`
+}
+
+// DefaultMeter is the name the default meter (cost units) goes by where a
+// name is needed; no other meter may take it.
+const DefaultMeter = "cost"
+
+// MaxMeters is the most meters a reservation carries besides the default
+// one.
+const MaxMeters = 16
+
+// MaxMeterNameLen is the longest meter name.
+const MaxMeterNameLen = 64
+
+// ValidMeterName reports whether name can name a meter other than the
+// default one: 1 to MaxMeterNameLen bytes of [A-Za-z0-9._-], and not
+// DefaultMeter. (A store keys a meter's counters by its name, so its
+// characters never collide with a store's separators.)
+func ValidMeterName(name string) bool {
+	if name == "" || len(name) > MaxMeterNameLen || name == DefaultMeter {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// MeterReservation is one meter of a reservation besides the default one.
+type MeterReservation struct {
+	// Meter is the meter's name (see ValidMeterName).
+	Meter string
+	// Amount is the number of units known before the upstream answers
+	// (e.g. a request's Content-Length), reserved like Cost; 0 for a meter
+	// known only after the response (its units come with the Settlement).
+	// With a block quota, a positive Amount is denied when used + Amount
+	// would exceed Included; a zero Amount is denied once used ≥ Included.
+	Amount int64
+	// Included is the number of the meter's units included in the period;
+	// meaningful unless Mode is QuotaMeter.
+	Included int64
+	// Mode is QuotaMeter, QuotaBlock, QuotaBill or QuotaThrottle, as for
+	// Quota.Mode.
+	Mode string
+	// Throttle is the rate applied instead of the tier's once the meter is
+	// used up, in QuotaThrottle mode. When several meters (the default one
+	// included) are used up in throttle mode, the slowest of their
+	// throttles applies.
+	Throttle limiter.Policy
+	// Thresholds are the percentages of Included (ascending) whose
+	// crossing is written to the threshold outbox exactly once per
+	// (subject, period, meter, threshold).
+	Thresholds []int
 }
 
 // IdempotencyTTL is how long r's idempotency key is remembered:
@@ -146,6 +210,28 @@ type Reserved struct {
 	// Crossed lists the thresholds this reservation crossed; each was
 	// written to the outbox in the same atomic step.
 	Crossed []int
+	// Meters are the outcomes of Reservation.Meters, in the same order
+	// (nil without them). When the reservation is denied, each holds the
+	// meter's usage before it.
+	Meters []MeterReserved
+	// QuotaExceededMeter names the meter whose block quota denied the
+	// reservation when QuotaExceeded is set: "" for the default meter.
+	QuotaExceededMeter string
+}
+
+// MeterReserved is the outcome of a reservation for one of its meters.
+type MeterReserved struct {
+	// Used is the meter's units in the period after the reservation
+	// (before it when denied).
+	Used int64
+	// Overage is the part of the reserved Amount counted beyond Included.
+	Overage int64
+	// Crossed lists the meter's thresholds this reservation crossed; each
+	// was written to the outbox in the same atomic step.
+	Crossed []int
+	// Throttled reports that the meter was used up in QuotaThrottle mode,
+	// so a throttle rate applied (Reserved.Throttled is set too).
+	Throttled bool
 }
 
 // Settlement corrects a reservation once the response is known. It is only
@@ -171,6 +257,29 @@ type Settlement struct {
 	Origin string
 	Seq    int64
 	Replay bool
+	// Meters are the settlements of the reservation's other meters: only
+	// those whose final amount differs from the reserved one, each named
+	// once. A Settlement whose Actual equals Reserved changes only these.
+	Meters []MeterSettlement `json:"Meters,omitempty"`
+}
+
+// MeterSettlement corrects one meter of a reservation.
+type MeterSettlement struct {
+	// Meter is the meter's name.
+	Meter string
+	// Reserved and Overage are what the reservation recorded for the
+	// meter (MeterReservation.Amount and MeterReserved.Overage).
+	Reserved int64
+	Overage  int64
+	// Actual is the meter's final amount: the reported value, the bytes
+	// counted, 0 when the response is not billable. Units added beyond
+	// Reserved are counted after the period's current usage (their overage
+	// follows Quota's Included and Mode) and may cross Quota's thresholds;
+	// units taken back come off the reservation's overage first.
+	Actual int64
+	// Quota is the meter's quota as the reservation carried it (its Amount
+	// is ignored), for the overage and thresholds of added units.
+	Quota MeterReservation
 }
 
 // Counters are billed units, overage units and billable requests.
@@ -200,13 +309,46 @@ type PeriodUsage struct {
 	Thresholds []int `json:"thresholds_crossed,omitempty"`
 	// Hours are the hours with usage, in order.
 	Hours []HourUsage `json:"hours,omitempty"`
+	// Meters are the period's other meters with any usage or crossed
+	// threshold, ordered by name. Counters, Thresholds and Hours above are
+	// the default meter's.
+	Meters []MeterUsage `json:"meters,omitempty"`
+}
+
+// MeterUsage is one meter's ledger for a period. A meter's Requests counts
+// the requests that added units to it.
+type MeterUsage struct {
+	// Meter is the meter's name.
+	Meter string `json:"meter"`
+	// Counters are the meter's period totals.
+	Counters
+	// Thresholds are the meter's thresholds already crossed.
+	Thresholds []int `json:"thresholds_crossed,omitempty"`
+	// Hours are the hours with usage of the meter, in order.
+	Hours []HourUsage `json:"hours,omitempty"`
+}
+
+// Meter returns the ledger of the meter named name ("" or DefaultMeter:
+// the default meter's), with zero counters when the period has none.
+func (u PeriodUsage) Meter(name string) MeterUsage {
+	if name == "" || name == DefaultMeter {
+		return MeterUsage{Meter: DefaultMeter, Counters: u.Counters, Thresholds: u.Thresholds, Hours: u.Hours}
+	}
+	for _, m := range u.Meters {
+		if m.Meter == name {
+			return m
+		}
+	}
+	return MeterUsage{Meter: name}
 }
 
 // ThresholdEvent is an outbox entry: a subject crossed a threshold of its
-// included units in a period. Each (Subject, PeriodID, Threshold) is
-// written exactly once.
+// included units in a period. Each (Subject, PeriodID, Meter, Threshold)
+// is written exactly once.
 type ThresholdEvent struct {
-	// ID is "<subject>|<period>|<threshold>", unique per event.
+	// ID is "<subject>|<period>|<threshold>" for the default meter and
+	// "<subject>|<period>|<threshold>|<meter>" for another (see
+	// ThresholdEventID), unique per event.
 	ID string `json:"id"`
 	// Subject is the customer id.
 	Subject string `json:"customer"`
@@ -219,6 +361,89 @@ type ThresholdEvent struct {
 	Included int64 `json:"included_units"`
 	// At is when it was crossed.
 	At time.Time `json:"at"`
+	// Meter names the meter whose threshold was crossed; empty for the
+	// default meter (so its events read as before meters existed).
+	Meter string `json:"meter,omitempty"`
+}
+
+// ThresholdEventID is the ID of the event of subject crossing threshold of
+// meter ("" for the default meter) in period.
+func ThresholdEventID(subject, periodID string, threshold int, meter string) string {
+	id := subject + "|" + periodID + "|" + strconv.Itoa(threshold)
+	if meter != "" {
+		id += "|" + meter
+	}
+	return id
+}
+
+// CheckMeters validates the meters of a reservation: valid distinct names,
+// at most MaxMeters, known modes, non-negative amounts and included units,
+// thresholds ascending and positive.
+func CheckMeters(ms []MeterReservation) error {
+	if len(ms) > MaxMeters {
+		return fmt.Errorf("%d meters, at most %d", len(ms), MaxMeters)
+	}
+	for i, m := range ms {
+		if !ValidMeterName(m.Meter) {
+			return fmt.Errorf("invalid meter name %q", m.Meter)
+		}
+		for _, o := range ms[:i] {
+			if o.Meter == m.Meter {
+				return fmt.Errorf("meter %q named twice", m.Meter)
+			}
+		}
+		if err := checkMeterQuota(m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkMeterQuota validates one meter's amount, included units, mode and
+// thresholds.
+func checkMeterQuota(m MeterReservation) error {
+	switch m.Mode {
+	case QuotaMeter, QuotaBlock, QuotaBill, QuotaThrottle:
+	default:
+		return fmt.Errorf("meter %q: unknown over-quota mode %q", m.Meter, m.Mode)
+	}
+	if m.Amount < 0 || m.Included < 0 {
+		return fmt.Errorf("meter %q: negative amount %d or included %d", m.Meter, m.Amount, m.Included)
+	}
+	for i, t := range m.Thresholds {
+		if t < 1 || i > 0 && t <= m.Thresholds[i-1] {
+			return fmt.Errorf("meter %q: thresholds %v not ascending and positive", m.Meter, m.Thresholds)
+		}
+	}
+	return nil
+}
+
+// CheckMeterSettlements validates the meters of a settlement: valid
+// distinct names, at most MaxMeters, 0 ≤ Overage ≤ Reserved, Actual ≥ 0,
+// and a valid Quota.
+func CheckMeterSettlements(ms []MeterSettlement) error {
+	if len(ms) > MaxMeters {
+		return fmt.Errorf("%d meters, at most %d", len(ms), MaxMeters)
+	}
+	for i, m := range ms {
+		if !ValidMeterName(m.Meter) {
+			return fmt.Errorf("invalid meter name %q", m.Meter)
+		}
+		for _, o := range ms[:i] {
+			if o.Meter == m.Meter {
+				return fmt.Errorf("meter %q named twice", m.Meter)
+			}
+		}
+		if m.Reserved < 0 || m.Actual < 0 || m.Overage < 0 || m.Overage > m.Reserved {
+			return fmt.Errorf("meter %q: settlement amounts out of range (reserved %d, overage %d, actual %d)", m.Meter, m.Reserved, m.Overage, m.Actual)
+		}
+		q := m.Quota
+		q.Meter, q.Amount = m.Meter, 0
+		if err := checkMeterQuota(q); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Meter is the metering part of a store: atomic reservations against rate

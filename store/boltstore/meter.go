@@ -386,13 +386,23 @@ func (m *meter) close() error {
 // errClosed is returned by metering calls after Close.
 var errClosed = fmt.Errorf("%w: boltstore: store is closed", store.ErrUnavailable)
 
+// errMetersNotSupported is returned for reservations and settlements with
+// Meters until this store implements them.
+var errMetersNotSupported = errors.New("boltstore: meters not supported yet")
+
 // Reserve implements store.Meter.
 func (s *Store) Reserve(_ context.Context, r store.Reservation) (store.Reserved, error) {
+	if len(r.Meters) > 0 {
+		return store.Reserved{}, errMetersNotSupported
+	}
 	return s.meter.reserve(r)
 }
 
 // Settle implements store.Meter.
 func (s *Store) Settle(_ context.Context, st store.Settlement) error {
+	if len(st.Meters) > 0 {
+		return errMetersNotSupported
+	}
 	return s.meter.settle(st)
 }
 

@@ -674,6 +674,9 @@ func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserve
 
 // reserve is Reserve that also returns the Redis time of the decision (µs).
 func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserved, int64, error) {
+	if len(r.Meters) > 0 {
+		return store.Reserved{}, 0, errors.New("redisstore: meters not supported yet")
+	}
 	if r.Cost < 0 || r.Cost >= maxExact {
 		return store.Reserved{}, 0, fmt.Errorf("redisstore: cost %d out of range", r.Cost)
 	}
@@ -749,6 +752,9 @@ const (
 // in the replay window and marked reserved (not settled); a settlement
 // marks its Seq settled. A non-Replay settlement is always applied.
 func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
+	if len(st.Meters) > 0 {
+		return errors.New("redisstore: meters not supported yet")
+	}
 	if st.Reserved < 0 || st.Reserved >= maxExact || st.Actual < 0 || st.Actual >= maxExact ||
 		st.Overage < 0 || st.Overage > st.Reserved {
 		return fmt.Errorf("redisstore: settlement amounts out of range (reserved %d, overage %d, actual %d)", st.Reserved, st.Overage, st.Actual)
