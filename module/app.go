@@ -126,6 +126,7 @@ type App struct {
 	maxUsageCost int64
 	idempotency  idempotency
 	tiers        []*tierRuntime
+	meters       []*meterRuntime // nil without meters
 	tierByName   map[string]*tierRuntime
 	shared       *shared
 	sharedKey    string

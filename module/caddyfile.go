@@ -435,7 +435,7 @@ func tierOption(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token
 		}
 		return nil
 	case "meter":
-		return tierMeter(d, t, seen)
+		return parseTierMeter(d, t, seen)
 	}
 
 	if err := once(d, seen); err != nil {

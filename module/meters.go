@@ -3,7 +3,6 @@ package module
 import (
 	"fmt"
 	"net/http"
-	"strconv"
 
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
@@ -26,7 +25,7 @@ type tierMeter struct {
 	// quota holds the meter's included units, over-quota mode, throttle,
 	// thresholds and their policy names (quotaName "<tier>-<meter>-month"),
 	// compiled as a tier's own (see compileQuota).
-	quota tierRuntime
+	quota *tierRuntime
 }
 
 // compileMeters compiles the app's meters; compileTiers then gives each
@@ -49,7 +48,7 @@ func (t *tierRuntime) compileTierMeters(meters []*meterRuntime) error {
 	}
 	t.meters = make([]tierMeter, len(meters))
 	for i, m := range meters {
-		tm := tierMeter{meterRuntime: m}
+		tm := tierMeter{meterRuntime: m, quota: new(tierRuntime)}
 		tm.quota.Tier = Tier{Name: t.Name + "-" + m.name}
 		for _, b := range t.Tier.Meters {
 			if b.Meter == m.name {
@@ -66,7 +65,7 @@ func (t *tierRuntime) compileTierMeters(meters []*meterRuntime) error {
 
 // meterReservation is the store's view of the tier's meter with amount.
 func (tm *tierMeter) reservation(amount int64) store.MeterReservation {
-	q := &tm.quota
+	q := tm.quota
 	return store.MeterReservation{
 		Meter: tm.name, Amount: amount, Included: q.included, Mode: q.quotaMode,
 		Throttle: q.throttle, Thresholds: q.thresholds,
@@ -98,5 +97,3 @@ func (m *meterRuntime) capped(n int64) int64 {
 
 // quotaItem is the RateLimit-Policy name of the meter's quota, quoted.
 func (tm *tierMeter) hasQuota() bool { return tm.quota.quotaMode != store.QuotaMeter }
-
-var _ = strconv.Quote

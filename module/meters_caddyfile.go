@@ -105,10 +105,10 @@ func parseMeterSource(meter string, args []string) (MeterSource, error) {
 	return src, src.validate(meter)
 }
 
-// tierMeter parses a tier's `meter <name> { included …; over_quota …;
+// parseTierMeter parses a tier's `meter <name> { included …; over_quota …;
 // thresholds … }` with the parsers of the tier's own options; the cursor
 // is on "meter".
-func tierMeter(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token) error {
+func parseTierMeter(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token) error {
 	if !d.NextArg() {
 		return d.Errf("tier %s: meter: expected a meter's name, as in 'meter tokens { included 1000000/month }'", t.Name)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
 // The rules about what a configuration means live here, next to the config
@@ -334,10 +335,6 @@ func checkEmail(v string) error {
 	return nil
 }
 
-// defaultMeterName is the default meter's name (the request's cost units):
-// no declared meter may take it.
-const defaultMeterName = "cost"
-
 // validate checks one meter declaration on its own: its name, its source
 // and its Stripe event name. App.checkMeters checks them against each
 // other.
@@ -345,7 +342,7 @@ func (m *MeterConfig) validate() error {
 	if err := checkName(m.Name); err != nil {
 		return optionErr("meter", fmt.Errorf("meter '%s': %v", m.Name, err))
 	}
-	if m.Name == defaultMeterName {
+	if m.Name == store.DefaultMeter {
 		return optionErr("meter", fmt.Errorf("meter '%s': the name is the default meter's (the request's cost units); choose another", m.Name))
 	}
 	if err := m.Source.validate(m.Name); err != nil {
@@ -448,6 +445,9 @@ func (a *App) checkMeterDecls() (int, error) {
 	events := map[string]string{a.defaultStripeEvent(): "the default meter"}
 	for i := range a.Meters {
 		m := &a.Meters[i]
+		if i == store.MaxMeters {
+			return i, optionErr("meter", fmt.Errorf("meter %s: at most %d meters besides the default one", m.Name, store.MaxMeters))
+		}
 		if err := m.validate(); err != nil {
 			return i, err
 		}

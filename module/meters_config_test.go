@@ -1,0 +1,133 @@
+package module
+
+import (
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// metersGlobal declares two meters and gives tiers blocks for them.
+const metersGlobal = `api_monetize {
+	meter tokens {
+		source header X-Tokens-Used max 100000
+		stripe ai_tokens
+	}
+	meter upload {
+		source request_bytes
+	}
+	meter download {
+		source response_bytes max 1048576
+	}
+	tier pro {
+		included 50000/month
+		over_quota bill 0.002
+		rate 100/min
+		meter tokens {
+			included 2000000/month
+			over_quota throttle 10/min bill 0.000010
+			thresholds 80 100
+		}
+		meter upload {
+			included 1000000/month
+		}
+	}
+	tier free {
+		included 1000/month
+		meter tokens {
+			included 50000/month
+			over_quota block
+			thresholds off
+		}
+	}
+}`
+
+func TestParseMeters(t *testing.T) {
+	app, err := parseApp(caddyfile.NewTestDispenser(metersGlobal), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = app
+	a, err := parseGlobal(metersGlobal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantMeters := []MeterConfig{
+		{Name: "tokens", Source: MeterSource{Kind: "header", Header: "X-Tokens-Used", Max: 100000}, StripeEvent: "ai_tokens"},
+		{Name: "upload", Source: MeterSource{Kind: "request_bytes"}},
+		{Name: "download", Source: MeterSource{Kind: "response_bytes", Max: 1048576}},
+	}
+	if !reflect.DeepEqual(a.Meters, wantMeters) {
+		t.Errorf("meters %+v, want %+v", a.Meters, wantMeters)
+	}
+	month := func(n int64) *Included { return &Included{Units: n, Interval: "month"} }
+	wantPro := []TierMeter{
+		{Meter: "tokens", Included: month(2000000), Thresholds: []int{80, 100},
+			OverQuota: &OverQuota{Mode: "throttle", PriceMicros: 10, Throttle: &Rate{Limit: 10, Window: caddy.Duration(time.Minute)}}},
+		{Meter: "upload", Included: month(1000000)},
+	}
+	if !reflect.DeepEqual(a.Tiers[0].Meters, wantPro) {
+		t.Errorf("pro meters %+v, want %+v", a.Tiers[0].Meters, wantPro)
+	}
+	wantFree := []TierMeter{{Meter: "tokens", Included: month(50000), OverQuota: &OverQuota{Mode: "block"}, Thresholds: []int{}}}
+	if !reflect.DeepEqual(a.Tiers[1].Meters, wantFree) {
+		t.Errorf("free meters %+v, want %+v", a.Tiers[1].Meters, wantFree)
+	}
+	checkAccepted(t, metersGlobal, a)
+
+	// Compiled: every tier sees every meter, in declaration order, with
+	// the tier's block or only metering.
+	if err := a.compileTiers(); err != nil {
+		t.Fatal(err)
+	}
+	pro := a.tierByName["pro"]
+	if len(pro.meters) != 3 {
+		t.Fatalf("pro has %d meters, want 3", len(pro.meters))
+	}
+	tok := pro.meters[0]
+	if tok.name != "tokens" || tok.quota.quotaMode != "throttle" || tok.quota.included != 2000000 ||
+		tok.quota.quotaName != "pro-tokens-month" || tok.quota.throttleName != "pro-tokens-throttle-min" ||
+		!reflect.DeepEqual(tok.quota.thresholds, []int{80, 100}) || tok.stripeEvent != "ai_tokens" || tok.header != "X-Tokens-Used" {
+		t.Errorf("pro tokens compiled as %+v", tok)
+	}
+	if up := pro.meters[1]; up.quota.quotaMode != "block" || up.quota.included != 1000000 || up.stripeEvent != "upload" {
+		t.Errorf("pro upload compiled as %+v", up)
+	}
+	if down := pro.meters[2]; down.quota.quotaMode != "" || down.quota.quotaName != "" {
+		t.Errorf("pro download (no block) compiled as %+v; want only metered", down)
+	}
+	if free := a.tierByName["free"]; free.meters[0].quota.thresholds == nil || len(free.meters[0].quota.thresholds) != 0 {
+		t.Errorf("free tokens thresholds %v, want off", free.meters[0].quota.thresholds)
+	}
+}
+
+func TestParseMetersErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		input string
+		line  int
+		want  string
+	}{
+		{"meter no name", "api_monetize {\n\tmeter {\n\t}\n\ttier t\n}", 2, "meter: expected a name"},
+		{"meter no source", "api_monetize {\n\tmeter m {\n\t\tstripe x\n\t}\n\ttier t\n}", 2, "meter m: missing 'source …'"},
+		{"meter unknown option", "api_monetize {\n\tmeter m {\n\t\tsource cost\n\t\tunit tokens\n\t}\n\ttier t\n}", 4, "unrecognized option 'unit'"},
+		{"meter source twice", "api_monetize {\n\tmeter m {\n\t\tsource cost\n\t\tsource request_bytes\n\t}\n\ttier t\n}", 4, "'source' is given twice"},
+		{"source unknown", "api_monetize {\n\tmeter m {\n\t\tsource tokens\n\t}\n\ttier t\n}", 3, "unknown source 'tokens'"},
+		{"header without max", "api_monetize {\n\tmeter m {\n\t\tsource header X-T\n\t}\n\ttier t\n}", 3, "needs 'max <units>'"},
+		{"header max zero", "api_monetize {\n\tmeter m {\n\t\tsource header X-T max 0\n\t}\n\ttier t\n}", 3, "max must be a whole number ≥ 1"},
+		{"header underscore", "api_monetize {\n\tmeter m {\n\t\tsource header X_T max 5\n\t}\n\ttier t\n}", 3, "header names with '_' or '.' are refused"},
+		{"cost with max", "api_monetize {\n\tmeter m {\n\t\tsource cost max 5\n\t}\n\ttier t\n}", 3, "unexpected 'max'"},
+		{"bytes bad max", "api_monetize {\n\tmeter m {\n\t\tsource response_bytes limit 5\n\t}\n\ttier t\n}", 3, "unexpected 'limit'"},
+		{"stripe event space", "api_monetize {\n\tmeter m {\n\t\tsource cost\n\t\tstripe \"a b\"\n\t}\n\ttier t\n}", 4, "not a meter event name"},
+		{"tier meter twice", "api_monetize {\n\tmeter m {\n\t\tsource cost\n\t}\n\ttier t {\n\t\tmeter m {\n\t\t}\n\t\tmeter m {\n\t\t}\n\t}\n}", 8, "meter 'm' has two blocks (first at Testfile:6)"},
+		{"tier meter unknown option", "api_monetize {\n\tmeter m {\n\t\tsource cost\n\t}\n\ttier t {\n\t\tmeter m {\n\t\t\trate 5/min\n\t\t}\n\t}\n}", 7, "tier t meter m: unrecognized option 'rate'"},
+		{"tier meter bad included", "api_monetize {\n\tmeter m {\n\t\tsource cost\n\t}\n\ttier t {\n\t\tmeter m {\n\t\t\tincluded 5/year\n\t\t}\n\t}\n}", 7, "5/month"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseApp(caddyfile.NewTestDispenser(tc.input), nil)
+			checkErr(t, err, tc.line, tc.want, "")
+		})
+	}
+}
