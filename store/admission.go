@@ -19,6 +19,9 @@ type Admission struct {
 	// its cost does not fit the included units left. A reservation that
 	// costs nothing, or a Replay (already served), is never refused.
 	QuotaExceeded bool
+	// QuotaExceededMeter names the meter whose block quota refuses (see
+	// AdmitMeters): "" for the default meter.
+	QuotaExceededMeter string
 }
 
 // Admit decides r's quota and the rate policy that applies, given used, the
@@ -32,4 +35,62 @@ func (r Reservation) Admit(used int64) Admission {
 	// Cost > Included-used rather than used+Cost > Included: no overflow.
 	a.QuotaExceeded = q.Mode == QuotaBlock && !r.Replay && r.Cost > 0 && r.Cost > q.Included-used
 	return a
+}
+
+// AdmitMeters is Admit for a reservation with Meters: used is the default
+// meter's billed units before r and meterUsed[i] those of r.Meters[i]. A
+// block meter refuses when its Amount does not fit the units left, or, for
+// a meter known only after the response (Amount 0), once it is used up;
+// the first refusing meter, the default one first, is reported. The
+// throttle applies when any throttle-mode meter (the default one included)
+// is used up; when several are, the slowest of their throttles applies
+// (see SlowerPolicy).
+func (r Reservation) AdmitMeters(used int64, meterUsed []int64) Admission {
+	a := r.Admit(used)
+	for i, m := range r.Meters {
+		u := meterUsed[i]
+		if m.Mode == QuotaThrottle && u >= m.Included {
+			if !a.Throttled || SlowerPolicy(m.Throttle, a.Policy) {
+				a.Policy = m.Throttle
+			}
+			a.Throttled = true
+		}
+		if !a.QuotaExceeded && m.Mode == QuotaBlock && !r.Replay && r.Cost > 0 && m.Exceeds(u) {
+			a.QuotaExceeded, a.QuotaExceededMeter = true, m.Meter
+		}
+	}
+	return a
+}
+
+// Exceeds reports whether m's block quota refuses a request at used, the
+// meter's units before it: a known Amount that does not fit the units
+// left, or, for an Amount of 0 (known only after the response), a meter
+// already used up. It does not look at Mode.
+func (m MeterReservation) Exceeds(used int64) bool {
+	if m.Amount > 0 {
+		return m.Amount > m.Included-used // no overflow: both non-negative
+	}
+	return used >= m.Included
+}
+
+// SlowerPolicy reports whether rate policy a admits less than b: an
+// invalid policy (which admits nothing) is the slowest, no policy (a zero
+// Limit) the fastest; otherwise the longer emission interval, then the
+// smaller burst, is slower.
+func SlowerPolicy(a, b limiter.Policy) bool {
+	rank := func(p limiter.Policy) int {
+		switch {
+		case p.Limit == 0:
+			return 0
+		case !p.Valid():
+			return 2
+		}
+		return 1
+	}
+	ra, rb := rank(a), rank(b)
+	if ra != rb || ra != 1 {
+		return ra > rb
+	}
+	ia, ib := a.Interval(), b.Interval()
+	return ia > ib || ia == ib && a.BurstUnits() < b.BurstUnits()
 }

@@ -85,6 +85,13 @@ var (
 	bucketUsagePeriods = []byte("usage_periods")
 	// usageHours: periodKey followed by the hour id -> encodeCounters.
 	bucketUsageHours = []byte("usage_hours")
+	// usageMeterPeriods: periodKey followed by the string-encoded name of
+	// a meter other than the default one -> encodeMeterPeriod (totals,
+	// crossed). The period's end is its usage_periods record's.
+	bucketUsageMeterPeriods = []byte("usage_meter_periods")
+	// usageMeterHours: periodKey, the string-encoded meter name, then the
+	// hour id -> encodeCounters.
+	bucketUsageMeterHours = []byte("usage_meter_hours")
 	// usageIdempotency: string-encoded subject followed by the key ->
 	// expiry, 8 bytes big endian, microseconds since the epoch, then (not
 	// in records written before fingerprints) the repeats as a varint and
@@ -121,12 +128,51 @@ type periodKey struct{ subject, period string }
 type idemKey struct{ subject, key string }
 
 // periodState is a period's totals, its end (microseconds since the epoch)
-// and the thresholds crossed so far, ascending.
+// and the thresholds crossed so far, ascending: the default meter's, and
+// those of the period's other meters.
 type periodState struct {
 	store.Counters
 	end     int64
 	crossed []int
+	meters  []meterState
 }
+
+// meterState is the totals and crossed thresholds (ascending) of one meter
+// other than the default one in a period.
+type meterState struct {
+	name string
+	store.Counters
+	crossed []int
+}
+
+// meter returns the state of the meter named name, nil when it has none.
+func (p *periodState) meter(name string) *meterState {
+	if p == nil {
+		return nil
+	}
+	for i := range p.meters {
+		if p.meters[i].name == name {
+			return &p.meters[i]
+		}
+	}
+	return nil
+}
+
+// clone is a deep copy of p.
+func (p *periodState) clone() periodState {
+	c := periodState{Counters: p.Counters, end: p.end, crossed: slices.Clone(p.crossed)}
+	if len(p.meters) > 0 {
+		c.meters = make([]meterState, len(p.meters))
+		for i, ms := range p.meters {
+			c.meters[i] = meterState{name: ms.name, Counters: ms.Counters, crossed: slices.Clone(ms.crossed)}
+		}
+	}
+	return c
+}
+
+// meterHour identifies one hour of one meter (other than the default) in
+// a period's pending ledger changes.
+type meterHour struct{ meter, hour string }
 
 // idemRecord is a remembered idempotency key: its expiry (microseconds),
 // the fingerprint of the request that stored it ("" for records written
@@ -186,9 +232,11 @@ type meter struct {
 	mu      sync.Mutex
 	closed  bool
 	periods map[periodKey]*periodState
-	// hours holds the hourly ledger changes since the last checkpoint.
-	hours map[periodKey]map[string]*store.Counters
-	idem  map[idemKey]idemRecord
+	// hours holds the hourly ledger changes since the last checkpoint,
+	// and meterHours those of the other meters.
+	hours      map[periodKey]map[string]*store.Counters
+	meterHours map[periodKey]map[meterHour]*store.Counters
+	idem       map[idemKey]idemRecord
 	// idemQueue lists idempotency keys in the order they were stored,
 	// from idemHead on; entries whose key has since been forgotten or
 	// stored again are skipped when they come up.
@@ -237,6 +285,7 @@ func openMeter(db *bolt.DB, path string, rates *limiter.Local, o options) (*mete
 		onFlushError: o.onFlushError,
 		periods:      make(map[periodKey]*periodState),
 		hours:        make(map[periodKey]map[string]*store.Counters),
+		meterHours:   make(map[periodKey]map[meterHour]*store.Counters),
 		idem:         make(map[idemKey]idemRecord),
 		dirtyPeriods: make(map[periodKey]struct{}),
 		dirtyIdem:    make(map[idemKey]struct{}),
@@ -290,7 +339,7 @@ func (m *meter) load() (uint64, error) {
 	var covered uint64
 	now := m.clock().UnixMicro()
 	err := m.db.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketUsagePeriods, bucketUsageHours, bucketUsageIdem, bucketUsageEvents} {
+		for _, name := range [][]byte{bucketUsagePeriods, bucketUsageHours, bucketUsageIdem, bucketUsageEvents, bucketUsageMeterPeriods, bucketUsageMeterHours} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -306,6 +355,27 @@ func (m *meter) load() (uint64, error) {
 			}
 			m.periods[pk] = p
 			m.nextPrune = min(m.nextPrune, p.end+store.Retention.Microseconds())
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		err = tx.Bucket(bucketUsageMeterPeriods).ForEach(func(k, v []byte) error {
+			r := decoder{b: k}
+			pk := periodKey{r.string(), r.string()}
+			name := r.string()
+			ms, ok := decodeMeterPeriod(v)
+			if r.err != nil || len(r.b) != 0 || !ok {
+				return decodeErr("usage meter period", string(k), errCorrupt)
+			}
+			ms.name = name
+			p := m.periods[pk]
+			if p == nil { // not written without its period: only by hand
+				p = &periodState{}
+				m.periods[pk] = p
+				m.nextPrune = min(m.nextPrune, store.Retention.Microseconds())
+			}
+			p.meters = append(p.meters, ms)
 			return nil
 		})
 		if err != nil {
@@ -386,23 +456,13 @@ func (m *meter) close() error {
 // errClosed is returned by metering calls after Close.
 var errClosed = fmt.Errorf("%w: boltstore: store is closed", store.ErrUnavailable)
 
-// errMetersNotSupported is returned for reservations and settlements with
-// Meters until this store implements them.
-var errMetersNotSupported = errors.New("boltstore: meters not supported yet")
-
 // Reserve implements store.Meter.
 func (s *Store) Reserve(_ context.Context, r store.Reservation) (store.Reserved, error) {
-	if len(r.Meters) > 0 {
-		return store.Reserved{}, errMetersNotSupported
-	}
 	return s.meter.reserve(r)
 }
 
 // Settle implements store.Meter.
 func (s *Store) Settle(_ context.Context, st store.Settlement) error {
-	if len(st.Meters) > 0 {
-		return errMetersNotSupported
-	}
 	return s.meter.settle(st)
 }
 
@@ -463,6 +523,9 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 	if err := checkChange(r.Subject, q); err != nil {
 		return store.Reserved{}, err
 	}
+	if err := store.CheckMeters(r.Meters); err != nil {
+		return store.Reserved{}, fmt.Errorf("boltstore: %w", err)
+	}
 	r.IdempotencyKey = idemID(r.IdempotencyKey)
 	if len(r.IdempotencyFingerprint) > store.MaxIdempotencyFingerprintLen {
 		return store.Reserved{}, fmt.Errorf("boltstore: idempotency fingerprint longer than %d bytes", store.MaxIdempotencyFingerprintLen)
@@ -482,9 +545,27 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 	if p != nil {
 		used = p.Billed
 	}
-	adm := r.Admit(used)
+	var adm store.Admission
+	var meterUsed []int64
+	res := store.Reserved{Used: used}
+	if len(r.Meters) == 0 {
+		adm = r.Admit(used)
+	} else {
+		meterUsed = make([]int64, len(r.Meters))
+		res.Meters = make([]store.MeterReserved, len(r.Meters))
+		for i, mr := range r.Meters {
+			if ms := p.meter(mr.Meter); ms != nil {
+				meterUsed[i] = ms.Billed
+			}
+			res.Meters[i] = store.MeterReserved{
+				Used:      meterUsed[i],
+				Throttled: mr.Mode == store.QuotaThrottle && meterUsed[i] >= mr.Included,
+			}
+		}
+		adm = r.AdmitMeters(used, meterUsed)
+	}
 	policy := adm.Policy
-	res := store.Reserved{Used: used, Throttled: adm.Throttled}
+	res.Throttled = adm.Throttled
 	// report fills in the applicable rate's state without spending it.
 	report := func() {
 		if policy.Limit != 0 {
@@ -504,7 +585,7 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 	duplicate := held && rec.fp != "" && rec.fp == r.IdempotencyFingerprint && rec.repeats < r.IdempotencyRepeats
 	if adm.QuotaExceeded {
 		report()
-		res.QuotaExceeded = true
+		res.QuotaExceeded, res.QuotaExceededMeter = true, adm.QuotaExceededMeter
 		return res, nil
 	}
 	if !r.Replay && policy.Limit != 0 {
@@ -538,6 +619,23 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 		d.overage = metering.Overage(used, r.Cost, q.Included)
 		d.crossed = newCrossings(p, used, used+r.Cost, q, us)
 	}
+	for i, mr := range r.Meters {
+		if mr.Amount == 0 {
+			continue
+		}
+		u := meterUsed[i]
+		md := meterDelta{meter: mr.Meter, billed: mr.Amount, requests: 1}
+		if mr.Mode != store.QuotaMeter {
+			md.overage = metering.Overage(u, mr.Amount, mr.Included)
+			md.crossed = newMeterCrossings(p.meter(mr.Meter), u, u+mr.Amount, mr, us)
+		}
+		d.meters = append(d.meters, md)
+		out := &res.Meters[i]
+		out.Used, out.Overage = u+mr.Amount, md.overage
+		for _, c := range md.crossed {
+			out.Crossed = append(out.Crossed, int(c.threshold))
+		}
+	}
 	if r.IdempotencyKey != "" && !held {
 		d.idemOp, d.idemKey, d.idemExp = idemSet, r.IdempotencyKey, us+r.IdempotencyTTL().Microseconds()
 		d.idemFP = r.IdempotencyFingerprint
@@ -553,6 +651,19 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 		res.Crossed = append(res.Crossed, int(c.threshold))
 	}
 	return res, nil
+}
+
+// newMeterCrossings returns the thresholds of mr that going from
+// usedBefore to usedAfter crosses and that ms has not crossed yet.
+func newMeterCrossings(ms *meterState, usedBefore, usedAfter int64, mr store.MeterReservation, at int64) []crossing {
+	var out []crossing
+	for _, t := range metering.Crossed(usedBefore, usedAfter, mr.Included, mr.Thresholds) {
+		if ms != nil && slices.Contains(ms.crossed, t) {
+			continue
+		}
+		out = append(out, crossing{threshold: int64(t), used: usedAfter, included: mr.Included, at: at})
+	}
+	return out
 }
 
 // newCrossings returns the thresholds of q that going from usedBefore to
@@ -573,11 +684,14 @@ func (m *meter) settle(s store.Settlement) error {
 	if s.Actual < 0 || s.Reserved < 0 || s.Overage < 0 {
 		return fmt.Errorf("boltstore: negative settlement %d/%d/%d", s.Actual, s.Reserved, s.Overage)
 	}
-	if s.Actual == s.Reserved {
+	if s.Actual == s.Reserved && len(s.Meters) == 0 {
 		return nil
 	}
 	if err := checkChange(s.Subject, q); err != nil {
 		return err
+	}
+	if err := store.CheckMeterSettlements(s.Meters); err != nil {
+		return fmt.Errorf("boltstore: %w", err)
 	}
 	s.IdempotencyKey = idemID(s.IdempotencyKey)
 
@@ -595,10 +709,12 @@ func (m *meter) settle(s store.Settlement) error {
 	}
 	d := delta{subject: s.Subject, periodID: q.PeriodID, periodEnd: q.PeriodEnd.UnixMicro(), hourID: q.HourID}
 	switch {
+	case s.Actual == s.Reserved:
+		// Only other meters change.
 	case s.Actual == 0:
 		// Not billable: take the whole reservation back, request included.
 		d.billed = -min(s.Reserved, cur.Billed)
-		d.overage = -overageTaken(s, cur, s.Reserved)
+		d.overage = -overageTaken(s.Overage, s.Reserved, q.Mode, q.Included, cur.Counters)
 		d.requests = -min(1, cur.Requests)
 		// Forget the key if this request stored it, so a retry is billed.
 		if rec, ok := m.idem[idemKey{s.Subject, s.IdempotencyKey}]; ok && s.IdempotencyKey != "" &&
@@ -610,7 +726,7 @@ func (m *meter) settle(s store.Settlement) error {
 		// come out of its overage first.
 		back := s.Reserved - s.Actual
 		d.billed = -min(back, cur.Billed)
-		d.overage = -overageTaken(s, cur, back)
+		d.overage = -overageTaken(s.Overage, back, q.Mode, q.Included, cur.Counters)
 	default:
 		// The extra units come after everything used so far.
 		extra := s.Actual - s.Reserved
@@ -620,7 +736,12 @@ func (m *meter) settle(s store.Settlement) error {
 			d.crossed = newCrossings(p, cur.Billed, cur.Billed+extra, q, us)
 		}
 	}
-	if d.billed == 0 && d.overage == 0 && d.requests == 0 && d.idemOp == idemNone {
+	for _, ms := range s.Meters {
+		if md, ok := settleMeter(ms, p.meter(ms.Meter), us); ok {
+			d.meters = append(d.meters, md)
+		}
+	}
+	if d.billed == 0 && d.overage == 0 && d.requests == 0 && d.idemOp == idemNone && len(d.meters) == 0 {
 		return nil
 	}
 	if err := m.log(&d); err != nil {
@@ -630,15 +751,51 @@ func (m *meter) settle(s store.Settlement) error {
 	return nil
 }
 
-// overageTaken is the overage to take back when back units of settlement
-// s are released: the reservation's own overage first, and as much more as
-// keeps the period's overage no larger than its excess over the included
-// units (a reservation made below the quota while later ones were counted
-// as overage).
-func overageTaken(s store.Settlement, cur periodState, back int64) int64 {
-	r := min(s.Overage, back)
-	if s.Quota.Mode != store.QuotaMeter {
-		excess := max(0, cur.Billed-back-s.Quota.Included)
+// settleMeter is the change settlement ms makes to its meter, whose state
+// is cur (nil: none yet), and whether there is one. A meter's request
+// counts when its units go from none to some, and is taken back when all
+// its reserved units are.
+func settleMeter(ms store.MeterSettlement, cur *meterState, at int64) (meterDelta, bool) {
+	var c store.Counters
+	if cur != nil {
+		c = cur.Counters
+	}
+	md := meterDelta{meter: ms.Meter}
+	q := ms.Quota
+	switch {
+	case ms.Actual == ms.Reserved:
+		return md, false
+	case ms.Actual < ms.Reserved:
+		back := ms.Reserved - ms.Actual
+		md.billed = -min(back, c.Billed)
+		md.overage = -overageTaken(ms.Overage, back, q.Mode, q.Included, c)
+		if ms.Actual == 0 {
+			md.requests = -min(1, c.Requests)
+		}
+	default:
+		extra := ms.Actual - ms.Reserved
+		md.billed = extra
+		if ms.Reserved == 0 {
+			md.requests = 1
+		}
+		if q.Mode != store.QuotaMeter {
+			md.overage = metering.Overage(c.Billed, extra, q.Included)
+			md.crossed = newMeterCrossings(cur, c.Billed, c.Billed+extra, q, at)
+		}
+	}
+	return md, md.billed != 0 || md.overage != 0 || md.requests != 0
+}
+
+// overageTaken is the overage to take back when back units of a
+// settlement are released, given the reservation's overage resOver, the
+// quota's mode and included units and the counters cur: the reservation's
+// own overage first, and as much more as keeps the period's overage no
+// larger than its excess over the included units (a reservation made below
+// the quota while later ones were counted as overage).
+func overageTaken(resOver, back int64, mode string, included int64, cur store.Counters) int64 {
+	r := min(resOver, back)
+	if mode != store.QuotaMeter {
+		excess := max(0, cur.Billed-back-included)
 		r = max(r, cur.Overage-excess)
 	}
 	return max(0, min(r, back, cur.Overage))
@@ -772,25 +929,61 @@ func (m *meter) apply(d *delta) {
 		delete(m.idem, k)
 		m.dirtyIdem[k] = struct{}{}
 	}
-	for _, c := range d.crossed {
+	p.crossed = m.applyCrossings(d, "", p.crossed, d.crossed)
+	for _, md := range d.meters {
+		ms := p.meter(md.meter)
+		if ms == nil {
+			p.meters = append(p.meters, meterState{name: md.meter})
+			ms = &p.meters[len(p.meters)-1]
+		}
+		ms.Billed = max(0, ms.Billed+md.billed)
+		ms.Overage = max(0, ms.Overage+md.overage)
+		ms.Requests = max(0, ms.Requests+md.requests)
+		if md.billed != 0 || md.overage != 0 || md.requests != 0 {
+			hm := m.meterHours[pk]
+			if hm == nil {
+				hm = make(map[meterHour]*store.Counters, 1)
+				m.meterHours[pk] = hm
+			}
+			k := meterHour{md.meter, d.hourID}
+			c := hm[k]
+			if c == nil {
+				c = new(store.Counters)
+				hm[k] = c
+			}
+			c.Billed += md.billed
+			c.Overage += md.overage
+			c.Requests += md.requests
+		}
+		ms.crossed = m.applyCrossings(d, md.meter, ms.crossed, md.crossed)
+	}
+}
+
+// applyCrossings adds the crossings cs of meter ("" for the default) in
+// d's period to crossed, the thresholds crossed so far, writing an outbox
+// entry for each not crossed before, and returns crossed.
+func (m *meter) applyCrossings(d *delta, meter string, crossed []int, cs []crossing) []int {
+	for _, c := range cs {
 		t := int(c.threshold)
-		if slices.Contains(p.crossed, t) {
+		if slices.Contains(crossed, t) {
 			continue
 		}
-		p.crossed = append(p.crossed, t)
-		slices.Sort(p.crossed)
+		crossed = append(crossed, t)
+		slices.Sort(crossed)
 		e := store.ThresholdEvent{
-			ID:        fmt.Sprintf("%s|%s|%d", d.subject, d.periodID, t),
+			ID:        store.ThresholdEventID(d.subject, d.periodID, t, meter),
 			Subject:   d.subject,
 			PeriodID:  d.periodID,
 			Threshold: t,
 			Used:      c.used,
 			Included:  c.included,
 			At:        time.UnixMicro(c.at).UTC(),
+			Meter:     meter,
 		}
 		m.events = append(m.events, e)
 		m.unsaved = append(m.unsaved, e)
 	}
+	return crossed
 }
 
 // prune forgets expired idempotency keys and, at most every pruneEvery,
@@ -825,6 +1018,7 @@ func (m *meter) prune(now int64) {
 		gone[pk] = true
 		delete(m.periods, pk)
 		delete(m.hours, pk)
+		delete(m.meterHours, pk)
 		delete(m.dirtyPeriods, pk)
 		m.pruned = append(m.pruned, pk)
 	}
@@ -841,6 +1035,7 @@ type snapshot struct {
 	deleted []periodKey
 	periods map[periodKey]periodState
 	hours   map[periodKey]map[string]*store.Counters
+	mhours  map[periodKey]map[meterHour]*store.Counters
 	idem    map[idemKey]idemRecord // zero: forget the key
 	events  []store.ThresholdEvent
 	oldSegs []uint64
@@ -867,19 +1062,21 @@ func (m *meter) checkpoint() error {
 		deleted: m.pruned,
 		periods: make(map[periodKey]periodState, len(m.dirtyPeriods)),
 		hours:   m.hours,
+		mhours:  m.meterHours,
 		idem:    make(map[idemKey]idemRecord, len(m.dirtyIdem)),
 		events:  m.unsaved,
 		oldSegs: slices.Clone(m.oldSegs),
 	}
 	for pk := range m.dirtyPeriods {
 		p := m.periods[pk]
-		snap.periods[pk] = periodState{Counters: p.Counters, end: p.end, crossed: slices.Clone(p.crossed)}
+		snap.periods[pk] = p.clone()
 	}
 	for k := range m.dirtyIdem {
 		snap.idem[k] = m.idem[k]
 	}
 	m.pruned, m.unsaved = nil, nil
 	m.hours = make(map[periodKey]map[string]*store.Counters, len(snap.hours))
+	m.meterHours = make(map[periodKey]map[meterHour]*store.Counters, len(snap.mhours))
 	m.dirtyPeriods = make(map[periodKey]struct{}, len(snap.periods))
 	m.dirtyIdem = make(map[idemKey]struct{}, len(snap.idem))
 	m.mu.Unlock()
@@ -931,6 +1128,25 @@ func (m *meter) restore(snap *snapshot) {
 			}
 		}
 	}
+	for pk, hm := range snap.mhours {
+		if _, ok := m.periods[pk]; !ok {
+			continue // pruned since
+		}
+		cur := m.meterHours[pk]
+		if cur == nil {
+			m.meterHours[pk] = hm
+			continue
+		}
+		for h, c := range hm {
+			if n := cur[h]; n != nil {
+				n.Billed += c.Billed
+				n.Overage += c.Overage
+				n.Requests += c.Requests
+			} else {
+				cur[h] = c
+			}
+		}
+	}
 	for k := range snap.idem {
 		m.dirtyIdem[k] = struct{}{}
 	}
@@ -944,6 +1160,8 @@ func (snap *snapshot) write(tx *bolt.Tx) error {
 	hours := tx.Bucket(bucketUsageHours)
 	events := tx.Bucket(bucketUsageEvents)
 	idem := tx.Bucket(bucketUsageIdem)
+	meterPeriods := tx.Bucket(bucketUsageMeterPeriods)
+	meterHours := tx.Bucket(bucketUsageMeterHours)
 	if len(snap.deleted) > 0 {
 		gone := make(map[periodKey]bool, len(snap.deleted))
 		for _, pk := range snap.deleted {
@@ -952,10 +1170,12 @@ func (snap *snapshot) write(tx *bolt.Tx) error {
 			if err := periods.Delete(prefix); err != nil {
 				return err
 			}
-			c := hours.Cursor()
-			for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Seek(prefix) {
-				if err := c.Delete(); err != nil {
-					return err
+			for _, b := range []*bolt.Bucket{hours, meterPeriods, meterHours} {
+				c := b.Cursor()
+				for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Seek(prefix) {
+					if err := c.Delete(); err != nil {
+						return err
+					}
 				}
 			}
 		}
@@ -977,31 +1197,28 @@ func (snap *snapshot) write(tx *bolt.Tx) error {
 		}
 	}
 	for pk, p := range snap.periods {
-		if err := periods.Put(encodePeriodKey(pk), encodePeriod(&p)); err != nil {
+		prefix := encodePeriodKey(pk)
+		if err := periods.Put(prefix, encodePeriod(&p)); err != nil {
 			return err
+		}
+		for _, ms := range p.meters {
+			if err := meterPeriods.Put(appendString(slices.Clip(prefix), ms.name), encodeMeterPeriod(&ms)); err != nil {
+				return err
+			}
 		}
 	}
 	for pk, hm := range snap.hours {
 		prefix := encodePeriodKey(pk)
 		for h, d := range hm {
-			k := append(slices.Clip(prefix), h...)
-			var c store.Counters
-			if v := hours.Get(k); v != nil {
-				var ok bool
-				if c, ok = decodeCounters(v); !ok {
-					return decodeErr("usage hour", string(k), errCorrupt)
-				}
+			if err := addHour(hours, append(slices.Clip(prefix), h...), d); err != nil {
+				return err
 			}
-			c.Billed = max(0, c.Billed+d.Billed)
-			c.Overage = max(0, c.Overage+d.Overage)
-			c.Requests = max(0, c.Requests+d.Requests)
-			var err error
-			if c == (store.Counters{}) {
-				err = hours.Delete(k)
-			} else {
-				err = hours.Put(k, encodeCounters(nil, c))
-			}
-			if err != nil {
+		}
+	}
+	for pk, hm := range snap.mhours {
+		prefix := encodePeriodKey(pk)
+		for h, d := range hm {
+			if err := addHour(meterHours, append(appendString(slices.Clip(prefix), h.meter), h.hour...), d); err != nil {
 				return err
 			}
 		}
@@ -1034,12 +1251,33 @@ func (snap *snapshot) write(tx *bolt.Tx) error {
 	return tx.Bucket(bucketMeta).Put(metaWALCovered, binary.BigEndian.AppendUint64(nil, snap.covered))
 }
 
+// addHour adds the changes d to the hour counters under key k of bucket b,
+// deleting them once all are zero.
+func addHour(b *bolt.Bucket, k []byte, d *store.Counters) error {
+	var c store.Counters
+	if v := b.Get(k); v != nil {
+		var ok bool
+		if c, ok = decodeCounters(v); !ok {
+			return decodeErr("usage hour", string(k), errCorrupt)
+		}
+	}
+	c.Billed = max(0, c.Billed+d.Billed)
+	c.Overage = max(0, c.Overage+d.Overage)
+	c.Requests = max(0, c.Requests+d.Requests)
+	if c == (store.Counters{}) {
+		return b.Delete(k)
+	}
+	return b.Put(k, encodeCounters(nil, c))
+}
+
 func (m *meter) usage(subject, periodID string) (store.PeriodUsage, error) {
 	u := store.PeriodUsage{PeriodID: periodID}
 	m.flushMu.RLock()
 	defer m.flushMu.RUnlock()
 	pk := periodKey{subject, periodID}
 	pending := map[string]store.Counters{}
+	var meters []store.MeterUsage
+	mpending := map[meterHour]store.Counters{}
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
@@ -1048,9 +1286,15 @@ func (m *meter) usage(subject, periodID string) (store.PeriodUsage, error) {
 	if p := m.periods[pk]; p != nil {
 		u.Counters = p.Counters
 		u.Thresholds = slices.Clone(p.crossed)
+		for _, ms := range p.meters {
+			meters = append(meters, store.MeterUsage{Meter: ms.name, Counters: ms.Counters, Thresholds: slices.Clone(ms.crossed)})
+		}
 	}
 	for h, c := range m.hours[pk] {
 		pending[h] = *c
+	}
+	for h, c := range m.meterHours[pk] {
+		mpending[h] = *c
 	}
 	m.mu.Unlock()
 
@@ -1066,6 +1310,21 @@ func (m *meter) usage(subject, periodID string) (store.PeriodUsage, error) {
 			p := pending[h]
 			pending[h] = store.Counters{Billed: p.Billed + stored.Billed, Overage: p.Overage + stored.Overage, Requests: p.Requests + stored.Requests}
 		}
+		if len(meters) == 0 {
+			return nil
+		}
+		c = tx.Bucket(bucketUsageMeterHours).Cursor()
+		for k, v := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+			stored, ok := decodeCounters(v)
+			r := decoder{b: k[len(prefix):]}
+			h := meterHour{meter: r.string()}
+			if !ok || r.err != nil {
+				return decodeErr("usage meter hour", string(k), errCorrupt)
+			}
+			h.hour = string(r.b)
+			p := mpending[h]
+			mpending[h] = store.Counters{Billed: p.Billed + stored.Billed, Overage: p.Overage + stored.Overage, Requests: p.Requests + stored.Requests}
+		}
 		return nil
 	})
 	if err != nil {
@@ -1076,6 +1335,26 @@ func (m *meter) usage(subject, periodID string) (store.PeriodUsage, error) {
 		c = store.Counters{Billed: max(0, c.Billed), Overage: max(0, c.Overage), Requests: max(0, c.Requests)}
 		if c != (store.Counters{}) {
 			u.Hours = append(u.Hours, store.HourUsage{HourID: h, Counters: c})
+		}
+	}
+	if len(meters) == 0 {
+		return u, nil
+	}
+	slices.SortFunc(meters, func(a, b store.MeterUsage) int { return cmp.Compare(a.Meter, b.Meter) })
+	hs := slices.SortedFunc(maps.Keys(mpending), func(a, b meterHour) int {
+		return cmp.Or(cmp.Compare(a.meter, b.meter), cmp.Compare(a.hour, b.hour))
+	})
+	for _, h := range hs {
+		c := mpending[h]
+		c = store.Counters{Billed: max(0, c.Billed), Overage: max(0, c.Overage), Requests: max(0, c.Requests)}
+		i, found := slices.BinarySearchFunc(meters, h.meter, func(mu store.MeterUsage, name string) int { return cmp.Compare(mu.Meter, name) })
+		if c != (store.Counters{}) && found {
+			meters[i].Hours = append(meters[i].Hours, store.HourUsage{HourID: h.hour, Counters: c})
+		}
+	}
+	for _, mu := range meters {
+		if mu.Counters != (store.Counters{}) || len(mu.Thresholds) > 0 || len(mu.Hours) > 0 {
+			u.Meters = append(u.Meters, mu)
 		}
 	}
 	return u, nil
@@ -1132,6 +1411,30 @@ func decodePeriod(v []byte) (*periodState, bool) {
 		p.crossed = append(p.crossed, int(r.varint()))
 	}
 	return p, r.err == nil && len(r.b) == 0
+}
+
+// encodeMeterPeriod encodes a meter's counters and crossed thresholds as
+// varints.
+func encodeMeterPeriod(ms *meterState) []byte {
+	b := encodeCounters(nil, ms.Counters)
+	b = binary.AppendUvarint(b, uint64(len(ms.crossed)))
+	for _, t := range ms.crossed {
+		b = binary.AppendVarint(b, int64(t))
+	}
+	return b
+}
+
+func decodeMeterPeriod(v []byte) (meterState, bool) {
+	r := decoder{b: v}
+	ms := meterState{Counters: store.Counters{Billed: r.varint(), Overage: r.varint(), Requests: r.varint()}}
+	n := r.uvarint()
+	if n > uint64(len(r.b)) {
+		return meterState{}, false
+	}
+	for range n {
+		ms.crossed = append(ms.crossed, int(r.varint()))
+	}
+	return ms, r.err == nil && len(r.b) == 0
 }
 
 func encodeCounters(b []byte, c store.Counters) []byte {

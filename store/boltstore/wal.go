@@ -78,6 +78,18 @@ type delta struct {
 	// crossed are the thresholds this change crossed, each a new outbox
 	// entry.
 	crossed []crossing
+	// meters are the changes to the subject's other meters in the period
+	// and hour (nil for none: then the record is a recordDelta, as before
+	// meters existed).
+	meters []meterDelta
+}
+
+// meterDelta is the change of one meter other than the default one: its
+// counters' differences and the thresholds it crossed.
+type meterDelta struct {
+	meter                     string
+	billed, overage, requests int64
+	crossed                   []crossing
 }
 
 // Idempotency-key operations of a delta.
@@ -95,9 +107,14 @@ type crossing struct {
 	used, included, at int64
 }
 
-// recordDelta is the only record type so far; it is the payload's first
-// byte, so other types can be added later.
-const recordDelta byte = 1
+// Record types, the payload's first byte. A recordDelta is a delta without
+// meters (the only type written before meters existed, and still the one
+// written for a change without them); a recordDeltaMeters is the same
+// followed by its meters.
+const (
+	recordDelta       byte = 1
+	recordDeltaMeters byte = 2
+)
 
 // appendFrame appends d as one frame to buf.
 func appendFrame(buf []byte, d *delta) []byte {
@@ -115,7 +132,11 @@ func appendFrame(buf []byte, d *delta) []byte {
 // appendRecord appends d's payload: the record type, then strings as a
 // uvarint length and bytes, integers as varints.
 func appendRecord(b []byte, d *delta) []byte {
-	b = append(b, recordDelta)
+	if len(d.meters) > 0 {
+		b = append(b, recordDeltaMeters)
+	} else {
+		b = append(b, recordDelta)
+	}
 	b = appendString(b, d.subject)
 	b = appendString(b, d.periodID)
 	b = binary.AppendVarint(b, d.periodEnd)
@@ -132,8 +153,24 @@ func appendRecord(b []byte, d *delta) []byte {
 		b = appendString(b, d.idemFP)
 		b = binary.AppendVarint(b, d.idemRepeats)
 	}
-	b = binary.AppendUvarint(b, uint64(len(d.crossed)))
-	for _, c := range d.crossed {
+	b = appendCrossings(b, d.crossed)
+	if len(d.meters) > 0 {
+		b = binary.AppendUvarint(b, uint64(len(d.meters)))
+		for _, m := range d.meters {
+			b = appendString(b, m.meter)
+			b = binary.AppendVarint(b, m.billed)
+			b = binary.AppendVarint(b, m.overage)
+			b = binary.AppendVarint(b, m.requests)
+			b = appendCrossings(b, m.crossed)
+		}
+	}
+	return b
+}
+
+// appendCrossings appends a count and the crossings.
+func appendCrossings(b []byte, cs []crossing) []byte {
+	b = binary.AppendUvarint(b, uint64(len(cs)))
+	for _, c := range cs {
 		b = binary.AppendVarint(b, c.threshold)
 		b = binary.AppendVarint(b, c.used)
 		b = binary.AppendVarint(b, c.included)
@@ -205,11 +242,26 @@ func (r *decoder) string() string {
 	return s
 }
 
+// crossings reads a count and the crossings (nil for none).
+func (r *decoder) crossings() []crossing {
+	n := r.uvarint()
+	if n > uint64(len(r.b)) { // each crossing takes at least 4 bytes
+		r.fail()
+		n = 0 // and decode none: the count is garbage, it must size nothing
+	}
+	var out []crossing
+	for range n {
+		out = append(out, crossing{threshold: r.varint(), used: r.varint(), included: r.varint(), at: r.varint()})
+	}
+	return out
+}
+
 // decodeRecord decodes one payload.
 func decodeRecord(p []byte) (delta, error) {
 	r := decoder{b: p}
 	var d delta
-	if r.byte() != recordDelta {
+	tag := r.byte()
+	if tag != recordDelta && tag != recordDeltaMeters {
 		return delta{}, errCorrupt
 	}
 	d.subject = r.string()
@@ -233,13 +285,18 @@ func decodeRecord(p []byte) (delta, error) {
 	default:
 		r.fail()
 	}
-	n := r.uvarint()
-	if n > uint64(len(r.b)) { // each crossing takes at least 4 bytes
-		r.fail()
-		n = 0 // and decode none: the count is garbage, it must size nothing
-	}
-	for range n {
-		d.crossed = append(d.crossed, crossing{threshold: r.varint(), used: r.varint(), included: r.varint(), at: r.varint()})
+	d.crossed = r.crossings()
+	if tag == recordDeltaMeters {
+		n := r.uvarint()
+		if n == 0 || n > uint64(len(r.b)) { // each meter takes at least 5 bytes
+			r.fail()
+			n = 0
+		}
+		for range n {
+			m := meterDelta{meter: r.string(), billed: r.varint(), overage: r.varint(), requests: r.varint()}
+			m.crossed = r.crossings()
+			d.meters = append(d.meters, m)
+		}
 	}
 	if r.err == nil && len(r.b) != 0 {
 		r.fail()

@@ -15,7 +15,12 @@ func walSeeds() [][]byte {
 		appendRecord(nil, &delta{subject: "c", periodID: "p", hourID: "h", billed: -3, overage: 2, requests: -1, idemOp: idemPut, idemKey: "k", idemExp: 99}),
 		appendRecord(nil, &delta{subject: "c", idemOp: idemDelete, idemKey: "k"}),
 		appendRecord(nil, &delta{subject: "c", crossed: []crossing{{threshold: 80, used: 800, included: 1000, at: 1}, {threshold: 100, used: 1000, included: 1000, at: 2}}}),
+		appendRecord(nil, &delta{subject: "acme", periodID: "p", hourID: "h", billed: 1, requests: 1, meters: []meterDelta{
+			{meter: "tokens", billed: 40, requests: 1},
+			{meter: "upload", billed: -3, overage: -1, crossed: []crossing{{threshold: 50, used: 500, included: 1000, at: 7}}},
+		}}),
 		{recordDelta},
+		{recordDeltaMeters},
 		{},
 	}
 }
@@ -51,7 +56,7 @@ func FuzzWALRecord(f *testing.F) {
 // nothing damaged precedes it.
 func FuzzWALSegment(f *testing.F) {
 	var whole []byte
-	for _, s := range walSeeds()[:4] {
+	for _, s := range walSeeds()[:5] {
 		d, _ := decodeRecord(s)
 		whole = appendFrame(whole, &d)
 	}

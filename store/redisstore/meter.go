@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"math/bits"
 	"slices"
 	"strconv"
@@ -139,7 +140,21 @@ local function idiv(a, b)
   return q
 end
 
-local p = redis.call('HMGET', KEYS[3], 'c', 'crossed', ARGV[4], ARGV[7])
+-- M is the number of meters besides the default one (ARGV 10 on): their
+-- fields follow the default's in p, three each (see mfield).
+local M = 0
+if ARGV[10] then M = #ARGV[10] / 48 end
+local p
+if M == 0 then
+  p = redis.call('HMGET', KEYS[3], 'c', 'crossed', ARGV[4], ARGV[7])
+else
+  local f = {'c', 'crossed', ARGV[4], ARGV[7]}
+  for i = 1, M do
+    local name = ARGV[8 + 3 * i]
+    f[3 * i + 2], f[3 * i + 3], f[3 * i + 4] = 'c:' .. name, 'crossed:' .. name, ARGV[4] .. ':' .. name
+  end
+  p = redis.call('HMGET', KEYS[3], unpack(f))
+end
 -- The period's counters and rate state (tat 0 and from 0: none), as
 -- read; flush writes cb, co, cr, ctat, cfrom back when cdirty.
 local used, pover, preqs, tat, from = 0, 0, 0, 0, 0
@@ -167,19 +182,22 @@ local function count(billed, over, requests)
   writes[n + 1], writes[n + 2] = ARGV[4], spack('<i8i8i8', hb + billed, ho + over, hr + requests)
 end
 
--- cross records the thresholds reached at usage u and not crossed before
--- in the period, writes one outbox entry each, and returns them (nil for
--- none); crossedAny is set once it wrote one.
+-- crossAt records the thresholds ths ("80,100") of a meter with inc
+-- included units reached at usage u and not crossed before in the period
+-- (lvl: the least usage reaching one, -1 for none; seen: the crossed field
+-- as read, all: its value once every threshold is crossed), writes the
+-- crossed field and one outbox entry each (tag before it), and returns
+-- them (nil for none); crossedAny is set once it wrote one.
 local crossedAny = false
-local function cross(u)
-  local crossed = p[2] or ','
-  if level < 0 or crossed == ARGV[8] or u < level then return nil end
+local function crossAt(u, inc, lvl, field, seen, ths, all, tag)
+  local crossed = seen or ','
+  if lvl < 0 or crossed == all or u < lvl then return nil end
   local got = {}
-  -- reached: u*100 >= th*included, exactly
-  local q = idiv(included, 100)
-  local r = included - q * 100
+  -- reached: u*100 >= th*inc, exactly
+  local q = idiv(inc, 100)
+  local r = inc - q * 100
   local x = crossed
-  for ts in string.gmatch(ARGV[5], '%d+') do
+  for ts in string.gmatch(ths, '%d+') do
     local th = tonumber(ts)
     if not string.find(x, ',' .. ts .. ',', 1, true) and not (q > 0 and th > 9007199254740992 / q)
         and u >= th * q + idiv(th * r + 99, 100) then
@@ -188,8 +206,8 @@ local function cross(u)
     end
   end
   if #got == 0 then return nil end
-  writes[#writes + 1], writes[#writes + 2] = 'crossed', x
-  while true do
+  writes[#writes + 1], writes[#writes + 2] = field, x
+  while not crossedAny do
     local head = redis.call('LINDEX', KEYS[4], 0)
     if not head then break end
     local exp = tonumber(string.match(head, '|(%d+)$'))
@@ -197,8 +215,9 @@ local function cross(u)
     redis.call('LPOP', KEYS[4])
   end
   for _, th in ipairs(got) do
-    redis.call('RPUSH', KEYS[4], format('%s|%d|%d|%d|%d|%d', ARGV[3], th, u, included, now, expiry))
+    redis.call('RPUSH', KEYS[4], tag .. format('%s|%d|%d|%d|%d|%d', ARGV[3], th, u, inc, now, expiry))
   end
+  if crossedAny then return got end
   local left, exp = expiry - nows, format('%d', expiry)
   if redis.call('TTL', KEYS[4]) < left then redis.call('EXPIREAT', KEYS[4], exp) end
   crossedAny = true
@@ -210,6 +229,47 @@ local function cross(u)
     if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIREAT', KEYS[5], exp) end
   end
   return got
+end
+
+-- cross is crossAt for the default meter.
+local function cross(u)
+  return crossAt(u, included, level, 'crossed', p[2], ARGV[5], ARGV[8], '')
+end
+
+-- The other meters: ARGV 10 holds six packed numbers each (the script's
+-- own), and ARGV 8+3i, 9+3i, 10+3i the name, the thresholds and the
+-- crossed field once every threshold is crossed of meter i. Their fields
+-- are c:<m> (billed, overage, requests), crossed:<m> and h:<hour>:<m>,
+-- read into p[3i+2], p[3i+3], p[3i+4]. Modes are numbers: 0 meter,
+-- 1 block, 2 bill, 3 throttle.
+local mnums, mcounters, mcount, mcross, moverage
+if M > 0 then
+  mnums = function(i) return sunpack('<i8i8i8i8i8i8', ARGV[10], 48 * i - 47) end
+  mcounters = function(i)
+    local v = p[3 * i + 2]
+    if v then return sunpack('<i8i8i8', v) end
+    return 0, 0, 0
+  end
+  -- mcount adds to meter i's period counters (b, o, r as read) and hour.
+  mcount = function(i, b, o, r, billed, over, requests)
+    local name = ARGV[8 + 3 * i]
+    local hb, ho, hr = 0, 0, 0
+    if p[3 * i + 4] then hb, ho, hr = sunpack('<i8i8i8', p[3 * i + 4]) end
+    local n = #writes
+    writes[n + 1], writes[n + 2] = 'c:' .. name, spack('<i8i8i8', b + billed, o + over, r + requests)
+    writes[n + 3], writes[n + 4] = ARGV[4] .. ':' .. name, spack('<i8i8i8', hb + billed, ho + over, hr + requests)
+  end
+  mcross = function(i, u, inc, lvl)
+    local name = ARGV[8 + 3 * i]
+    return crossAt(u, inc, lvl, 'crossed:' .. name, p[3 * i + 3], ARGV[9 + 3 * i], ARGV[10 + 3 * i], '@' .. name .. '|')
+  end
+  -- metering.Overage
+  moverage = function(before, cost, inc)
+    if before >= inc then return cost end
+    local o = cost - (inc - before)
+    if o < 0 then return 0 end
+    return o
+  end
 end
 
 -- The replay window of (subject, origin) in this period: the highest seq
@@ -330,12 +390,45 @@ local function rate(interval, burst, c)
   return 1, 1, idiv(span - nd, interval), 0, nd, 0, nd
 end
 
+-- The other meters' state: mn[i] = {amount, included, mode, level, used,
+-- overage, requests, reserved overage, crossed}; mthr[i] is 1 when meter i
+-- is used up in throttle mode; qexm is the meter whose block quota denies.
+local mn, mthr, qexm = {}, {}, 0
+
+-- mreply appends the meters to the reply out: qexm, the default meter's
+-- crossed thresholds (count first), then per meter used, overage,
+-- throttled, and its crossed thresholds (count first).
+local function mreply(out, crossed)
+  if crossedAny then out[1] = out[1] + 128 end
+  out[8] = qexm
+  local n = 9
+  out[9] = 0
+  if crossed then
+    out[9] = #crossed
+    for i = 1, #crossed do out[9 + i] = crossed[i] end
+    n = 9 + #crossed
+  end
+  for i = 1, M do
+    local m = mn[i]
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = m[5], m[8], mthr[i], 0
+    local c = m[9]
+    if c then
+      out[n + 4] = #c
+      for j = 1, #c do out[n + 4 + j] = c[j] end
+      n = n + #c
+    end
+    n = n + 4
+  end
+  return out
+end
+
 -- reply is the script's reply; the rate decision comes last, as rate
 -- returns it (applied, allowed, remaining, retry, reset, exceeds). The
 -- seven flags go in one integer, one bit each (see reserveFlags).
 local function reply(allowed, throttled, qex, u, over, dup, crossed, applied, ok, avail, retry, reset, exceeds)
   local out = {allowed + 2 * applied + 4 * ok + 8 * exceeds + 16 * throttled + 32 * qex + 64 * dup,
     avail, retry, reset, u, over, now}
+  if M > 0 then return mreply(out, crossed) end
   if crossed then
     for i = 1, #crossed do out[7 + i] = crossed[i] end
   end
@@ -346,6 +439,24 @@ local throttled = 0
 if mode == 'throttle' and used >= included then
   throttled = 1
   interval, burst = tInterval, tBurst
+end
+-- Any meter used up in throttle mode throttles; the slowest throttle
+-- applies (store.SlowerPolicy on the encoded policies).
+for i = 1, M do
+  local amount, inc, mm, ti, tb, lvl = mnums(i)
+  local b, o, r = mcounters(i)
+  mn[i] = {amount, inc, mm, lvl, b, o, r, 0, nil}
+  mthr[i] = 0
+  if mm == 3 and b >= inc then
+    mthr[i] = 1
+    local slower
+    if ti == interval then slower = tb < burst
+    elseif ti == -1 then slower = true
+    elseif interval == -1 or ti == 0 then slower = false
+    else slower = interval == 0 or ti > interval end
+    if throttled == 0 or slower then interval, burst = ti, tb end
+    throttled = 1
+  end
 end
 
 -- A replay already applied applies no policy: 0, 1, 0, 0, 0, 0.
@@ -377,6 +488,13 @@ else
   if mode == 'block' and used + cost > included then
     return reply(0, throttled, 1, used, 0, 0, nil, rate(interval, burst, 0))
   end
+  for i = 1, M do
+    local m = mn[i]
+    if m[3] == 1 and ((m[1] > 0 and m[1] > m[2] - m[5]) or (m[1] == 0 and m[5] >= m[2])) then
+      qexm = i
+      return reply(0, throttled, 1, used, 0, 0, nil, rate(interval, burst, 0))
+    end
+  end
   applied, ok, avail, retry, reset, exceeds, nd = rate(interval, burst, cost)
   if ok == 0 then
     return reply(0, throttled, 0, used, 0, 0, nil, applied, ok, avail, retry, reset, exceeds)
@@ -404,6 +522,16 @@ count(cost, over, 1)
 if idem and not held then redis.call('SET', KEYS[2], '0:' .. ARGV[9], 'PX', format('%d', idemTTL)) end
 if track then mark('1') end
 local got = cross(used + cost)
+for i = 1, M do
+  local m = mn[i]
+  if m[1] > 0 then
+    local o = 0
+    if m[3] ~= 0 then o = moverage(m[5], m[1], m[2]) end
+    mcount(i, m[5], m[6], m[7], m[1], o, 1)
+    m[5], m[8] = m[5] + m[1], o
+    if m[3] ~= 0 then m[9] = mcross(i, m[5], m[2], m[4]) end
+  end
+end
 flush()
 return reply(1, throttled, 0, used + cost, over, 0, got, applied, ok, avail, retry, reset, exceeds)
 `)
@@ -449,6 +577,35 @@ if billed ~= 0 or over ~= 0 or requests ~= 0 then
   count(billed, over, requests)
 end
 if billed > 0 then cross(used + billed) end
+-- The other meters: reserved, the reservation's overage, actual, included,
+-- mode, level each. A meter's request counts when its units go from none
+-- to some and is taken back with all its units.
+for i = 1, M do
+  local mres, mover, mact, inc, mm, lvl = mnums(i)
+  local b, o, r = mcounters(i)
+  local db, dov, dr = 0, 0, 0
+  if mact < mres then
+    local back = mres - mact
+    db = -math.min(back, b)
+    local t = math.min(mover, back)
+    if mm ~= 0 then
+      local excess = b - back - inc
+      if excess < 0 then excess = 0 end
+      if o - excess > t then t = o - excess end
+    end
+    if t > back then t = back end
+    if t > o then t = o end
+    if t < 0 then t = 0 end
+    dov = -t
+    if mact == 0 and r > 0 then dr = -1 end
+  elseif mact > mres then
+    db = mact - mres
+    if mres == 0 then dr = 1 end
+    if mm ~= 0 then dov = moverage(b, db, inc) end
+  end
+  if db ~= 0 or dov ~= 0 or dr ~= 0 then mcount(i, b, o, r, db, dov, dr) end
+  if db > 0 and mm ~= 0 then mcross(i, b + db, inc, lvl) end
+end
 if track then mark('2') end
 flush()
 if crossedAny then return 2 end
@@ -481,7 +638,11 @@ var _ store.Meter = (*Store)(nil)
 // the script's own numbers, written straight into the command sent. The
 // keys are rate, idempotency (P{s}:idem: when there is no key: declared,
 // never used), period, outbox and outbox subjects.
-func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, idemFP, origin string, seq int64, replay bool, own []int64) (*command, error) {
+//
+// ms are the call's other meters: ARGV 9 is then always sent (the
+// fingerprint, empty without a key), ARGV 10 packs their numbers, and each
+// adds its name, thresholds and all-crossed field.
+func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, idemFP, origin string, seq int64, replay bool, own []int64, ms []meterArg) (*command, error) {
 	var mode string
 	switch q.Mode {
 	case store.QuotaMeter:
@@ -539,7 +700,49 @@ func (s *Store) newMeterCall(subject string, q store.Quota, idemKey, idemFP, ori
 	if idemKey != "" {
 		c.str(idemFP, "")
 	}
+	if len(ms) == 0 {
+		return c, nil
+	}
+	if idemKey == "" {
+		c.str("", "")
+	}
+	mnums := make([]int64, 0, 6*len(ms))
+	for _, m := range ms {
+		mnums = append(mnums, m.nums[:]...)
+	}
+	c.ints(mnums)
+	for _, m := range ms {
+		c.str(m.name, "")
+		levels := appendThresholds(nil, m.thresholds)
+		c.bytes(levels)
+		all := append([]byte{','}, levels...)
+		if len(levels) > 0 {
+			all = append(all, ',')
+		}
+		c.bytes(all)
+	}
 	return c, nil
+}
+
+// meterArg is one meter other than the default of a metering script call:
+// its name, its thresholds and its six numbers (see the scripts).
+type meterArg struct {
+	name       string
+	thresholds []int
+	nums       [6]int64
+}
+
+// modeCode is a quota mode as the scripts number other meters' modes.
+func modeCode(mode string) int64 {
+	switch mode {
+	case store.QuotaBlock:
+		return 1
+	case store.QuotaBill:
+		return 2
+	case store.QuotaThrottle:
+		return 3
+	}
+	return 0
 }
 
 // appendThresholds appends thresholds encoded for the metering scripts:
@@ -562,17 +765,23 @@ func appendThresholds(b []byte, ts []int) []byte {
 // or -1 when none can be crossed (metering only, no included units, no
 // thresholds, or levels beyond 2^53).
 func firstLevel(q store.Quota) int64 {
-	if q.Mode == store.QuotaMeter || q.Included <= 0 {
+	return levelOf(q.Mode, q.Included, q.Thresholds)
+}
+
+// levelOf is firstLevel of a quota in mode with included units and
+// thresholds.
+func levelOf(mode string, included int64, thresholds []int) int64 {
+	if mode == store.QuotaMeter || included <= 0 {
 		return -1
 	}
 	level := int64(-1)
-	for _, t := range q.Thresholds {
+	for _, t := range thresholds {
 		if t <= 0 {
 			continue
 		}
 		// ceil(t*included/100), exactly: included = 100a + b. Levels of
 		// 2^53 or more are never reached (usage stays below 2^53).
-		a, b := uint64(q.Included/100), uint64(q.Included%100)
+		a, b := uint64(included/100), uint64(included%100)
 		hi, lo := bits.Mul64(uint64(t), a)
 		l := lo + (uint64(t)*b+99)/100
 		if hi != 0 || l < lo || l >= maxExact {
@@ -674,9 +883,6 @@ func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserve
 
 // reserve is Reserve that also returns the Redis time of the decision (µs).
 func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserved, int64, error) {
-	if len(r.Meters) > 0 {
-		return store.Reserved{}, 0, errors.New("redisstore: meters not supported yet")
-	}
 	if r.Cost < 0 || r.Cost >= maxExact {
 		return store.Reserved{}, 0, fmt.Errorf("redisstore: cost %d out of range", r.Cost)
 	}
@@ -690,13 +896,31 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	if r.IdempotencyKey == "" {
 		own = own[:5] // the script reads the last two only with a key
 	}
-	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.IdempotencyFingerprint, r.Origin, r.Seq, r.Replay, own)
+	var ms []meterArg
+	if len(r.Meters) > 0 {
+		if err := store.CheckMeters(r.Meters); err != nil {
+			return store.Reserved{}, 0, fmt.Errorf("redisstore: %w", err)
+		}
+		ms = make([]meterArg, len(r.Meters))
+		for i, m := range r.Meters {
+			if m.Amount >= maxExact || m.Included >= maxExact {
+				return store.Reserved{}, 0, fmt.Errorf("redisstore: meter %q amount %d or included %d out of range", m.Meter, m.Amount, m.Included)
+			}
+			ti, tb := policyArgs(m.Throttle)
+			ms[i] = meterArg{name: m.Meter, thresholds: m.Thresholds,
+				nums: [6]int64{m.Amount, m.Included, modeCode(m.Mode), ti, tb, levelOf(m.Mode, m.Included, m.Thresholds)}}
+		}
+	}
+	c, err := s.newMeterCall(r.Subject, r.Quota, r.IdempotencyKey, r.IdempotencyFingerprint, r.Origin, r.Seq, r.Replay, own, ms)
 	if err != nil {
 		return store.Reserved{}, 0, err
 	}
 	v, err := s.run(ctx, r.Subject, reserveScript, c)
 	if err != nil {
 		return store.Reserved{}, 0, err
+	}
+	if len(ms) > 0 {
+		return s.reservedMeters(ctx, r, v)
 	}
 	if s.cluster != nil && len(v) > 7 {
 		s.indexOutbox(ctx, r.Subject, r.Quota)
@@ -728,6 +952,69 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	return out, v[6], nil
 }
 
+// reservedMeters decodes the reserve script's reply v to r, a reservation
+// with meters (see mreply in reserveScript), and returns it with the
+// Redis time of the decision (µs).
+func (s *Store) reservedMeters(ctx context.Context, r store.Reservation, v []int64) (store.Reserved, int64, error) {
+	bad := fmt.Errorf("redisstore: reserve script returned %d values, malformed for %d meters", len(v), len(r.Meters))
+	if len(v) < 9 {
+		return store.Reserved{}, 0, bad
+	}
+	f := reserveFlags(v[0])
+	if s.cluster != nil && f&flagCrossed != 0 {
+		s.indexOutbox(ctx, r.Subject, r.Quota)
+	}
+	out := store.Reserved{
+		Allowed:       f&flagAllowed != 0,
+		Throttled:     f&flagThrottled != 0,
+		QuotaExceeded: f&flagQuotaExceeded != 0,
+		Used:          v[4],
+		Overage:       v[5],
+		Duplicate:     f&flagDuplicate != 0,
+		Meters:        make([]store.MeterReserved, len(r.Meters)),
+	}
+	if f&flagRateApplied != 0 {
+		out.Rate = limiter.Decision{
+			Allowed:          f&flagRateAllowed != 0,
+			Remaining:        v[1],
+			RetryAfter:       time.Duration(v[2]) * time.Microsecond,
+			ResetAfter:       time.Duration(v[3]) * time.Microsecond,
+			CostExceedsBurst: f&flagCostExceedsBurst != 0,
+		}
+	}
+	if q := v[7]; q > 0 && q <= int64(len(r.Meters)) {
+		out.QuotaExceededMeter = r.Meters[q-1].Meter
+	}
+	// crossed reads a count and that many thresholds at v[i:].
+	crossed := func(i int) ([]int, int, bool) {
+		if i >= len(v) || v[i] < 0 || v[i] > int64(len(v)-i-1) {
+			return nil, 0, false
+		}
+		n := int(v[i])
+		var ts []int
+		for _, t := range v[i+1 : i+1+n] {
+			ts = append(ts, int(t))
+		}
+		return ts, i + 1 + n, true
+	}
+	var ok bool
+	i := 8
+	if out.Crossed, i, ok = crossed(i); !ok {
+		return store.Reserved{}, 0, bad
+	}
+	for k := range out.Meters {
+		if i+3 >= len(v) {
+			return store.Reserved{}, 0, bad
+		}
+		m := &out.Meters[k]
+		m.Used, m.Overage, m.Throttled = v[i], v[i+1], v[i+2] == 1
+		if m.Crossed, i, ok = crossed(i + 3); !ok {
+			return store.Reserved{}, 0, bad
+		}
+	}
+	return out, v[6], nil
+}
+
 // reserveFlags is the first value of the reserve script's reply: one bit
 // per yes/no answer, so the reply has seven integers instead of thirteen.
 type reserveFlags int64
@@ -742,6 +1029,9 @@ const (
 	flagThrottled
 	flagQuotaExceeded
 	flagDuplicate
+	// flagCrossed is set, in the reply to a reservation with meters, when
+	// a threshold was crossed.
+	flagCrossed
 )
 
 // Settle implements store.Meter with one EVALSHA round trip. Actual below
@@ -752,14 +1042,25 @@ const (
 // in the replay window and marked reserved (not settled); a settlement
 // marks its Seq settled. A non-Replay settlement is always applied.
 func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
-	if len(st.Meters) > 0 {
-		return errors.New("redisstore: meters not supported yet")
-	}
 	if st.Reserved < 0 || st.Reserved >= maxExact || st.Actual < 0 || st.Actual >= maxExact ||
 		st.Overage < 0 || st.Overage > st.Reserved {
 		return fmt.Errorf("redisstore: settlement amounts out of range (reserved %d, overage %d, actual %d)", st.Reserved, st.Overage, st.Actual)
 	}
-	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.IdempotencyFingerprint, st.Origin, st.Seq, st.Replay, []int64{st.Reserved, st.Overage, st.Actual})
+	var ms []meterArg
+	if len(st.Meters) > 0 {
+		if err := store.CheckMeterSettlements(st.Meters); err != nil {
+			return fmt.Errorf("redisstore: %w", err)
+		}
+		ms = make([]meterArg, len(st.Meters))
+		for i, m := range st.Meters {
+			if m.Reserved >= maxExact || m.Actual >= maxExact || m.Quota.Included >= maxExact {
+				return fmt.Errorf("redisstore: meter %q settlement amounts out of range", m.Meter)
+			}
+			ms[i] = meterArg{name: m.Meter, thresholds: m.Quota.Thresholds,
+				nums: [6]int64{m.Reserved, m.Overage, m.Actual, m.Quota.Included, modeCode(m.Quota.Mode), levelOf(m.Quota.Mode, m.Quota.Included, m.Quota.Thresholds)}}
+		}
+	}
+	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.IdempotencyFingerprint, st.Origin, st.Seq, st.Replay, []int64{st.Reserved, st.Overage, st.Actual}, ms)
 	if err != nil {
 		return err
 	}
@@ -780,6 +1081,19 @@ func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.Peri
 		if err != nil {
 			return err
 		}
+		// meters holds the other meters, by name.
+		var meters map[string]*store.MeterUsage
+		meter := func(name string) *store.MeterUsage {
+			if meters == nil {
+				meters = map[string]*store.MeterUsage{}
+			}
+			m := meters[name]
+			if m == nil {
+				m = &store.MeterUsage{Meter: name}
+				meters[name] = m
+			}
+			return m
+		}
 		for f, v := range fields {
 			switch {
 			case strings.HasPrefix(f, "h:"):
@@ -787,19 +1101,36 @@ func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.Peri
 				if err != nil {
 					return err
 				}
-				if c != (store.Counters{}) {
+				if c == (store.Counters{}) {
+					continue
+				}
+				if hour, name, ok := strings.Cut(f[2:], ":"); ok {
+					m := meter(name)
+					m.Hours = append(m.Hours, store.HourUsage{HourID: hour, Counters: c})
+				} else {
 					u.Hours = append(u.Hours, store.HourUsage{HourID: f[2:], Counters: c})
 				}
 			case f == "crossed":
-				for _, t := range strings.Split(strings.Trim(v, ","), ",") {
-					if n, err := strconv.Atoi(t); err == nil {
-						u.Thresholds = append(u.Thresholds, n)
-					}
+				u.Thresholds = parseCrossed(v)
+			case strings.HasPrefix(f, "crossed:"):
+				meter(f[len("crossed:"):]).Thresholds = parseCrossed(v)
+			case strings.HasPrefix(f, "c:"):
+				c, err := hourCounters(v)
+				if err != nil {
+					return err
 				}
+				meter(f[2:]).Counters = c
 			}
 		}
 		slices.Sort(u.Thresholds)
 		slices.SortFunc(u.Hours, func(a, b store.HourUsage) int { return strings.Compare(a.HourID, b.HourID) })
+		for _, name := range slices.Sorted(maps.Keys(meters)) {
+			m := meters[name]
+			slices.SortFunc(m.Hours, func(a, b store.HourUsage) int { return strings.Compare(a.HourID, b.HourID) })
+			if m.Counters != (store.Counters{}) || len(m.Thresholds) > 0 || len(m.Hours) > 0 {
+				u.Meters = append(u.Meters, *m)
+			}
+		}
 		u.Counters, err = counters(fields)
 		return err
 	})
@@ -807,6 +1138,18 @@ func (s *Store) Usage(ctx context.Context, subject, periodID string) (store.Peri
 		return store.PeriodUsage{}, err
 	}
 	return u, nil
+}
+
+// parseCrossed reads a crossed field (",80,100,"), ascending.
+func parseCrossed(v string) []int {
+	var out []int
+	for _, t := range strings.Split(strings.Trim(v, ","), ",") {
+		if n, err := strconv.Atoi(t); err == nil {
+			out = append(out, n)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // counters reads the counters of a period hash: the first three numbers
@@ -899,8 +1242,16 @@ func (s *Store) ThresholdEvents(ctx context.Context, subject string) ([]store.Th
 }
 
 // parseEvent decodes an outbox entry of subject:
-// "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>".
+// "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>", preceded
+// by "@<meter>|" for a meter other than the default one.
 func parseEvent(subject, entry string) (store.ThresholdEvent, error) {
+	var meter string
+	if rest, ok := strings.CutPrefix(entry, "@"); ok {
+		var found bool
+		if meter, entry, found = strings.Cut(rest, "|"); !found || meter == "" {
+			return store.ThresholdEvent{}, permanent{fmt.Errorf("redisstore: corrupt outbox entry %q", "@"+rest)}
+		}
+	}
 	f := strings.Split(entry, "|")
 	if len(f) < 6 {
 		return store.ThresholdEvent{}, permanent{fmt.Errorf("redisstore: corrupt outbox entry %q", entry)}
@@ -916,12 +1267,13 @@ func parseEvent(subject, entry string) (store.ThresholdEvent, error) {
 		nums[i] = v
 	}
 	return store.ThresholdEvent{
-		ID:        fmt.Sprintf("%s|%s|%d", subject, period, nums[0]),
+		ID:        store.ThresholdEventID(subject, period, int(nums[0]), meter),
 		Subject:   subject,
 		PeriodID:  period,
 		Threshold: int(nums[0]),
 		Used:      nums[1],
 		Included:  nums[2],
 		At:        time.UnixMicro(nums[3]).UTC(),
+		Meter:     meter,
 	}, nil
 }

@@ -64,6 +64,7 @@ func RunMeter(t *testing.T, open func(t *testing.T) store.Store) {
 	t.Run("Thresholds", func(t *testing.T) { testThresholds(t, client) })
 	t.Run("CostZeroReports", func(t *testing.T) { testCostZero(t, client) })
 	t.Run("RateAndQuota", func(t *testing.T) { testRateAndQuota(t, client) })
+	t.Run("Meters", func(t *testing.T) { testMeters(t, client) })
 }
 
 // meterClient reserves through one store handle the way one Caddy instance
@@ -1064,6 +1065,7 @@ func RunMeterShared(t *testing.T, open func(t *testing.T) (a, b store.Store)) {
 		})
 	})
 	t.Run("Replay", func(t *testing.T) { testReplay(t, clients) })
+	t.Run("Meters", func(t *testing.T) { testMetersShared(t, clients) })
 }
 
 // replayed marks r, as reserved by a, as a Replay (sent through any handle).
