@@ -2,10 +2,15 @@ package module
 
 import (
 	"fmt"
+	"io"
 	"net/http"
+	"sync/atomic"
+
+	"github.com/apimonetize/caddy-api-monetize/limiter"
 
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
+
 
 // meterRuntime is a declared meter compiled for the request path.
 type meterRuntime struct {
@@ -97,3 +102,139 @@ func (m *meterRuntime) capped(n int64) int64 {
 
 // quotaItem is the RateLimit-Policy name of the meter's quota, quoted.
 func (tm *tierMeter) hasQuota() bool { return tm.quota.quotaMode != store.QuotaMeter }
+
+// appliedThrottle is the throttle policy the store applied to res when
+// out.Throttled, and the index in res.Meters of the meter it belongs to
+// (-1: the default meter's). As store.Reservation.AdmitMeters decides it:
+// the default meter's throttle if it is used up, replaced by a used-up
+// meter's only when that one is slower.
+func appliedThrottle(res store.Reservation, out store.Reserved) (limiter.Policy, int) {
+	if len(res.Meters) == 0 {
+		return res.Quota.Throttle, -1
+	}
+	p, idx, found := limiter.Policy{}, -1, false
+	if res.Quota.Mode == store.QuotaThrottle {
+		before := out.Used
+		if out.Allowed && !out.Duplicate {
+			before -= res.Cost
+		}
+		if before >= res.Quota.Included {
+			p, found = res.Quota.Throttle, true
+		}
+	}
+	for i, m := range res.Meters {
+		if i < len(out.Meters) && out.Meters[i].Throttled && (!found || store.SlowerPolicy(m.Throttle, p)) {
+			p, idx, found = m.Throttle, i, true
+		}
+	}
+	if !found { // the store said throttled: trust it, with the default's
+		return res.Quota.Throttle, -1
+	}
+	return p, idx
+}
+
+// throttleOf is the tier (or the tier's view of a meter, idx ≥ 0) whose
+// throttle names and policy apply.
+func (t *tierRuntime) throttleOf(idx int) *tierRuntime {
+	if idx >= 0 && idx < len(t.meters) {
+		return t.meters[idx].quota
+	}
+	return t
+}
+
+// meterTally counts a request's other meters while its response is
+// written: the values its meter headers report and the response bytes.
+type meterTally struct {
+	tier *tierRuntime
+	// reported[i] is the value meter i's header reported, when has[i].
+	reported []int64
+	has      []bool
+	// respBytes are the response body's bytes written.
+	respBytes int64
+	// body counts the request body when a request_bytes meter has no
+	// Content-Length to go by; nil otherwise.
+	body *countingBody
+}
+
+// newMeterTally prepares the counting of t's meters for r, wrapping r's
+// body in a counter when a request_bytes meter needs one.
+func newMeterTally(t *tierRuntime, r *http.Request) *meterTally {
+	mt := &meterTally{tier: t, reported: make([]int64, len(t.meters)), has: make([]bool, len(t.meters))}
+	if r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody {
+		for _, tm := range t.meters {
+			if tm.kind == sourceRequestBytes {
+				mt.body = &countingBody{ReadCloser: r.Body}
+				r.Body = mt.body
+				break
+			}
+		}
+	}
+	return mt
+}
+
+// readHeaders reads the meter headers of a response and removes them, so
+// the client never sees them. A value that is not a whole number ≥ 0 is
+// ignored (the meter keeps its reserved amount); one above the meter's
+// max counts as max.
+func (mt *meterTally) readHeaders(h http.Header) {
+	for i, tm := range mt.tier.meters {
+		if tm.kind != sourceHeader {
+			continue
+		}
+		vs, ok := h[tm.header]
+		if !ok {
+			continue
+		}
+		if len(vs) > 0 {
+			mt.reported[i], mt.has[i] = parseUsageCost(vs[0], tm.max)
+		}
+		delete(h, tm.header)
+	}
+}
+
+// settlements are the meters of res whose final amount differs from the
+// reserved one: 0 for a response that is not billable, the default
+// meter's actual amount for a cost source, the header's value, the bytes
+// counted.
+func (mt *meterTally) settlements(res store.Reservation, out store.Reserved, billable bool, actual int64) []store.MeterSettlement {
+	var ms []store.MeterSettlement
+	for i, mr := range res.Meters {
+		tm := mt.tier.meters[i]
+		final := mr.Amount
+		switch {
+		case !billable:
+			final = 0
+		case tm.kind == sourceCost:
+			final = actual
+		case tm.kind == sourceHeader:
+			if mt.has[i] {
+				final = mt.reported[i]
+			}
+		case tm.kind == sourceResponseBytes:
+			final = tm.capped(mt.respBytes)
+		case tm.kind == sourceRequestBytes && mt.body != nil:
+			final = tm.capped(mt.body.n.Load())
+		}
+		if final == mr.Amount {
+			continue
+		}
+		var overage int64
+		if i < len(out.Meters) {
+			overage = out.Meters[i].Overage
+		}
+		ms = append(ms, store.MeterSettlement{Meter: mr.Meter, Reserved: mr.Amount, Overage: overage, Actual: final, Quota: mr})
+	}
+	return ms
+}
+
+// countingBody counts the bytes read from a request body.
+type countingBody struct {
+	io.ReadCloser
+	n atomic.Int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n.Add(int64(n))
+	return n, err
+}
