@@ -11,7 +11,6 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
-
 // meterRuntime is a declared meter compiled for the request path.
 type meterRuntime struct {
 	name string
