@@ -1,0 +1,269 @@
+package module
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// tokensUpstream is a test upstream that reports X-Tokens-Used: /v1/tok/<v>
+// reports v (as written) and answers "tok"; /v1/fail/<v> reports v on a
+// 500; /v1/bytes/<n> answers n bytes; /v1/upload reads the body and
+// answers its length.
+func tokensUpstream(t testing.TB) *httptest.Server {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case strings.HasPrefix(r.URL.Path, "/v1/tok/"):
+			w.Header().Set("X-Tokens-Used", strings.TrimPrefix(r.URL.Path, "/v1/tok/"))
+			fmt.Fprint(w, "tok")
+		case strings.HasPrefix(r.URL.Path, "/v1/fail/"):
+			w.Header().Set("X-Tokens-Used", strings.TrimPrefix(r.URL.Path, "/v1/fail/"))
+			w.WriteHeader(http.StatusInternalServerError)
+		case strings.HasPrefix(r.URL.Path, "/v1/bytes/"):
+			n, _ := strconv.Atoi(strings.TrimPrefix(r.URL.Path, "/v1/bytes/"))
+			w.Header().Set("Content-Type", "application/octet-stream")
+			io.Copy(w, io.LimitReader(zeros{}, int64(n)))
+		case r.URL.Path == "/v1/upload":
+			n, _ := io.Copy(io.Discard, r.Body)
+			fmt.Fprint(w, n)
+		default:
+			fmt.Fprint(w, "ok")
+		}
+	}))
+	t.Cleanup(up.Close)
+	return up
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+// metersConfig is a Caddyfile with three meters in front of upstream.
+func metersConfig(storeLine, upstream string) string {
+	return fmt.Sprintf(`{
+	admin localhost:%d
+	http_port %d
+	https_port 9382
+	grace_period 1ns
+	api_monetize {
+		%s
+		key_secret test-secret-0123456789
+		store_timeout 2s
+		meter tokens {
+			source header X-Tokens-Used max 1000
+		}
+		meter download {
+			source response_bytes max 5000
+		}
+		meter upload {
+			source request_bytes
+		}
+		tier capped {
+			meter tokens {
+				included 100/month
+				over_quota block
+				thresholds 50 100
+			}
+		}
+		tier billed {
+			included 100/month
+			meter tokens {
+				included 100/month
+				over_quota bill 0.01
+			}
+		}
+		tier uploader {
+			meter upload {
+				included 10/month
+				over_quota block
+			}
+		}
+		customer c1 tier capped
+		customer p1 tier billed
+		customer u1 tier uploader
+		key capped-key-0123456789abcd c1
+		key billed-key-0123456789abcd p1
+		key upload-key-0123456789abcd u1
+	}
+}
+
+:%d {
+	handle /v1/usage {
+		api_monetize_usage
+	}
+	handle {
+		api_monetize
+		reverse_proxy %s
+	}
+}
+`, testAdminPort, testHTTPPort, storeLine, testHTTPPort, strings.TrimPrefix(upstream, "http://"))
+}
+
+const (
+	cappedKey   = "capped-key-0123456789abcd"
+	meterBilled = "billed-key-0123456789abcd"
+	uploadKey   = "upload-key-0123456789abcd"
+)
+
+// meterOf is the view of meter in v (zero when absent).
+func meterOf(v usageView, meter string) meterView {
+	for _, m := range v.Meters {
+		if m.Meter == meter {
+			return m
+		}
+	}
+	return meterView{}
+}
+
+// forEachSingleStore runs test on a fresh embedded store and a fresh
+// Redis key space.
+func forEachSingleStore(t *testing.T, test func(t *testing.T, storeLine string)) {
+	t.Run("embedded", func(t *testing.T) { test(t, "store_path "+filepath.Join(t.TempDir(), "store.db")) })
+	t.Run("redis", func(t *testing.T) {
+		test(t, "redis "+testRedisURL+"\n\t\tredis_prefix "+redisTestPrefix(t))
+	})
+}
+
+func TestMeters(t *testing.T) {
+	forEachSingleStore(t, func(t *testing.T, storeLine string) {
+		up := tokensUpstream(t)
+		tester := newTester(t, testConfig{})
+		tester.InitServer(metersConfig(storeLine, up.URL), "caddyfile")
+
+		t.Run("TokensCountedExactlyAndStripped", func(t *testing.T) {
+			for _, v := range []string{"30", "30", "30", "5000", "-5", "abc", "2.5"} {
+				r := call(t, "/v1/tok/"+v, meterBilled)
+				if r.status != http.StatusOK || r.body != "tok" {
+					t.Fatalf("tok/%s: %d %q", v, r.status, r.body)
+				}
+				if got := r.header.Values("X-Tokens-Used"); len(got) != 0 {
+					t.Fatalf("tok/%s: X-Tokens-Used reached the client: %q", v, got)
+				}
+			}
+			// A 500 is not billable: its reported tokens are not counted.
+			if r := call(t, "/v1/fail/40", meterBilled); r.status != http.StatusInternalServerError || r.header.Get("X-Tokens-Used") != "" {
+				t.Fatalf("fail/40: %d %q", r.status, r.header.Get("X-Tokens-Used"))
+			}
+			v := usageOf(t, "p1")
+			tok := meterOf(v, "tokens")
+			// 30+30+30, 5000 clamped to 1000; -5, abc and 2.5 ignored.
+			if tok.Billed != 1090 || tok.Overage != 990 || tok.Included == nil || *tok.Included != 100 || *tok.Remaining != 0 {
+				t.Errorf("tokens %+v, want 1090 billed, 990 overage, 100 included, 0 remaining", tok)
+			}
+			if tok.OverageCharge != "9.9" {
+				t.Errorf("tokens overage charge %q, want 9.9 (990 × 0.01)", tok.OverageCharge)
+			}
+			if v.Billed != 7 {
+				t.Errorf("default meter billed %d, want 7 (the 500 released)", v.Billed)
+			}
+			// response_bytes: 7 × "tok".
+			if d := meterOf(v, "download"); d.Billed != 21 || d.Included != nil {
+				t.Errorf("download %+v, want 21 bytes, only metered", d)
+			}
+		})
+
+		t.Run("ResponseBytesClamped", func(t *testing.T) {
+			before := meterOf(usageOf(t, "p1"), "download").Billed
+			if r := call(t, "/v1/bytes/3000", meterBilled); r.status != http.StatusOK || len(r.body) != 3000 {
+				t.Fatalf("bytes/3000: %d, %d bytes", r.status, len(r.body))
+			}
+			if r := call(t, "/v1/bytes/9000", meterBilled); r.status != http.StatusOK || len(r.body) != 9000 {
+				t.Fatalf("bytes/9000: %d, %d bytes", r.status, len(r.body))
+			}
+			if got := meterOf(usageOf(t, "p1"), "download").Billed - before; got != 3000+5000 {
+				t.Errorf("download grew by %d, want 8000 (9000 capped at max 5000)", got)
+			}
+		})
+
+		t.Run("BlockPerMeter", func(t *testing.T) {
+			for i, v := range []string{"60", "60"} {
+				r := call(t, "/v1/tok/"+v, cappedKey)
+				if r.status != http.StatusOK {
+					t.Fatalf("call %d: %d %s", i+1, r.status, r.body)
+				}
+				if !strings.Contains(r.header.Get("RateLimit-Policy"), `"capped-tokens-month";q=100;w=`) {
+					t.Errorf("RateLimit-Policy = %q, want the tokens quota item", r.header.Get("RateLimit-Policy"))
+				}
+			}
+			// 120 ≥ 100 included: the next request is refused before the
+			// upstream, naming the meter's policy.
+			r := call(t, "/v1/tok/1", cappedKey)
+			if r.status != http.StatusTooManyRequests {
+				t.Fatalf("after the tokens quota: %d %s", r.status, r.body)
+			}
+			p := r.problem(t)
+			if fmt.Sprint(p["violated-policies"]) != "[capped-tokens-month]" || !strings.Contains(fmt.Sprint(p["detail"]), "100 tokens per period and 120 are used") {
+				t.Errorf("problem %s", r.body)
+			}
+			if up, _ := p["upgrade"].(map[string]any); fmt.Sprint(up["tiers"]) != "[billed uploader]" {
+				t.Errorf("upgrade %v, want the tiers with more tokens: [billed uploader]", p["upgrade"])
+			}
+			if !strings.Contains(r.header.Get("RateLimit"), `"capped-tokens-month";r=0;t=`) {
+				t.Errorf("RateLimit = %q", r.header.Get("RateLimit"))
+			}
+			v := usageOf(t, "c1")
+			// The second request, admitted at 60 < 100, overshoots by 20
+			// (recorded beyond the quota; the bound is one request's max).
+			if tok := meterOf(v, "tokens"); tok.Billed != 120 || tok.Overage != 20 || tok.Requests != 2 {
+				t.Errorf("tokens %+v, want 120 billed (20 beyond the quota) in 2 requests (the refused one adds nothing)", tok)
+			}
+			if v.Billed != 2 {
+				t.Errorf("default meter %d, want 2: the refused request is not billed", v.Billed)
+			}
+		})
+
+		t.Run("ThresholdsPerMeterOnce", func(t *testing.T) {
+			r := admin(t, http.MethodGet, "/api_monetize/customers/c1/thresholds", "")
+			var events []store.ThresholdEvent
+			if err := json.Unmarshal([]byte(r.body), &events); err != nil {
+				t.Fatal(err, r.body)
+			}
+			var got []string
+			for _, e := range events {
+				got = append(got, fmt.Sprintf("%s:%d:%d/%d", e.Meter, e.Threshold, e.Used, e.Included))
+			}
+			if fmt.Sprint(got) != "[tokens:50:60/100 tokens:100:120/100]" {
+				t.Errorf("threshold events %v, want tokens 50 and 100 once each", got)
+			}
+		})
+
+		t.Run("RequestBytes", func(t *testing.T) {
+			h := http.Header{"X-Api-Key": {uploadKey}}
+			if r := do(t, http.MethodPost, testBase+"/v1/upload", h, "12345678"); r.status != http.StatusOK || r.body != "8" {
+				t.Fatalf("upload of 8 bytes: %d %s", r.status, r.body)
+			}
+			// Content-Length known: 8 + 5 > 10 is refused before the upstream.
+			r := do(t, http.MethodPost, testBase+"/v1/upload", h, "12345")
+			if r.status != http.StatusTooManyRequests || !strings.Contains(r.body, "uploader-upload-month") {
+				t.Fatalf("upload of 5 more bytes: %d %s", r.status, r.body)
+			}
+			// A chunked body is counted as it is read: 2 fits (used 8 < 10).
+			req, _ := http.NewRequest(http.MethodPost, testBase+"/v1/upload", io.MultiReader(strings.NewReader("ab")))
+			req.Header.Set("X-API-Key", uploadKey)
+			req.ContentLength = -1
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusOK || string(body) != "2" {
+				t.Fatalf("chunked upload: %d %s", res.StatusCode, body)
+			}
+			if up := meterOf(usageOf(t, "u1"), "upload"); up.Billed != 10 {
+				t.Errorf("upload %+v, want 10 bytes", up)
+			}
+		})
+	})
+}
