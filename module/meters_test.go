@@ -267,3 +267,138 @@ func TestMeters(t *testing.T) {
 		})
 	})
 }
+
+// metersSharedCaddyfile is one instance of a three-instance deployment on
+// one Redis with a tokens meter: alpha's tokens are blocked at 700, beta's
+// billed beyond 500.
+func metersSharedCaddyfile(prefix, upstream string) func(adminPort, httpPort int) string {
+	return func(adminPort, httpPort int) string {
+		return fmt.Sprintf(`{
+	admin localhost:%d
+	http_port %d
+	grace_period 1s
+	api_monetize {
+		redis %s
+		redis_prefix %s
+		store_timeout 2s
+		key_secret multi-instance-secret-0123
+		meter tokens {
+			source header X-Tokens-Used max 1000
+		}
+		tier blocked {
+			meter tokens {
+				included 700/month
+				over_quota block
+			}
+		}
+		tier billed {
+			meter tokens {
+				included 500/month
+				over_quota bill 0.01
+				thresholds 50 100 200
+			}
+		}
+		customer alpha tier blocked
+		customer beta tier billed
+		key %s alpha
+		key %s beta
+	}
+}
+
+:%d {
+	api_monetize
+	reverse_proxy %s
+}
+`, adminPort, httpPort, testRedisURL, prefix, sharedKeyA, sharedKeyB, httpPort, strings.TrimPrefix(upstream, "http://"))
+	}
+}
+
+// TestMetersThreeInstances checks per-meter block and bill across three
+// Caddy processes sharing one Redis, under concurrent load: each meter's
+// ledger equals what the upstream reported for the admitted requests, a
+// block meter's overshoot stays within (requests in flight) × (reported
+// amount), and each threshold is crossed once.
+func TestMetersThreeInstances(t *testing.T) {
+	up := tokensUpstream(t)
+	cfg := metersSharedCaddyfile(redisTestPrefix(t), up.URL)
+	var procs [3]*caddyProcess
+	for i := range procs {
+		procs[i] = launchCaddy(t, fmt.Sprintf("caddy-%d", i+1), cfg)
+	}
+	for _, p := range procs {
+		p.waitServing(t)
+	}
+	paths := make([]string, len(procs))
+	for i, p := range procs {
+		paths[i] = p.base + "/v1/tok/7"
+	}
+	const concurrency = 30
+	client := loadClient(t, 2*concurrency)
+	usage := func(customer string) usageView {
+		t.Helper()
+		res, err := http.Get(procs[2].adminBase + "/api_monetize/customers/" + customer + "/usage")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		var v usageView
+		if err := json.NewDecoder(res.Body).Decode(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+
+	t.Run("block", func(t *testing.T) {
+		c := fire(client, paths, sharedKeyA, 400, concurrency)
+		c.check(t, "400 requests reporting 7 tokens")
+		admitted := int64(c.statuses[http.StatusOK])
+		v := usage("alpha")
+		tok := meterOf(v, "tokens")
+		if tok.Billed != 7*admitted || v.Billed != admitted {
+			t.Errorf("tokens %d and calls %d for %d admitted requests, want %d and %d", tok.Billed, v.Billed, admitted, 7*admitted, admitted)
+		}
+		// At least the quota (100 requests), at most the quota plus one
+		// request in flight per client connection.
+		if admitted < 100 || admitted > 100+concurrency {
+			t.Errorf("admitted %d, want 100 to %d (the documented overshoot bound)", admitted, 100+concurrency)
+		}
+		t.Logf("admitted %d of 400, tokens %d (overshoot %d)", admitted, tok.Billed, tok.Billed-700)
+		if tok.Billed-700 > concurrency*7 {
+			t.Errorf("overshoot %d tokens, above the bound %d", tok.Billed-700, concurrency*7)
+		}
+		if limited := c.statuses[http.StatusTooManyRequests]; int64(limited) != 400-admitted {
+			t.Errorf("statuses %v", c.statuses)
+		}
+	})
+
+	t.Run("bill", func(t *testing.T) {
+		c := fire(client, paths, sharedKeyB, 300, concurrency)
+		c.check(t, "300 requests reporting 7 tokens")
+		if c.statuses[http.StatusOK] != 300 {
+			t.Fatalf("statuses %v, want 300 × 200", c.statuses)
+		}
+		tok := meterOf(usage("beta"), "tokens")
+		if tok.Billed != 2100 || tok.Overage != 1600 || tok.Requests != 300 {
+			t.Errorf("tokens %+v, want 2100 billed, 1600 overage, 300 requests", tok)
+		}
+		if tok.OverageCharge != "16" {
+			t.Errorf("overage charge %q, want 16 (1600 × 0.01)", tok.OverageCharge)
+		}
+		res, err := http.Get(procs[0].adminBase + "/api_monetize/customers/beta/thresholds")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		var events []store.ThresholdEvent
+		if err := json.NewDecoder(res.Body).Decode(&events); err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, e := range events {
+			got = append(got, fmt.Sprintf("%s:%d", e.Meter, e.Threshold))
+		}
+		if fmt.Sprint(got) != "[tokens:50 tokens:100 tokens:200]" {
+			t.Errorf("threshold events %v, want tokens 50, 100, 200 once each", got)
+		}
+	})
+}
