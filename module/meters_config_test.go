@@ -2,11 +2,14 @@ package module
 
 import (
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
 // metersGlobal declares two meters and gives tiers blocks for them.
@@ -129,5 +132,28 @@ func TestParseMetersErrors(t *testing.T) {
 			_, err := parseApp(caddyfile.NewTestDispenser(tc.input), nil)
 			checkErr(t, err, tc.line, tc.want, "")
 		})
+	}
+}
+
+// TestMeterNotificationPayload checks that a meter's threshold event
+// becomes a payload naming the meter, with the tier's policy for that
+// meter, and that the default meter's payload has no meter field.
+func TestMeterNotificationPayload(t *testing.T) {
+	a, err := parseGlobal(metersGlobal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.compileTiers(); err != nil {
+		t.Fatal(err)
+	}
+	c := store.Customer{ID: "acme", Tier: "pro"}
+	ev := store.ThresholdEvent{Subject: "acme", PeriodID: "20261101T000000Z", Threshold: 100, Used: 2000001, Included: 2000000, Meter: "tokens"}
+	p := a.notificationPayload(c, ev)
+	if p.Data.Meter != "tokens" || p.Data.OverQuota != "throttle" || !strings.Contains(p.Data.Message, "2000000 tokens") {
+		t.Errorf("meter payload %+v", p.Data)
+	}
+	ev.Meter, ev.Included = "", 50000
+	if p := a.notificationPayload(c, ev); p.Data.Meter != "" || p.Data.OverQuota != "bill" || !strings.Contains(p.Data.Message, "API calls") {
+		t.Errorf("default payload %+v", p.Data)
 	}
 }
