@@ -1,6 +1,7 @@
 package module
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -10,8 +11,14 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/caddyserver/caddy/v2/caddytest"
+
+	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
+	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/store/redisstore"
 )
 
 // tokensUpstream is a test upstream that reports X-Tokens-Used: /v1/tok/<v>
@@ -401,4 +408,79 @@ func TestMetersThreeInstances(t *testing.T) {
 			t.Errorf("threshold events %v, want tokens 50, 100, 200 once each", got)
 		}
 	})
+}
+
+// seedMeterHour bills units of meter (and one cost unit) in a past hour of
+// the customer's current period, through the store as the handler would.
+func seedMeterHour(t *testing.T, st store.Store, customer, meter string, hoursAgo int, units int64) {
+	t.Helper()
+	now := time.Now()
+	p := metering.PeriodRule{}.Period(now, time.Time{})
+	hour := metering.HourStart(now).Add(-time.Duration(hoursAgo) * time.Hour)
+	if hour.Before(p.Start) {
+		p = metering.PeriodRule{}.Period(hour, time.Time{})
+	}
+	_, err := st.Reserve(context.Background(), store.Reservation{
+		Subject: customer, Cost: 1,
+		Quota:  store.Quota{PeriodID: p.ID(), PeriodEnd: p.End, HourID: metering.TimeID(hour)},
+		Meters: []store.MeterReservation{{Meter: meter, Amount: units}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestStripeReportsEachMeter runs the reporter in Caddy with a tokens
+// meter: each closed hour of each meter is one event under the meter's
+// event name, the sums per meter equal the ledger, and the reconciliation
+// totals each meter apart.
+func TestStripeReportsEachMeter(t *testing.T) {
+	double := stripedouble.New()
+	defer double.Close()
+	prefix := redisTestPrefix(t)
+	st, err := redisstore.New(redisstore.Options{URL: testRedisURL, KeyPrefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	seedMeterHour(t, st, "acme", "tokens", 2, 5000)
+	seedMeterHour(t, st, "acme", "tokens", 2, 1)
+	seedMeterHour(t, st, "acme", "tokens", 3, 700)
+	seedMeterHour(t, st, "beta", "tokens", 2, 42)
+	cf := reportCaddyfile(t, prefix, double.URL, "1h", "read_write")
+	cf = strings.Replace(cf, "\t\ttier free {", "\t\tmeter tokens {\n\t\t\tsource header X-Tokens-Used max 100000\n\t\t\tstripe ai_tokens\n\t\t}\n\t\ttier free {", 1)
+	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: testAdminPort})
+	tester.InitServer(cf, "caddyfile")
+
+	var recon reconciliationView
+	waitUntil(t, 20*time.Second, "every hour sent", func() bool {
+		if r := admin(t, http.MethodPost, "/api_monetize/stripe/report", ""); r.status != http.StatusOK {
+			t.Fatalf("report: %d %s", r.status, r.body)
+		}
+		r := admin(t, http.MethodGet, "/api_monetize/stripe/reconciliation", "")
+		recon = reconciliationView{}
+		if err := json.Unmarshal([]byte(r.body), &recon); err != nil {
+			t.Fatal(err)
+		}
+		return len(double.Events()) == 6
+	})
+	sums := map[string]int64{}
+	seen := map[string]bool{}
+	for _, e := range double.Events() {
+		if seen[e.Identifier] {
+			t.Fatalf("identifier %s sent twice", e.Identifier)
+		}
+		seen[e.Identifier] = true
+		sums[e.EventName+"|"+e.Customer] += e.Value
+	}
+	want := map[string]int64{"api_calls|cus_ACME": 3, "ai_tokens|cus_ACME": 5701, "api_calls|cus_BETA": 1, "ai_tokens|cus_BETA": 42}
+	if fmt.Sprint(sums) != fmt.Sprint(want) {
+		t.Fatalf("Stripe sums %v, want %v (the ledger)", sums, want)
+	}
+	if recon.LedgerUnits != 4 || recon.ReportedUnits != 4 || len(recon.Meters) != 1 {
+		t.Fatalf("reconciliation %+v", recon)
+	}
+	if m := recon.Meters[0]; m.Meter != "tokens" || m.LedgerUnits != 5743 || m.ReportedUnits != 5743 || m.UnreportedUnits != 0 {
+		t.Fatalf("tokens reconciliation %+v", m)
+	}
 }
