@@ -178,6 +178,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		mw.tally = newMeterTally(tier, r)
 	}
 	err = next.ServeHTTP(mw, r)
+	if mw.tally != nil && mw.tally.ignored != "" {
+		logIgnored(h.logger, tier.Name, mw.tally.ignored)
+	}
 	app.settle(st, res, out, degraded, mw, err)
 	return err
 }

@@ -5,6 +5,11 @@ import (
 	"io"
 	"net/http"
 	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
 
@@ -26,6 +31,8 @@ type meterRuntime struct {
 // this tier (store.QuotaMeter without a block) and its header names.
 type tierMeter struct {
 	*meterRuntime
+	// ignored counts the meter's header values that were ignored.
+	ignored prometheus.Counter
 	// quota holds the meter's included units, over-quota mode, throttle,
 	// thresholds and their policy names (quotaName "<tier>-<meter>-month"),
 	// compiled as a tier's own (see compileQuota).
@@ -53,6 +60,9 @@ func (t *tierRuntime) compileTierMeters(meters []*meterRuntime) error {
 	t.meters = make([]tierMeter, len(meters))
 	for i, m := range meters {
 		tm := tierMeter{meterRuntime: m, quota: new(tierRuntime)}
+		if m.kind == sourceHeader {
+			tm.ignored = getMetrics().ignoredUsage.WithLabelValues(t.Name, m.name)
+		}
 		tm.quota.Tier = Tier{Name: t.Name + "-" + m.name}
 		for _, b := range t.Tier.Meters {
 			if b.Meter == m.name {
@@ -153,6 +163,8 @@ type meterTally struct {
 	// body counts the request body when a request_bytes meter has no
 	// Content-Length to go by; nil otherwise.
 	body *countingBody
+	// ignored is the meter whose header value was ignored last, if any.
+	ignored string
 }
 
 // newMeterTally prepares the counting of t's meters for r, wrapping r's
@@ -186,6 +198,10 @@ func (mt *meterTally) readHeaders(h http.Header) {
 		}
 		if len(vs) > 0 {
 			mt.reported[i], mt.has[i] = parseUsageCost(vs[0], tm.max)
+			if !mt.has[i] {
+				tm.ignored.Inc()
+				mt.ignored = tm.name
+			}
 		}
 		delete(h, tm.header)
 	}
@@ -224,6 +240,23 @@ func (mt *meterTally) settlements(res store.Reservation, out store.Reserved, bil
 		ms = append(ms, store.MeterSettlement{Meter: mr.Meter, Reserved: mr.Amount, Overage: overage, Actual: final, Quota: mr})
 	}
 	return ms
+}
+
+// usageIgnoredLogged is when an ignored meter value was last logged (Unix
+// ns): at most one line per second per process; the metric counts them
+// all.
+var usageIgnoredLogged atomic.Int64
+
+// logIgnored logs, at most once a second, that an upstream's value for
+// meter was ignored.
+func logIgnored(logger *zap.Logger, tier, meter string) {
+	now, last := time.Now().UnixNano(), usageIgnoredLogged.Load()
+	if now-last < int64(time.Second) || !usageIgnoredLogged.CompareAndSwap(last, now) {
+		return
+	}
+	if c := logger.Check(zapcore.WarnLevel, "api_monetize ignored a meter value that is not a whole number ≥ 0 (logged at most once per second)"); c != nil {
+		c.Write(zap.String("tier", tier), zap.String("meter", meter))
+	}
 }
 
 // countingBody counts the bytes read from a request body.

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
 	"github.com/apimonetize/caddy-api-monetize/metering"
@@ -149,6 +150,8 @@ func TestMeters(t *testing.T) {
 		tester.InitServer(metersConfig(storeLine, up.URL), "caddyfile")
 
 		t.Run("TokensCountedExactlyAndStripped", func(t *testing.T) {
+			ignored := getMetrics().ignoredUsage.WithLabelValues("billed", "tokens")
+			ignoredBefore := testutil.ToFloat64(ignored)
 			for _, v := range []string{"30", "30", "30", "5000", "-5", "abc", "2.5"} {
 				r := call(t, "/v1/tok/"+v, meterBilled)
 				if r.status != http.StatusOK || r.body != "tok" {
@@ -161,6 +164,9 @@ func TestMeters(t *testing.T) {
 			// A 500 is not billable: its reported tokens are not counted.
 			if r := call(t, "/v1/fail/40", meterBilled); r.status != http.StatusInternalServerError || r.header.Get("X-Tokens-Used") != "" {
 				t.Fatalf("fail/40: %d %q", r.status, r.header.Get("X-Tokens-Used"))
+			}
+			if n := testutil.ToFloat64(ignored) - ignoredBefore; n != 3 {
+				t.Errorf("ignored_usage_values_total grew by %v, want 3 (-5, abc, 2.5)", n)
 			}
 			v := usageOf(t, "p1")
 			tok := meterOf(v, "tokens")
