@@ -653,11 +653,25 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 	return res, nil
 }
 
+// reached returns the thresholds usage reaches at usedAfter when it grows
+// from usedBefore: every threshold reached, not only those passed on the
+// way, so that one reached while it was not checked (earlier usage in a
+// period counted under a quota without thresholds, or with fewer included
+// units, before a tier change) is crossed at the next growth, as the
+// contract says (crossed when reached and not crossed before in the
+// period) and as redisstore does. The caller skips those already crossed.
+func reached(usedBefore, usedAfter, included int64, thresholds []int) []int {
+	if usedAfter <= usedBefore {
+		return nil
+	}
+	return metering.Crossed(0, usedAfter, included, thresholds)
+}
+
 // newMeterCrossings returns the thresholds of mr that going from
 // usedBefore to usedAfter crosses and that ms has not crossed yet.
 func newMeterCrossings(ms *meterState, usedBefore, usedAfter int64, mr store.MeterReservation, at int64) []crossing {
 	var out []crossing
-	for _, t := range metering.Crossed(usedBefore, usedAfter, mr.Included, mr.Thresholds) {
+	for _, t := range reached(usedBefore, usedAfter, mr.Included, mr.Thresholds) {
 		if ms != nil && slices.Contains(ms.crossed, t) {
 			continue
 		}
@@ -670,7 +684,7 @@ func newMeterCrossings(ms *meterState, usedBefore, usedAfter int64, mr store.Met
 // usedAfter crosses and that p has not crossed yet.
 func newCrossings(p *periodState, usedBefore, usedAfter int64, q store.Quota, at int64) []crossing {
 	var out []crossing
-	for _, t := range metering.Crossed(usedBefore, usedAfter, q.Included, q.Thresholds) {
+	for _, t := range reached(usedBefore, usedAfter, q.Included, q.Thresholds) {
 		if p != nil && slices.Contains(p.crossed, t) {
 			continue
 		}

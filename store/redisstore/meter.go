@@ -231,11 +231,6 @@ local function crossAt(u, inc, lvl, field, seen, ths, all, tag)
   return got
 end
 
--- cross is crossAt for the default meter.
-local function cross(u)
-  return crossAt(u, included, level, 'crossed', p[2], ARGV[5], ARGV[8], '')
-end
-
 -- The other meters: ARGV 10 holds six packed numbers each (the script's
 -- own), and ARGV 8+3i, 9+3i, 10+3i the name, the thresholds and the
 -- crossed field once every threshold is crossed of meter i. Their fields
@@ -260,6 +255,7 @@ if M > 0 then
     writes[n + 3], writes[n + 4] = ARGV[4] .. ':' .. name, spack('<i8i8i8', hb + billed, ho + over, hr + requests)
   end
   mcross = function(i, u, inc, lvl)
+    if lvl < 0 or u < lvl then return nil end -- crossAt's first check, before building names
     local name = ARGV[8 + 3 * i]
     return crossAt(u, inc, lvl, 'crossed:' .. name, p[3 * i + 3], ARGV[9 + 3 * i], ARGV[10 + 3 * i], '@' .. name .. '|')
   end
@@ -393,12 +389,16 @@ end
 -- The other meters' state: mn[i] = {amount, included, mode, level, used,
 -- overage, requests, reserved overage, crossed}; mthr[i] is 1 when meter i
 -- is used up in throttle mode; qexm is the meter whose block quota denies.
-local mn, mthr, qexm = {}, {}, 0
+-- (Created only with meters: the common path creates no table or
+-- function it does not use.)
+local mn, mthr, qexm, mreply = nil, nil, 0, nil
+if M > 0 then
+mn, mthr = {}, {}
 
 -- mreply appends the meters to the reply out: qexm, the default meter's
 -- crossed thresholds (count first), then per meter used, overage,
 -- throttled, and its crossed thresholds (count first).
-local function mreply(out, crossed)
+mreply = function(out, crossed)
   if crossedAny then out[1] = out[1] + 128 end
   out[8] = qexm
   local n = 9
@@ -420,6 +420,7 @@ local function mreply(out, crossed)
     n = n + 4
   end
   return out
+end
 end
 
 -- reply is the script's reply; the rate decision comes last, as rate
@@ -521,7 +522,7 @@ local over = overage(used, cost)
 count(cost, over, 1)
 if idem and not held then redis.call('SET', KEYS[2], '0:' .. ARGV[9], 'PX', format('%d', idemTTL)) end
 if track then mark('1') end
-local got = cross(used + cost)
+local got = crossAt(used + cost, included, level, 'crossed', p[2], ARGV[5], ARGV[8], '')
 for i = 1, M do
   local m = mn[i]
   if m[1] > 0 then
@@ -576,7 +577,7 @@ end
 if billed ~= 0 or over ~= 0 or requests ~= 0 then
   count(billed, over, requests)
 end
-if billed > 0 then cross(used + billed) end
+if billed > 0 then crossAt(used + billed, included, level, 'crossed', p[2], ARGV[5], ARGV[8], '') end
 -- The other meters: reserved, the reservation's overage, actual, included,
 -- mode, level each. A meter's request counts when its units go from none
 -- to some and is taken back with all its units.

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -378,12 +380,30 @@ func benchReservation(subject string) store.Reservation {
 	}
 }
 
+// benchMeters are the meters besides the default one that BenchmarkReserve
+// reserves: REDISSTORE_BENCH_METERS of them (none when unset; at most 2),
+// each with a known amount, a bill quota and thresholds, so each is
+// counted and written.
+func benchMeters(b *testing.B) []store.MeterReservation {
+	n, _ := strconv.Atoi(os.Getenv("REDISSTORE_BENCH_METERS"))
+	ms := []store.MeterReservation{
+		{Meter: "tokens", Amount: 100, Mode: store.QuotaBill, Included: 1 << 40, Thresholds: []int{80, 100}},
+		{Meter: "upload", Amount: 2000, Mode: store.QuotaBill, Included: 1 << 45, Thresholds: []int{80}},
+	}
+	if n < 0 || n > len(ms) {
+		b.Fatalf("REDISSTORE_BENCH_METERS=%d: 0 to %d", n, len(ms))
+	}
+	return ms[:n]
+}
+
 // BenchmarkReserve measures one Reserve round trip (one EVALSHA) against
-// the test Redis, sequentially.
+// the test Redis, sequentially (with REDISSTORE_BENCH_METERS meters
+// besides the default one: see benchMeters).
 func BenchmarkReserve(b *testing.B) {
 	s := openStore(b, Options{KeyPrefix: newPrefix(b), OpTimeout: time.Second})
 	ctx := context.Background()
 	r := benchReservation("bench")
+	r.Meters = benchMeters(b)
 	b.ReportAllocs()
 	for b.Loop() {
 		r.Seq++

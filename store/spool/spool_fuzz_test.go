@@ -25,6 +25,8 @@ func FuzzSpoolRecover(f *testing.F) {
 		{Reservation: &store.Reservation{Subject: "acme", Origin: "o1", Seq: 1, Cost: 3}},
 		{Settlement: &store.Settlement{Subject: "acme", Origin: "o1", Seq: 1}},
 		{Reservation: &store.Reservation{Subject: "bigco", Origin: "o1", Seq: 2, Cost: 1}},
+		{Reservation: &store.Reservation{Subject: "acme", Origin: "o1", Seq: 3, Cost: 1, Meters: []store.MeterReservation{{Meter: "tokens", Mode: store.QuotaBill, Included: 10}}}},
+		{Settlement: &store.Settlement{Subject: "acme", Origin: "o1", Seq: 3, Reserved: 1, Actual: 1, Meters: []store.MeterSettlement{{Meter: "tokens", Actual: 7}}}},
 	} {
 		if err := s.Append(rec); err != nil {
 			f.Fatalf("seed record %d: %v", i, err)

@@ -904,6 +904,15 @@ func testThresholds(t *testing.T, client func(t *testing.T) *meterClient) {
 			{"acme", cur.ID(), 80, 80, 100}, {"acme", cur.ID(), 100, 100, 100}, {"acme", cur.ID(), 120, 120, 100},
 		})
 	})
+	t.Run("ReachedBeforeATierChange", func(t *testing.T) {
+		// 90 units counted without thresholds (another tier), then a tier
+		// with 100 included and thresholds: 80 is reached and was never
+		// crossed, so the next growth crosses it.
+		c := client(t)
+		crossed(t, c, res("acme", quota(cur, store.QuotaMeter, 0), 90))
+		crossed(t, c, res("acme", thresholds(quota(cur, store.QuotaBill, 100)), 1), 80)
+		checkEvents(t, c.events("acme"), []wantEvent{{"acme", cur.ID(), 80, 91, 100}})
+	})
 	t.Run("NoneWithoutIncludedUnits", func(t *testing.T) {
 		c := client(t)
 		crossed(t, c, res("acme", thresholds(quota(cur, store.QuotaBill, 0)), 10))

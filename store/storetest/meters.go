@@ -347,6 +347,16 @@ func testMeters(t *testing.T, client func(t *testing.T) *meterClient) {
 				u.Thresholds, u.Meter("tokens").Thresholds, u.Meter("upload").Thresholds)
 		}
 	})
+	t.Run("ThresholdReachedBeforeATierChange", func(t *testing.T) {
+		c := client(t)
+		q := quota(cur, store.QuotaMeter, 0)
+		c.mwant(mres("acme", q, 1, mq("upload", store.QuotaMeter, 90, 0)), true, 90, 0)
+		_, out := c.mwant(mres("acme", q, 1, mq("upload", store.QuotaBill, 1, 100, 80)), true, 91, 0)
+		if !slices.Equal(out.Meters[0].Crossed, []int{80}) {
+			t.Fatalf("upload at 91 of 100 after a tier change: %+v; want 80 crossed", out)
+		}
+		checkMeterEvents(t, c.events("acme"), []wantMeterEvent{{"acme", cur.ID(), "upload", 80, 91, 100}})
+	})
 	t.Run("CostZeroReports", func(t *testing.T) {
 		c := client(t)
 		q := quota(cur, store.QuotaBill, 10)
