@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
+	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
@@ -155,5 +156,37 @@ func TestMeterNotificationPayload(t *testing.T) {
 	ev.Meter, ev.Included = "", 50000
 	if p := a.notificationPayload(c, ev); p.Data.Meter != "" || p.Data.OverQuota != "bill" || !strings.Contains(p.Data.Message, "API calls") {
 		t.Errorf("default payload %+v", p.Data)
+	}
+}
+
+// TestDegradedAdmissionWithMeters: while the store is unreachable, the
+// usage this process last saw per (customer, meter) decides each meter's
+// block quota, as the stores decide it (store.Reservation.AdmitMeters),
+// and what is admitted is added to it.
+func TestDegradedAdmissionWithMeters(t *testing.T) {
+	a := &App{shared: &shared{local: limiter.NewLocal()}}
+	tr := &tierRuntime{onStoreError: storeErrorLocal}
+	q := store.Quota{PeriodID: "20261101T000000Z", HourID: "20261101T000000Z"}
+	res := func(upload int64) store.Reservation {
+		return store.Reservation{Subject: "c", Cost: 1, Quota: q, Meters: []store.MeterReservation{
+			{Meter: "tokens", Mode: store.QuotaBlock, Included: 100},
+			{Meter: "upload", Amount: upload, Mode: store.QuotaBlock, Included: 100},
+		}}
+	}
+	// The store last reported 99 tokens and 80 upload bytes.
+	a.shared.usage.observe(res(0), store.Reserved{Allowed: true, Used: 3, Meters: []store.MeterReserved{{Used: 99}, {Used: 80}}}, 0)
+	out, err := a.reserveDegraded(res(20), tr)
+	if err != nil || !out.Allowed || len(out.Meters) != 2 || out.Meters[0].Used != 99 || out.Meters[1].Used != 100 {
+		t.Fatalf("tokens 99 < 100, upload 80+20 ≤ 100: %+v, %v; want admitted", out, err)
+	}
+	out, err = a.reserveDegraded(res(1), tr)
+	if err != nil || out.Allowed || out.QuotaExceededMeter != "upload" {
+		t.Fatalf("upload 100+1 > 100: %+v, %v; want refused for upload", out, err)
+	}
+	// The upstream reported 5 tokens: settled into the cache.
+	a.shared.usage.addMeter("c", q.PeriodID, "tokens", 5)
+	out, err = a.reserveDegraded(res(0), tr)
+	if err != nil || out.Allowed || out.QuotaExceededMeter != "tokens" || out.Meters[0].Used != 104 {
+		t.Fatalf("tokens 104 ≥ 100: %+v, %v; want refused for tokens", out, err)
 	}
 }
