@@ -1,12 +1,16 @@
 package module
 
 import (
+	"encoding/json"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
@@ -188,5 +192,33 @@ func TestDegradedAdmissionWithMeters(t *testing.T) {
 	out, err = a.reserveDegraded(res(0), tr)
 	if err != nil || out.Allowed || out.QuotaExceededMeter != "tokens" || out.Meters[0].Used != 104 {
 		t.Fatalf("tokens 104 ≥ 100: %+v, %v; want refused for tokens", out, err)
+	}
+}
+
+// TestMetersExample adapts caddyfile-examples/meters and validates the
+// result as Caddy would load it.
+func TestMetersExample(t *testing.T) {
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	t.Setenv("API_MONETIZE_KEY_SECRET", "example-secret-0123456789")
+	t.Setenv("DEMO_FREE_KEY", "demo_free_0123456789abcdef")
+	t.Setenv("DEMO_PRO_KEY", "demo_pro_0123456789abcdef0")
+	input, err := os.ReadFile(filepath.Join("..", "caddyfile-examples", "meters", "Caddyfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	adapted, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt(input, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range warnings {
+		t.Errorf("warning: %s:%d: %s", w.File, w.Line, w.Message)
+	}
+	var cfg caddy.Config
+	if err := json.Unmarshal(adapted, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Admin = &caddy.AdminConfig{Disabled: true}
+	if err := caddy.Validate(&cfg); err != nil {
+		t.Fatalf("the example does not validate: %v", err)
 	}
 }
