@@ -490,3 +490,59 @@ func TestStripeReportsEachMeter(t *testing.T) {
 		t.Fatalf("tokens reconciliation %+v", m)
 	}
 }
+
+// TestMetersRedisOutage: while Redis is down, meters are decided from the
+// usage this instance last saw (a block meter refuses once used up, naming
+// its policy) and what is served is spooled with its meters; when Redis
+// comes back (empty), the outage's tokens are replayed exactly once.
+func TestMetersRedisOutage(t *testing.T) {
+	port := freePort(t)
+	stop := startRedis(t, port)
+	defer configResyncInterval.Store(configResyncInterval.Load())
+	configResyncInterval.Store(int64(200 * time.Millisecond))
+	up := tokensUpstream(t)
+	tester := newTester(t, testConfig{})
+	tester.InitServer(metersConfig(fmt.Sprintf("redis redis://127.0.0.1:%d/0", port), up.URL), "caddyfile")
+	for key, v := range map[string]string{meterBilled: "30", cappedKey: "60"} {
+		if r := call(t, "/v1/tok/"+v, key); r.status != http.StatusOK {
+			t.Fatalf("before the outage: %d %s", r.status, r.body)
+		}
+	}
+	// One more call each, so the cache holds the settled tokens as the
+	// store reports them.
+	for _, key := range []string{meterBilled, cappedKey} {
+		if r := call(t, "/v1/tok/0", key); r.status != http.StatusOK {
+			t.Fatalf("before the outage: %d %s", r.status, r.body)
+		}
+	}
+
+	stop()
+	for range 3 {
+		if r := call(t, "/v1/tok/10", meterBilled); r.status != http.StatusOK || r.header.Get("X-Tokens-Used") != "" {
+			t.Fatalf("billed during the outage: %d %q", r.status, r.header.Get("X-Tokens-Used"))
+		}
+	}
+	if r := call(t, "/v1/tok/50", cappedKey); r.status != http.StatusOK {
+		t.Fatalf("capped at 60 of 100 during the outage: %d %s", r.status, r.body)
+	}
+	r := call(t, "/v1/tok/1", cappedKey)
+	if r.status != http.StatusTooManyRequests || !strings.Contains(r.body, "capped-tokens-month") {
+		t.Fatalf("capped at 110 of 100 during the outage: %d %s", r.status, r.body)
+	}
+
+	// Redis comes back empty: only the outage's usage is in it, once.
+	restart := startRedis(t, port)
+	defer restart()
+	for customer, want := range map[string][2]int64{"p1": {3, 30}, "c1": {1, 50}} {
+		ok := func(r response) bool {
+			var v usageView
+			return r.status == http.StatusOK && json.Unmarshal([]byte(r.body), &v) == nil && v.Billed == want[0] && meterOf(v, "tokens").Billed == want[1]
+		}
+		r := eventually(15*time.Second, func() response {
+			return admin(t, http.MethodGet, "/api_monetize/customers/"+customer+"/usage", "")
+		}, ok)
+		if !ok(r) {
+			t.Errorf("%s after the replay: %d %s; want %d calls and %d tokens", customer, r.status, r.body, want[0], want[1])
+		}
+	}
+}
