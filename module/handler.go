@@ -178,8 +178,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		mw.tally = newMeterTally(tier, r)
 	}
 	err = next.ServeHTTP(mw, r)
-	if mw.tally != nil && mw.tally.ignored != "" {
-		logIgnored(h.logger, tier.Name, mw.tally.ignored)
+	if mw.tally != nil {
+		mw.tally.readTrailers(mw.Header())
+		if mw.tally.ignored != "" {
+			logIgnored(h.logger, tier.Name, mw.tally.ignored)
+		}
 	}
 	app.settle(st, res, out, degraded, mw, err)
 	return err

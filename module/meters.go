@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -205,6 +206,67 @@ func (mt *meterTally) readHeaders(h http.Header) {
 		}
 		delete(h, tm.header)
 	}
+	mt.unannounce(h)
+}
+
+// readTrailers reads the meter values an upstream sent as trailers,
+// after the body (a streamed response knows its tokens only then), and
+// removes them, so the client never sees them; the handler calls it once
+// the next handler returned, before net/http writes the trailers. A value
+// sent in the header wins.
+func (mt *meterTally) readTrailers(h http.Header) {
+	for i, tm := range mt.tier.meters {
+		if tm.kind != sourceHeader {
+			continue
+		}
+		for _, k := range [2]string{tm.header, http.TrailerPrefix + tm.header} {
+			vs, ok := h[k]
+			if !ok {
+				continue
+			}
+			if len(vs) > 0 && !mt.has[i] {
+				mt.reported[i], mt.has[i] = parseUsageCost(vs[0], tm.max)
+				if !mt.has[i] {
+					tm.ignored.Inc()
+					mt.ignored = tm.name
+				}
+			}
+			delete(h, k)
+		}
+	}
+}
+
+// unannounce removes the meter headers from the response's Trailer
+// announcement, so the client is not told of trailers it will not get.
+func (mt *meterTally) unannounce(h http.Header) {
+	announced, ok := h["Trailer"]
+	if !ok {
+		return
+	}
+	var keep []string
+	for _, v := range announced {
+		for _, name := range strings.Split(v, ",") {
+			name = strings.TrimSpace(name)
+			if name != "" && !mt.isMeterHeader(http.CanonicalHeaderKey(name)) {
+				keep = append(keep, name)
+			}
+		}
+	}
+	if len(keep) == 0 {
+		delete(h, "Trailer")
+		return
+	}
+	h["Trailer"] = []string{strings.Join(keep, ", ")}
+}
+
+// isMeterHeader reports whether name (canonical) is a meter's header.
+func (mt *meterTally) isMeterHeader(name string) bool {
+	for _, tm := range mt.tier.meters {
+		if tm.kind == sourceHeader && tm.header == name {
+			return true
+		}
+	}
+	return false
 }
 
 // settlements are the meters of res whose final amount differs from the

@@ -39,6 +39,13 @@ func tokensUpstream(t testing.TB) *httptest.Server {
 			n, _ := strconv.Atoi(strings.TrimPrefix(r.URL.Path, "/v1/bytes/"))
 			w.Header().Set("Content-Type", "application/octet-stream")
 			io.Copy(w, io.LimitReader(zeros{}, int64(n)))
+		case strings.HasPrefix(r.URL.Path, "/v1/trailer/"):
+			// A streamed response: the tokens are known after the body.
+			w.Header().Set("Trailer", "X-Other, X-Tokens-Used")
+			fmt.Fprint(w, "streamed")
+			w.(http.Flusher).Flush()
+			w.Header().Set("X-Tokens-Used", strings.TrimPrefix(r.URL.Path, "/v1/trailer/"))
+			w.Header().Set("X-Other", "kept")
 		case r.URL.Path == "/v1/upload":
 			n, _ := io.Copy(io.Discard, r.Body)
 			fmt.Fprint(w, n)
@@ -183,6 +190,30 @@ func TestMeters(t *testing.T) {
 			// response_bytes: 7 × "tok".
 			if d := meterOf(v, "download"); d.Billed != 21 || d.Included != nil {
 				t.Errorf("download %+v, want 21 bytes, only metered", d)
+			}
+		})
+
+		t.Run("TokensInATrailer", func(t *testing.T) {
+			before := meterOf(usageOf(t, "p1"), "tokens").Billed
+			req, _ := http.NewRequest(http.MethodGet, testBase+"/v1/trailer/25", nil)
+			req.Header.Set("X-API-Key", meterBilled)
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusOK || string(body) != "streamed" {
+				t.Fatalf("%d %q", res.StatusCode, body)
+			}
+			if _, leaked := res.Trailer["X-Tokens-Used"]; leaked || strings.Contains(strings.Join(res.Header.Values("Trailer"), ","), "Tokens") {
+				t.Errorf("the tokens trailer reached the client: trailer %v, announced %q", res.Trailer, res.Header.Values("Trailer"))
+			}
+			if res.Trailer.Get("X-Other") != "kept" {
+				t.Errorf("another trailer was lost: %v", res.Trailer)
+			}
+			if got := meterOf(usageOf(t, "p1"), "tokens").Billed - before; got != 25 {
+				t.Errorf("tokens grew by %d, want the trailer's 25", got)
 			}
 		})
 
