@@ -104,9 +104,18 @@ func metersConfig(storeLine, upstream string) string {
 				over_quota block
 			}
 		}
+		tier slowed {
+			rate 100/min
+			meter tokens {
+				included 10/month
+				over_quota throttle 1/hour burst 2
+			}
+		}
 		customer c1 tier capped
 		customer p1 tier billed
 		customer u1 tier uploader
+		customer s1 tier slowed
+		key slowed-key-0123456789abcd s1
 		key capped-key-0123456789abcd c1
 		key billed-key-0123456789abcd p1
 		key upload-key-0123456789abcd u1
@@ -250,8 +259,8 @@ func TestMeters(t *testing.T) {
 			if fmt.Sprint(p["violated-policies"]) != "[capped-tokens-month]" || !strings.Contains(fmt.Sprint(p["detail"]), "100 tokens per period and 120 are used") {
 				t.Errorf("problem %s", r.body)
 			}
-			if up, _ := p["upgrade"].(map[string]any); fmt.Sprint(up["tiers"]) != "[billed uploader]" {
-				t.Errorf("upgrade %v, want the tiers with more tokens: [billed uploader]", p["upgrade"])
+			if up, _ := p["upgrade"].(map[string]any); fmt.Sprint(up["tiers"]) != "[billed uploader slowed]" {
+				t.Errorf("upgrade %v, want the tiers with more tokens or not blocked: [billed uploader slowed]", p["upgrade"])
 			}
 			if !strings.Contains(r.header.Get("RateLimit"), `"capped-tokens-month";r=0;t=`) {
 				t.Errorf("RateLimit = %q", r.header.Get("RateLimit"))
@@ -264,6 +273,30 @@ func TestMeters(t *testing.T) {
 			}
 			if v.Billed != 2 {
 				t.Errorf("default meter %d, want 2: the refused request is not billed", v.Billed)
+			}
+		})
+
+		t.Run("ThrottlePerMeter", func(t *testing.T) {
+			const key = "slowed-key-0123456789abcd"
+			r := call(t, "/v1/tok/20", key)
+			if r.status != http.StatusOK || !strings.HasPrefix(r.header.Get("RateLimit-Policy"), `"slowed-min";q=100;w=60`) {
+				t.Fatalf("first call: %d %q", r.status, r.header.Get("RateLimit-Policy"))
+			}
+			// 20 ≥ 10 tokens: the meter's throttle (1/hour) replaces the
+			// tier's rate, named after the meter.
+			r = call(t, "/v1/tok/1", key)
+			if r.status != http.StatusOK || !strings.HasPrefix(r.header.Get("RateLimit-Policy"), `"slowed-tokens-throttle-hour";q=1;w=3600;am-burst=2`) {
+				t.Fatalf("throttled call: %d %q", r.status, r.header.Get("RateLimit-Policy"))
+			}
+			r = call(t, "/v1/tok/1", key)
+			if r.status != http.StatusTooManyRequests {
+				t.Fatalf("over the throttle: %d %s", r.status, r.body)
+			}
+			if p := r.problem(t); fmt.Sprint(p["violated-policies"]) != "[slowed-tokens-throttle-hour]" {
+				t.Errorf("problem %s", r.body)
+			}
+			if tok := meterOf(usageOf(t, "s1"), "tokens"); tok.Billed != 21 || tok.Overage != 11 {
+				t.Errorf("tokens %+v, want 21 billed, 11 beyond the quota", tok)
 			}
 		})
 
