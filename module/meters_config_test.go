@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/stripe/stripe-go/v86"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/store"
@@ -220,5 +221,35 @@ func TestMetersExample(t *testing.T) {
 	cfg.Admin = &caddy.AdminConfig{Disabled: true}
 	if err := caddy.Validate(&cfg); err != nil {
 		t.Fatalf("the example does not validate: %v", err)
+	}
+}
+
+// TestTierOfMeterPrice: a subscription whose only price is a meter's
+// (am_<tier>_<meter>_usage) moves the customer to that tier.
+func TestTierOfMeterPrice(t *testing.T) {
+	a, err := parseGlobal(metersGlobal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.compileTiers(); err != nil {
+		t.Fatal(err)
+	}
+	w := &StripeWebhook{app: a}
+	sub := func(keys ...string) *stripe.Subscription {
+		s := &stripe.Subscription{Items: &stripe.SubscriptionItemList{}}
+		for _, k := range keys {
+			s.Items.Data = append(s.Items.Data, &stripe.SubscriptionItem{Price: &stripe.Price{LookupKey: k}})
+		}
+		return s
+	}
+	for keys, want := range map[string]string{
+		"am_free_tokens_usage":            "free",
+		"am_pro_tokens_usage am_pro_base": "pro",
+		"am_gold_tokens_usage":            "",
+		"am_pro_nometer_usage":            "",
+	} {
+		if got := w.tierOf(sub(strings.Fields(keys)...)); got != want {
+			t.Errorf("tierOf(%s) = %q, want %q", keys, got, want)
+		}
 	}
 }
