@@ -26,6 +26,8 @@ const (
 	actorAdminAPI = "admin_api"
 	actorPortal   = "portal"
 	actorConfig   = "config"
+	// actorStripe is the Stripe webhook handler.
+	actorStripe = "stripe_webhook"
 )
 
 // Audited actions.
@@ -34,25 +36,34 @@ const (
 	auditKeyRolled  = "key.rolled"
 	auditKeyUpdated = "key.updated"
 	auditKeyRevoked = "key.revoked"
+	// auditDuplicateSubscription: a checkout completed for a customer
+	// that already pays through another Stripe customer; its subscription
+	// was canceled (Detail names both).
+	auditDuplicateSubscription = "stripe.duplicate_subscription_canceled"
+	// auditOwnerTransferred: a portal owner made another member the
+	// owner (Detail names both addresses).
+	auditOwnerTransferred = "team.owner_transferred"
 )
 
-// auditEntry records one change to a key: who made it, when, and what the
-// key is like after it. It never holds the key or its hash.
+// auditEntry records one change to a key (or, for the stripe.* and team.*
+// actions, to a customer's billing or team): who made it, when, and what
+// the key is like after it. It never holds the key or its hash.
 type auditEntry struct {
 	// ID orders entries by time; it is the pagination cursor.
 	ID string `json:"id"`
 	// At is when the change was made.
 	At time.Time `json:"at"`
-	// Actor is admin_api, portal or config (keys declared in, or removed
-	// from, the configuration).
+	// Actor is admin_api, portal, config (keys declared in, or removed
+	// from, the configuration) or stripe_webhook.
 	Actor string `json:"actor"`
 	// RemoteAddr is the address the admin or portal request came from.
 	RemoteAddr string `json:"remote_addr,omitempty"`
-	// Action is key.created, key.rolled, key.updated or key.revoked.
+	// Action is key.created, key.rolled, key.updated, key.revoked,
+	// stripe.duplicate_subscription_canceled or team.owner_transferred.
 	Action string `json:"action"`
 	// KeyID is the key created, changed or revoked; for key.rolled, the
-	// new key.
-	KeyID string `json:"key_id"`
+	// new key. Empty for the stripe.* and team.* actions.
+	KeyID string `json:"key_id,omitempty"`
 	// Customer owns the key.
 	Customer string `json:"customer"`
 	// Replaces is the key a roll replaced.
@@ -63,6 +74,8 @@ type auditEntry struct {
 	Name string `json:"name,omitempty"`
 	// ExpiresAt is the key's expiry after the change (zero: none).
 	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// Detail describes a stripe.* or team.* change in words.
+	Detail string `json:"detail,omitempty"`
 }
 
 // audit records e, stamped now. A failure is logged, not returned: the

@@ -11,6 +11,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
 	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/notify"
@@ -56,6 +57,9 @@ type PortalHandler struct {
 	Email *EmailConfig `json:"email,omitempty"`
 	// OIDC adds sign-in with an OpenID Connect provider.
 	OIDC *PortalOIDC `json:"oidc,omitempty"`
+	// SessionIdleTimeout ends a member's session unused for this long
+	// (from 5m up to the sessions' absolute lifetime of 12h). Default: 1h.
+	SessionIdleTimeout caddy.Duration `json:"session_idle_timeout,omitempty"`
 
 	portal *portal.Handler
 }
@@ -114,6 +118,7 @@ func (p *PortalHandler) Provision(ctx caddy.Context) error {
 		Billing: billing, OIDC: oidc,
 		BaseURL: repl.ReplaceAll(p.BaseURL, ""), ProductName: p.ProductName, LogoURL: p.LogoURL,
 		AccentColor: p.AccentColor, DocsURL: p.DocsURL, Signup: p.Signup,
+		SessionIdleTimeout: time.Duration(p.SessionIdleTimeout), Now: clockNow,
 		ClientIP: func(r *http.Request) string {
 			ip, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
 			return ip
@@ -320,6 +325,16 @@ func (b portalBackend) Usage(ctx context.Context, customerID, month string) (por
 		})
 	}
 	return u, nil
+}
+
+func (b portalBackend) OwnerTransferred(ctx context.Context, customerID, from, to, remote string) {
+	st, err := b.app.store()
+	if err != nil {
+		b.app.logger.Error("could not record an ownership transfer in the audit trail", zap.String("customer", customerID), zap.Error(err))
+		return
+	}
+	b.app.audit(ctx, st, auditEntry{Actor: actorPortal, RemoteAddr: remote, Action: auditOwnerTransferred, Customer: customerID,
+		Detail: from + " made " + to + " the owner"})
 }
 
 func (b portalBackend) Plans() []portal.Plan {

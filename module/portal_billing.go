@@ -3,7 +3,6 @@ package module
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"github.com/stripe/stripe-go/v86"
 
@@ -21,19 +20,23 @@ type portalBilling struct {
 }
 
 // checkoutParams is a subscription-mode Checkout Session for customer
-// with the given line items, expiring after an hour. The Stripe customer
-// is created by Checkout (with email prefilled) and linked to customer by
-// client_reference_id when the session completes.
-func checkoutParams(customer, email string, items []*stripe.CheckoutSessionCreateLineItemParams, returnURL string, now time.Time) *stripe.CheckoutSessionCreateParams {
+// with the given line items, expiring portal.CheckoutLifetime after the
+// attempt began, sent with the attempt's idempotency key: a retry or a
+// concurrent request of the same attempt gets the same session from
+// Stripe (the parameters are the same, as Stripe requires). The Stripe
+// customer is created by Checkout (with email prefilled) and linked to
+// customer by client_reference_id when the session completes.
+func checkoutParams(customer, email string, items []*stripe.CheckoutSessionCreateLineItemParams, returnURL string, attempt portal.CheckoutAttempt) *stripe.CheckoutSessionCreateParams {
 	p := &stripe.CheckoutSessionCreateParams{
 		Mode:              stripe.String(string(stripe.CheckoutSessionModeSubscription)),
 		ClientReferenceID: stripe.String(customer),
 		LineItems:         items,
 		SuccessURL:        stripe.String(returnURL + "?checkout=done"),
 		CancelURL:         stripe.String(returnURL),
-		ExpiresAt:         stripe.Int64(now.Add(time.Hour).Unix()),
+		ExpiresAt:         stripe.Int64(attempt.Created.Add(portal.CheckoutLifetime).Unix()),
 		Metadata:          map[string]string{"api_monetize_customer": customer},
 	}
+	p.SetIdempotencyKey(attempt.Key)
 	if email != "" {
 		p.CustomerEmail = stripe.String(email)
 	}
@@ -43,7 +46,7 @@ func checkoutParams(customer, email string, items []*stripe.CheckoutSessionCreat
 // Checkout opens a Checkout Session for tier with the prices stripe-sync
 // created: the flat base price (quantity 1) and, when the tier bills
 // overage, the metered usage price (no quantity).
-func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL string) (string, string, error) {
+func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL string, attempt portal.CheckoutAttempt) (string, string, error) {
 	c, err := portalBackend{app: b.app}.Customer(ctx, customerID)
 	if err != nil {
 		return "", "", err
@@ -75,7 +78,7 @@ func (b portalBilling) Checkout(ctx context.Context, customerID, tier, returnURL
 	if u := prices[usageKey]; u != nil {
 		items = append(items, &stripe.CheckoutSessionCreateLineItemParams{Price: stripe.String(u.ID)})
 	}
-	s, err := b.client.V1CheckoutSessions.Create(ctx, checkoutParams(c.ID, c.Email, items, returnURL, time.Now()))
+	s, err := b.client.V1CheckoutSessions.Create(ctx, checkoutParams(c.ID, c.Email, items, returnURL, attempt))
 	if err != nil {
 		return "", "", fmt.Errorf("creating a Stripe Checkout Session: %w", err)
 	}

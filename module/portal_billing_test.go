@@ -6,12 +6,14 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/stripe/stripe-go/v86"
 
 	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
+	"github.com/apimonetize/caddy-api-monetize/portal"
 	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
 
@@ -129,7 +131,8 @@ func TestPortalUpgradeThroughCheckout(t *testing.T) {
 		double.PortalSessions()[0]["return_url"] != portalBase+"/plans" {
 		t.Fatalf("manage billing: %d %v", res.status, double.PortalSessions())
 	}
-	if res := b.do("/plans/pro/checkout", url.Values{"csrf": {csrf(t, plans)}}); res.status != http.StatusBadRequest || len(double.CheckoutSessions()) != 2 {
+	// Choosing a plan again goes to the Billing Portal, not Checkout.
+	if res := b.do("/plans/pro/checkout", url.Values{"csrf": {csrf(t, plans)}}); res.status != http.StatusSeeOther || len(double.CheckoutSessions()) != 2 || len(double.PortalSessions()) != 2 {
 		t.Fatalf("a second checkout for a paying customer: %d, sessions %d", res.status, len(double.CheckoutSessions()))
 	}
 }
@@ -144,7 +147,7 @@ func TestPortalCheckoutIsValidForStripe(t *testing.T) {
 		{Price: stripe.String("price_base"), Quantity: stripe.Int64(1)},
 		{Price: stripe.String("price_usage")},
 	}
-	s, err := sc.V1CheckoutSessions.Create(context.Background(), checkoutParams("c-1", "dev@example.com", items, "https://portal.example.com/plans", time.Now()))
+	s, err := sc.V1CheckoutSessions.Create(context.Background(), checkoutParams("c-1", "dev@example.com", items, "https://portal.example.com/plans", portal.CheckoutAttempt{Key: "am_checkout_test", Created: time.Now()}))
 	if err != nil {
 		t.Fatalf("checkout session: %v", err)
 	}
@@ -157,10 +160,135 @@ func TestPortalCheckoutIsValidForStripe(t *testing.T) {
 	if err != nil || p.URL == "" {
 		t.Fatalf("billing portal session: %v %+v", err, p)
 	}
+	// The duplicate-subscription check and cancellation of the webhook.
+	for _, err := range sc.V1Subscriptions.List(context.Background(), &stripe.SubscriptionListParams{Customer: stripe.String("cus_1")}).All(context.Background()) {
+		if err != nil {
+			t.Fatalf("subscription list: %v", err)
+		}
+	}
+	if _, err := sc.V1Subscriptions.Cancel(context.Background(), "sub_1", &stripe.SubscriptionCancelParams{}); err != nil {
+		t.Fatalf("subscription cancel: %v", err)
+	}
 	list := sc.V1Prices.List(context.Background(), &stripe.PriceListParams{LookupKeys: []*string{stripe.String("am_pro_base")}, Active: stripe.Bool(true)})
 	for _, err := range list.All(context.Background()) {
 		if err != nil {
 			t.Fatalf("price list: %v", err)
 		}
 	}
+}
+
+// tab is another window of the same browser: it shares the cookies at
+// this moment, and can request concurrently with b.
+func (b *browser) tab() *browser {
+	t := newBrowser(b.t)
+	t.origin = b.origin
+	for k, c := range b.cookies {
+		t.cookies[k] = c
+	}
+	return t
+}
+
+// TestPortalCheckoutOncePerCustomer is the abuse case of two checkouts
+// opened before either completes, which could end in two paid
+// subscriptions. Concurrent "Choose pro" clicks from several windows, on
+// both stores, open one Checkout Session and all go to it (its URL is
+// reused; an idempotency key covers a request racing the first); the
+// plans page links to it. Then two completions of checkouts opened that
+// way anyway (racing webhook deliveries) link one Stripe customer and
+// cancel the other's subscription, recorded in the audit trail; a
+// customer that pays is sent to the Billing Portal instead of Checkout;
+// and a customer whose Stripe customer has no live subscription left is
+// relinked by a new checkout, canceling nothing.
+func TestPortalCheckoutOncePerCustomer(t *testing.T) {
+	portalStores(t, func(t *testing.T, storeLine string) {
+		double := stripedouble.New()
+		defer double.Close()
+		double.SetPrice("price_pro_base", stripereport.BaseLookupKey("pro"), "licensed")
+		double.SetPrice("price_pro_usage", stripereport.UsageLookupKey("pro"), "metered")
+		smtp := startPortalStripe(t, storeLine, "open", portalStripeBlock(double.URL))
+		b := newBrowser(t)
+		b.signIn(smtp, "dev@example.com", 1)
+		token := csrf(t, b.do("/plans", nil))
+
+		const windows = 6
+		locs := make([]string, windows)
+		statuses := make([]int, windows)
+		tabs := make([]*browser, windows)
+		for i := range tabs {
+			tabs[i] = b.tab()
+		}
+		var wg sync.WaitGroup
+		for i := range tabs {
+			wg.Go(func() {
+				res := tabs[i].do("/plans/pro/checkout", url.Values{"csrf": {token}})
+				statuses[i], locs[i] = res.status, res.header.Get("Location")
+			})
+		}
+		wg.Wait()
+		sessions := double.CheckoutSessions()
+		if len(sessions) != 1 {
+			t.Fatalf("%d concurrent clicks opened %d Checkout Sessions (statuses %v)", windows, len(sessions), statuses)
+		}
+		for i := range locs {
+			if statuses[i] != http.StatusSeeOther || locs[i] != locs[0] || !strings.HasPrefix(locs[0], double.URL+"/pay/") {
+				t.Fatalf("window %d: %d %q (first %q)", i, statuses[i], locs[i], locs[0])
+			}
+		}
+		// A later click, and the plans page, go to the open checkout.
+		if res := b.do("/plans/pro/checkout", url.Values{"csrf": {token}}); res.status != http.StatusSeeOther || res.header.Get("Location") != locs[0] || len(double.CheckoutSessions()) != 1 {
+			t.Fatalf("a later click: %d %q, %d sessions", res.status, res.header.Get("Location"), len(double.CheckoutSessions()))
+		}
+		if plans := b.do("/plans", nil); !strings.Contains(plans.body, `id="continue-checkout"`) || !strings.Contains(plans.body, locs[0]) {
+			t.Fatalf("the plans page does not link to the open checkout: %s", plans.body)
+		}
+		customer := sessions[0]["client_reference_id"]
+
+		// Two completions racing (e.g. checkouts opened before this
+		// guard): one links, the other's subscription is canceled.
+		double.SetSubscription("sub_A", "cus_A", "active", stripereport.BaseLookupKey("pro"), stripereport.UsageLookupKey("pro"))
+		double.SetSubscription("sub_B", "cus_B", "active", stripereport.BaseLookupKey("pro"), stripereport.UsageLookupKey("pro"))
+		codes := make([]int, 2)
+		for i, who := range []string{"A", "B"} {
+			wg.Go(func() {
+				obj := fmt.Sprintf(`{"id":"cs_%s","object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_%s","subscription":"sub_%s"}`, who, customer, who, who)
+				codes[i] = sendStripeEvent(t, "whsec_test_secret", "evt_done_"+who, "checkout.session.completed", obj).status
+			})
+		}
+		wg.Wait()
+		canceled := double.Canceled()
+		if codes[0] != http.StatusOK || codes[1] != http.StatusOK || len(canceled) != 1 {
+			t.Fatalf("racing completions: %v, canceled %v", codes, canceled)
+		}
+		kept := map[string]string{"sub_A": "cus_B", "sub_B": "cus_A"}[canceled[0]]
+		if c := admin(t, http.MethodGet, "/api_monetize/customers/"+customer, ""); !strings.Contains(c.body, `"stripe_customer_id":"`+kept+`"`) || !strings.Contains(c.body, `"tier":"pro"`) {
+			t.Fatalf("customer after racing completions (kept %s): %s", kept, c.body)
+		}
+		audit := admin(t, http.MethodGet, "/api_monetize/audit?customer="+customer, "")
+		if !strings.Contains(audit.body, `"action":"stripe.duplicate_subscription_canceled"`) || !strings.Contains(audit.body, canceled[0]) {
+			t.Fatalf("audit trail: %s", audit.body)
+		}
+		// The plans page offers Manage billing, and Choose goes there too.
+		plans := b.do("/plans", nil)
+		if strings.Contains(plans.body, `id="upgrade-`) || !strings.Contains(plans.body, `id="manage-billing"`) {
+			t.Fatalf("plans page of a paying customer: %s", plans.body)
+		}
+		res := b.do("/plans/pro/checkout", url.Values{"csrf": {token}})
+		if res.status != http.StatusSeeOther || len(double.CheckoutSessions()) != 1 || len(double.PortalSessions()) != 1 ||
+			double.PortalSessions()[0]["customer"] != kept || !strings.HasPrefix(res.header.Get("Location"), double.URL+"/pay/") {
+			t.Fatalf("Choose for a paying customer: %d %q, %d checkouts, portal %v", res.status, res.header.Get("Location"), len(double.CheckoutSessions()), double.PortalSessions())
+		}
+
+		// The kept subscription ends; a later checkout relinks, and
+		// nothing is canceled.
+		keptSub := map[string]string{"cus_A": "sub_A", "cus_B": "sub_B"}[kept]
+		double.SetSubscription(keptSub, kept, "canceled", stripereport.BaseLookupKey("pro"))
+		double.SetSubscription("sub_C", "cus_C", "active", stripereport.BaseLookupKey("pro"), stripereport.UsageLookupKey("pro"))
+		obj := fmt.Sprintf(`{"id":"cs_C","object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_C","subscription":"sub_C"}`, customer)
+		if r := sendStripeEvent(t, "whsec_test_secret", "evt_done_C", "checkout.session.completed", obj); r.status != http.StatusOK || len(double.Canceled()) != 1 {
+			t.Fatalf("completion after the subscription ended: %d %s, canceled %v", r.status, r.body, double.Canceled())
+		}
+		if c := admin(t, http.MethodGet, "/api_monetize/customers/"+customer, ""); !strings.Contains(c.body, `"stripe_customer_id":"cus_C"`) {
+			t.Fatalf("not relinked: %s", c.body)
+		}
+	})
 }

@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -11,8 +12,10 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/oauth2-proxy/mockoidc"
 
 	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
+	"github.com/apimonetize/caddy-api-monetize/notify/notifytest"
 )
 
 // envPortalScreenshots, set to 1, makes TestPortalBrowser write its
@@ -33,7 +36,8 @@ func chromiumPath() string {
 // TestPortalBrowser drives a real headless Chromium through the portal
 // served by Caddy: sign up by the emailed link, create a key, call the API
 // with it, see the usage, roll the key, compare the plans, invite a
-// teammate. It takes a
+// teammate, see the account's sessions, sign out, then sign in again by
+// clicking "Sign in with" a local OpenID provider (mockoidc). It takes a
 // screenshot of every page.
 func TestPortalBrowser(t *testing.T) {
 	chromium := chromiumPath()
@@ -49,7 +53,15 @@ func TestPortalBrowser(t *testing.T) {
 	}
 	double := stripedouble.New()
 	defer double.Close()
-	smtp := startPortalStripe(t, "store_path "+t.TempDir()+"/store.db", "open", portalStripeBlock(double.URL))
+	provider, err := mockoidc.Run()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = provider.Shutdown() })
+	oc := provider.Config()
+	smtp := notifytest.NewSMTPServer(t, notifytest.SMTPOptions{})
+	startPortalWith(t, portalConfigFull("store_path "+t.TempDir()+"/store.db", "open", smtp.Addr, portalStripeBlock(double.URL),
+		fmt.Sprintf("oidc %s %s %s", oc.Issuer, oc.ClientID, oc.ClientSecret)))
 
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(chromium), chromedp.NoSandbox, chromedp.DisableGPU,
@@ -177,4 +189,38 @@ func TestPortalBrowser(t *testing.T) {
 		shot("team"),
 	)
 	waitLink(t, smtp, "mate@example.com", 1)
+
+	do("team page: make the teammate the owner (asks first)",
+		chromedp.Click(chromedp.CSS(`form[action$="/team/transfer"] button`)),
+		chromedp.WaitVisible(chromedp.ID("confirm-transfer")),
+		shot("team-transfer"),
+	)
+
+	do("account page: sessions",
+		chromedp.Navigate(portalBase+"/account"),
+		chromedp.WaitVisible(chromedp.ID("sessions")),
+		shot("account"),
+	)
+	if agent := text("this session's browser", chromedp.Text(chromedp.CSS("#sessions tr.current td"))); !strings.HasPrefix(agent, "Headless Chrome on Linux") {
+		t.Fatalf("the sessions list shows this browser as %q", agent)
+	}
+
+	// Sign out, then sign in through the OpenID provider: the provider
+	// (mockoidc) answers the authorization request at once with the
+	// redirect back, which the browser follows to the portal's callback.
+	const ssoEmail = "sso@example.com"
+	provider.QueueUser(&mockoidc.MockUser{Subject: "sso-1", Email: ssoEmail, EmailVerified: true})
+	do("sign out, then sign in with the OpenID provider",
+		chromedp.Click(chromedp.CSS(`form.signout button`)),
+		chromedp.WaitVisible(chromedp.ID("oidc")),
+		chromedp.Click(chromedp.ID("oidc")),
+		chromedp.WaitVisible(chromedp.ID("create-key")),
+	)
+	if who := text("signed-in member", chromedp.Text(chromedp.CSS(".who"))); who != ssoEmail {
+		t.Fatalf("signed in through OpenID Connect as %q, want %s", who, ssoEmail)
+	}
+	loc := text("location", chromedp.Location())
+	if loc != portalBase+"/keys" {
+		t.Fatalf("after the OpenID sign-in the browser is at %s", loc)
+	}
 }

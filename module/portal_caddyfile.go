@@ -3,6 +3,7 @@ package module
 import (
 	"strings"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -39,6 +40,7 @@ func parsePortal(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		signup       open | invite | off  # default invite
 //		signup_tier  <tier>             # tier of open signups; default the first tier
 //		oidc <issuer> <client_id> <client_secret>  # also sign in with OpenID Connect
+//		session_idle_timeout <duration>  # default 1h; from 5m to 12h
 //		email {                         # default: the api_monetize notify email settings
 //			smtp     <host:port>
 //			from     <address>
@@ -109,8 +111,14 @@ func (p *PortalHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			p.Signup = v
 		case "signup_tier":
 			p.SignupTier = v
+		case "session_idle_timeout":
+			dur, err := caddy.ParseDuration(v)
+			if err != nil {
+				return d.Errf("api_monetize_portal: session_idle_timeout expects a duration such as 30m or 2h, got '%s'", v)
+			}
+			p.SessionIdleTimeout = caddy.Duration(dur)
 		default:
-			return d.Errf("api_monetize_portal: unrecognized option '%s'; expected base_url, product_name, logo_url, accent_color, docs_url, signup, signup_tier, email or oidc", opt)
+			return d.Errf("api_monetize_portal: unrecognized option '%s'; expected base_url, product_name, logo_url, accent_color, docs_url, signup, signup_tier, session_idle_timeout, email or oidc", opt)
 		}
 	}
 	if p.BaseURL == "" {

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -21,6 +22,7 @@ func TestParsePortal(t *testing.T) {
 		docs_url https://docs.example.com/openapi.json
 		signup open
 		signup_tier pro
+		session_idle_timeout 45m
 		oidc https://accounts.example.com portal-client {env.OIDC_SECRET}
 		email {
 			smtp smtp.example.com:587
@@ -36,8 +38,9 @@ func TestParsePortal(t *testing.T) {
 	want := &PortalHandler{
 		BaseURL: "https://portal.example.com", ProductName: "Acme API", LogoURL: "https://cdn.example.com/logo.svg",
 		AccentColor: "#0b6e4f", DocsURL: "https://docs.example.com/openapi.json", Signup: "open", SignupTier: "pro",
-		OIDC:  &PortalOIDC{Issuer: "https://accounts.example.com", ClientID: "portal-client", ClientSecret: "{env.OIDC_SECRET}"},
-		Email: &EmailConfig{SMTP: "smtp.example.com:587", From: "Acme <portal@example.com>", Username: "{env.SMTP_USER}", Password: "{env.SMTP_PASSWORD}"},
+		SessionIdleTimeout: caddy.Duration(45 * time.Minute),
+		OIDC:               &PortalOIDC{Issuer: "https://accounts.example.com", ClientID: "portal-client", ClientSecret: "{env.OIDC_SECRET}"},
+		Email:              &EmailConfig{SMTP: "smtp.example.com:587", From: "Acme <portal@example.com>", Username: "{env.SMTP_USER}", Password: "{env.SMTP_PASSWORD}"},
 	}
 	if g, w := mustJSON(t, got), mustJSON(t, want); g != w {
 		t.Errorf("got %s, want %s", g, w)
@@ -57,6 +60,7 @@ func TestParsePortalErrors(t *testing.T) {
 		{"twice", "api_monetize_portal {\n\tbase_url https://x\n\tbase_url https://y\n}", 3, "given twice (first at Testfile:2)"},
 		{"unquoted colour", "api_monetize_portal {\n\tbase_url https://x\n\taccent_color #0b6e4f\n}", 3, "quote it: an unquoted # starts a comment"},
 		{"oidc without secret", "api_monetize_portal {\n\tbase_url https://x\n\toidc https://id.example.com client\n}", 3, "oidc expects <issuer> <client_id> <client_secret>, got 2 values"},
+		{"bad idle timeout", "api_monetize_portal {\n\tbase_url https://x\n\tsession_idle_timeout soon\n}", 3, "session_idle_timeout expects a duration such as 30m or 2h, got 'soon'"},
 		{"email without from", "api_monetize_portal {\n\tbase_url https://x\n\temail {\n\t\tsmtp smtp.example.com:587\n\t}\n}", 3, "email: missing 'from <address>'"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -94,6 +98,8 @@ func TestPortalProvisionErrors(t *testing.T) {
 		{"http logo", "", "base_url https://p.example.com\nlogo_url http://cdn.example.com/l.png\n" + email, "logo_url: expected an https URL or an absolute path"},
 		{"http issuer", "", "base_url https://p.example.com\noidc http://id.example.com c s\n" + email, "oidc: the issuer must be https"},
 		{"script docs", "", "base_url https://p.example.com\ndocs_url javascript:alert(1)\n" + email, "docs_url: expected an http(s) URL"},
+		{"short idle timeout", "", "base_url https://p.example.com\nsession_idle_timeout 1m\n" + email, "session_idle_timeout: expected from 5m0s to 12h0m0s, got 1m0s"},
+		{"long idle timeout", "", "base_url https://p.example.com\nsession_idle_timeout 13h\n" + email, "session_idle_timeout: expected from 5m0s to 12h0m0s, got 13h0m0s"},
 		{"notify email is used", "notify {\n\t\t\temail {\n\t\t\t\tsmtp 127.0.0.1:2525\n\t\t\t\tfrom a@example.com\n\t\t\t}\n\t\t}", "base_url https://p.example.com", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -3,6 +3,7 @@ package module
 import (
 	"net/http"
 	"net/url"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -76,5 +77,99 @@ func TestPortalTeam(t *testing.T) {
 	}
 	if r := owner.do("/team/remove", url.Values{"csrf": {csrf(t, owner.do("/team", nil))}, "email": {"boss@rival.test"}}); r.status != http.StatusNotFound {
 		t.Fatalf("removing another customer's member: %d", r.status)
+	}
+}
+
+// TestPortalOwnershipTransfer: the owner makes a teammate the owner,
+// after a confirmation, with the CSRF token; the old owner becomes a
+// member (cannot invite, remove or transfer any more) and the new owner
+// can; the audit trail records it. A teammate cannot transfer; an owner
+// cannot transfer to another customer's member or owner (the same 404 as
+// an unknown address, nothing changes on either side), nor without the
+// token or from another origin.
+func TestPortalOwnershipTransfer(t *testing.T) {
+	smtp := startPortal(t, "store_path "+t.TempDir()+"/store.db", "invite")
+	owner := newBrowser(t)
+	owner.signIn(smtp, "owner@acme.test", 1)
+	owner.do("/team", url.Values{"csrf": {csrf(t, owner.do("/team", nil))}, "email": {"mate@example.com"}})
+	mate := newBrowser(t)
+	mate.signIn(smtp, "mate@example.com", 1)
+	rival := newBrowser(t)
+	rival.signIn(smtp, "boss@rival.test", 1)
+	rival.do("/team", url.Values{"csrf": {csrf(t, rival.do("/team", nil))}, "email": {"hand@rival.test"}})
+
+	role := func(b *browser, email string) string {
+		t.Helper()
+		page := b.do("/team", nil)
+		m := regexp.MustCompile(`<td>` + regexp.QuoteMeta(email) + `</td><td>(\w+)</td>`).FindStringSubmatch(page.body)
+		if m == nil {
+			t.Fatalf("%s not on the team page: %s", email, page.body)
+		}
+		return m[1]
+	}
+	token := csrf(t, owner.do("/team", nil))
+	// A teammate cannot transfer (not even to themself).
+	if r := mate.do("/team/transfer", url.Values{"csrf": {csrf(t, mate.do("/team", nil))}, "email": {"mate@example.com"}, "confirm": {"yes"}}); r.status != http.StatusForbidden {
+		t.Fatalf("a teammate transferring: %d", r.status)
+	}
+	// Other customers' members and owners, unknown addresses, the owner
+	// themself: the same 404.
+	for _, email := range []string{"boss@rival.test", "hand@rival.test", "nobody@example.com", "owner@acme.test", ""} {
+		r := owner.do("/team/transfer", url.Values{"csrf": {token}, "email": {email}, "confirm": {"yes"}})
+		if r.status != http.StatusNotFound || !strings.Contains(r.body, "There is no such teammate.") {
+			t.Fatalf("transfer to %q: %d %s", email, r.status, r.body)
+		}
+	}
+	if role(rival, "boss@rival.test") != "owner" || role(rival, "hand@rival.test") != "member" {
+		t.Fatal("a refused transfer changed the other customer")
+	}
+	// No CSRF token, a wrong one, another origin: refused.
+	cross := owner.tab()
+	cross.origin = "https://evil.example"
+	for name, r := range map[string]response{
+		"no token":     owner.do("/team/transfer", url.Values{"email": {"mate@example.com"}, "confirm": {"yes"}}),
+		"rival token":  owner.do("/team/transfer", url.Values{"csrf": {csrf(t, rival.do("/team", nil))}, "email": {"mate@example.com"}, "confirm": {"yes"}}),
+		"cross-origin": cross.do("/team/transfer", url.Values{"csrf": {token}, "email": {"mate@example.com"}, "confirm": {"yes"}}),
+	} {
+		if r.status != http.StatusForbidden {
+			t.Fatalf("%s: %d", name, r.status)
+		}
+	}
+	// Without confirm=yes, the owner is asked first; nothing changes.
+	r := owner.do("/team/transfer", url.Values{"csrf": {token}, "email": {"mate@example.com"}})
+	if r.status != http.StatusOK || !strings.Contains(r.body, `id="confirm-transfer"`) || !strings.Contains(r.body, `name="confirm" value="yes"`) {
+		t.Fatalf("transfer without confirmation: %d %s", r.status, r.body)
+	}
+	if role(owner, "mate@example.com") != "member" || role(owner, "owner@acme.test") != "owner" {
+		t.Fatal("the question changed the roles")
+	}
+	r = owner.do("/team/transfer", url.Values{"csrf": {token}, "email": {"mate@example.com"}, "confirm": {"yes"}})
+	if r.status != http.StatusOK || !strings.Contains(r.body, `id="transferred"`) {
+		t.Fatalf("confirmed transfer: %d %s", r.status, r.body)
+	}
+	if role(mate, "mate@example.com") != "owner" || role(mate, "owner@acme.test") != "member" {
+		t.Fatalf("roles after the transfer: %s", mate.do("/team", nil).body)
+	}
+	// The old owner is a member now, at once, on their existing session.
+	for path, form := range map[string]url.Values{
+		"/team":          {"csrf": {token}, "email": {"x@example.com"}},
+		"/team/remove":   {"csrf": {token}, "email": {"mate@example.com"}},
+		"/team/transfer": {"csrf": {token}, "email": {"mate@example.com"}, "confirm": {"yes"}},
+	} {
+		if r := owner.do(path, form); r.status != http.StatusForbidden {
+			t.Fatalf("the old owner POST %s: %d", path, r.status)
+		}
+	}
+	// The new owner can hand it back.
+	if r := mate.do("/team/transfer", url.Values{"csrf": {csrf(t, mate.do("/team", nil))}, "email": {"owner@acme.test"}, "confirm": {"yes"}}); r.status != http.StatusOK {
+		t.Fatalf("transfer back: %d", r.status)
+	}
+	audit := admin(t, http.MethodGet, "/api_monetize/audit?customer=acme", "")
+	if strings.Count(audit.body, `"action":"team.owner_transferred"`) != 2 ||
+		!strings.Contains(audit.body, `"detail":"owner@acme.test made mate@example.com the owner"`) || !strings.Contains(audit.body, `"actor":"portal"`) {
+		t.Fatalf("audit trail: %s", audit.body)
+	}
+	if a := admin(t, http.MethodGet, "/api_monetize/audit?customer=rival", ""); strings.Contains(a.body, "team.owner_transferred") {
+		t.Fatalf("a transfer recorded for the other customer: %s", a.body)
 	}
 }

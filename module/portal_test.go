@@ -130,6 +130,17 @@ func startPortalStripe(t *testing.T, storeLine, signup, stripeBlock string) *not
 	return smtp
 }
 
+// startPortalWith starts (or reloads) Caddy with a portal configuration.
+func startPortalWith(t *testing.T, config string) {
+	t.Helper()
+	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: testAdminPort})
+	tester.InitServer(config, "caddyfile")
+	if t.Failed() {
+		t.FailNow()
+	}
+	waitPortalTLS(t)
+}
+
 // waitPortalTLS waits until Caddy serves the portal's certificate (its
 // internal CA issues it in the background after a config load).
 func waitPortalTLS(t *testing.T) {
@@ -243,7 +254,7 @@ func (b *browser) requestLink(email string) response {
 }
 
 // linkPattern finds the sign-in link in an email's text.
-var linkPattern = regexp.MustCompile(`https://\S+/signin/confirm\?token=[A-Za-z0-9_-]+`)
+var linkPattern = regexp.MustCompile(`https?://\S+/signin/confirm\?token=[A-Za-z0-9_-]+`)
 
 // waitLink waits for the n-th sign-in email to to and returns its link.
 func waitLink(t *testing.T, smtp *notifytest.SMTPServer, to string, n int) string {

@@ -36,6 +36,10 @@ const (
 	recordKindStripeEvent = "stripe_event"
 	// recordKindPastDue holds a customer's failed payment, id = customer.
 	recordKindPastDue = "stripe_past_due"
+	// recordKindCheckoutLink holds, per customer, the Stripe customer the
+	// first completed portal checkout linked (written only if absent, so
+	// one of two racing completions wins).
+	recordKindCheckoutLink = "stripe_checkout_link"
 	// stripeEventTTL outlives Stripe's delivery retries (3 days).
 	stripeEventTTL = 30 * 24 * time.Hour
 )
@@ -182,7 +186,17 @@ func (w *StripeWebhook) apply(ctx context.Context, st store.Store, ev stripe.Eve
 // checkoutCompleted links the Stripe customer a portal checkout created
 // to the api_monetize customer named by client_reference_id, then applies
 // the subscription (whose own events may have arrived before the link).
-// A customer already linked to another Stripe customer is left alone.
+//
+// A customer pays through one subscription. When the checkout completes
+// for a customer already linked to another Stripe customer that has a
+// live subscription (two checkouts were open at once, and this is the
+// second to complete), the customer is not relinked: the new
+// subscription is canceled at once, so it bills nothing more, and the
+// audit trail records it (its first payment is for the operator to
+// refund). A customer whose linked Stripe customer has no live
+// subscription left (it canceled) is relinked to the new one. Two
+// completions racing (on any instances) are ordered by a link record
+// written only if absent: the first links, the second is the duplicate.
 func (w *StripeWebhook) checkoutCompleted(ctx context.Context, st store.Store, customer, stripeID, subscription string) error {
 	if customer == "" || stripeID == "" {
 		return nil
@@ -195,27 +209,84 @@ func (w *StripeWebhook) checkoutCompleted(ctx context.Context, st store.Store, c
 	if err != nil {
 		return err
 	}
-	switch c.StripeCustomerID {
-	case stripeID:
-	case "":
+	linked := c.StripeCustomerID
+	if linked == "" {
+		won, err := st.PutRecord(ctx, store.Record{Kind: recordKindCheckoutLink, ID: c.ID, Data: []byte(stripeID)}, true)
+		if err != nil {
+			return err
+		}
+		if !won {
+			rec, err := st.GetRecord(ctx, recordKindCheckoutLink, c.ID)
+			if err != nil {
+				return err
+			}
+			linked = string(rec.Data)
+		}
+	}
+	if linked != "" && linked != stripeID {
+		live, err := w.hasLiveSubscription(ctx, linked)
+		if err != nil {
+			return err
+		}
+		if live {
+			return w.cancelDuplicate(ctx, st, c, linked, stripeID, subscription)
+		}
+		w.logger.Info("checkout completed for a customer whose Stripe customer has no live subscription; relinking",
+			zap.String("customer", c.ID), zap.String("from", linked), zap.String("stripe_customer", stripeID))
+		if _, err := st.PutRecord(ctx, store.Record{Kind: recordKindCheckoutLink, ID: c.ID, Data: []byte(stripeID)}, false); err != nil {
+			return err
+		}
+	}
+	if c.StripeCustomerID != stripeID {
 		// UpsertConfigCustomer with the stored customer changes only its
 		// contact fields: here the Stripe id.
-		linked := c
-		linked.StripeCustomerID = stripeID
-		if _, err := st.UpsertConfigCustomer(ctx, linked); err != nil {
+		next := c
+		next.StripeCustomerID = stripeID
+		if _, err := st.UpsertConfigCustomer(ctx, next); err != nil {
 			return err
 		}
 		w.app.shared.registry.invalidate()
 		w.logger.Info("Stripe customer linked by checkout", zap.String("customer", c.ID), zap.String("stripe_customer", stripeID))
-	default:
-		w.logger.Warn("checkout completed for a customer linked to another Stripe customer; not relinked",
-			zap.String("customer", c.ID), zap.String("stripe_customer", stripeID))
-		return nil
 	}
 	if subscription == "" {
 		return nil
 	}
 	return w.syncSubscription(ctx, st, subscription)
+}
+
+// hasLiveSubscription reports whether a Stripe customer has a
+// subscription that is not canceled or expired.
+func (w *StripeWebhook) hasLiveSubscription(ctx context.Context, stripeID string) (bool, error) {
+	for sub, err := range w.client.V1Subscriptions.List(ctx, &stripe.SubscriptionListParams{Customer: stripe.String(stripeID)}).All(ctx) {
+		if err != nil {
+			return false, fmt.Errorf("listing the subscriptions of %s: %w", stripeID, err)
+		}
+		if sub.Status != stripe.SubscriptionStatusCanceled && sub.Status != stripe.SubscriptionStatusIncompleteExpired {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// cancelDuplicate cancels the subscription of a second completed checkout
+// and records it in the audit trail.
+func (w *StripeWebhook) cancelDuplicate(ctx context.Context, st store.Store, c store.Customer, kept, stripeID, subscription string) error {
+	if subscription != "" {
+		_, err := w.client.V1Subscriptions.Cancel(ctx, subscription, &stripe.SubscriptionCancelParams{})
+		var se *stripe.Error
+		if errors.As(err, &se) && se.HTTPStatusCode == http.StatusNotFound {
+			err = nil // already gone
+		}
+		if err != nil {
+			return fmt.Errorf("canceling duplicate subscription %s: %w", subscription, err)
+		}
+	}
+	w.logger.Warn("checkout completed for a customer that already pays; its subscription was canceled",
+		zap.String("customer", c.ID), zap.String("kept_stripe_customer", kept),
+		zap.String("stripe_customer", stripeID), zap.String("subscription", subscription))
+	w.app.audit(ctx, st, auditEntry{Actor: actorStripe, Action: auditDuplicateSubscription, Customer: c.ID,
+		Detail: fmt.Sprintf("subscription %s of Stripe customer %s canceled: the customer pays through %s; refund its first invoice in Stripe if it was paid", subscription, stripeID, kept)})
+	return nil
 }
 
 // customerByStripeID finds the customer with a Stripe id.

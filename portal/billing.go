@@ -14,16 +14,20 @@ const (
 	// recordKindPending holds, per customer, the plan a checkout was
 	// opened for, until it completes (the tier changes) or expires.
 	recordKindPending = "portal_pending"
-	// checkoutLifetime is how long an opened checkout is shown as pending;
-	// the Billing implementation makes its sessions expire as soon.
-	checkoutLifetime = time.Hour
 )
 
-// pending is a checkout opened from the plans page.
+// pending is the one checkout attempt a customer may have open: it is
+// claimed (written only if absent) before the payment provider is asked,
+// so concurrent attempts, from any instance, find it and reuse it.
 type pending struct {
 	Tier string `json:"tier"`
-	// Session is the checkout's id at the payment provider.
-	Session string    `json:"session"`
+	// Attempt is the random id of the attempt; the provider's idempotency
+	// key is derived from it.
+	Attempt string `json:"attempt"`
+	// Session and URL are the checkout's id and address at the payment
+	// provider, empty while it is being opened.
+	Session string    `json:"session,omitempty"`
+	URL     string    `json:"url,omitempty"`
 	Created time.Time `json:"created"`
 }
 
@@ -48,39 +52,106 @@ func ClearPendingCheckout(ctx context.Context, recs store.Records, customer, ses
 	return recs.DeleteRecord(ctx, recordKindPending, customer)
 }
 
-// pendingTier is the plan a checkout of the customer was opened for, ""
-// when none is pending.
-func (h *Handler) pendingTier(r *http.Request, customer string) (string, error) {
-	recs, err := h.be.Records(r.Context())
+// CheckoutLifetime is how long an opened checkout stays open: the Billing
+// implementation makes checkouts expire CheckoutLifetime after their
+// attempt began, and the portal shows it as pending as long.
+const CheckoutLifetime = time.Hour
+
+// openCheckout returns the customer's pending checkout, nil when none.
+func (h *Handler) openCheckout(ctx context.Context, customer string) (*pending, error) {
+	recs, err := h.be.Records(ctx)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
-	rec, err := recs.GetRecord(r.Context(), recordKindPending, customer)
+	rec, err := recs.GetRecord(ctx, recordKindPending, customer)
 	if errors.Is(err, store.ErrNotFound) {
-		return "", nil
+		return nil, nil
 	}
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	var p pending
-	_ = json.Unmarshal(rec.Data, &p)
-	return p.Tier, nil
+	if json.Unmarshal(rec.Data, &p) != nil || p.Tier == "" {
+		return nil, nil
+	}
+	return &p, nil
 }
 
-// checkout opens a checkout for a plan and sends the browser there.
+// attemptKey is the idempotency key of a checkout attempt.
+func attemptKey(customer, attempt string) string {
+	return "am_checkout_" + hashToken(customer + "\x00" + attempt)[:48]
+}
+
+// checkout opens a checkout for a plan and sends the browser there. A
+// customer has at most one open checkout: choosing the same plan again
+// (another window, a teammate, a double click) goes to the open one;
+// choosing another plan meanwhile is refused until it completes or
+// expires. A customer who already pays goes to the billing portal, where
+// plan changes keep the one subscription.
 func (h *Handler) checkout(w http.ResponseWriter, r *http.Request, s *session) {
 	tier := r.PathValue("tier")
-	id, u, err := h.cfg.Billing.Checkout(r.Context(), s.Customer, tier, h.base.String()+"/plans")
+	ctx := r.Context()
+	c, err := h.be.Customer(ctx, s.Customer)
 	if err != nil {
 		h.failErr(w, r, s, err)
 		return
 	}
-	recs, err := h.be.Records(r.Context())
-	if err == nil {
-		data, _ := json.Marshal(pending{Tier: tier, Session: id, Created: time.Now().UTC()})
-		_, err = recs.PutRecord(r.Context(), store.Record{Kind: recordKindPending, ID: s.Customer, Data: data, Expires: time.Now().Add(checkoutLifetime)}, false)
+	if c.StripeCustomerID != "" {
+		h.manageBilling(w, r, s)
+		return
 	}
+	recs, err := h.be.Records(ctx)
 	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	now := time.Now().UTC()
+	p := pending{Tier: tier, Attempt: randomToken(), Created: now}
+	data, _ := json.Marshal(p)
+	mine, err := recs.PutRecord(ctx, store.Record{Kind: recordKindPending, ID: s.Customer, Data: data, Expires: now.Add(CheckoutLifetime)}, true)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	if !mine {
+		open, err := h.openCheckout(ctx, s.Customer)
+		if err != nil {
+			h.failErr(w, r, s, err)
+			return
+		}
+		if open == nil {
+			// It completed or expired a moment ago.
+			h.fail(w, r, s, http.StatusConflict, "Your plan is changing. Please reload the plans page.")
+			return
+		}
+		if open.Tier != tier {
+			h.fail(w, r, s, http.StatusConflict, "A checkout for the "+open.Tier+" plan is already open. Finish it, or choose again after it expires at "+
+				open.Created.Add(CheckoutLifetime).Format("15:04 MST")+".")
+			return
+		}
+		if open.URL != "" {
+			http.Redirect(w, r, open.URL, http.StatusSeeOther)
+			return
+		}
+		// Being opened by another request at this moment: the same attempt
+		// gets the same checkout from the provider.
+		p = *open
+	}
+	id, u, err := h.cfg.Billing.Checkout(ctx, s.Customer, tier, h.base.String()+"/plans", CheckoutAttempt{Key: attemptKey(s.Customer, p.Attempt), Created: p.Created})
+	if err != nil {
+		if mine {
+			// Free the claim for a new attempt, unless a concurrent request
+			// of the same attempt opened the checkout meanwhile.
+			if open, _ := h.openCheckout(ctx, s.Customer); open != nil && open.Attempt == p.Attempt && open.URL == "" {
+				_ = recs.DeleteRecord(ctx, recordKindPending, s.Customer)
+			}
+		}
+		h.failErr(w, r, s, err)
+		return
+	}
+	p.Session, p.URL = id, u
+	data, _ = json.Marshal(p)
+	if _, err := recs.PutRecord(ctx, store.Record{Kind: recordKindPending, ID: s.Customer, Data: data, Expires: p.Created.Add(CheckoutLifetime)}, false); err != nil {
 		h.failErr(w, r, s, err)
 		return
 	}

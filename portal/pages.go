@@ -15,7 +15,7 @@ import (
 
 // pageNames are the pages, each templates/<name>.html on top of
 // templates/layout.html.
-var pageNames = []string{"error", "signin", "sent", "confirm", "keys", "key_shown", "usage", "plans", "team"}
+var pageNames = []string{"error", "signin", "sent", "confirm", "keys", "key_shown", "usage", "plans", "team", "account"}
 
 func (h *Handler) parseTemplates() error {
 	funcs := template.FuncMap{
@@ -181,13 +181,13 @@ func (h *Handler) plansPage(w http.ResponseWriter, r *http.Request, s *session) 
 	}
 	data := map[string]any{"Plans": h.be.Plans(), "Current": c.Tier, "Billing": h.cfg.Billing != nil, "Paying": c.StripeCustomerID != ""}
 	if h.cfg.Billing != nil {
-		p, err := h.pendingTier(r, s.Customer)
+		p, err := h.openCheckout(r.Context(), s.Customer)
 		if err != nil {
 			h.failErr(w, r, s, err)
 			return
 		}
-		if p != "" && p != c.Tier {
-			data["Pending"] = p
+		if p != nil && p.Tier != c.Tier {
+			data["Pending"], data["PendingURL"] = p.Tier, p.URL
 		}
 	}
 	h.render(w, r, http.StatusOK, "plans", s, data)

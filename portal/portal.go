@@ -75,19 +75,39 @@ type Config struct {
 	// Billing, when set, lets members buy a plan (Stripe Checkout) and
 	// manage their billing (Stripe Billing Portal).
 	Billing Billing
+	// SessionIdleTimeout ends a session unused for this long, from
+	// MinSessionIdle up to the absolute lifetime of 12 hours; zero means
+	// DefaultSessionIdle.
+	SessionIdleTimeout time.Duration
+	// Now is the time sessions are judged by; nil uses time.Now.
+	Now func() time.Time
 }
 
 // Billing opens the payment provider's hosted pages.
 type Billing interface {
 	// Checkout opens a checkout moving customerID to tier and returns its
-	// id and URL; the member comes back to returnURL. A plan that cannot
-	// be bought, or a customer who already pays and must use
-	// ManageBilling, is an InputError.
-	Checkout(ctx context.Context, customerID, tier, returnURL string) (id, url string, err error)
+	// id and URL; the member comes back to returnURL. Calls with the same
+	// attempt open the same checkout (the attempt is the payment
+	// provider's idempotency key), and the checkout expires
+	// CheckoutLifetime after attempt.Created. A plan that cannot be
+	// bought, or a customer who already pays and must use ManageBilling,
+	// is an InputError.
+	Checkout(ctx context.Context, customerID, tier, returnURL string, attempt CheckoutAttempt) (id, url string, err error)
 	// ManageBilling opens the customer's billing portal (payment method,
 	// invoices, plan changes, cancellation) and returns its URL; a
 	// customer without a billing account is an InputError.
 	ManageBilling(ctx context.Context, customerID, returnURL string) (string, error)
+}
+
+// CheckoutAttempt is one attempt of a customer to open a checkout. The
+// portal keeps at most one per customer, so that two windows (or two
+// teammates) choosing a plan at once open one checkout, not two.
+type CheckoutAttempt struct {
+	// Key identifies the attempt; it is safe to send to the payment
+	// provider as an idempotency key.
+	Key string
+	// Created is when the attempt began.
+	Created time.Time
 }
 
 // Backend is what the portal needs from the app. Every method that takes
@@ -120,6 +140,9 @@ type Backend interface {
 	Usage(ctx context.Context, customerID, month string) (Usage, error)
 	// Plans are the tiers, in the order they are offered.
 	Plans() []Plan
+	// OwnerTransferred records in the audit trail that from made to the
+	// owner of customerID (a failure is logged: the change is made).
+	OwnerTransferred(ctx context.Context, customerID, from, to, remote string)
 }
 
 // InputError is a mistake in what the member entered; its text is shown.
@@ -259,6 +282,15 @@ func New(cfg Config, be Backend, mail Mailer, log *zap.Logger) (*Handler, error)
 		}
 		oc = &oidcClient{cfg: *cfg.OIDC}
 	}
+	if cfg.SessionIdleTimeout == 0 {
+		cfg.SessionIdleTimeout = DefaultSessionIdle
+	}
+	if cfg.SessionIdleTimeout < MinSessionIdle || cfg.SessionIdleTimeout > sessionLifetime {
+		return nil, fmt.Errorf("session_idle_timeout: expected from %v to %v, got %v", MinSessionIdle, sessionLifetime, cfg.SessionIdleTimeout)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	if cfg.ClientIP == nil {
 		cfg.ClientIP = remoteHost
 	}
@@ -325,6 +357,10 @@ func (h *Handler) routes() *http.ServeMux {
 	mux.HandleFunc("GET /team", h.member(h.teamPage))
 	mux.HandleFunc("POST /team", h.member(h.invite))
 	mux.HandleFunc("POST /team/remove", h.member(h.removeMember))
+	mux.HandleFunc("POST /team/transfer", h.member(h.transferOwnership))
+	mux.HandleFunc("GET /account", h.member(h.accountPage))
+	mux.HandleFunc("POST /account/sessions/end-others", h.member(h.endOtherSessions))
+	mux.HandleFunc("POST /account/sessions/{id}/end", h.member(h.endOneSession))
 	if h.cfg.Billing != nil {
 		mux.HandleFunc("POST /plans/{tier}/checkout", h.member(h.checkout))
 		mux.HandleFunc("POST /billing", h.member(h.manageBilling))
@@ -334,6 +370,9 @@ func (h *Handler) routes() *http.ServeMux {
 	})
 	return mux
 }
+
+// now is the current time, as sessions are judged.
+func (h *Handler) now() time.Time { return h.cfg.Now() }
 
 // link returns the public path of a portal page.
 func (h *Handler) link(p string) string { return h.basePath + p }

@@ -130,3 +130,26 @@ func TestHourlyChart(t *testing.T) {
 		t.Errorf("a period 9 hours old has %d hourly bars, want 10", len(young.Bars))
 	}
 }
+
+func TestHumanDuration(t *testing.T) {
+	for d, want := range map[time.Duration]string{
+		time.Hour: "1 hour", 2 * time.Hour: "2 hours", 90 * time.Minute: "90 minutes", 5 * time.Minute: "5 minutes", time.Minute: "1 minute",
+	} {
+		if got := humanDuration(d); got != want {
+			t.Errorf("humanDuration(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
+
+func TestAgentSummary(t *testing.T) {
+	for ua, want := range map[string]string{
+		"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0":                                                                  "Firefox on Linux",
+		"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0 Safari/537.36 Edg/130.0":                   "Edge on Windows",
+		"Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1": "Safari on iOS",
+		"curl/8.5.0": "curl", "": "Unknown browser", "<script>": "Unknown browser",
+	} {
+		if got := agentSummary(ua); got != want {
+			t.Errorf("agentSummary(%q) = %q, want %q", ua, got, want)
+		}
+	}
+}

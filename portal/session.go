@@ -30,8 +30,21 @@ const (
 
 	// recordKindSession holds sessions by the SHA-256 of their id.
 	recordKindSession = "portal_session"
+	// recordKindSeen holds, by "<email>/<public id>", when each session of
+	// a member was last used (and from where): the member's sessions list,
+	// and the idle timeout (a session whose record is gone or too old has
+	// ended). It is a record of its own so that refreshing it never
+	// rewrites, and so never revives, a session ended meanwhile.
+	recordKindSeen = "portal_seen"
 	// sessionLifetime is a session's absolute lifetime.
 	sessionLifetime = 12 * time.Hour
+	// DefaultSessionIdle is the default idle timeout of a session.
+	DefaultSessionIdle = time.Hour
+	// MinSessionIdle is the shortest idle timeout allowed.
+	MinSessionIdle = 5 * time.Minute
+	// seenRefresh is how stale the last-seen time may get before a request
+	// writes it again (at most one write per session per refresh).
+	seenRefresh = time.Minute
 	// csrfField is the form field of the CSRF token.
 	csrfField = "csrf"
 )
@@ -46,9 +59,57 @@ type session struct {
 	// CSRF is the token every form of the session carries.
 	CSRF    string    `json:"csrf"`
 	Created time.Time `json:"created"`
+	// Public identifies the session on the member's sessions list (it is
+	// not the cookie, nor its hash).
+	Public string `json:"public"`
 
 	id   string // the record id (SHA-256 of the cookie value)
 	role string // the member's role, read with the session
+}
+
+// seen is when and from where a session was last used.
+type seen struct {
+	// Session is the session's record id.
+	Session string `json:"session"`
+	// Email is the member's address (the record id's prefix; checked, as
+	// an address may itself contain a "/").
+	Email    string    `json:"email"`
+	Created  time.Time `json:"created"`
+	LastSeen time.Time `json:"last_seen"`
+	// Remote is the client address; Agent a summary of the User-Agent
+	// ("Firefox on Linux").
+	Remote string `json:"remote"`
+	Agent  string `json:"agent"`
+}
+
+func seenID(email, public string) string { return email + "/" + public }
+
+// seenExpiry is when the store may drop a session's last-seen record: at
+// its idle timeout, or its absolute end if sooner.
+func (h *Handler) seenExpiry(v seen) time.Time {
+	end := v.LastSeen.Add(h.cfg.SessionIdleTimeout)
+	if abs := v.Created.Add(sessionLifetime); abs.Before(end) {
+		return abs
+	}
+	return end
+}
+
+// endSession deletes a session and its last-seen record.
+func endSession(ctx context.Context, recs store.Records, id string) error {
+	rec, err := recs.GetRecord(ctx, recordKindSession, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var s session
+	if json.Unmarshal(rec.Data, &s) == nil && s.Public != "" {
+		if err := recs.DeleteRecord(ctx, recordKindSeen, seenID(s.Email, s.Public)); err != nil {
+			return err
+		}
+	}
+	return recs.DeleteRecord(ctx, recordKindSession, id)
 }
 
 // randomToken returns 32 random bytes, base64url.
@@ -109,14 +170,43 @@ func (h *Handler) currentSession(r *http.Request) (*session, error) {
 	if err := json.Unmarshal(rec.Data, &s); err != nil || s.Customer == "" {
 		return nil, nil
 	}
+	now := h.now()
+	// A session of an older version (without a public id, so without a
+	// last-seen record) ends, as does one past its absolute lifetime.
+	if s.Public == "" || now.Sub(s.Created) >= sessionLifetime {
+		_ = recs.DeleteRecord(r.Context(), recordKindSession, id)
+		return nil, nil
+	}
 	// A member removed from the customer (or moved) loses the session.
 	m, err := readMember(r.Context(), recs, s.Email)
 	if errors.Is(err, store.ErrNotFound) || (err == nil && m.Customer != s.Customer) {
-		_ = recs.DeleteRecord(r.Context(), recordKindSession, id)
+		_ = endSession(r.Context(), recs, id)
 		return nil, nil
 	}
 	if err != nil {
 		return nil, err
+	}
+	// Idle: the last-seen record is gone (the store dropped it, or the
+	// session was ended) or older than the idle timeout.
+	sid := seenID(s.Email, s.Public)
+	srec, err := recs.GetRecord(r.Context(), recordKindSeen, sid)
+	var v seen
+	if err == nil && (json.Unmarshal(srec.Data, &v) != nil || v.Session != id || v.Email != s.Email) {
+		err = store.ErrNotFound
+	}
+	if errors.Is(err, store.ErrNotFound) || (err == nil && now.Sub(v.LastSeen) >= h.cfg.SessionIdleTimeout) {
+		_ = endSession(r.Context(), recs, id)
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if now.Sub(v.LastSeen) >= seenRefresh {
+		v.LastSeen, v.Remote, v.Agent = now.UTC(), h.cfg.ClientIP(r), agentSummary(r.UserAgent())
+		data, _ := json.Marshal(v)
+		if _, err := recs.PutRecord(r.Context(), store.Record{Kind: recordKindSeen, ID: sid, Data: data, Expires: h.seenExpiry(v)}, false); err != nil {
+			return nil, err
+		}
 	}
 	s.id, s.role = id, m.Role
 	return &s, nil
@@ -131,12 +221,18 @@ func (h *Handler) startSession(ctx context.Context, w http.ResponseWriter, r *ht
 		return err
 	}
 	if c, err := r.Cookie(h.sessionCookieName()); err == nil {
-		_ = recs.DeleteRecord(ctx, recordKindSession, hashToken(c.Value))
+		_ = endSession(ctx, recs, hashToken(c.Value))
 	}
 	token := randomToken()
-	now := time.Now().UTC()
-	data, _ := json.Marshal(session{Customer: customer, Email: email, CSRF: randomToken(), Created: now})
-	if _, err := recs.PutRecord(ctx, store.Record{Kind: recordKindSession, ID: hashToken(token), Data: data, Expires: now.Add(sessionLifetime)}, false); err != nil {
+	now := h.now().UTC()
+	s := session{Customer: customer, Email: email, CSRF: randomToken(), Created: now, Public: randomToken()[:22]}
+	v := seen{Session: hashToken(token), Email: email, Created: now, LastSeen: now, Remote: h.cfg.ClientIP(r), Agent: agentSummary(r.UserAgent())}
+	seenData, _ := json.Marshal(v)
+	if _, err := recs.PutRecord(ctx, store.Record{Kind: recordKindSeen, ID: seenID(email, s.Public), Data: seenData, Expires: h.seenExpiry(v)}, false); err != nil {
+		return err
+	}
+	data, _ := json.Marshal(s)
+	if _, err := recs.PutRecord(ctx, store.Record{Kind: recordKindSession, ID: v.Session, Data: data, Expires: now.Add(sessionLifetime)}, false); err != nil {
 		return err
 	}
 	http.SetCookie(w, h.cookie(h.sessionCookieName(), token, int(sessionLifetime/time.Second)))
@@ -194,7 +290,7 @@ func tokensEqual(a, b string) bool {
 
 func (h *Handler) signout(w http.ResponseWriter, r *http.Request, s *session) {
 	if recs, err := h.be.Records(r.Context()); err == nil {
-		_ = recs.DeleteRecord(r.Context(), recordKindSession, s.id)
+		_ = endSession(r.Context(), recs, s.id)
 	}
 	http.SetCookie(w, h.cookie(h.sessionCookieName(), "", -1))
 	http.Redirect(w, r, h.link("/signin"), http.StatusSeeOther)

@@ -151,3 +151,81 @@ func (h *Handler) removeMember(w http.ResponseWriter, r *http.Request, s *sessio
 	}
 	http.Redirect(w, r, h.link("/team"), http.StatusSeeOther)
 }
+
+// recordKindTransfer is a short lock per customer held while ownership
+// changes hands, so two transfers at once cannot make two owners.
+const recordKindTransfer = "portal_transfer"
+
+// transferOwnership makes a teammate the owner; the owner becomes a
+// member. The first POST (from the team page) asks for confirmation; the
+// change is made only by the confirmation's POST (confirm=yes). An
+// address that is not a member of the owner's customer gets the same 404
+// as an unknown one.
+func (h *Handler) transferOwnership(w http.ResponseWriter, r *http.Request, s *session) {
+	if s.role != roleOwner {
+		h.fail(w, r, s, http.StatusForbidden, "Only the account's owner can transfer ownership.")
+		return
+	}
+	email := normalizeEmail(r.PostFormValue("email"))
+	ctx := r.Context()
+	recs, err := h.be.Records(ctx)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	m, err := readMember(ctx, recs, email)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && (m.Customer != s.Customer || m.Role == roleOwner)) || email == "" {
+		h.fail(w, r, s, http.StatusNotFound, "There is no such teammate.")
+		return
+	}
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	if r.PostFormValue("confirm") != "yes" {
+		h.showTeam(w, r, s, http.StatusOK, map[string]any{"ConfirmTransfer": email})
+		return
+	}
+	lock, _ := json.Marshal(map[string]string{"by": s.Email})
+	ok, err := recs.PutRecord(ctx, store.Record{Kind: recordKindTransfer, ID: s.Customer, Data: lock, Expires: time.Now().Add(30 * time.Second)}, true)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	if !ok {
+		h.fail(w, r, s, http.StatusConflict, "Ownership is changing hands at this moment. Please reload the team page.")
+		return
+	}
+	defer func() { _ = recs.DeleteRecord(ctx, recordKindTransfer, s.Customer) }()
+	// Under the lock, both must still be what they were.
+	me, err := readMember(ctx, recs, s.Email)
+	if err == nil && (me.Customer != s.Customer || me.Role != roleOwner) {
+		h.fail(w, r, s, http.StatusForbidden, "Only the account's owner can transfer ownership.")
+		return
+	}
+	if err == nil {
+		m, err = readMember(ctx, recs, email)
+	}
+	if errors.Is(err, store.ErrNotFound) || (err == nil && (m.Customer != s.Customer || m.Role == roleOwner)) {
+		h.fail(w, r, s, http.StatusNotFound, "There is no such teammate.")
+		return
+	}
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	m.Role, me.Role = roleOwner, roleMember
+	for _, change := range []struct {
+		email string
+		rec   memberRecord
+	}{{email, m}, {s.Email, me}} {
+		data, _ := json.Marshal(change.rec)
+		if _, err := recs.PutRecord(ctx, store.Record{Kind: recordKindMember, ID: change.email, Data: data}, false); err != nil {
+			h.failErr(w, r, s, err)
+			return
+		}
+	}
+	h.be.OwnerTransferred(ctx, s.Customer, s.Email, email, h.cfg.ClientIP(r))
+	s.role = roleMember
+	h.showTeam(w, r, s, http.StatusOK, map[string]any{"Transferred": email})
+}

@@ -10,6 +10,7 @@ package stripedouble
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"sort"
@@ -68,6 +69,18 @@ type Double struct {
 	// sessions are the Checkout and Billing Portal sessions created, as
 	// their form parameters, in order.
 	checkouts, portals []map[string]string
+	// idempotent holds, by Idempotency-Key, the parameters and the answer
+	// of the session request first made with it.
+	idempotent map[string]idempotentAnswer
+	// canceled are the subscriptions canceled through the API, in order.
+	canceled []string
+}
+
+// idempotentAnswer is what Stripe remembers of a request made with an
+// Idempotency-Key.
+type idempotentAnswer struct {
+	params map[string]string
+	answer map[string]any
 }
 
 // New starts a double; stop it with Close.
@@ -76,7 +89,7 @@ func New() *Double {
 		idents: make(map[string]bool), requests: make(map[string]int),
 		products: make(map[string]map[string]any), prices: make(map[string]map[string]any),
 		meters: make(map[string]map[string]any), subs: make(map[string]map[string]any),
-		creates: make(map[string]int),
+		creates: make(map[string]int), idempotent: make(map[string]idempotentAnswer),
 	}
 	d.Server = httptest.NewServer(http.HandlerFunc(d.serve))
 	return d
@@ -156,17 +169,74 @@ func (d *Double) PortalSessions() []map[string]string {
 	return append([]map[string]string(nil), d.portals...)
 }
 
+// Canceled returns the ids of the subscriptions canceled through the
+// API, in order.
+func (d *Double) Canceled() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]string(nil), d.canceled...)
+}
+
 // session records a Checkout or Billing Portal session and answers with
-// its id and a URL on the double.
+// its id and a URL on the double. Like Stripe, a request repeating an
+// Idempotency-Key gets the first answer again (and creates nothing), or
+// 400 idempotency_error when its parameters differ.
 func (d *Double) session(w http.ResponseWriter, r *http.Request, object string, list *[]map[string]string) {
 	f := form(r)
+	key := r.Header.Get("Idempotency-Key")
 	d.mu.Lock()
+	defer d.mu.Unlock()
+	if prev, ok := d.idempotent[object+" "+key]; ok && key != "" {
+		if !maps.Equal(prev.params, f) {
+			writeError(w, http.StatusBadRequest, "idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with.")
+			return
+		}
+		writeJSON(w, prev.answer)
+		return
+	}
 	d.seq++
 	id := fmt.Sprintf("cs_%d", d.seq)
 	*list = append(*list, f)
-	d.mu.Unlock()
-	writeJSON(w, map[string]any{"id": id, "object": object, "url": d.URL + "/pay/" + id,
-		"client_reference_id": orNull(f["client_reference_id"]), "customer": orNull(f["customer"]), "mode": orNull(f["mode"])})
+	answer := map[string]any{"id": id, "object": object, "url": d.URL + "/pay/" + id,
+		"client_reference_id": orNull(f["client_reference_id"]), "customer": orNull(f["customer"]), "mode": orNull(f["mode"])}
+	if key != "" {
+		d.idempotent[object+" "+key] = idempotentAnswer{params: f, answer: answer}
+	}
+	writeJSON(w, answer)
+}
+
+// listSubscriptions lists the subscriptions of the customer parameter
+// that are not canceled (Stripe's default status filter).
+func (d *Double) listSubscriptions(w http.ResponseWriter, r *http.Request) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	ids := make([]string, 0, len(d.subs))
+	for id := range d.subs {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	data := []any{}
+	for _, id := range ids {
+		s := d.subs[id]
+		if c := r.Form.Get("customer"); (c == "" || s["customer"] == c) && s["status"] != "canceled" {
+			data = append(data, s)
+		}
+	}
+	writeJSON(w, map[string]any{"object": "list", "url": "/v1/subscriptions", "has_more": false, "data": data})
+}
+
+// cancelSubscription cancels a subscription at once.
+func (d *Double) cancelSubscription(w http.ResponseWriter, id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s, ok := d.subs[id]
+	if !ok {
+		writeErrorCode(w, http.StatusNotFound, "invalid_request_error", "resource_missing", "No such subscription: '"+id+"'")
+		return
+	}
+	s["status"] = "canceled"
+	d.canceled = append(d.canceled, id)
+	writeJSON(w, s)
 }
 
 func (d *Double) serve(w http.ResponseWriter, r *http.Request) {
@@ -193,6 +263,10 @@ func (d *Double) serve(w http.ResponseWriter, r *http.Request) {
 		d.meterEvent(w, r)
 	case route == "GET /v1/subscriptions/{id}":
 		d.get(w, d.subs, strings.TrimPrefix(path, "/v1/subscriptions/"))
+	case route == "GET /v1/subscriptions":
+		d.listSubscriptions(w, r)
+	case route == "DELETE /v1/subscriptions/{id}":
+		d.cancelSubscription(w, strings.TrimPrefix(path, "/v1/subscriptions/"))
 	case route == "GET /v1/products/{id}":
 		d.get(w, d.products, strings.TrimPrefix(path, "/v1/products/"))
 	case route == "GET /v1/products":

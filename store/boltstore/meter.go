@@ -551,7 +551,8 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 	if len(r.Meters) == 0 {
 		adm = r.Admit(used)
 	} else {
-		meterUsed = make([]int64, len(r.Meters))
+		var buf [store.MaxMeters]int64 // CheckMeters bounds the count
+		meterUsed = buf[:len(r.Meters)]
 		res.Meters = make([]store.MeterReserved, len(r.Meters))
 		for i, mr := range r.Meters {
 			if ms := p.meter(mr.Meter); ms != nil {
@@ -618,6 +619,9 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 	if q.Mode != store.QuotaMeter {
 		d.overage = metering.Overage(used, r.Cost, q.Included)
 		d.crossed = newCrossings(p, used, used+r.Cost, q, us)
+	}
+	if len(r.Meters) > 0 {
+		d.meters = make([]meterDelta, 0, len(r.Meters))
 	}
 	for i, mr := range r.Meters {
 		if mr.Amount == 0 {

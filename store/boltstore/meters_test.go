@@ -4,6 +4,7 @@ import (
 	"compress/gzip"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/metering"
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
@@ -296,4 +298,36 @@ func gunzipFile(t *testing.T, src, dst string) {
 	if err := os.WriteFile(dst, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// BenchmarkReserveMeters is BenchmarkReserve with two meters besides the
+// default one, each with a known amount, a bill quota and thresholds (so
+// each is counted and logged); compare with -bench 'Reserve$|ReserveMeters'.
+func BenchmarkReserveMeters(b *testing.B) {
+	s := openTemp(b, filepath.Join(b.TempDir(), "store.db"))
+	q := thisMonth()
+	q.Included = 1 << 40
+	p := limiter.Policy{Limit: 1 << 40, Period: time.Second}
+	ms := []store.MeterReservation{
+		{Meter: "tokens", Amount: 100, Mode: store.QuotaBill, Included: 1 << 40, Thresholds: []int{80, 100}},
+		{Meter: "upload", Amount: 2000, Mode: store.QuotaBill, Included: 1 << 45, Thresholds: []int{80}},
+	}
+	subjects := make([]string, 1024)
+	for i := range subjects {
+		subjects[i] = fmt.Sprintf("customer-%d", i)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		ctx := context.Background()
+		i := 0
+		for pb.Next() {
+			out, err := s.Reserve(ctx, store.Reservation{Subject: subjects[i%len(subjects)], Rate: p, Cost: 1, Quota: q, Meters: ms})
+			if err != nil || !out.Allowed {
+				b.Errorf("Reserve: %+v, %v", out, err)
+				return
+			}
+			i++
+		}
+	})
 }

@@ -35,16 +35,10 @@ import (
 //     Store.indexOutbox); a write that failed is repaired by a SCAN of every
 //     master's outboxes (at most hourly, and at once after a failure seen by
 //     this process).
-//   - The catalogue (customers, keys and their indexes) is hash-tagged
-//     {catalogue}: its transactions run on one node. It is not on the
-//     request path (instances cache keys), but it is not partitioned.
-//   - A record kind's keys are hash-tagged by the kind (see records.go).
-//   - The key secret, the seed marker (see seed.go) and key uses are in
-//     the catalogue's slot too: the seed marker vouches for what is on
-//     that node. Leases and the instances set are single keys, each on the
-//     master owning its slot.
-//   - Changes are announced on the classic Pub/Sub channel, which a
-//     cluster forwards to every node.
+//   - The catalogue (customers, keys and their indexes, key uses, the key
+//     secret), the records, the leases, the seed marker and the instances
+//     set are spread over 64 buckets (see buckets.go).
+//   - Changes are announced after they are written (see publish).
 //
 // The key prefix must not contain '{' or '}', which would change the hash
 // tags.
@@ -75,14 +69,6 @@ const (
 	outboxReconcileTimeout = 30 * time.Second
 )
 
-// catalogueTag starts the catalogue's key names after the prefix.
-func (s *Store) catalogueTag() string {
-	if s.cluster == nil {
-		return ""
-	}
-	return "{catalogue}:"
-}
-
 // clusterState is a cluster Store's routing of metering scripts: one shard
 // (batcher and breaker) per master address.
 type clusterState struct {
@@ -107,6 +93,9 @@ type clusterState struct {
 	reconcileDue atomic.Bool
 	// reconciledAt is when the outbox index was last reconciled (Unix ns).
 	reconciledAt atomic.Int64
+	// classic is set once the cluster refused sharded Pub/Sub (Redis
+	// before 7): changes then go over classic Pub/Sub.
+	classic atomic.Bool
 }
 
 // shard is one master's metering script client.
@@ -146,6 +135,11 @@ func newCluster(o Options) (*Store, error) {
 	co.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
 	if o.dial != nil {
 		co.Dialer = o.dial
+	}
+	co.NewClient = func(opt *redis.Options) *redis.Client {
+		c := redis.NewClient(opt)
+		c.AddHook(attemptHook{})
+		return c
 	}
 	client := redis.NewClusterClient(co)
 	life, end := context.WithCancel(context.Background())
@@ -461,4 +455,18 @@ func escapeGlob(s string) string {
 		b.WriteRune(r)
 	}
 	return b.String()
+}
+
+// publish announces a change on channel: with SPUBLISH, on the shard that
+// owns the channel's slot (see Store.WatchChanges), or with PUBLISH on a
+// cluster without sharded Pub/Sub (Redis 6).
+func (c *clusterState) publish(ctx context.Context, channel, what string) error {
+	if !c.classic.Load() {
+		err := c.client.SPublish(ctx, channel, what).Err()
+		if !unknownCommand(err) {
+			return err
+		}
+		c.classic.Store(true)
+	}
+	return c.client.Publish(ctx, channel, what).Err()
 }

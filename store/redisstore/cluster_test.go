@@ -174,8 +174,9 @@ func TestClusterOutboxReconcile(t *testing.T) {
 }
 
 // TestClusterLayout pins the cluster key layout: a customer's metering keys
-// on its own slot, the catalogue on one slot, and nothing written under the
-// single-node outbox index.
+// on its own slot; the catalogue, records, leases, the seed marker and the
+// instances set in buckets (see buckets.go); and nothing written under the
+// single-node keys.
 func TestClusterLayout(t *testing.T) {
 	c := rediscluster.Start(t, 3, 0)
 	prefix := clusterPrefix()
@@ -192,6 +193,21 @@ func TestClusterLayout(t *testing.T) {
 	if _, err := s.Reserve(t.Context(), store.Reservation{Subject: "acme", Cost: 1, Quota: blockQuota(1)}); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := s.PutKey(t.Context(), store.Key{ID: "k1", Hash: "h1", CustomerID: "acme"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.TouchKeys(t.Context(), map[string]time.Time{"k1": time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutRecord(t.Context(), store.Record{Kind: "sent", ID: "acme|2026-12", Data: []byte("x")}, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.TryLease(t.Context(), "report", "me", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Heartbeat(t.Context(), "inst1", time.Minute); err != nil {
+		t.Fatal(err)
+	}
 	raw := c.Client()
 	var keys []string
 	var mu sync.Mutex
@@ -205,12 +221,20 @@ func TestClusterLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{
-		prefix + "{catalogue}:cust:acme", prefix + "{catalogue}:customers",
-		prefix + "{catalogue}:secret", prefix + "{catalogue}:seeded",
+	b := func(x string) string { return prefix + bucketTag(bucketOf(x)) }
+	want := []string{
+		b("acme") + "cust:acme", b("acme") + "customers", b("acme") + "custkeys:acme",
+		b("h1") + "key:h1", b("k1") + "keyid:k1", b("k1") + "keyused",
+		prefix + bucketTag(0) + "secret",
+		b("acme") + "rec:sent:acme|2026-12", b("acme") + "recidx:sent",
+		b("report") + "lease:report", b("inst1") + "instances",
 		prefix + "{acme}:u:" + blockQuota(1).PeriodID, prefix + "{acme}:outbox",
 		prefix + "{ob:" + fmt.Sprint(outboxBucket("acme")) + "}:outbox:subjects",
-	} {
+	}
+	for n := range buckets {
+		want = append(want, prefix+bucketTag(n)+"seeded")
+	}
+	for _, want := range want {
 		found := false
 		for _, k := range keys {
 			found = found || k == want
@@ -220,9 +244,21 @@ func TestClusterLayout(t *testing.T) {
 		}
 	}
 	for _, k := range keys {
-		if k == prefix+outboxSubjectsKeyName {
-			t.Errorf("the single-node outbox index %s was written in a cluster", k)
+		if !strings.HasPrefix(k, prefix+"{") {
+			t.Errorf("the key %s, without a hash tag, was written in a cluster", k)
 		}
+	}
+	// The buckets spread over every master.
+	masters := map[*rediscluster.Node]bool{}
+	for n := range buckets {
+		m, err := c.MasterFor(t.Context(), prefix+bucketTag(n)+"x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		masters[m] = true
+	}
+	if len(masters) != 3 {
+		t.Errorf("the %d buckets are on %d masters, want 3", buckets, len(masters))
 	}
 }
 
@@ -474,45 +510,61 @@ func TestClusterResharding(t *testing.T) {
 	}
 }
 
-// TestClusterSeedMarkerWithCatalogue: the node that loses the catalogue
-// (customers, keys, key secret) loses the seed marker with it, so the
-// instances notice and store them again (module/reseed.go).
+// TestClusterSeedMarkerWithCatalogue: a master that loses its data (and
+// with it its buckets' customers and keys) loses the seed marker with it,
+// so the instances notice and store them again (module/reseed.go). The
+// master here is not bucket 0's, whose copy survives: the claim after the
+// loss still installs a new token, so that every instance that adopted the
+// old one sees the loss (a claim restoring the old token would let an
+// instance confirm a key lookup that missed during the loss).
 func TestClusterSeedMarkerWithCatalogue(t *testing.T) {
 	c := rediscluster.Start(t, 3, 0)
-	// A prefix under which an untagged marker would be on another node.
-	var prefix string
-	for {
-		prefix = clusterPrefix()
-		a, err1 := c.MasterFor(t.Context(), prefix+"seeded")
-		b, err2 := c.MasterFor(t.Context(), prefix+"{catalogue}:x")
-		if err1 != nil || err2 != nil {
-			t.Fatal(err1, err2)
-		}
-		if a != b {
-			break
-		}
-	}
+	prefix := clusterPrefix()
 	s := openCluster(t, c, prefix)
-	if err := s.CreateCustomer(t.Context(), store.Customer{ID: "acme", Tier: "pro"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.ClaimSeedMarker(t.Context(), "token"); err != nil {
-		t.Fatal(err)
-	}
-	node, err := c.MasterFor(t.Context(), s.custKey("acme"))
+	ctx := t.Context()
+	first, err := c.MasterFor(ctx, s.seedKey(0))
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl := redis.NewClient(&redis.Options{Addr: node.Addr()})
-	defer cl.Close()
-	if err := cl.FlushAll(t.Context()).Err(); err != nil { // a private cluster
+	// A customer on another master than bucket 0's.
+	var id string
+	var node *rediscluster.Node
+	for i := 0; node == nil; i++ {
+		id = fmt.Sprint("acme-", i)
+		m, err := c.MasterFor(ctx, s.custKey(id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m != first {
+			node = m
+		}
+	}
+	if err := s.CreateCustomer(ctx, store.Customer{ID: id, Tier: "pro"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.GetCustomer(t.Context(), "acme"); !errors.Is(err, store.ErrNotFound) {
-		t.Fatalf("after the catalogue's node lost its data, GetCustomer: %v, want not found", err)
+	if got, err := s.ClaimSeedMarker(ctx, "token"); err != nil || got != "token" {
+		t.Fatalf("ClaimSeedMarker = %q, %v", got, err)
 	}
-	if got, err := s.SeedMarker(t.Context()); err != nil || got != "" {
-		t.Fatalf("after the catalogue's node lost its data, the seed marker is %q (%v), want gone", got, err)
+	if got, err := s.ClaimSeedMarker(ctx, "other"); err != nil || got != "token" {
+		t.Fatalf("a second ClaimSeedMarker = %q, %v; want the first claim's token", got, err)
+	}
+	cl := redis.NewClient(&redis.Options{Addr: node.Addr()})
+	defer cl.Close()
+	if err := cl.FlushAll(ctx).Err(); err != nil { // a private cluster
+		t.Fatal(err)
+	}
+	if _, err := s.GetCustomer(ctx, id); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("after the customer's master lost its data, GetCustomer: %v, want not found", err)
+	}
+	if got, err := s.SeedMarker(ctx); err != nil || got != "" {
+		t.Fatalf("after a master lost its data, the seed marker is %q (%v), want gone", got, err)
+	}
+	got, err := s.ClaimSeedMarker(ctx, "token2")
+	if err != nil || got != "token2" {
+		t.Fatalf("the claim after the loss = %q, %v; want the new token", got, err)
+	}
+	if now, err := s.SeedMarker(ctx); err != nil || now != "token2" {
+		t.Fatalf("after the new claim, the seed marker is %q (%v)", now, err)
 	}
 }
 
@@ -630,6 +682,35 @@ func TestClusterWaitReplicas(t *testing.T) {
 			t.Logf("with WAIT 1: %d of %d behind, all in the %d pipelines counted as unreplicated", behind, n, s.Unreplicated())
 		} else {
 			t.Logf("without WAIT: the replica lacked %d of %d answered reservations when read right after", behind, n)
+		}
+	}
+}
+
+// TestClusterDeadMasterCatalogueUnavailable: a catalogue read whose master
+// is dead (killed, no replica to take over) fails as unavailable, so the
+// tier's on_store_error applies; it is not "busy" (local saturation), and
+// it fails within OpTimeout.
+func TestClusterDeadMasterCatalogueUnavailable(t *testing.T) {
+	c := rediscluster.Start(t, 3, 0)
+	prefix := clusterPrefix()
+	const opTimeout = 200 * time.Millisecond
+	s := openStore(t, Options{URL: c.URL(), Cluster: true, KeyPrefix: prefix, OpTimeout: opTimeout})
+	if err := s.CreateCustomer(t.Context(), store.Customer{ID: "acme", Tier: "pro"}); err != nil {
+		t.Fatal(err)
+	}
+	node, err := c.MasterFor(t.Context(), s.custKey("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node.Kill()
+	for i := range 3 {
+		began := time.Now()
+		_, err := s.GetCustomer(t.Context(), "acme")
+		if !errors.Is(err, store.ErrUnavailable) || errors.Is(err, store.ErrBusy) {
+			t.Fatalf("read %d of a customer on a dead master: %v, want unavailable (not busy)", i, err)
+		}
+		if took := time.Since(began); took > opTimeout+200*time.Millisecond {
+			t.Errorf("read %d took %v, OpTimeout is %v", i, took, opTimeout)
 		}
 	}
 }

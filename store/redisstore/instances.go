@@ -3,6 +3,7 @@ package redisstore
 import (
 	"context"
 	"errors"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -21,7 +22,9 @@ redis.call('PEXPIRE', KEYS[1], 2 * ttl)
 return redis.call('ZCARD', KEYS[1])
 `)
 
-func (s *Store) instancesKey() string { return s.prefix + "instances" }
+// instancesKey is bucket b's set of live instances (the one set on a
+// single Redis).
+func (s *Store) instancesKey(b int) string { return s.prefix + s.tagAt(b) + "instances" }
 
 // Heartbeat records instance as live for ttl and returns how many
 // instances sharing this Redis (and key prefix) are live, instance
@@ -33,9 +36,29 @@ func (s *Store) Heartbeat(ctx context.Context, instance string, ttl time.Duratio
 	}
 	var n int
 	err := s.call(ctx, func(ctx context.Context) error {
-		v, err := heartbeatScript.Run(ctx, s.client, []string{s.instancesKey()}, instance, ttl.Milliseconds()).Int()
-		n = v
-		return err
+		v, err := heartbeatScript.Run(ctx, s.client, []string{s.instancesKey(bucketOf(instance))}, instance, ttl.Milliseconds()).Int()
+		if s.cluster == nil || err != nil {
+			n = v
+			return err
+		}
+		// In a cluster: count the live members of every bucket (their
+		// scores are their masters' clocks; this process's stands in).
+		live := strconv.FormatInt(time.Now().UnixMilli(), 10)
+		cmds := make([]*redis.IntCmd, buckets)
+		if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for b := range cmds {
+				cmds[b] = p.ZCount(ctx, s.instancesKey(b), "("+live, "+inf")
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		n = 0
+		for _, c := range cmds {
+			n += int(c.Val())
+		}
+		n = max(n, 1) // this instance, whatever the clocks say
+		return nil
 	})
 	return n, err
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strconv"
 	"time"
 
@@ -12,10 +13,11 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
-// keyUsedKey is the hash of key id -> last use (Unix microseconds). It is
+// keyUsedKey is the hash of key id -> last use (Unix microseconds) that
+// holds id (one hash on a single Redis, one per bucket in a cluster). It is
 // kept apart from the key records so that recording uses changes no key
 // and publishes nothing.
-func (s *Store) keyUsedKey() string { return s.prefix + s.catalogueTag() + "keyused" }
+func (s *Store) keyUsedKey(id string) string { return s.prefix + s.tagOf(id) + "keyused" }
 
 // hashOfID returns the hash of the key with this id.
 func (s *Store) hashOfID(ctx context.Context, keyID string) (string, error) {
@@ -27,7 +29,8 @@ func (s *Store) hashOfID(ctx context.Context, keyID string) (string, error) {
 }
 
 // modifyKey runs change on the key with this id under WATCH and, when it
-// reports a change, stores the key and announces it. It returns the key.
+// reports a change, stores the key and announces it (in a cluster it
+// announces it even when nothing changed, see below). It returns the key.
 func (s *Store) modifyKey(ctx context.Context, keyID string, change func(k *store.Key) bool) (store.Key, error) {
 	var k store.Key
 	err := s.call(ctx, func(ctx context.Context) error {
@@ -36,7 +39,9 @@ func (s *Store) modifyKey(ctx context.Context, keyID string, change func(k *stor
 			return err
 		}
 		key := s.keyKey(hash)
-		return s.watchRetry(ctx, func(tx *redis.Tx) error {
+		changed := false
+		err = s.watchRetry(ctx, func(tx *redis.Tx) error {
+			changed = false
 			data, err := tx.Get(ctx, key).Bytes()
 			if errors.Is(err, redis.Nil) {
 				return notFound("key", keyID)
@@ -56,11 +61,18 @@ func (s *Store) modifyKey(ctx context.Context, keyID string, change func(k *stor
 			}
 			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
 				p.Set(ctx, key, data, 0)
-				p.Publish(ctx, s.changesChannel(), "key")
+				s.publishIn(ctx, p, "key")
 				return nil
 			})
+			changed = err == nil
 			return err
 		}, key)
+		if err != nil || (!changed && s.cluster == nil) {
+			return err
+		}
+		// In a cluster the announcement follows the write and can fail
+		// alone: a retry that finds the change made announces it again.
+		return s.publishAfter(ctx, "key")
 	})
 	if err != nil {
 		return store.Key{}, err
@@ -116,21 +128,40 @@ func (s *Store) fillLastUsed(ctx context.Context, keys []store.Key) error {
 	if len(keys) == 0 {
 		return nil
 	}
-	ids := make([]string, len(keys))
+	// The keys' indexes by the hash holding their uses (one on a single
+	// Redis, a bucket's in a cluster).
+	groups := map[string][]int{}
+	var order []string
 	for i, k := range keys {
-		ids[i] = k.ID
+		h := s.keyUsedKey(k.ID)
+		if _, ok := groups[h]; !ok {
+			order = append(order, h)
+		}
+		groups[h] = append(groups[h], i)
 	}
-	vals, err := s.client.HMGet(ctx, s.keyUsedKey(), ids...).Result()
+	cmds := make([]*redis.SliceCmd, len(order))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for g, h := range order {
+			ids := make([]string, len(groups[h]))
+			for j, i := range groups[h] {
+				ids[j] = keys[i].ID
+			}
+			cmds[g] = p.HMGet(ctx, h, ids...)
+		}
+		return nil
+	})
 	if err != nil {
 		return err
 	}
-	for i, v := range vals {
-		str, ok := v.(string)
-		if !ok {
-			continue
-		}
-		if us, err := strconv.ParseInt(str, 10, 64); err == nil {
-			keys[i].LastUsedAt = time.UnixMicro(us).UTC()
+	for g, h := range order {
+		for j, v := range cmds[g].Val() {
+			str, ok := v.(string)
+			if !ok {
+				continue
+			}
+			if us, err := strconv.ParseInt(str, 10, 64); err == nil {
+				keys[groups[h][j]].LastUsedAt = time.UnixMicro(us).UTC()
+			}
 		}
 	}
 	return nil
@@ -159,20 +190,114 @@ func (s *Store) TouchKeys(ctx context.Context, uses map[string]time.Time) error 
 		return nil
 	}
 	return s.call(ctx, func(ctx context.Context) error {
+		// Per hash of uses (one on a single Redis, a bucket's in a cluster).
+		args := map[string][]any{}
 		_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-			args := make([]any, 0, 2*min(len(uses), touchBatch))
 			for id, at := range uses {
-				args = append(args, id, at.UnixMicro())
-				if len(args) == 2*touchBatch {
-					touchScript.Eval(ctx, p, []string{s.keyUsedKey()}, args...)
-					args = args[:0:0]
+				h := s.keyUsedKey(id)
+				a := append(args[h], id, at.UnixMicro())
+				if len(a) == 2*touchBatch {
+					touchScript.Eval(ctx, p, []string{h}, a...)
+					a = nil
 				}
+				args[h] = a
 			}
-			if len(args) > 0 {
-				touchScript.Eval(ctx, p, []string{s.keyUsedKey()}, args...)
+			for h, a := range args {
+				if len(a) > 0 {
+					touchScript.Eval(ctx, p, []string{h}, a...)
+				}
 			}
 			return nil
 		})
 		return err
 	})
+}
+
+// claimKeyIDScript points the key id KEYS[1] at the key hash ARGV[1]
+// unless it points at another hash, and returns the hash it points at.
+var claimKeyIDScript = redis.NewScript(`
+local h = redis.call('GET', KEYS[1])
+if h and h ~= ARGV[1] then return h end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+`)
+
+// releaseKeyIDScript deletes the key id KEYS[1] if it points at the key
+// hash ARGV[1].
+var releaseKeyIDScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+`)
+
+// putKeyCluster is PutKey in a cluster, where the key, its id and its
+// customers' indexes are in different slots. Its steps are each
+// idempotent (a PutKey failed half-way is completed by the same PutKey
+// again) and ordered for readers:
+//
+//  1. the id is claimed for the hash (refused when it names another key);
+//  2. the key is written under WATCH (merged with the stored one);
+//  3. its old id (when it changed) is released, it leaves its old
+//     customer's index (ListKeys skips a key that names another customer
+//     meanwhile) and joins its customer's index;
+//  4. the change is announced.
+func (s *Store) putKeyCluster(ctx context.Context, in store.Key) (store.Key, error) {
+	var k store.Key
+	keyKey := s.keyKey(in.Hash)
+	err := s.call(ctx, func(ctx context.Context) error {
+		h, err := claimKeyIDScript.Run(ctx, s.client, []string{s.keyIDKey(in.ID)}, in.Hash).Text()
+		if err != nil {
+			return err
+		}
+		if h != in.Hash {
+			return permanent{fmt.Errorf("redisstore: key id %q already belongs to another key", in.ID)}
+		}
+		var old *store.Key
+		err = s.watchRetry(ctx, func(tx *redis.Tx) error {
+			k, old = in, nil
+			switch data, err := tx.Get(ctx, keyKey).Bytes(); {
+			case err == nil:
+				old = new(store.Key)
+				if err := decode("key", in.Hash, data, old); err != nil {
+					return err
+				}
+				k = k.MergeStored(*old)
+			case errors.Is(err, redis.Nil):
+				if k.CreatedAt.IsZero() {
+					k.CreatedAt = now()
+				}
+			default:
+				return err
+			}
+			data, err := json.Marshal(k)
+			if err != nil {
+				return permanent{err}
+			}
+			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Set(ctx, keyKey, data, 0)
+				return nil
+			})
+			return err
+		}, keyKey)
+		if err != nil {
+			return err
+		}
+		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			if old != nil && old.ID != k.ID {
+				releaseKeyIDScript.Eval(ctx, p, []string{s.keyIDKey(old.ID)}, k.Hash)
+			}
+			if old != nil && old.CustomerID != k.CustomerID {
+				p.ZRem(ctx, s.custKeysKey(old.CustomerID), k.Hash)
+			}
+			p.ZAdd(ctx, s.custKeysKey(k.CustomerID), redis.Z{Score: float64(k.CreatedAt.UnixMicro()), Member: k.Hash})
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		return s.publishAfter(ctx, "key")
+	})
+	if err != nil {
+		return store.Key{}, err
+	}
+	return k, nil
 }

@@ -34,6 +34,12 @@ import (
 //	                             crossed     ",80,100,": thresholds crossed
 //	                             h:<hour>    billed, overage, requests of one
 //	                                         hour with usage
+//	                             c:<m>, crossed:<m>, h:<hour>:<m>
+//	                                         the same for meter <m> other
+//	                                         than the default one
+//	                                         (store.MeterReservation):
+//	                                         billed, overage, requests
+//	                                         (no rate state)
 //	                             w:<origin>  replay window of an origin: the
 //	                                         highest seq, then its state,
 //	                                         store.SeqWindow digits, the i-th
@@ -55,7 +61,8 @@ import (
 //	                           "1", which no fingerprint matches); PX the
 //	                           reservation's idempotency window
 //	P{<s>}:outbox              list of threshold events, oldest first:
-//	                           "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>";
+//	                           "<period>|<threshold>|<used>|<included>|<at µs>|<expires s>",
+//	                           preceded by "@<m>|" for meter <m>;
 //	                           expired entries are popped from its head when
 //	                           one is added; expires with its newest entry
 //	Poutbox:subjects           sorted set of subjects with outbox entries,
@@ -116,7 +123,10 @@ const maxMeterNumbers = 13
 // (h:<hour id>), 5 thresholds ("80,100,120"), 6 subject, 7 the replay
 // window's field (w:<origin>), 8 the crossed field once every threshold is
 // crossed in order (",80,100,120,"), 9 the idempotency fingerprint (only
-// with an idempotency key).
+// with an idempotency key). A call with other meters (see newMeterCall)
+// always sends 9 (empty without a key), then 10 their numbers, six packed
+// int64s each, and three arguments each from 11 on: the meter's name, its
+// thresholds and its crossed field once every threshold is crossed.
 // Numbers travel packed because tonumber (strtod) is among the costliest
 // things a script does. The replay window's size is written into the
 // source.
@@ -340,7 +350,14 @@ func meterScript(body string) *luaScript {
 //
 // It returns {flags, remaining, retry_after_us, reset_after_us, used,
 // overage, now_us, crossed...}, flags holding one bit each (see
-// reserveFlags).
+// reserveFlags). With other meters (their numbers: amount, included,
+// mode, the throttle's interval and burst, level) it returns {flags,
+// remaining, retry_after_us, reset_after_us, used, overage, now_us, the
+// index (1-based) of the meter whose block quota denied or 0, the count of
+// the default meter's crossed thresholds, them, and per meter: used,
+// overage, throttled (0/1), the count of its crossed thresholds, them}
+// (see Store.reservedMeters); flagCrossed is then set when any threshold
+// was crossed.
 var reserveScript = meterScript(`
 local cost, interval, burst, tInterval, tBurst = sunpack('<i8i8i8i8i8', ARGV[2], 49)
 
@@ -538,7 +555,8 @@ return reply(1, throttled, 0, used + cost, over, 0, got, applied, ok, avail, ret
 `)
 
 // settleScript is one settlement (see Store.Settle). Its own numbers:
-// reserved, the reservation's overage, actual. It returns 1 when
+// reserved, the reservation's overage, actual; each other meter's:
+// reserved, the reservation's overage, actual, included, mode, level. It returns 1 when
 // applied, 2 when applied and a threshold was crossed, 0 when a replay was
 // skipped.
 var settleScript = meterScript(`

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -32,28 +33,28 @@ import (
 // whose hash is gone) and by every PutRecord (up to recordPruneBatch
 // members of Precexp that have expired), so kinds that are only written and
 // read by id stay bounded too. The scripts touch record hashes they compute
-// from the prefix: in a Redis Cluster, a kind's keys share its hash tag.
+// from the prefix: in a Redis Cluster, the keys of a bucket's records of a
+// kind share the bucket's hash tag (see buckets.go).
 
 // recordPruneBatch bounds the expired records one PutRecord removes.
 const recordPruneBatch = 64
 
 var _ store.Records = (*Store)(nil)
 
-// In a Redis Cluster a kind's keys are hash-tagged by the kind (Prec:{<kind>}:<id>,
-// Precidx:{<kind>}, Precexp:{<kind>}), so its scripts stay on one node.
-func (s *Store) recPrefix(kind string) string  { return s.prefix + "rec:" + s.kindTag(kind) + ":" }
-func (s *Store) recIdxKey(kind string) string  { return s.prefix + "recidx:" + s.kindTag(kind) }
-func (s *Store) recExpKey(kind string) string  { return s.prefix + "recexp:" + s.kindTag(kind) }
-func (s *Store) leaseKey(name string) string   { return s.prefix + "lease:" + name }
-func (s *Store) recKey(kind, id string) string { return s.recPrefix(kind) + id }
-
-// kindTag is kind, hash-tagged in a cluster.
-func (s *Store) kindTag(kind string) string {
-	if s.cluster == nil {
-		return kind
-	}
-	return "{" + kind + "}"
+// In a Redis Cluster a record is in the bucket of its id's group (see
+// buckets.go), with that bucket's indexes of its kind
+// (P{b:NN}:rec:<kind>:<id>, P{b:NN}:recidx:<kind>, P{b:NN}:recexp:<kind>),
+// so its scripts stay on one node. On a single Redis b is ignored.
+func (s *Store) recPrefix(kind string, b int) string {
+	return s.prefix + s.tagAt(b) + "rec:" + kind + ":"
 }
+func (s *Store) recIdxKey(kind string, b int) string { return s.prefix + s.tagAt(b) + "recidx:" + kind }
+func (s *Store) recExpKey(kind string, b int) string { return s.prefix + s.tagAt(b) + "recexp:" + kind }
+func (s *Store) leaseKey(name string) string         { return s.prefix + s.tagOf(name) + "lease:" + name }
+func (s *Store) recKey(kind, id string) string       { return s.recPrefix(kind, recBucket(id)) + id }
+
+// recBucket is the bucket of the record with this id.
+func recBucket(id string) int { return bucketOf(recordGroup(id)) }
 
 // checkKind rejects kinds whose keys could collide with another kind's.
 func checkKind(kind string) error {
@@ -136,9 +137,10 @@ func (s *Store) PutRecord(ctx context.Context, r store.Record, onlyIfAbsent bool
 	}
 	var stored bool
 	err := s.call(ctx, func(ctx context.Context) error {
+		b := recBucket(r.ID)
 		n, err := putRecordScript.Run(ctx, s.client,
-			[]string{s.recKey(r.Kind, r.ID), s.recIdxKey(r.Kind), s.recExpKey(r.Kind)},
-			r.ID, r.Data, x, nowUS, only, px, s.recPrefix(r.Kind)).Int()
+			[]string{s.recKey(r.Kind, r.ID), s.recIdxKey(r.Kind, b), s.recExpKey(r.Kind, b)},
+			r.ID, r.Data, x, nowUS, only, px, s.recPrefix(r.Kind, b)).Int()
 		stored = n == 1
 		return err
 	})
@@ -214,10 +216,16 @@ func (s *Store) ListRecords(ctx context.Context, kind, prefix string) ([]store.R
 	list := []store.Record{}
 	err := s.call(ctx, func(ctx context.Context) error {
 		list = list[:0]
-		ids, err := s.client.ZRangeByLex(ctx, s.recIdxKey(kind), lexRange(prefix)).Result()
-		if err != nil || len(ids) == 0 {
+		bs := s.recordBuckets(prefix)
+		per, err := s.zrangeBuckets(ctx, bs, func(b int) string { return s.recIdxKey(kind, b) }, lexRange(prefix))
+		if err != nil {
 			return err
 		}
+		ids := slices.Concat(per...)
+		if len(ids) == 0 {
+			return nil
+		}
+		slices.Sort(ids) // the buckets' ids, merged (as one index orders them)
 		cmds := make([]*redis.SliceCmd, len(ids))
 		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for i, id := range ids {
@@ -229,14 +237,15 @@ func (s *Store) ListRecords(ctx context.Context, kind, prefix string) ([]store.R
 			return err
 		}
 		nowUS := time.Now().UnixMicro()
-		var gone []any
+		gone := map[int][]any{} // by bucket
 		for i, cmd := range cmds {
 			fields, err := cmd.Result()
 			if err != nil {
 				return err
 			}
 			if fields[0] == nil {
-				gone = append(gone, ids[i])
+				b := recBucket(ids[i])
+				gone[b] = append(gone[b], ids[i])
 				continue
 			}
 			r, ok, err := decodeRecord(kind, ids[i], fields, nowUS)
@@ -247,11 +256,14 @@ func (s *Store) ListRecords(ctx context.Context, kind, prefix string) ([]store.R
 				list = append(list, r)
 			}
 		}
-		if len(gone) == 0 {
-			return nil
+		for b, ids := range gone {
+			err := pruneIndexScript.Run(ctx, s.client, []string{s.recIdxKey(kind, b), s.recExpKey(kind, b)},
+				append([]any{s.recPrefix(kind, b)}, ids...)...).Err()
+			if err != nil {
+				return err
+			}
 		}
-		return pruneIndexScript.Run(ctx, s.client, []string{s.recIdxKey(kind), s.recExpKey(kind)},
-			append([]any{s.recPrefix(kind)}, gone...)...).Err()
+		return nil
 	})
 	if err != nil {
 		return nil, err
@@ -284,10 +296,11 @@ func (s *Store) DeleteRecord(ctx context.Context, kind, id string) error {
 		return err
 	}
 	return s.call(ctx, func(ctx context.Context) error {
+		b := recBucket(id)
 		_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			p.Del(ctx, s.recKey(kind, id))
-			p.ZRem(ctx, s.recIdxKey(kind), id)
-			p.ZRem(ctx, s.recExpKey(kind), id)
+			p.ZRem(ctx, s.recIdxKey(kind, b), id)
+			p.ZRem(ctx, s.recExpKey(kind, b), id)
 			return nil
 		})
 		return err

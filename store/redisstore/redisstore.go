@@ -269,19 +269,54 @@ func (s *Store) Close() error {
 	return s.closeErr
 }
 
-// The catalogue's keys: in a cluster (catalogueTag) they share one hash
-// slot, so its transactions stay on one node.
-func (s *Store) secretKey() string        { return s.prefix + s.catalogueTag() + "secret" }
-func (s *Store) custKey(id string) string { return s.prefix + s.catalogueTag() + "cust:" + id }
-func (s *Store) customersKey() string     { return s.prefix + s.catalogueTag() + "customers" }
+// The catalogue's keys: in a cluster they are spread over buckets (see
+// buckets.go); on a single Redis the tags are empty.
+func (s *Store) secretKey() string        { return s.prefix + s.tagAt(0) + "secret" }
+func (s *Store) custKey(id string) string { return s.prefix + s.tagOf(id) + "cust:" + id }
+
+// customersKey is bucket b's customer index (the one index on a single
+// Redis); customersKeyOf is the one listing customer id.
+func (s *Store) customersKey(b int) string       { return s.prefix + s.tagAt(b) + "customers" }
+func (s *Store) customersKeyOf(id string) string { return s.customersKey(bucketOf(id)) }
 func (s *Store) keyKey(hash string) string {
-	return s.prefix + s.catalogueTag() + "key:" + hash
+	return s.prefix + s.tagOf(hash) + "key:" + hash
 }
-func (s *Store) keyIDKey(id string) string { return s.prefix + s.catalogueTag() + "keyid:" + id }
+func (s *Store) keyIDKey(id string) string { return s.prefix + s.tagOf(id) + "keyid:" + id }
 func (s *Store) custKeysKey(id string) string {
-	return s.prefix + s.catalogueTag() + "custkeys:{" + id + "}"
+	if s.cluster == nil {
+		return s.prefix + "custkeys:{" + id + "}"
+	}
+	return s.prefix + s.tagOf(id) + "custkeys:" + id
 }
 func (s *Store) changesChannel() string { return s.prefix + "changes" }
+
+// publishIn announces a change of kind what inside a transaction or
+// script's pipeline on a single Redis, atomically with the change. In a
+// cluster it does nothing: the change is announced by publishAfter once
+// written (the channel is not in the change's slot).
+func (s *Store) publishIn(ctx context.Context, p redis.Pipeliner, what string) {
+	if s.cluster == nil {
+		p.Publish(ctx, s.changesChannel(), what)
+	}
+}
+
+// publishAfter announces a change of kind what that was just written, in a
+// cluster (on a single Redis, publishIn did).
+func (s *Store) publishAfter(ctx context.Context, what string) error {
+	if s.cluster == nil {
+		return nil
+	}
+	return s.cluster.publish(ctx, s.changesChannel(), what)
+}
+
+// scriptChannel is the channel a script announces its change on: none in a
+// cluster (publishAfter does).
+func (s *Store) scriptChannel() string {
+	if s.cluster != nil {
+		return ""
+	}
+	return s.changesChannel()
+}
 
 // permanent marks errors raised by the store's own checks (a missing
 // record, a conflicting id, a corrupt value). They say nothing about
@@ -313,9 +348,13 @@ func (s *Store) call(ctx context.Context, op func(ctx context.Context) error) er
 		return err
 	}
 	octx, cancel := context.WithTimeout(ctx, s.opTimeout)
+	var tried *attempts
+	if s.cluster != nil {
+		octx, tried = withAttempts(octx)
+	}
 	err = op(octx)
 	cancel()
-	return s.finish(ctx, probe, err)
+	return s.finish(ctx, probe, afterFailedAttempts(err, tried))
 }
 
 // finish reports a call's outcome to the breaker and returns its error:
@@ -436,11 +475,12 @@ func (s *Store) KeySecret(ctx context.Context, candidate []byte) ([]byte, error)
 }
 
 // createCustomerScript stores a customer unless its id exists, indexes it
-// and announces the change. KEYS: customer, index. ARGV: JSON, id, channel.
+// and announces the change. KEYS: customer, index. ARGV: JSON, id, channel
+// ("": none).
 var createCustomerScript = redis.NewScript(`
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
 redis.call('ZADD', KEYS[2], 0, ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'customer')
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], 'customer') end
 return 1
 `)
 
@@ -458,11 +498,14 @@ func (s *Store) CreateCustomer(ctx context.Context, c store.Customer) error {
 	}
 	return s.call(ctx, func(ctx context.Context) error {
 		created, err := createCustomerScript.Run(ctx, s.client,
-			[]string{s.custKey(c.ID), s.customersKey()}, data, c.ID, s.changesChannel()).Int()
+			[]string{s.custKey(c.ID), s.customersKeyOf(c.ID)}, data, c.ID, s.scriptChannel()).Int()
 		if err == nil && created == 0 {
 			err = permanent{fmt.Errorf("redisstore: customer %q already exists", c.ID)}
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return s.publishAfter(ctx, "customer")
 	})
 }
 
@@ -475,7 +518,9 @@ func (s *Store) UpsertConfigCustomer(ctx context.Context, c store.Customer) (sto
 	key := s.custKey(c.ID)
 	var result store.Customer
 	err := s.call(ctx, func(ctx context.Context) error {
-		return s.watchRetry(ctx, func(tx *redis.Tx) error {
+		changed := false
+		err := s.watchRetry(ctx, func(tx *redis.Tx) error {
+			changed = false
 			old, err := tx.Get(ctx, key).Bytes()
 			if errors.Is(err, redis.Nil) {
 				result = c
@@ -488,10 +533,11 @@ func (s *Store) UpsertConfigCustomer(ctx context.Context, c store.Customer) (sto
 				}
 				_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
 					p.Set(ctx, key, data, 0)
-					p.ZAdd(ctx, s.customersKey(), redis.Z{Member: c.ID})
-					p.Publish(ctx, s.changesChannel(), "customer")
+					p.ZAdd(ctx, s.customersKeyOf(c.ID), redis.Z{Member: c.ID})
+					s.publishIn(ctx, p, "customer")
 					return nil
 				})
+				changed = err == nil
 				return err
 			}
 			if err != nil {
@@ -512,11 +558,16 @@ func (s *Store) UpsertConfigCustomer(ctx context.Context, c store.Customer) (sto
 			}
 			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
 				p.Set(ctx, key, data, 0)
-				p.Publish(ctx, s.changesChannel(), "customer")
+				s.publishIn(ctx, p, "customer")
 				return nil
 			})
+			changed = err == nil
 			return err
 		}, key)
+		if err != nil || !changed {
+			return err
+		}
+		return s.publishAfter(ctx, "customer")
 	})
 	if err != nil {
 		return store.Customer{}, err
@@ -552,10 +603,12 @@ func (s *Store) getJSON(ctx context.Context, key, what, id string, v any) error 
 func (s *Store) ListCustomers(ctx context.Context) ([]store.Customer, error) {
 	var list []store.Customer
 	err := s.call(ctx, func(ctx context.Context) error {
-		ids, err := s.client.ZRange(ctx, s.customersKey(), 0, -1).Result()
+		per, err := s.zrangeBuckets(ctx, s.bucketList(), s.customersKey, nil)
 		if err != nil {
 			return err
 		}
+		ids := slices.Concat(per...)
+		slices.Sort(ids) // the buckets' ids, merged (as one index orders them)
 		values, err := s.getAll(ctx, ids, s.custKey)
 		if err != nil {
 			return err
@@ -614,7 +667,7 @@ func (s *Store) SetTier(ctx context.Context, id, tier string) (store.Customer, e
 	key := s.custKey(id)
 	var c store.Customer
 	err := s.call(ctx, func(ctx context.Context) error {
-		return s.watchRetry(ctx, func(tx *redis.Tx) error {
+		err := s.watchRetry(ctx, func(tx *redis.Tx) error {
 			old, err := tx.Get(ctx, key).Bytes()
 			if errors.Is(err, redis.Nil) {
 				return notFound("customer", id)
@@ -633,11 +686,15 @@ func (s *Store) SetTier(ctx context.Context, id, tier string) (store.Customer, e
 			}
 			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
 				p.Set(ctx, key, data, 0)
-				p.Publish(ctx, s.changesChannel(), "customer")
+				s.publishIn(ctx, p, "customer")
 				return nil
 			})
 			return err
 		}, key)
+		if err != nil {
+			return err
+		}
+		return s.publishAfter(ctx, "customer")
 	})
 	if err != nil {
 		return store.Customer{}, err
@@ -649,6 +706,9 @@ func (s *Store) SetTier(ctx context.Context, id, tier string) (store.Customer, e
 func (s *Store) PutKey(ctx context.Context, k store.Key) (store.Key, error) {
 	if k.ID == "" || k.Hash == "" || k.CustomerID == "" {
 		return store.Key{}, errors.New("redisstore: key needs an id, a hash and a customer id")
+	}
+	if s.cluster != nil {
+		return s.putKeyCluster(ctx, k)
 	}
 	in := k
 	keyKey, idKey := s.keyKey(k.Hash), s.keyIDKey(k.ID)
@@ -741,6 +801,9 @@ func (s *Store) ListKeys(ctx context.Context, customerID string) ([]store.Key, e
 			var k store.Key
 			if err := decode("key", hashes[i], data, &k); err != nil {
 				return err
+			}
+			if k.CustomerID != customerID {
+				continue // moved to another customer, its index not yet updated (cluster)
 			}
 			list = append(list, k)
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -62,14 +63,41 @@ func (s *Store) WatchChanges(ctx context.Context, onChange, onResync func()) err
 
 // watchOnce subscribes and delivers changes until the subscription fails or
 // ctx is done. It reports whether the subscription was established.
+//
+// In a cluster the subscription is sharded (SSUBSCRIBE, Redis 7+): it is
+// held by the master owning the channel's slot, and only that shard
+// carries the change messages. When that master fails, or the slot moves
+// (Redis then ends the subscription with SUNSUBSCRIBE), the subscription
+// ends: the cluster map is reloaded and the next attempt subscribes on the
+// slot's new master, then resyncs. A cluster without sharded Pub/Sub
+// (Redis 6) is watched over classic Pub/Sub, which it forwards to every
+// node.
 func (s *Store) watchOnce(ctx context.Context, onChange, onResync func()) (subscribed bool) {
-	ps := s.client.Subscribe(ctx)
+	sharded := s.cluster != nil && !s.cluster.classic.Load()
+	var ps *redis.PubSub
+	if sharded {
+		ps = s.cluster.client.SSubscribe(ctx)
+	} else {
+		ps = s.client.Subscribe(ctx)
+	}
 	defer ps.Close()
 	// Reading does not watch ctx; closing the subscription interrupts it.
 	stop := context.AfterFunc(ctx, func() { _ = ps.Close() })
 	defer stop()
+	if s.cluster != nil {
+		// Whatever ends this subscription (its master failed, its slot
+		// moved), the next one asks the map anew.
+		defer func() {
+			if ctx.Err() == nil {
+				s.cluster.client.ReloadState(ctx)
+			}
+		}()
+	}
 
-	if err := s.subscribe(ctx, ps); err != nil {
+	if err := s.subscribe(ctx, ps, sharded); err != nil {
+		if sharded && unknownCommand(err) {
+			s.cluster.classic.Store(true)
+		}
 		return false
 	}
 	onResync()
@@ -88,26 +116,45 @@ func (s *Store) watchOnce(ctx context.Context, onChange, onResync func()) (subsc
 			continue
 		}
 		pinged = false
-		if _, ok := msg.(*redis.Message); ok {
+		switch m := msg.(type) {
+		case *redis.Message:
 			onChange()
+		case *redis.Subscription:
+			if m.Kind == "sunsubscribe" || m.Kind == "unsubscribe" {
+				return true // the slot moved: subscribe again
+			}
 		}
 	}
 }
 
-// subscribe subscribes ps to the change channel and waits for Redis to
-// confirm.
-func (s *Store) subscribe(ctx context.Context, ps *redis.PubSub) error {
+// subscribe subscribes ps to the change channel (sharded: with
+// SSUBSCRIBE) and waits for Redis to confirm.
+func (s *Store) subscribe(ctx context.Context, ps *redis.PubSub, sharded bool) error {
 	sctx, cancel := context.WithTimeout(ctx, watchSubscribeTimeout)
 	defer cancel()
-	if err := ps.Subscribe(sctx, s.changesChannel()); err != nil {
+	kind := "subscribe"
+	var err error
+	if sharded {
+		kind = "ssubscribe"
+		err = ps.SSubscribe(sctx, s.changesChannel())
+	} else {
+		err = ps.Subscribe(sctx, s.changesChannel())
+	}
+	if err != nil {
 		return err
 	}
 	msg, err := ps.ReceiveTimeout(sctx, watchSubscribeTimeout)
 	if err != nil {
 		return err
 	}
-	if sub, ok := msg.(*redis.Subscription); !ok || sub.Kind != "subscribe" {
-		return fmt.Errorf("redisstore: unexpected reply %v to SUBSCRIBE", msg)
+	if sub, ok := msg.(*redis.Subscription); !ok || sub.Kind != kind {
+		return fmt.Errorf("redisstore: unexpected reply %v to %s", msg, strings.ToUpper(kind))
 	}
 	return nil
+}
+
+// unknownCommand reports Redis refusing a command it does not know (a
+// Redis before 7 asked for sharded Pub/Sub).
+func unknownCommand(err error) bool {
+	return isReply(err) && strings.HasPrefix(err.Error(), "ERR unknown command")
 }

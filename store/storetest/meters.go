@@ -2,6 +2,7 @@ package storetest
 
 import (
 	"slices"
+	"sync"
 	"testing"
 
 	"github.com/apimonetize/caddy-api-monetize/store"
@@ -387,6 +388,25 @@ func testMeters(t *testing.T, client func(t *testing.T) *meterClient) {
 		}
 		c.usageWant("acme", cur.ID(), store.Counters{Billed: 100, Requests: 100})
 		c.meterWant("acme", cur.ID(), "upload", store.Counters{Billed: 200, Requests: 100})
+	})
+	t.Run("ConcurrentSettlementsCrossOnce", func(t *testing.T) {
+		c := client(t)
+		q := quota(cur, store.QuotaBill, 1000)
+		tokens := mq("tokens", store.QuotaBill, 0, 100, 50, 100)
+		results := reserveConcurrently(t, []*meterClient{c}, 150, func(int) store.Reservation { return mres("acme", q, 1, tokens) })
+		var wg sync.WaitGroup
+		for _, o := range results {
+			wg.Go(func() {
+				if err := c.m.Settle(t.Context(), msettlement(o.r, o.out, 1, map[string]int64{"tokens": 1})); err != nil {
+					t.Errorf("Settle: %v", err)
+				}
+			})
+		}
+		wg.Wait()
+		c.meterWant("acme", cur.ID(), "tokens", store.Counters{Billed: 150, Overage: 50, Requests: 150})
+		checkMeterEvents(t, c.events("acme"), []wantMeterEvent{
+			{"acme", cur.ID(), "tokens", 50, 50, 100}, {"acme", cur.ID(), "tokens", 100, 100, 100},
+		})
 	})
 	t.Run("Invalid", func(t *testing.T) {
 		c := client(t)
