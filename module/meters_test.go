@@ -501,12 +501,14 @@ func seedMeterHour(t *testing.T, st store.Store, customer, meter string, hoursAg
 }
 
 // TestStripeReportsEachMeter runs the reporter in Caddy with a tokens
-// meter: each closed hour of each meter is one event under the meter's
-// event name, the sums per meter equal the ledger, and the reconciliation
-// totals each meter apart.
+// meter, through Stripe faults (an event accepted but answered 500, a
+// rate limit): each closed hour of each meter is one event under the
+// meter's event name, the sums per meter equal the ledger, and the
+// reconciliation totals each meter apart.
 func TestStripeReportsEachMeter(t *testing.T) {
 	double := stripedouble.New()
 	defer double.Close()
+	double.Fail(stripedouble.None, stripedouble.None, stripedouble.AcceptThen500, stripedouble.RateLimit)
 	prefix := redisTestPrefix(t)
 	st, err := redisstore.New(redisstore.Options{URL: testRedisURL, KeyPrefix: prefix})
 	if err != nil {
@@ -542,6 +544,9 @@ func TestStripeReportsEachMeter(t *testing.T) {
 		}
 		seen[e.Identifier] = true
 		sums[e.EventName+"|"+e.Customer] += e.Value
+	}
+	if n := double.Requests("POST /v1/billing/meter_events"); n != 8 {
+		t.Errorf("%d meter event requests, want 8 (6 events, 2 of them retried after a fault)", n)
 	}
 	want := map[string]int64{"api_calls|cus_ACME": 3, "ai_tokens|cus_ACME": 5701, "api_calls|cus_BETA": 1, "ai_tokens|cus_BETA": 42}
 	if fmt.Sprint(sums) != fmt.Sprint(want) {
