@@ -1,13 +1,16 @@
 package module
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/mail"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -18,6 +21,8 @@ import (
 
 	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
 	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/notify"
+	"github.com/apimonetize/caddy-api-monetize/notify/notifytest"
 	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/store/redisstore"
 )
@@ -613,5 +618,99 @@ func TestMetersRedisOutage(t *testing.T) {
 		if !ok(r) {
 			t.Errorf("%s after the replay: %d %s; want %d calls and %d tokens", customer, r.status, r.body, want[0], want[1])
 		}
+	}
+}
+
+// TestMeterNotificationsDelivered: a meter's thresholds crossed through
+// Caddy are delivered once each, the webhook payload naming the meter and
+// the email counting its units; the default meter's payload has no meter.
+func TestMeterNotificationsDelivered(t *testing.T) {
+	fastNotify()
+	secret := notifyEnv(t)
+	hook := notifytest.NewReceiver(t, secret, 0)
+	smtpSrv := notifytest.NewSMTPServer(t, notifytest.SMTPOptions{User: "mailer", Password: "mail-password"})
+	up := tokensUpstream(t)
+	cf := fmt.Sprintf(`{
+	admin localhost:%d
+	http_port %d
+	grace_period 1ns
+	api_monetize {
+		store_path %s
+		key_secret notify-test-secret-0123456
+		notify {
+			webhook %s {
+				secret {env.NOTIFY_TEST_SECRET}
+			}
+			email {
+				smtp %s
+				username {env.NOTIFY_TEST_SMTP_USER}
+				password {env.NOTIFY_TEST_SMTP_PASSWORD}
+				from "API Billing <billing@example.com>"
+			}
+		}
+		meter tokens {
+			source header X-Tokens-Used max 1000
+		}
+		tier metered {
+			included 2/month
+			thresholds 100
+			meter tokens {
+				included 100/month
+				over_quota bill 0.01
+				thresholds 50 100
+			}
+		}
+		customer acme tier metered email dev@acme.example
+		key %s acme
+	}
+}
+
+:%d {
+	api_monetize
+	reverse_proxy %s
+}
+`, testAdminPort, testHTTPPort, filepath.Join(t.TempDir(), "store.db"), hook.URL, smtpSrv.Addr, notifyAcmeKey, testHTTPPort, strings.TrimPrefix(up.URL, "http://"))
+	caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: testAdminPort}).InitServer(cf, "caddyfile")
+	if t.Failed() {
+		t.FailNow()
+	}
+	for _, v := range []string{"60", "50"} { // tokens 60 (50 %), then 110 (100 %); calls 2 (100 %)
+		if r := call(t, "/v1/tok/"+v, notifyAcmeKey); r.status != http.StatusOK {
+			t.Fatalf("tok/%s: %d %s", v, r.status, r.body)
+		}
+	}
+	waitFor(t, 20*time.Second, "3 webhooks and 3 emails", func() bool {
+		u, _ := hook.Accepted()
+		return len(u) == 3 && len(smtpSrv.Mails()) == 3
+	})
+	unique, total := hook.Accepted()
+	var got []string
+	for _, d := range unique {
+		var p notify.Payload
+		if err := json.Unmarshal(d.Body, &p); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, fmt.Sprintf("%s:%d:%s", p.Data.Meter, p.Data.Threshold, p.Data.Message))
+	}
+	slices.Sort(got)
+	want := []string{
+		":100:You have used all of your included 2 API calls. Further requests are blocked until the period ends.",
+		"tokens:100:You have exceeded your included 100 tokens. Overage billing is active.",
+		"tokens:50:You have used 50% of your included tokens.",
+	}
+	if !slices.Equal(got, want) || total != 3 {
+		t.Errorf("webhooks %q (%d deliveries), want %q once each", got, total, want)
+	}
+	var subjects []string
+	for _, m := range smtpSrv.Mails() {
+		msg, err := mail.ReadMessage(bytes.NewReader(m.Data))
+		if err != nil {
+			t.Fatal(err)
+		}
+		subjects = append(subjects, msg.Header.Get("Subject"))
+	}
+	slices.Sort(subjects)
+	if want := []string{"API usage alert: 100% of your included API calls", "API usage alert: 100% of your included tokens", "API usage alert: 50% of your included tokens"}; !slices.Equal(subjects, want) {
+		t.Errorf("email subjects %q, want %q", subjects, want)
 	}
 }
