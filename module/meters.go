@@ -78,7 +78,7 @@ func (t *tierRuntime) compileTierMeters(meters []*meterRuntime) error {
 	return nil
 }
 
-// meterReservation is the store's view of the tier's meter with amount.
+// reservation is the store's view of the tier's meter, reserving amount.
 func (tm *tierMeter) reservation(amount int64) store.MeterReservation {
 	q := tm.quota
 	return store.MeterReservation{
@@ -110,7 +110,7 @@ func (m *meterRuntime) capped(n int64) int64 {
 	return n
 }
 
-// quotaItem is the RateLimit-Policy name of the meter's quota, quoted.
+// hasQuota reports whether the tier gives the meter included units (else it only meters it).
 func (tm *tierMeter) hasQuota() bool { return tm.quota.quotaMode != store.QuotaMeter }
 
 // appliedThrottle is the throttle policy the store applied to res when
