@@ -392,6 +392,15 @@ func (w *StripeWebhook) tierOf(sub *stripe.Subscription) string {
 		if _, ok := w.app.tierByName[key]; ok {
 			return key
 		}
+		// A meter's price, am_<tier>_<meter>_usage: the only price of a
+		// tier that bills nothing but that meter.
+		for _, m := range w.app.meters {
+			if tier, ok := strings.CutSuffix(key, "_"+m.name); ok {
+				if _, ok := w.app.tierByName[tier]; ok {
+					return tier
+				}
+			}
+		}
 	}
 	return ""
 }

@@ -203,6 +203,25 @@ type Usage struct {
 	Thresholds []int
 	// Hours are the hours with usage, in order.
 	Hours []store.HourUsage
+	// Meters are the period's other meters (tokens, bytes…), each with
+	// the tier's quota of it; the fields above are the default meter's.
+	Meters []MeterUsage
+}
+
+// MeterUsage is one other meter's usage for a period.
+type MeterUsage struct {
+	// Meter is the meter's name.
+	Meter string
+	// Used is the meter's units this period.
+	Used int64
+	// Included and Remaining are nil when the tier only meters it.
+	Included  *int64
+	Remaining *int64
+	// Overage and OverageCharge are as in Usage; OverQuota is what
+	// happens beyond Included.
+	Overage       int64
+	OverageCharge string
+	OverQuota     string
 }
 
 // Plan is a tier as the plans page shows it, every field already
