@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -206,7 +205,7 @@ func (mt *meterTally) readHeaders(h http.Header) {
 		}
 		delete(h, tm.header)
 	}
-	mt.unannounce(h)
+	unannounce(h, mt.isMeterHeader)
 }
 
 // readTrailers reads the meter values an upstream sent as trailers,
@@ -234,29 +233,6 @@ func (mt *meterTally) readTrailers(h http.Header) {
 			delete(h, k)
 		}
 	}
-}
-
-// unannounce removes the meter headers from the response's Trailer
-// announcement, so the client is not told of trailers it will not get.
-func (mt *meterTally) unannounce(h http.Header) {
-	announced, ok := h["Trailer"]
-	if !ok {
-		return
-	}
-	var keep []string
-	for _, v := range announced {
-		for _, name := range strings.Split(v, ",") {
-			name = strings.TrimSpace(name)
-			if name != "" && !mt.isMeterHeader(http.CanonicalHeaderKey(name)) {
-				keep = append(keep, name)
-			}
-		}
-	}
-	if len(keep) == 0 {
-		delete(h, "Trailer")
-		return
-	}
-	h["Trailer"] = []string{strings.Join(keep, ", ")}
 }
 
 // isMeterHeader reports whether name (canonical) is a meter's header.

@@ -253,3 +253,29 @@ func TestTierOfMeterPrice(t *testing.T) {
 		}
 	}
 }
+
+// TestDegradedCostZeroWithMeters: without the store, a request costing 0
+// still counts and enforces its other meters (the default meter stays
+// free), as the stores do.
+func TestDegradedCostZeroWithMeters(t *testing.T) {
+	a := &App{shared: &shared{local: limiter.NewLocal()}}
+	tr := &tierRuntime{onStoreError: storeErrorLocal}
+	q := store.Quota{PeriodID: "20261101T000000Z", HourID: "20261101T000000Z", Mode: store.QuotaBlock, Included: 3}
+	res := store.Reservation{Subject: "c", Cost: 0, Quota: q, Meters: []store.MeterReservation{
+		{Meter: "upload", Amount: 40, Mode: store.QuotaBlock, Included: 100},
+	}}
+	a.shared.usage.observe(store.Reservation{Subject: "c", Cost: 1, Quota: q, Meters: res.Meters},
+		store.Reserved{Allowed: true, Used: 3, Meters: []store.MeterReserved{{Used: 20}}}, 0)
+	for _, want := range []int64{60, 100} {
+		out, err := a.reserveDegraded(res, tr)
+		if err != nil || !out.Allowed || out.Used != 3 || out.Meters[0].Used != want {
+			t.Fatalf("%+v, %v; want admitted at cost 0 with the default quota used up, upload at %d", out, err, want)
+		}
+	}
+	if got := a.shared.usage.get("c", q.PeriodID); got != 3 {
+		t.Errorf("default meter %d; want 3 (free calls add nothing)", got)
+	}
+	if out, err := a.reserveDegraded(res, tr); err != nil || out.Allowed || out.QuotaExceededMeter != "upload" {
+		t.Fatalf("upload 100+40 > 100: %+v, %v; want refused for upload", out, err)
+	}
+}
