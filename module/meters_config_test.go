@@ -12,10 +12,12 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stripe/stripe-go/v86"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
 
 // metersGlobal declares two meters and gives tiers blocks for them.
@@ -277,5 +279,26 @@ func TestDegradedCostZeroWithMeters(t *testing.T) {
 	}
 	if out, err := a.reserveDegraded(res, tr); err != nil || out.Allowed || out.QuotaExceededMeter != "upload" {
 		t.Fatalf("upload 100+40 > 100: %+v, %v; want refused for upload", out, err)
+	}
+}
+
+// TestUnreportedPerMeter: the reporter's unreported units are published
+// per meter (cost for the default one) next to the total, every
+// configured meter with a series, a meter no longer configured without.
+func TestUnreportedPerMeter(t *testing.T) {
+	m := getStripeMetrics()
+	meters := []stripereport.MeterEvent{{Meter: "tokens", Event: "ai_tokens"}, {Meter: "upload", Event: "upload"}}
+	m.setUnreported(stripereport.Result{Unreported: 12, UnreportedByMeter: map[string]int64{"": 2, "tokens": 10}}, append(meters, stripereport.MeterEvent{Meter: "gone"}))
+	m.setUnreported(stripereport.Result{Unreported: 12, UnreportedByMeter: map[string]int64{"": 2, "tokens": 10}}, meters)
+	if got := testutil.ToFloat64(m.unreported); got != 12 {
+		t.Errorf("unreported_units %v; want the total 12", got)
+	}
+	for meter, want := range map[string]float64{"cost": 2, "tokens": 10, "upload": 0} {
+		if got := testutil.ToFloat64(m.unreportedMeter.WithLabelValues(meter)); got != want {
+			t.Errorf("unreported_meter_units{meter=%s} %v; want %v", meter, got, want)
+		}
+	}
+	if n := testutil.CollectAndCount(m.unreportedMeter); n != 3 {
+		t.Errorf("%d unreported_meter_units series; want 3 (cost, tokens, upload: not the meter no longer configured)", n)
 	}
 }

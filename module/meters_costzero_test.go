@@ -7,6 +7,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // costZeroUpstream reports tokens and a usage cost: /v1/chat/<n> reports
@@ -130,6 +132,8 @@ func TestMetersCostZero(t *testing.T) {
 
 		t.Run("TokensCountedAndBlocked", func(t *testing.T) {
 			const key = "chat-key-0123456789abcdef"
+			tokens := getMetrics().meterUnits.WithLabelValues("chat", "tokens")
+			tokensBefore := testutil.ToFloat64(tokens)
 			for i, v := range []string{"60", "30"} {
 				r := call(t, "/v1/chat/"+v, key)
 				if r.status != http.StatusOK || r.body != "chat" {
@@ -159,6 +163,9 @@ func TestMetersCostZero(t *testing.T) {
 			// upstream's X-Cost of a free call is not billed.
 			if v.Billed != 0 || v.Requests != 0 {
 				t.Errorf("default meter %+v; want nothing (the calls cost 0)", v.Counters)
+			}
+			if n := testutil.ToFloat64(tokens) - tokensBefore; n != 105 {
+				t.Errorf("meter_units_total{tier=chat,meter=tokens} grew by %v; want 105", n)
 			}
 		})
 
