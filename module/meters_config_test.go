@@ -2,6 +2,7 @@ package module
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -300,5 +301,31 @@ func TestUnreportedPerMeter(t *testing.T) {
 	}
 	if n := testutil.CollectAndCount(m.unreportedMeter); n != 3 {
 		t.Errorf("%d unreported_meter_units series; want 3 (cost, tokens, upload: not the meter no longer configured)", n)
+	}
+}
+
+// TestPlansListMeters: the portal's plans page gets each plan's other
+// meters with their included units, over-quota behaviour and price.
+func TestPlansListMeters(t *testing.T) {
+	a, err := parseGlobal(metersGlobal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.compileTiers(); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, p := range (portalBackend{app: a}).Plans() {
+		got[p.Name] = fmt.Sprint(p.Meters)
+	}
+	want := map[string]string{
+		"pro": "[{tokens 2000000 tokens per month slowed down to 10 units per min 0.00001 USD per unit} " +
+			"{upload 1000000 upload per month blocked } {download Counted, not limited  }]",
+		"free": "[{tokens 50000 tokens per month blocked } {upload Counted, not limited  } {download Counted, not limited  }]",
+	}
+	for name, w := range want {
+		if got[name] != w {
+			t.Errorf("plan %s meters\n got  %s\n want %s", name, got[name], w)
+		}
 	}
 }
