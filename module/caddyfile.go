@@ -86,6 +86,7 @@ func parseApp(d *caddyfile.Dispenser, existing any) (any, error) {
 //		meter <name> {                       # a meter besides the cost units; repeatable
 //			source cost | header <Header-Name> max <units> | request_bytes [max <bytes>] | response_bytes [max <bytes>]
 //			stripe <event name>             # default: the meter's name
+//			paths  <path pattern>...        # repeatable; default: every path
 //		}
 //
 //		customer <id> tier <tier> [stripe <cus_id>] [email <address>] [anchor <YYYY-MM-DD>]

@@ -153,6 +153,8 @@ func FuzzMeterBlocks(f *testing.F) {
 		{"source cost", "thresholds 50 80 100"},
 		{"stripe ai_tokens", "thresholds off"},
 		{"source header X_Bad max 1", "over_quota block"},
+		{"paths /v1/chat/* /v1/complete/*", "included 5/month"},
+		{"paths v1", "over_quota block"},
 	} {
 		f.Add(lines[0], lines[1])
 	}

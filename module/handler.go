@@ -151,9 +151,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		throttle := tier
 		if out.Throttled && len(res.Meters) > 0 {
 			_, idx := appliedThrottle(res, out)
-			throttle = tier.throttleOf(idx)
+			throttle = tier.throttleOf(res, idx)
 		}
-		setMeterHeaders(w.Header(), app.headers, tier, throttle, out, period, now)
+		setMeterHeaders(w.Header(), app.headers, tier, throttle, res.Meters, out, period, now)
 	}
 	if !out.Allowed {
 		h.denied(w, r, tier, res, out, cost, period, now)
@@ -165,7 +165,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	default:
 		tier.metrics.allowed.Inc()
 	}
-	if cost == 0 && len(res.Meters) == 0 || out.Duplicate {
+	if cost == 0 && len(tier.meters) == 0 || out.Duplicate {
 		return next.ServeHTTP(w, r)
 	}
 	tier.metrics.units.Add(float64(cost))
@@ -174,8 +174,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		costHeader:            app.costHeader,
 		maxCost:               app.maxUsageCost,
 	}
-	if len(res.Meters) > 0 {
-		mw.tally = newMeterTally(tier, r)
+	if len(tier.meters) > 0 { // also outside every meter's paths: their headers are removed
+		mw.tally = newMeterTally(tier, r, res.Meters)
 	}
 	err = next.ServeHTTP(mw, r)
 	mw.readCostTrailer()
@@ -228,7 +228,7 @@ func (h *Handler) forbidden(w http.ResponseWriter, r *http.Request, tier *tierRu
 func (h *Handler) denied(w http.ResponseWriter, r *http.Request, tier *tierRuntime, res store.Reservation, out store.Reserved, cost int64, period metering.Period, now time.Time) {
 	tier.metrics.rateLimited.Inc()
 	if out.QuotaExceeded && out.QuotaExceededMeter != "" {
-		h.meterExhausted(w, r, tier, out, period, now)
+		h.meterExhausted(w, r, tier, res, out, period, now)
 		return
 	}
 	if out.QuotaExceeded {
@@ -244,7 +244,7 @@ func (h *Handler) denied(w http.ResponseWriter, r *http.Request, tier *tierRunti
 	name, policy := tier.rateName, tier.policy
 	if out.Throttled {
 		_, idx := appliedThrottle(res, out)
-		th := tier.throttleOf(idx)
+		th := tier.throttleOf(res, idx)
 		name, policy = th.throttleName, th.throttle
 	}
 	upgrade := h.fasterTiers(tier, cost)
@@ -271,7 +271,7 @@ func (h *Handler) denied(w http.ResponseWriter, r *http.Request, tier *tierRunti
 // meterExhausted answers 429 for a meter whose block quota is used up,
 // naming the meter's policy ("<tier>-<meter>-month") and the tiers with
 // more of that meter.
-func (h *Handler) meterExhausted(w http.ResponseWriter, r *http.Request, tier *tierRuntime, out store.Reserved, period metering.Period, now time.Time) {
+func (h *Handler) meterExhausted(w http.ResponseWriter, r *http.Request, tier *tierRuntime, res store.Reservation, out store.Reserved, period metering.Period, now time.Time) {
 	idx := -1
 	for i, tm := range tier.meters {
 		if tm.name == out.QuotaExceededMeter {
@@ -287,8 +287,8 @@ func (h *Handler) meterExhausted(w http.ResponseWriter, r *http.Request, tier *t
 	}
 	tm := tier.meters[idx]
 	var used int64
-	if idx < len(out.Meters) {
-		used = out.Meters[idx].Used
+	if j := meterPos(res.Meters, idx, tm.name); j >= 0 && j < len(out.Meters) {
+		used = out.Meters[j].Used
 	}
 	var larger []string
 	for _, o := range h.app.tiers {

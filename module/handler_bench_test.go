@@ -174,7 +174,7 @@ func BenchmarkResponseHeaders(b *testing.B) {
 			for b.Loop() {
 				hdr := make(http.Header)
 				hdr["Server"] = []string{"Caddy"}
-				setMeterHeaders(hdr, set, tier, tier, out, period, now)
+				setMeterHeaders(hdr, set, tier, tier, nil, out, period, now)
 				for _, k := range upstream {
 					hdr.Add(k, "x")
 				}

@@ -52,7 +52,8 @@ type policyState struct {
 // (draft-ietf-httpapi-ratelimit-headers-10, RFC 9651 lists; the rate or
 // throttle item, then the quota item) and the de-facto
 // X-RateLimit-Limit/Remaining/Reset (Reset in epoch seconds) for the most
-// restrictive one.
+// restrictive one. ms are the meters the request reserved (those whose
+// paths it is in): each with included units gets a quota item.
 //
 // For a rate, t is when the caller's allowance is whole again; on a denial
 // it is when the denied request would be admitted, which is also
@@ -60,7 +61,7 @@ type policyState struct {
 //
 // It runs on every request, so all values are built in one buffer and
 // share one string.
-func setMeterHeaders(h http.Header, set headerSet, t, throttle *tierRuntime, out store.Reserved, period metering.Period, now time.Time) {
+func setMeterHeaders(h http.Header, set headerSet, t, throttle *tierRuntime, ms []store.MeterReservation, out store.Reserved, period metering.Period, now time.Time) {
 	if set == 0 {
 		return
 	}
@@ -81,15 +82,19 @@ func setMeterHeaders(h http.Header, set headerSet, t, throttle *tierRuntime, out
 			window:     period.Seconds(),
 		})
 	}
-	for i, tm := range t.meters { // one quota item per meter with included units
-		if !tm.hasQuota() || i >= len(out.Meters) {
+	for i, tm := range t.meters { // one quota item per meter with included units that applies
+		if !tm.hasQuota() {
+			continue
+		}
+		j := meterPos(ms, i, tm.name)
+		if j < 0 || j >= len(out.Meters) {
 			continue
 		}
 		q := tm.quota
 		items = append(items, policyState{
 			quotedName: q.quotaQuoted,
 			limit:      q.included,
-			remaining:  max(0, q.included-out.Meters[i].Used),
+			remaining:  max(0, q.included-out.Meters[j].Used),
 			wait:       period.SecondsLeft(now),
 			window:     period.Seconds(),
 		})

@@ -39,11 +39,17 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 		res.Rate = t.policy
 	}
 	// A zero cost makes only the default meter free: the other meters are
-	// reserved, enforced and settled as for any cost.
+	// reserved, enforced and settled as for any cost. A meter whose paths
+	// the request is outside of is omitted: neither counted nor enforced.
 	if len(t.meters) > 0 {
-		res.Meters = make([]store.MeterReservation, len(t.meters))
-		for i, tm := range t.meters {
-			res.Meters[i] = tm.reservation(tm.advance(r, cost))
+		res.Meters = make([]store.MeterReservation, 0, len(t.meters))
+		for i := range t.meters {
+			if tm := &t.meters[i]; tm.appliesTo(r) {
+				res.Meters = append(res.Meters, tm.reservation(tm.advance(r, cost)))
+			}
+		}
+		if len(res.Meters) == 0 {
+			res.Meters = nil
 		}
 	}
 	a.idempotency.apply(&res, r, cost)

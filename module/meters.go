@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -25,6 +27,8 @@ type meterRuntime struct {
 	// max caps one request's amount; 0: no cap (bytes only).
 	max         int64
 	stripeEvent string
+	// paths are the path patterns the meter applies to; nil: every path.
+	paths caddyhttp.MatchPath
 }
 
 // tierMeter is a tier's view of one meter, compiled: the meter's quota in
@@ -44,14 +48,47 @@ type tierMeter struct {
 
 // compileMeters compiles the app's meters; compileTiers then gives each
 // tier its view of every meter, in the order the meters are declared.
-func (a *App) compileMeters() {
+func (a *App) compileMeters() error {
 	a.meters = make([]*meterRuntime, len(a.Meters))
 	for i, m := range a.Meters {
 		a.meters[i] = &meterRuntime{
 			name: m.Name, kind: m.Source.Kind, max: m.Source.Max,
 			header: http.CanonicalHeaderKey(m.Source.Header), stripeEvent: m.stripeEvent(),
 		}
+		if len(m.Paths) > 0 {
+			a.meters[i].paths = caddyhttp.MatchPath(append([]string(nil), m.Paths...))
+			if err := a.meters[i].paths.Provision(caddy.Context{}); err != nil {
+				return fmt.Errorf("meter %s: paths: %w", m.Name, err)
+			}
+		}
 	}
+	return nil
+}
+
+// appliesTo reports whether the meter applies to r: it lists no paths,
+// or r's path matches one of them.
+func (m *meterRuntime) appliesTo(r *http.Request) bool {
+	if len(m.paths) == 0 {
+		return true
+	}
+	ok, err := m.paths.MatchWithError(r)
+	return ok && err == nil
+}
+
+// meterPos is the position in ms (a reservation's meters) of the tier's
+// meter i, named name; -1 when the reservation omits it (the request is
+// outside the meter's paths). ms lists the tier's meters that apply, in
+// the tier's order, so without paths the position is i.
+func meterPos(ms []store.MeterReservation, i int, name string) int {
+	if i < len(ms) && ms[i].Meter == name {
+		return i
+	}
+	for j := range ms {
+		if ms[j].Meter == name {
+			return j
+		}
+	}
+	return -1
 }
 
 // compileTierMeters gives t its view of every meter of meters: the
@@ -145,11 +182,15 @@ func appliedThrottle(res store.Reservation, out store.Reserved) (limiter.Policy,
 	return p, idx
 }
 
-// throttleOf is the tier (or the tier's view of a meter, idx ≥ 0) whose
-// throttle names and policy apply.
-func (t *tierRuntime) throttleOf(idx int) *tierRuntime {
-	if idx >= 0 && idx < len(t.meters) {
-		return t.meters[idx].quota
+// throttleOf is the tier (or the tier's view of the meter res.Meters[idx],
+// idx ≥ 0) whose throttle names and policy apply.
+func (t *tierRuntime) throttleOf(res store.Reservation, idx int) *tierRuntime {
+	if idx >= 0 && idx < len(res.Meters) {
+		for i := range t.meters {
+			if t.meters[i].name == res.Meters[idx].Meter {
+				return t.meters[i].quota
+			}
+		}
 	}
 	return t
 }
@@ -161,6 +202,10 @@ type meterTally struct {
 	// reported[i] is the value meter i's header reported, when has[i].
 	reported []int64
 	has      []bool
+	// pos[i] is the position of the tier's meter i in the reservation's
+	// meters, -1 when the request is outside the meter's paths; nil when
+	// every meter applies (the position of meter i is i).
+	pos []int
 	// respBytes are the response body's bytes written.
 	respBytes int64
 	// body counts the request body when a request_bytes meter has no
@@ -170,13 +215,19 @@ type meterTally struct {
 	ignored string
 }
 
-// newMeterTally prepares the counting of t's meters for r, wrapping r's
-// body in a counter when a request_bytes meter needs one.
-func newMeterTally(t *tierRuntime, r *http.Request) *meterTally {
+// newMeterTally prepares the counting of t's meters reserved in ms for r,
+// wrapping r's body in a counter when a request_bytes meter needs one.
+func newMeterTally(t *tierRuntime, r *http.Request, ms []store.MeterReservation) *meterTally {
 	mt := &meterTally{tier: t, reported: make([]int64, len(t.meters)), has: make([]bool, len(t.meters))}
+	if len(ms) != len(t.meters) {
+		mt.pos = make([]int, len(t.meters))
+		for i := range t.meters {
+			mt.pos[i] = meterPos(ms, i, t.meters[i].name)
+		}
+	}
 	if r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody {
-		for _, tm := range t.meters {
-			if tm.kind == sourceRequestBytes {
+		for i, tm := range t.meters {
+			if tm.kind == sourceRequestBytes && mt.at(i) >= 0 {
 				mt.body = &countingBody{ReadCloser: r.Body}
 				r.Body = mt.body
 				break
@@ -184,6 +235,15 @@ func newMeterTally(t *tierRuntime, r *http.Request) *meterTally {
 		}
 	}
 	return mt
+}
+
+// at is the position of the tier's meter i in the reservation's meters,
+// -1 when the request is outside the meter's paths.
+func (mt *meterTally) at(i int) int {
+	if mt.pos == nil {
+		return i
+	}
+	return mt.pos[i]
 }
 
 // readHeaders reads the meter headers of a response and removes them, so
@@ -199,7 +259,7 @@ func (mt *meterTally) readHeaders(h http.Header) {
 		if !ok {
 			continue
 		}
-		if len(vs) > 0 {
+		if len(vs) > 0 && mt.at(i) >= 0 {
 			mt.reported[i], mt.has[i] = parseUsageCost(vs[0], tm.max)
 			if !mt.has[i] {
 				tm.ignored.Inc()
@@ -226,7 +286,7 @@ func (mt *meterTally) readTrailers(h http.Header) {
 			if !ok {
 				continue
 			}
-			if len(vs) > 0 && !mt.has[i] {
+			if len(vs) > 0 && !mt.has[i] && mt.at(i) >= 0 {
 				mt.reported[i], mt.has[i] = parseUsageCost(vs[0], tm.max)
 				if !mt.has[i] {
 					tm.ignored.Inc()
@@ -254,8 +314,12 @@ func (mt *meterTally) isMeterHeader(name string) bool {
 // counted. It adds each meter's final amount to its units metric.
 func (mt *meterTally) settlements(res store.Reservation, out store.Reserved, billable bool, actual int64) []store.MeterSettlement {
 	var ms []store.MeterSettlement
-	for i, mr := range res.Meters {
-		tm := mt.tier.meters[i]
+	for i, tm := range mt.tier.meters {
+		j := mt.at(i)
+		if j < 0 || j >= len(res.Meters) {
+			continue // outside the meter's paths: not reserved, not counted
+		}
+		mr := res.Meters[j]
 		final := mr.Amount
 		switch {
 		case !billable:
@@ -278,8 +342,8 @@ func (mt *meterTally) settlements(res store.Reservation, out store.Reserved, bil
 			continue
 		}
 		var overage int64
-		if i < len(out.Meters) {
-			overage = out.Meters[i].Overage
+		if j < len(out.Meters) {
+			overage = out.Meters[j].Overage
 		}
 		ms = append(ms, store.MeterSettlement{Meter: mr.Meter, Reserved: mr.Amount, Overage: overage, Actual: final, Quota: mr})
 	}

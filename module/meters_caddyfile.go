@@ -11,9 +11,10 @@ import (
 )
 
 // meterUsage is how the global meter block is written, for errors.
-const meterUsage = "meter <name> { source cost | header <Header-Name> max <units> | request_bytes [max <bytes>] | response_bytes [max <bytes>]; stripe <event name> }"
+const meterUsage = "meter <name> { source cost | header <Header-Name> max <units> | request_bytes [max <bytes>] | response_bytes [max <bytes>]; stripe <event name>; paths <path pattern>... }"
 
-// meter parses the global `meter <name> { source …; stripe <event> }`.
+// meter parses the global `meter <name> { source …; stripe <event>; paths
+// <pattern>… }` (paths is repeatable; the others are given once).
 func (p *appParser) meter(d *caddyfile.Dispenser) error {
 	if !d.NextArg() {
 		return d.Errf("meter: expected a name, as in 'meter tokens { source header X-Tokens-Used max 100000 }'")
@@ -25,7 +26,11 @@ func (p *appParser) meter(d *caddyfile.Dispenser) error {
 	seen := make(map[string]caddyfile.Token)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
-		if err := once(d, seen); err != nil {
+		if opt == "paths" {
+			if _, first := seen[opt]; !first {
+				seen[opt] = d.Token()
+			}
+		} else if err := once(d, seen); err != nil {
 			return fmt.Errorf("meter %s: %w", m.Name, err)
 		}
 		switch opt {
@@ -48,8 +53,22 @@ func (p *appParser) meter(d *caddyfile.Dispenser) error {
 				return d.Errf("meter %s: stripe: %v", m.Name, err)
 			}
 			m.StripeEvent = v
+		case "paths":
+			args, err := lineArgs(d)
+			if err != nil {
+				return err
+			}
+			if len(args) == 0 {
+				return d.Errf("meter %s: paths: expected at least one path pattern, such as /v1/chat/*", m.Name)
+			}
+			for _, pat := range args {
+				if err := checkPathPattern(pat); err != nil {
+					return d.Errf("meter %s: paths: %v", m.Name, err)
+				}
+			}
+			m.Paths = append(m.Paths, args...)
 		default:
-			return d.Errf("meter %s: unrecognized option '%s'; expected source or stripe", m.Name, opt)
+			return d.Errf("meter %s: unrecognized option '%s'; expected source, stripe or paths", m.Name, opt)
 		}
 	}
 	if m.Source.Kind == "" {

@@ -15,6 +15,11 @@ type MeterConfig struct {
 	// name. Distinct across meters and from the default meter's
 	// (stripe.meter, default api_calls).
 	StripeEvent string `json:"stripe_event,omitempty"`
+	// Paths are the path patterns (Caddy path-matcher syntax, as a tier's
+	// endpoints) of the requests the meter applies to. A request matching
+	// none is neither counted nor refused by the meter: its reservation
+	// omits it. Empty: every path.
+	Paths []string `json:"paths,omitempty"`
 }
 
 // Kinds of MeterSource.

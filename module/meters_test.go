@@ -563,6 +563,18 @@ func TestStripeReportsEachMeter(t *testing.T) {
 	if m := recon.Meters[0]; m.Meter != "tokens" || m.LedgerUnits != 5743 || m.ReportedUnits != 5743 || m.UnreportedUnits != 0 {
 		t.Fatalf("tokens reconciliation %+v", m)
 	}
+
+	// Units added to sent hours after they were sent are unreported; the
+	// report splits them by meter (and keeps the total).
+	seedMeterHour(t, st, "acme", "tokens", 2, 5)
+	r := admin(t, http.MethodPost, "/api_monetize/stripe/report", "")
+	var rep reportView
+	if err := json.Unmarshal([]byte(r.body), &rep); err != nil || r.status != http.StatusOK {
+		t.Fatalf("report: %d %s (%v)", r.status, r.body, err)
+	}
+	if rep.UnreportedUnits != 6 || fmt.Sprint(rep.Meters) != "[{cost 1} {tokens 5}]" {
+		t.Fatalf("report unreported %d by meter %v; want 6: cost 1 (the late call) and tokens 5", rep.UnreportedUnits, rep.Meters)
+	}
 }
 
 // TestMetersRedisOutage: while Redis is down, meters are decided from the

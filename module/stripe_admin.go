@@ -3,6 +3,7 @@ package module
 import (
 	"context"
 	"errors"
+	"maps"
 	"net/http"
 	"slices"
 	"time"
@@ -135,12 +136,45 @@ type reportView struct {
 	Failed int `json:"failed"`
 	TooOld int `json:"too_old"`
 	// UnreportedUnits are the closed units Stripe has not accepted after
-	// the pass (as the caddy_api_monetize_unreported_units metric).
+	// the pass, all meters together (as the
+	// caddy_api_monetize_unreported_units metric).
 	UnreportedUnits int64 `json:"unreported_units"`
+	// Meters split UnreportedUnits by meter (as the
+	// caddy_api_monetize_unreported_meter_units metric): the default meter
+	// ("cost") first, then every configured meter in declaration order (0
+	// when it has none), then any other meter with unreported units, by
+	// name. Their units sum to UnreportedUnits.
+	Meters []meterUnreported `json:"meters"`
 	// Hours are the hours the pass sent, failed or found too old.
 	Hours []stripereport.HourResult `json:"hours"`
 	// Error is why the pass stopped early, if it did.
 	Error string `json:"error,omitempty"`
+}
+
+// meterUnreported is one meter's share of a pass's unreported units.
+type meterUnreported struct {
+	Meter           string `json:"meter"`
+	UnreportedUnits int64  `json:"unreported_units"`
+}
+
+// unreportedByMeter lists byMeter ("" for the default meter) per meter:
+// the default meter, each of meters, then the others by name.
+func unreportedByMeter(byMeter map[string]int64, meters []stripereport.MeterEvent) []meterUnreported {
+	out := make([]meterUnreported, 0, 1+len(meters))
+	out = append(out, meterUnreported{Meter: store.DefaultMeter, UnreportedUnits: byMeter[""]})
+	listed := map[string]bool{"": true}
+	for _, me := range meters {
+		if !listed[me.Meter] {
+			listed[me.Meter] = true
+			out = append(out, meterUnreported{Meter: me.Meter, UnreportedUnits: byMeter[me.Meter]})
+		}
+	}
+	for _, m := range slices.Sorted(maps.Keys(byMeter)) {
+		if !listed[m] {
+			out = append(out, meterUnreported{Meter: m, UnreportedUnits: byMeter[m]})
+		}
+	}
+	return out
 }
 
 // stripeReport runs one reporter pass now and answers what it did. The
@@ -171,7 +205,10 @@ func (a *adminAPI) stripeReport(w http.ResponseWriter, r *http.Request) error {
 	if !p.res.Leader && (p.err == nil || errors.Is(p.err, stripereport.ErrLeaseLost)) {
 		return apiError(http.StatusConflict, "another instance holds the Stripe reporter lease and reports; run this on that instance, or wait for its next run")
 	}
-	v := reportView{Sent: p.res.Sent, Failed: p.res.Failed, TooOld: p.res.TooOld, UnreportedUnits: p.res.Unreported, Hours: p.res.Hours}
+	v := reportView{
+		Sent: p.res.Sent, Failed: p.res.Failed, TooOld: p.res.TooOld, UnreportedUnits: p.res.Unreported,
+		Meters: unreportedByMeter(p.res.UnreportedByMeter, a.app.meterEvents()), Hours: p.res.Hours,
+	}
 	if v.Hours == nil {
 		v.Hours = []stripereport.HourResult{}
 	}

@@ -65,7 +65,9 @@ type tierRuntime struct {
 }
 
 func (a *App) compileTiers() error {
-	a.compileMeters()
+	if err := a.compileMeters(); err != nil {
+		return err
+	}
 	a.tierByName = make(map[string]*tierRuntime, len(a.Tiers))
 	a.tiers = make([]*tierRuntime, 0, len(a.Tiers))
 	if len(a.Tiers) == 0 {

@@ -353,6 +353,11 @@ func (m *MeterConfig) validate() error {
 			return optionErr("stripe", fmt.Errorf("meter %s: stripe: %v", m.Name, err))
 		}
 	}
+	for _, pat := range m.Paths {
+		if err := checkPathPattern(pat); err != nil {
+			return optionErr("paths", fmt.Errorf("meter %s: paths: %v", m.Name, err))
+		}
+	}
 	return nil
 }
 

@@ -222,6 +222,15 @@ func TestJSONParity(t *testing.T) {
 			want:   "meter 'cost': the name is the default meter's",
 		},
 		{
+			name:   "meter path pattern",
+			global: "meter m {\n\t\tsource cost\n\t\tpaths /v1/*\n\t\tpaths /v2/* v2/x\n\t}\n\ttier pro",
+			line:   5,
+			edit: func(a *App) {
+				a.Meters = []MeterConfig{{Name: "m", Source: MeterSource{Kind: "cost"}, Paths: []string{"/v1/*", "/v2/*", "v2/x"}}}
+			},
+			want: "meter m: paths: path pattern 'v2/x' must start with '/' or '*'",
+		},
+		{
 			name:   "meter declared twice",
 			global: "meter m {\n\t\tsource cost\n\t\tstripe a\n\t}\n\tmeter m {\n\t\tsource cost\n\t\tstripe b\n\t}\n\ttier pro",
 			line:   6,

@@ -47,20 +47,25 @@ type day struct {
 	OverIncludedLine bool
 }
 
-// meterChart is the daily chart of one of the other meters.
+// meterChart is the daily chart of one of the other meters, and its
+// per-hour chart of the last two days.
 type meterChart struct {
 	// Meter is the meter's name, also the unit its chart counts.
 	Meter string
 	chart
+	// Hourly is the meter's units per hour in the last two days of the
+	// period, as the default meter's hourly chart.
+	Hourly chart
 }
 
 // meterCharts builds the daily chart of each of u's other meters, in the
-// order of u.Meters, against its included units when the tier has some.
+// order of u.Meters, against its included units when the tier has some,
+// and its hourly chart.
 func meterCharts(u Usage, now time.Time) []meterChart {
 	var out []meterChart
 	for _, m := range u.Meters {
 		mu := Usage{Start: u.Start, End: u.End, Hours: m.Hours, Included: m.Included}
-		out = append(out, meterChart{Meter: m.Meter, chart: dailyChartOf(mu, now, m.Meter)})
+		out = append(out, meterChart{Meter: m.Meter, chart: dailyChartOf(mu, now, m.Meter), Hourly: hourlyChartOf(mu, now, m.Meter)})
 	}
 	return out
 }
@@ -120,7 +125,10 @@ func dailyChartOf(u Usage, now time.Time, unit string) chart {
 
 // hourlyChart is the units used in each UTC hour of the last two days of
 // u's period, up to the current hour.
-func hourlyChart(u Usage, now time.Time) chart {
+func hourlyChart(u Usage, now time.Time) chart { return hourlyChartOf(u, now, "units") }
+
+// hourlyChartOf is hourlyChart with the bars' titles counting unit.
+func hourlyChartOf(u Usage, now time.Time, unit string) chart {
 	end := now.UTC().Truncate(time.Hour).Add(time.Hour)
 	if pe := u.End.UTC(); pe.Before(end) {
 		end = pe
@@ -148,7 +156,7 @@ func hourlyChart(u Usage, now time.Time) chart {
 		if hours[i].Hour()%6 == 0 {
 			label = hours[i].Format("15h")
 		}
-		return label, fmt.Sprintf("%s: %d units", hours[i].Format("2006-01-02 15:00 UTC"), values[i])
+		return label, fmt.Sprintf("%s: %d %s", hours[i].Format("2006-01-02 15:00 UTC"), values[i], unit)
 	})
 }
 

@@ -42,6 +42,14 @@ func TestUsagePageListsMeters(t *testing.T) {
 		`<figure class="card" id="meter-chart-download">`,
 		`<title>2026-11-02: 1234 download that day, 1234 in the period so far</title>`,
 		`<tr><td>2026-11-02</td><td>500000</td><td>1</td><td>2500000 (over the included tokens)</td></tr>`,
+		// And one per-hour chart per meter (the last two days), of its own hours.
+		`<figure class="card" id="meter-hourly-tokens">`,
+		`tokens used per hour (UTC) in the last two days of the period`,
+		`<title>2026-11-02 04:00 UTC: 500000 tokens</title>`,
+		`<title>2026-11-01 03:00 UTC: 2000000 tokens</title>`,
+		`<figure class="card" id="meter-hourly-download">`,
+		`<title>2026-11-02 04:00 UTC: 1234 download</title>`,
+		`<title>2026-11-02 03:00 UTC: 0 download</title>`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("usage page lacks %s:\n%s", want, body)
@@ -69,6 +77,9 @@ func TestChartsOfMeters(t *testing.T) {
 	}
 	if !tok.HasIncluded || tok.Max != 130 {
 		t.Errorf("tokens chart: included line %v, max %d; want the line and max 130", tok.HasIncluded, tok.Max)
+	}
+	if h := tok.Hourly; len(h.Bars) != 37 || h.Max != 70 || !strings.HasSuffix(h.Bars[2].Title, ": 70 tokens") || h.Bars[2].H == 0 || h.Bars[0].H != 0 {
+		t.Errorf("tokens hourly chart: %d bars, max %d, third %+v; want 37 hours (the period's start to the current hour), max 70, the 02:00 bar 70 tokens", len(h.Bars), h.Max, h.Bars)
 	}
 	if up := cs[1]; up.HasIncluded || len(up.Days) != 2 || up.Days[1].Total != 0 {
 		t.Errorf("upload chart %+v; want two empty days without an included line", up)
