@@ -190,9 +190,9 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 	if err != nil {
 		return res, err
 	}
-	customers, err := r.Store.ListCustomers(ctx)
+	customers, commit, err := r.customers(ctx) // see active.go
 	if err != nil {
-		return res, fmt.Errorf("listing customers: %w", err)
+		return res, err
 	}
 	retry := r.Retry
 	if retry.Attempts == 0 {
@@ -289,6 +289,9 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 			}
 			halted = out == Retryable
 		}
+	}
+	if !halted {
+		return res, commit(ctx)
 	}
 	return res, nil
 }

@@ -934,6 +934,7 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	if err != nil {
 		return store.Reserved{}, 0, err
 	}
+	s.indexHour(r.Subject, r.Quota.HourID)
 	v, err := s.run(ctx, r.Subject, reserveScript, c)
 	if err != nil {
 		return store.Reserved{}, 0, err
@@ -1083,6 +1084,7 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 	if err != nil {
 		return err
 	}
+	s.indexHour(st.Subject, st.Quota.HourID)
 	v, err := s.run(ctx, st.Subject, settleScript, c)
 	if err == nil && s.cluster != nil && len(v) == 1 && v[0] == 2 {
 		s.indexOutbox(ctx, st.Subject, st.Quota)

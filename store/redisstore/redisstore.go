@@ -25,6 +25,7 @@
 //	Pkeyid:<id>            key id -> key hash
 //	Pcustkeys:{<customer>} sorted set of a customer's key hashes, scored by creation µs
 //	Pchanges               pub/sub channel: one message per customer or key change
+//	Pactive:<hour>         set of the subjects metered in the UTC hour (see hours.go)
 //	Pinstances             sorted set of live instance ids, scored by the end of their
 //	                       heartbeat's ttl (ms, Redis clock; see Heartbeat)
 //
@@ -131,6 +132,10 @@ type Store struct {
 	// scripts sends the metering scripts (single Redis; in a cluster,
 	// cluster.shards has one batcher per master).
 	scripts *batcher
+	// hourMemo and bg are the hour index's writes (see hours.go): those
+	// made, and the goroutines making them.
+	hourMemo hourMemo
+	bg       sync.WaitGroup
 
 	// life is cancelled by Close, ending every Watch.
 	life      context.Context
@@ -259,6 +264,7 @@ func (s *Store) Unreplicated() int64 {
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		s.end()
+		s.bg.Wait()
 		if s.cluster != nil {
 			s.cluster.close()
 		} else {

@@ -1,0 +1,26 @@
+package store
+
+import (
+	"context"
+	"time"
+)
+
+// HourIndex is implemented by stores that index, per UTC hour, the
+// subjects that reserved or settled usage in it, so that a background
+// loop (the Stripe reporter) reads what changed in an hour instead of
+// every customer. The index is written beside the metering, not inside
+// its transaction: a subject whose index write was lost (a crash just
+// after the metering call, a store fault) is missing from it, so a
+// caller must still sweep every customer now and then.
+type HourIndex interface {
+	// HourSubjects returns, in no particular order and without
+	// duplicates, the subjects indexed in the UTC hour hourID
+	// (metering.TimeID form, as Quota.HourID). A listed subject may have
+	// no billed usage in the hour. The index of an hour is kept
+	// HourIndexRetention after the hour.
+	HourSubjects(ctx context.Context, hourID string) ([]string, error)
+}
+
+// HourIndexRetention is how long an hour's index is kept after the hour
+// starts: longer than Stripe accepts meter events (35 days).
+const HourIndexRetention = 40 * 24 * time.Hour

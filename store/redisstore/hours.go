@@ -1,0 +1,134 @@
+package redisstore
+
+import (
+	"context"
+	"sync"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/store"
+)
+
+// The hour index (store.HourIndex): P{b:N(s)}:active:<hourID> (Pactive:<hourID>
+// on a single Redis) is the set of the subjects s, in bucket N(s), that
+// reserved or settled in the UTC hour. It expires store.HourIndexRetention
+// after the hour's start.
+//
+// A subject's first metering call of an hour in this process starts the
+// index write in the background, just before the call's script, and the
+// request does not wait for it: it is one SADD per subject, hour and
+// process, off the request path. A write that fails is tried again by the
+// subject's next call. A crash between the script and the write loses the
+// index entry (never the usage): the reporter's daily full pass covers it.
+
+// hourMemoHours is how many hours the memo of indexed subjects keeps.
+const hourMemoHours = 4
+
+// hourMemo remembers, per hour, the subjects whose index write succeeded
+// (true) or is in flight (false) in this process.
+type hourMemo struct {
+	mu    sync.Mutex
+	hours map[string]map[string]bool
+}
+
+// activeKey is bucket b's index of hourID.
+func (s *Store) activeKey(b int, hourID string) string {
+	return s.prefix + s.tagAt(b) + "active:" + hourID
+}
+
+// indexHour starts the index write of (subject, hourID) unless this
+// process made or is making it.
+func (s *Store) indexHour(subject, hourID string) {
+	m := &s.hourMemo
+	m.mu.Lock()
+	if m.hours == nil {
+		m.hours = make(map[string]map[string]bool)
+	}
+	subs := m.hours[hourID]
+	if subs == nil {
+		if len(m.hours) >= hourMemoHours {
+			oldest := hourID
+			for h := range m.hours {
+				oldest = min(oldest, h)
+			}
+			if oldest == hourID { // a replay of an hour older than every kept one
+				m.mu.Unlock()
+				s.writeHourIndex(subject, hourID, nil)
+				return
+			}
+			delete(m.hours, oldest)
+		}
+		subs = make(map[string]bool)
+		m.hours[hourID] = subs
+	}
+	if _, ok := subs[subject]; ok {
+		m.mu.Unlock()
+		return
+	}
+	subs[subject] = false
+	m.mu.Unlock()
+	s.writeHourIndex(subject, hourID, func(ok bool) {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if subs := m.hours[hourID]; subs != nil {
+			if ok {
+				subs[subject] = true
+			} else {
+				delete(subs, subject)
+			}
+		}
+	})
+}
+
+// writeHourIndex adds subject to hourID's index in a goroutine bounded by
+// OpTimeout, then calls done (when not nil) with its outcome.
+func (s *Store) writeHourIndex(subject, hourID string, done func(ok bool)) {
+	start, err := metering.ParseTimeID(hourID)
+	if err != nil {
+		return // the metering call refuses it
+	}
+	key := s.activeKey(bucketOf(subject), hourID)
+	s.bg.Add(1)
+	go func() {
+		defer s.bg.Done()
+		err := s.call(s.life, func(ctx context.Context) error {
+			_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.SAdd(ctx, key, subject)
+				p.ExpireAt(ctx, key, start.Add(store.HourIndexRetention))
+				return nil
+			})
+			return err
+		})
+		if done != nil {
+			done(err == nil)
+		}
+	}()
+}
+
+// HourSubjects implements store.HourIndex: one SMEMBERS per bucket, in
+// one pipeline (one round trip per master).
+func (s *Store) HourSubjects(ctx context.Context, hourID string) ([]string, error) {
+	var out []string
+	err := s.call(ctx, func(ctx context.Context) error {
+		bs := s.bucketList()
+		cmds := make([]*redis.StringSliceCmd, len(bs))
+		_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, b := range bs {
+				cmds[i] = p.SMembers(ctx, s.activeKey(b, hourID))
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		out = out[:0]
+		for _, c := range cmds {
+			out = append(out, c.Val()...)
+		}
+		return nil
+	})
+	return out, err
+}
+
+var _ store.HourIndex = (*Store)(nil)

@@ -1,0 +1,156 @@
+package redisstore
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/apimonetize/caddy-api-monetize/internal/rediscluster"
+	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
+	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/stripereport"
+)
+
+// commandCalls sums the calls of INFO commandstats, leaving out the
+// commands no store call makes (the test's own INFO, replication and
+// cluster-map housekeeping).
+func commandCalls(info string) int64 {
+	var n int64
+	for _, line := range strings.Split(info, "\n") {
+		name, rest, ok := strings.Cut(strings.TrimPrefix(strings.TrimSpace(line), "cmdstat_"), ":calls=")
+		if !ok || slices.Contains([]string{"info", "replconf", "ping", "cluster", "command", "hello", "client", "config"}, strings.Split(name, "|")[0]) {
+			continue
+		}
+		v, _, _ := strings.Cut(rest, ",")
+		c, _ := strconv.ParseInt(v, 10, 64)
+		n += c
+	}
+	return n
+}
+
+// serverCommands counts the commands the servers behind addrs ran.
+func serverCommands(t *testing.T, addrs []string) int64 {
+	t.Helper()
+	var n int64
+	for _, a := range addrs {
+		cl := redis.NewClient(&redis.Options{Addr: a})
+		info, err := cl.Info(context.Background(), "commandstats").Result()
+		_ = cl.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += commandCalls(info)
+	}
+	return n
+}
+
+// reporterTickCommands stores idle customers (with a Stripe id and no
+// usage) and three customers with usage, and counts the Redis commands of
+// the reporter's first tick (a full pass) and of a tick after the next
+// hour closed. It checks every hour reached Stripe once.
+func reporterTickCommands(t *testing.T, st *Store, addrs []string, idle int) (full, next int64) {
+	t.Helper()
+	ctx := context.Background()
+	double := stripedouble.New()
+	t.Cleanup(double.Close)
+	for i := range idle {
+		if err := st.CreateCustomer(ctx, store.Customer{ID: fmt.Sprintf("idle-%04d", i), Tier: "pro", StripeCustomerID: fmt.Sprintf("cus_I%d", i), CreatedAt: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	active := []string{"act-a", "act-b", "act-c"}
+	for _, id := range active {
+		if err := st.CreateCustomer(ctx, store.Customer{ID: id, Tier: "pro", StripeCustomerID: "cus_" + id, CreatedAt: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := metering.PeriodRule{}.Period(time.Now(), time.Time{})
+	h1 := time.Now().UTC().Truncate(time.Hour).Add(-4 * time.Hour)
+	h2 := h1.Add(time.Hour)
+	meter := func(h time.Time) {
+		t.Helper()
+		q := store.Quota{PeriodID: p.ID(), PeriodEnd: p.End, HourID: metering.TimeID(h)}
+		for _, id := range active {
+			if _, err := st.Reserve(ctx, store.Reservation{Subject: id, Cost: 2, Quota: q}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// The index writes run in the background: wait until they landed.
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			subs, err := st.HourSubjects(ctx, metering.TimeID(h))
+			if err == nil && len(subs) == len(active) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("hour index of %s: %v, %v", metering.TimeID(h), subs, err)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	var now time.Time
+	r := &stripereport.Reporter{
+		Client: stripereport.NewClient("sk_test_123", double.URL, 5*time.Second), Store: st,
+		Meter: "api_calls", Namespace: "test", SettleGrace: time.Minute, Holder: "h", LeaseTTL: time.Hour,
+		Periods: func(store.Customer, time.Time) []string { return []string{p.ID()} },
+		Retry:   stripereport.Retry{Attempts: 1},
+		Now:     func() time.Time { return now },
+	}
+	tick := func(at time.Time) int64 {
+		t.Helper()
+		now = at
+		before := serverCommands(t, addrs)
+		res, err := r.Tick(ctx)
+		after := serverCommands(t, addrs)
+		if err != nil || res.Sent != len(active) {
+			t.Fatalf("tick at %v: %+v, %v; want %d hours sent", at, res, err, len(active))
+		}
+		return after - before
+	}
+	meter(h1)
+	full = tick(h1.Add(time.Hour + 2*time.Minute))
+	meter(h2)
+	next = tick(h2.Add(time.Hour + 2*time.Minute))
+	if n := len(double.Events()); n != 2*len(active) {
+		t.Fatalf("Stripe has %d events, want %d (one per customer and hour)", n, 2*len(active))
+	}
+	return full, next
+}
+
+// TestReporterTickCommandsIndependentOfIdleCustomers: once the reporter
+// has its cursor, a tick's Redis commands do not grow with customers that
+// have no usage. With 20 and with 2,000 idle customers, a tick after an
+// hour closed runs the same number of commands (within a few of
+// background noise), on a single Redis and on a cluster; the first tick,
+// a full pass over every customer, grows with them.
+func TestReporterTickCommandsIndependentOfIdleCustomers(t *testing.T) {
+	run := func(t *testing.T, open func(t *testing.T) *Store, addrs []string) {
+		full20, next20 := reporterTickCommands(t, open(t), addrs, 20)
+		full2k, next2k := reporterTickCommands(t, open(t), addrs, 2000)
+		t.Logf("Redis commands per tick: full pass %d (20 idle) and %d (2,000 idle); after an hour closed %d (20 idle) and %d (2,000 idle)", full20, full2k, next20, next2k)
+		if full2k < full20+2000 {
+			t.Fatalf("the full pass ran %d commands with 2,000 idle customers and %d with 20: it should read every customer", full2k, full20)
+		}
+		if next2k > next20+5 {
+			t.Fatalf("a tick ran %d commands with 2,000 idle customers and %d with 20: it grows with idle customers", next2k, next20)
+		}
+	}
+	t.Run("redis", func(t *testing.T) {
+		run(t, func(t *testing.T) *Store { return openStore(t, Options{KeyPrefix: newPrefix(t)}) }, []string{rawClient(t).Options().Addr})
+	})
+	t.Run("cluster", func(t *testing.T) {
+		c := rediscluster.Start(t, 3, 0)
+		var addrs []string
+		for _, m := range c.Masters(context.Background()) {
+			addrs = append(addrs, m.Addr())
+		}
+		run(t, func(t *testing.T) *Store { return openCluster(t, c, clusterPrefix()) }, addrs)
+	})
+}
