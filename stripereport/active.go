@@ -17,8 +17,9 @@ import (
 // Finding the customers to report. A store with an hour index
 // (store.HourIndex) names the subjects metered in each hour, so a tick
 // reads the customers metered in the hours that closed since the last
-// tick, and those with a failed hour, instead of every customer: its work
-// does not grow with idle customers. The cursor record says up to which
+// tick, those metered late (after their hour) and those with a failed
+// hour, instead of every customer: its work does not grow with idle
+// customers. The cursor record says up to which
 // hour that was done. A full pass over every customer runs when there is
 // no cursor (the first tick, or a store that forgot it), when the cursor
 // is older than the index keeps, and every FullPassEvery, for customers
@@ -77,14 +78,21 @@ func (r *Reporter) customers(ctx context.Context) ([]store.Customer, func(contex
 		_ = json.Unmarshal(rec.Data, &cur) // unreadable: a full pass
 	}
 	next, perr := metering.ParseTimeID(cur.Next)
+	// Late subjects are read before any usage, so the usage read has
+	// their late calls.
+	late, err := idx.LateSubjects(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing the customers metered late: %w", err)
+	}
 	commit := func(full time.Time) func(context.Context) error {
 		return func(ctx context.Context) error {
-			if next.After(end) {
-				return nil // another reporter's clock went further
+			if !next.After(end) { // else another reporter's clock went further
+				data, _ := json.Marshal(cursor{Next: metering.TimeID(end), Full: full})
+				if _, err := r.Store.PutRecord(ctx, store.Record{Kind: KindCursor, ID: "hours", Data: data}, false); err != nil {
+					return err
+				}
 			}
-			data, _ := json.Marshal(cursor{Next: metering.TimeID(end), Full: full})
-			_, err := r.Store.PutRecord(ctx, store.Record{Kind: KindCursor, ID: "hours", Data: data}, false)
-			return err
+			return idx.DoneLate(ctx, late)
 		}
 	}
 	if perr != nil || cur.Full.IsZero() || now.Sub(cur.Full) >= FullPassEvery ||
@@ -101,6 +109,9 @@ func (r *Reporter) customers(ctx context.Context) ([]store.Customer, func(contex
 		for _, s := range subs {
 			ids[s] = true
 		}
+	}
+	for _, l := range late {
+		ids[l.Subject] = true
 	}
 	failed, err := r.Store.ListRecords(ctx, KindFailed, "")
 	if err != nil {

@@ -17,6 +17,7 @@ type indexedMem struct {
 	*memStore
 	mu    sync.Mutex
 	index map[string][]string // hour → subjects
+	late  map[string]int64    // subject → version
 	lists int
 }
 
@@ -24,6 +25,27 @@ func (m *indexedMem) HourSubjects(_ context.Context, hourID string) ([]string, e
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return slices.Clone(m.index[hourID]), nil
+}
+
+func (m *indexedMem) LateSubjects(context.Context) ([]store.LateSubject, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []store.LateSubject
+	for s, v := range m.late {
+		out = append(out, store.LateSubject{Subject: s, Version: v})
+	}
+	return out, nil
+}
+
+func (m *indexedMem) DoneLate(_ context.Context, done []store.LateSubject) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, d := range done {
+		if m.late[d.Subject] == d.Version {
+			delete(m.late, d.Subject)
+		}
+	}
+	return nil
 }
 
 func (m *indexedMem) GetCustomer(_ context.Context, id string) (store.Customer, error) {
@@ -54,6 +76,15 @@ func (m *indexedMem) meter(customer, hour string, units int64, indexed bool) {
 	}
 }
 
+// meterLate adds billed units to customer's hour after the hour closed
+// (a spool replayed after an outage).
+func (m *indexedMem) meterLate(customer, hour string, units int64) {
+	m.addUsage(customer, period, hour, units)
+	m.mu.Lock()
+	m.late[customer]++
+	m.mu.Unlock()
+}
+
 func (m *indexedMem) listings() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -61,7 +92,7 @@ func (m *indexedMem) listings() int {
 }
 
 func newIndexed(f *fixture) (*indexedMem, *Reporter) {
-	st := &indexedMem{memStore: f.st, index: make(map[string][]string)}
+	st := &indexedMem{memStore: f.st, index: make(map[string][]string), late: make(map[string]int64)}
 	r := f.reporter("a")
 	r.Store = st
 	return st, r
@@ -122,5 +153,27 @@ func TestIndexedTickRetriesWhatFailed(t *testing.T) {
 	}
 	if got := f.sums(); len(got) != 2 || got["cus_ACME|"+f.hour(1)] != 20 || got["cus_BETA|"+f.hour(1)] != 30 || st.listings() != 1 {
 		t.Fatalf("Stripe has %v after %d listings; want each hour once, one listing", got, st.listings())
+	}
+}
+
+// TestIndexedTickReportsLateUsage: usage metered after its hour closed
+// and after the cursor passed it (a spool replayed after an outage) is
+// reported by the next tick, once, and the late entry is then removed.
+func TestIndexedTickReportsLateUsage(t *testing.T) {
+	f := newFixture(t)
+	st, r := newIndexed(f)
+	tick(t, r) // the first full pass: nothing to send
+	st.meterLate("beta", f.hour(3), 9)
+	if res := tick(t, r); res.Sent != 1 || res.Hours[0].Customer != "beta" || res.Hours[0].Units != 9 {
+		t.Fatalf("tick after the late usage: %+v; want beta's hour sent", res)
+	}
+	if late, _ := st.LateSubjects(context.Background()); len(late) != 0 {
+		t.Fatalf("late subjects left after the tick: %v", late)
+	}
+	if res := tick(t, r); res.Sent != 0 || st.listings() != 1 {
+		t.Fatalf("next tick: %+v, %d listings", res, st.listings())
+	}
+	if got := f.sums(); len(got) != 1 || got["cus_BETA|"+f.hour(3)] != 9 {
+		t.Fatalf("Stripe has %v", got)
 	}
 }

@@ -29,6 +29,7 @@ import (
 //	P{b:N(name)}:lease:<name>    a lease
 //	P{b:NN}:instances            the bucket's live instances (N of the instance id)
 //	P{b:N(s)}:active:<hour>      the subjects s metered in the UTC hour (see hours.go)
+//	P{b:NN}:late                 the bucket's subjects metered after their hour (hours.go)
 //
 // An operation on one customer, key or record stays on one slot; one that
 // touches several (a key moved to another customer) takes several steps,

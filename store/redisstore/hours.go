@@ -3,6 +3,7 @@ package redisstore
 import (
 	"context"
 	"sync"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -132,3 +133,129 @@ func (s *Store) HourSubjects(ctx context.Context, hourID string) ([]string, erro
 }
 
 var _ store.HourIndex = (*Store)(nil)
+
+// Late calls (store.HourIndex.LateSubjects): P{b:N(s)}:late (Plate on a
+// single Redis) is a sorted set of the subjects s, in bucket N(s), whose
+// metering call ran after the hour it metered, scored by a version that
+// each such call increments. The call's script has run when its version
+// is incremented, so a reader that sees a version sees its usage; DoneLate
+// removes a subject only at the version it read. Late calls are
+// coalesced per subject: while one increment is in flight, the next ones
+// make one more increment after it. The set expires
+// store.HourIndexRetention after its last write.
+
+// lateState is a subject's late increment in flight, and whether another
+// one is due after it.
+type lateState struct{ again bool }
+
+// lateKey is bucket b's late set.
+func (s *Store) lateKey(b int) string { return s.prefix + s.tagAt(b) + "late" }
+
+// markLate records, after a metering call of subject for hourID ran,
+// that it was late: when hourID is before the current hour.
+func (s *Store) markLate(subject, hourID string) {
+	if hourID >= metering.TimeID(time.Now().UTC().Truncate(time.Hour)) {
+		return
+	}
+	s.lateMu.Lock()
+	if st := s.late[subject]; st != nil {
+		st.again = true
+		s.lateMu.Unlock()
+		return
+	}
+	if s.late == nil {
+		s.late = make(map[string]*lateState)
+	}
+	st := &lateState{}
+	s.late[subject] = st
+	s.lateMu.Unlock()
+	key := s.lateKey(bucketOf(subject))
+	s.bg.Add(1)
+	go func() {
+		defer s.bg.Done()
+		for {
+			_ = s.call(s.life, func(ctx context.Context) error {
+				_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+					p.ZIncrBy(ctx, key, 1, subject)
+					p.Expire(ctx, key, store.HourIndexRetention)
+					return nil
+				})
+				return err
+			}) // lost: the reporter's daily full pass reads every customer
+			s.lateMu.Lock()
+			if st.again && s.life.Err() == nil {
+				st.again = false
+				s.lateMu.Unlock()
+				continue
+			}
+			delete(s.late, subject)
+			s.lateMu.Unlock()
+			return
+		}
+	}()
+}
+
+// LateSubjects implements store.HourIndex: one ZRANGE per bucket, in one
+// pipeline.
+func (s *Store) LateSubjects(ctx context.Context) ([]store.LateSubject, error) {
+	var out []store.LateSubject
+	err := s.call(ctx, func(ctx context.Context) error {
+		bs := s.bucketList()
+		cmds := make([]*redis.ZSliceCmd, len(bs))
+		_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, b := range bs {
+				cmds[i] = p.ZRangeWithScores(ctx, s.lateKey(b), 0, -1)
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		out = out[:0]
+		for _, c := range cmds {
+			for _, z := range c.Val() {
+				if sub, ok := z.Member.(string); ok {
+					out = append(out, store.LateSubject{Subject: sub, Version: int64(z.Score)})
+				}
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// doneLateScript removes from KEYS[1] each member ARGV[2i-1] whose score
+// is still ARGV[2i]. It is sent with EVAL (rare, small): a pipeline cannot
+// fall back from EVALSHA.
+const doneLateScript = `
+for i = 1, #ARGV, 2 do
+  local v = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if v and tonumber(v) == tonumber(ARGV[i + 1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return 0
+`
+
+// DoneLate implements store.HourIndex: one script per bucket with done
+// subjects, in one pipeline.
+func (s *Store) DoneLate(ctx context.Context, done []store.LateSubject) error {
+	if len(done) == 0 {
+		return nil
+	}
+	byBucket := make(map[int][]any)
+	for _, d := range done {
+		b := 0
+		if s.cluster != nil {
+			b = bucketOf(d.Subject)
+		}
+		byBucket[b] = append(byBucket[b], d.Subject, d.Version)
+	}
+	return s.call(ctx, func(ctx context.Context) error {
+		_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for b, args := range byBucket {
+				p.Eval(ctx, doneLateScript, []string{s.lateKey(b)}, args...)
+			}
+			return nil
+		})
+		return err
+	})
+}

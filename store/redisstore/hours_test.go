@@ -154,3 +154,59 @@ func TestReporterTickCommandsIndependentOfIdleCustomers(t *testing.T) {
 		run(t, func(t *testing.T) *Store { return openCluster(t, c, clusterPrefix()) }, addrs)
 	})
 }
+
+// TestHourIndexAndLateSubjects: a metering call indexes its subject in its
+// hour; a call for an earlier hour than the current one also marks the
+// subject late, and DoneLate removes it only at the version it read, so a
+// late call made after the read is not forgotten.
+func TestHourIndexAndLateSubjects(t *testing.T) {
+	run := func(t *testing.T, st *Store) {
+		ctx := context.Background()
+		p := metering.PeriodRule{}.Period(time.Now(), time.Time{})
+		old := metering.TimeID(time.Now().UTC().Truncate(time.Hour).Add(-2 * time.Hour))
+		reserve := func() {
+			t.Helper()
+			q := store.Quota{PeriodID: p.ID(), PeriodEnd: p.End, HourID: old}
+			if _, err := st.Reserve(ctx, store.Reservation{Subject: "late-sub", Cost: 1, Quota: q, Replay: true}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitLate := func(after int64) store.LateSubject {
+			t.Helper()
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				late, err := st.LateSubjects(ctx)
+				if err == nil && len(late) == 1 && late[0].Subject == "late-sub" && late[0].Version > after {
+					return late[0]
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("late subjects %v, %v; want late-sub past version %d", late, err, after)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+		reserve()
+		first := waitLate(0)
+		if subs, err := st.HourSubjects(ctx, old); err != nil || !slices.Equal(subs, []string{"late-sub"}) {
+			t.Fatalf("hour index of %s: %v, %v", old, subs, err)
+		}
+		reserve() // a late call after the reporter read first
+		second := waitLate(first.Version)
+		if err := st.DoneLate(ctx, []store.LateSubject{first}); err != nil {
+			t.Fatal(err)
+		}
+		if late, err := st.LateSubjects(ctx); err != nil || len(late) != 1 || late[0] != second {
+			t.Fatalf("after DoneLate of an older version: %v, %v; want %v kept", late, err, second)
+		}
+		if err := st.DoneLate(ctx, []store.LateSubject{second}); err != nil {
+			t.Fatal(err)
+		}
+		if late, err := st.LateSubjects(ctx); err != nil || len(late) != 0 {
+			t.Fatalf("after DoneLate: %v, %v", late, err)
+		}
+	}
+	t.Run("redis", func(t *testing.T) { run(t, openStore(t, Options{KeyPrefix: newPrefix(t)})) })
+	t.Run("cluster", func(t *testing.T) {
+		run(t, openCluster(t, rediscluster.Start(t, 3, 0), clusterPrefix()))
+	})
+}

@@ -939,6 +939,7 @@ func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	if err != nil {
 		return store.Reserved{}, 0, err
 	}
+	s.markLate(r.Subject, r.Quota.HourID)
 	if len(ms) > 0 {
 		return s.reservedMeters(ctx, r, v)
 	}
@@ -1086,6 +1087,9 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 	}
 	s.indexHour(st.Subject, st.Quota.HourID)
 	v, err := s.run(ctx, st.Subject, settleScript, c)
+	if err == nil {
+		s.markLate(st.Subject, st.Quota.HourID)
+	}
 	if err == nil && s.cluster != nil && len(v) == 1 && v[0] == 2 {
 		s.indexOutbox(ctx, st.Subject, st.Quota)
 	}

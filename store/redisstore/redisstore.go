@@ -26,6 +26,7 @@
 //	Pcustkeys:{<customer>} sorted set of a customer's key hashes, scored by creation µs
 //	Pchanges               pub/sub channel: one message per customer or key change
 //	Pactive:<hour>         set of the subjects metered in the UTC hour (see hours.go)
+//	Plate                  sorted set of the subjects metered after their hour (hours.go)
 //	Pinstances             sorted set of live instance ids, scored by the end of their
 //	                       heartbeat's ttl (ms, Redis clock; see Heartbeat)
 //
@@ -136,6 +137,9 @@ type Store struct {
 	// made, and the goroutines making them.
 	hourMemo hourMemo
 	bg       sync.WaitGroup
+	// late are the subjects with a late increment in flight (hours.go).
+	lateMu sync.Mutex
+	late   map[string]*lateState
 
 	// life is cancelled by Close, ending every Watch.
 	life      context.Context
