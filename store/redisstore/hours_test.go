@@ -2,10 +2,14 @@ package redisstore
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +18,8 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/internal/rediscluster"
 	"github.com/apimonetize/caddy-api-monetize/internal/stripedouble"
 	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/notify"
+	"github.com/apimonetize/caddy-api-monetize/notify/notifier"
 	"github.com/apimonetize/caddy-api-monetize/store"
 	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
@@ -208,5 +214,159 @@ func TestHourIndexAndLateSubjects(t *testing.T) {
 	t.Run("redis", func(t *testing.T) { run(t, openStore(t, Options{KeyPrefix: newPrefix(t)})) })
 	t.Run("cluster", func(t *testing.T) {
 		run(t, openCluster(t, rediscluster.Start(t, 3, 0), clusterPrefix()))
+	})
+}
+
+// notifierTickCommands stores idle customers, each with a key that
+// expires in 30 days (outside every notice window), and two customers
+// whose keys expire in 2 days, and counts the Redis commands of the
+// notifier's first tick (a full key scan) and of its second (through the
+// key expiry index). Each expiring key is announced once, to a webhook.
+func notifierTickCommands(t *testing.T, st *Store, addrs []string, idle int) (full, next int64) {
+	t.Helper()
+	ctx := context.Background()
+	var mu sync.Mutex
+	got := map[string]int{}
+	rcv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got[r.Header.Get("webhook-id")]++
+		mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	t.Cleanup(rcv.Close)
+	put := func(customer string, expires time.Time) {
+		t.Helper()
+		if err := st.CreateCustomer(ctx, store.Customer{ID: customer, Tier: "pro", CreatedAt: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		hash := fmt.Sprintf("%x", sha256.Sum256([]byte(customer)))
+		if _, err := st.PutKey(ctx, store.Key{ID: "k" + hash[:16], Hash: hash, CustomerID: customer, Prefix: "am_", ExpiresAt: expires.Truncate(time.Second)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range idle {
+		put(fmt.Sprintf("idle-%04d", i), time.Now().Add(30*24*time.Hour))
+	}
+	put("soon-a", time.Now().Add(48*time.Hour))
+	put("soon-b", time.Now().Add(50*time.Hour))
+	ch := notifier.WebhookChannel(rcv.URL)
+	n := &notifier.Notifier{
+		Holder: "h", LeaseTTL: time.Hour,
+		Webhooks: map[string]notify.Webhook{ch: {URL: rcv.URL, Key: []byte("0123456789abcdef0123456789abcdef")}}, Channels: []string{ch},
+		Payload:        func(store.Customer, store.ThresholdEvent) []byte { return []byte(`{}`) },
+		Retry:          notify.Retry{Base: time.Millisecond, Max: time.Millisecond, GiveUp: time.Hour},
+		AttemptTimeout: 5 * time.Second, StopGrace: time.Second,
+	}
+	tick := func() int64 {
+		before := serverCommands(t, addrs)
+		n.Tick(ctx, st)
+		return serverCommands(t, addrs) - before
+	}
+	full = tick()
+	next = tick()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 2 {
+		t.Fatalf("webhook got %v; want the two expiring keys announced", got)
+	}
+	for id, c := range got {
+		if c != 1 {
+			t.Fatalf("webhook got %s %d times", id, c)
+		}
+	}
+	return full, next
+}
+
+// TestNotifierTickCommandsIndependentOfIdleCustomers: once the notifier
+// made its first full key scan, a tick's Redis commands (threshold
+// outboxes, expiring keys, deliveries) do not grow with customers that
+// have no events and no key about to expire.
+func TestNotifierTickCommandsIndependentOfIdleCustomers(t *testing.T) {
+	run := func(t *testing.T, open func(t *testing.T) *Store, addrs []string) {
+		full20, next20 := notifierTickCommands(t, open(t), addrs, 20)
+		full2k, next2k := notifierTickCommands(t, open(t), addrs, 2000)
+		t.Logf("Redis commands per notifier tick: full key scan %d (20 idle) and %d (2,000 idle); next tick %d (20 idle) and %d (2,000 idle)", full20, full2k, next20, next2k)
+		if full2k < full20+2000 {
+			t.Fatalf("the full scan ran %d commands with 2,000 idle customers and %d with 20: it should read every customer", full2k, full20)
+		}
+		if next2k > next20+5 {
+			t.Fatalf("a tick ran %d commands with 2,000 idle customers and %d with 20: it grows with idle customers", next2k, next20)
+		}
+	}
+	t.Run("redis", func(t *testing.T) {
+		run(t, func(t *testing.T) *Store { return openStore(t, Options{KeyPrefix: newPrefix(t)}) }, []string{rawClient(t).Options().Addr})
+	})
+	t.Run("cluster", func(t *testing.T) {
+		c := rediscluster.Start(t, 3, 0)
+		var addrs []string
+		for _, m := range c.Masters(context.Background()) {
+			addrs = append(addrs, m.Addr())
+		}
+		run(t, func(t *testing.T) *Store { return openCluster(t, c, clusterPrefix()) }, addrs)
+	})
+}
+
+// TestKeyExpiryIndex: the key expiry index follows every write of a key
+// (stored, expiry changed, revoked), and keys stored before the index
+// existed are indexed by its first use.
+func TestKeyExpiryIndex(t *testing.T) {
+	run := func(t *testing.T, st *Store, raw func() redis.Cmdable) {
+		ctx := context.Background()
+		now := time.Now()
+		expiring := func() []string {
+			t.Helper()
+			hs, err := st.KeysExpiring(ctx, now, now.Add(7*24*time.Hour))
+			if err != nil {
+				t.Fatal(err)
+			}
+			slices.Sort(hs)
+			return hs
+		}
+		key := func(customer string, expires time.Time) store.Key {
+			t.Helper()
+			if err := st.CreateCustomer(ctx, store.Customer{ID: customer, Tier: "pro", CreatedAt: now}); err != nil {
+				t.Fatal(err)
+			}
+			hash := fmt.Sprintf("%x", sha256.Sum256([]byte(customer)))
+			k, err := st.PutKey(ctx, store.Key{ID: "k" + hash[:16], Hash: hash, CustomerID: customer, Prefix: "am_", ExpiresAt: expires.Truncate(time.Second)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return k
+		}
+		// A key stored by a version without the index.
+		old := key("old", now.Add(3*24*time.Hour))
+		for _, b := range st.bucketList() {
+			if err := raw().Del(ctx, st.keyExpKey(b)).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		a := key("a", now.Add(2*24*time.Hour))
+		b := key("b", now.Add(30*24*time.Hour))
+		want := []string{a.Hash, old.Hash}
+		slices.Sort(want)
+		if got := expiring(); !slices.Equal(got, want) {
+			t.Fatalf("expiring %v, want %v (a, and the old key indexed at first use)", got, want)
+		}
+		soon := now.Add(24 * time.Hour).Truncate(time.Second)
+		if _, err := st.UpdateKey(ctx, b.ID, store.KeyChange{ExpiresAt: &soon}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.RevokeKey(ctx, a.ID); err != nil {
+			t.Fatal(err)
+		}
+		want = []string{b.Hash, old.Hash}
+		slices.Sort(want)
+		if got := expiring(); !slices.Equal(got, want) {
+			t.Fatalf("expiring %v, want %v (b shortened, a revoked)", got, want)
+		}
+	}
+	t.Run("redis", func(t *testing.T) {
+		raw := rawClient(t)
+		run(t, openStore(t, Options{KeyPrefix: newPrefix(t)}), func() redis.Cmdable { return raw })
+	})
+	t.Run("cluster", func(t *testing.T) {
+		c := rediscluster.Start(t, 3, 0)
+		run(t, openCluster(t, c, clusterPrefix()), func() redis.Cmdable { return c.Client() })
 	})
 }

@@ -27,6 +27,7 @@
 //	Pchanges               pub/sub channel: one message per customer or key change
 //	Pactive:<hour>         set of the subjects metered in the UTC hour (see hours.go)
 //	Plate                  sorted set of the subjects metered after their hour (hours.go)
+//	Pkeyexp                sorted set of active key hashes by expiry (expiry.go)
 //	Pinstances             sorted set of live instance ids, scored by the end of their
 //	                       heartbeat's ttl (ms, Redis clock; see Heartbeat)
 //
@@ -51,6 +52,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -140,6 +142,9 @@ type Store struct {
 	// late are the subjects with a late increment in flight (hours.go).
 	lateMu sync.Mutex
 	late   map[string]*lateState
+	// expiryBuilt is set once the key expiry index holds every key
+	// (expiry.go).
+	expiryBuilt atomic.Bool
 
 	// life is cancelled by Close, ending every Watch.
 	life      context.Context
@@ -769,6 +774,7 @@ func (s *Store) PutKey(ctx context.Context, k store.Key) (store.Key, error) {
 					p.ZRem(ctx, s.custKeysKey(old.CustomerID), k.Hash)
 				}
 				p.ZAdd(ctx, s.custKeysKey(k.CustomerID), redis.Z{Score: float64(k.CreatedAt.UnixMicro()), Member: k.Hash})
+				s.indexExpiry(ctx, p, k)
 				p.Publish(ctx, s.changesChannel(), "key")
 				return nil
 			})
