@@ -83,7 +83,8 @@ func (s *Store) indexHour(subject, hourID string) {
 }
 
 // writeHourIndex adds subject to hourID's index in a goroutine bounded by
-// OpTimeout, then calls done (when not nil) with its outcome.
+// OpTimeout (see background), then calls done (when not nil) with its
+// outcome.
 func (s *Store) writeHourIndex(subject, hourID string, done func(ok bool)) {
 	start, err := metering.ParseTimeID(hourID)
 	if err != nil {
@@ -93,7 +94,7 @@ func (s *Store) writeHourIndex(subject, hourID string, done func(ok bool)) {
 	s.bg.Add(1)
 	go func() {
 		defer s.bg.Done()
-		err := s.call(s.life, func(ctx context.Context) error {
+		err := s.background(func(ctx context.Context) error {
 			_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 				p.SAdd(ctx, key, subject)
 				p.ExpireAt(ctx, key, start.Add(store.HourIndexRetention))
@@ -105,6 +106,15 @@ func (s *Store) writeHourIndex(subject, hourID string, done func(ok bool)) {
 			done(err == nil)
 		}
 	}()
+}
+
+// background runs op, an index write off the request path, within
+// OpTimeout and until Close. It bypasses the circuit breaker: an index
+// write that fails must not make metering calls fail fast.
+func (s *Store) background(op func(ctx context.Context) error) error {
+	ctx, cancel := context.WithTimeout(s.life, s.opTimeout)
+	defer cancel()
+	return op(ctx)
 }
 
 // HourSubjects implements store.HourIndex: one SMEMBERS per bucket, in
@@ -174,7 +184,7 @@ func (s *Store) markLate(subject, hourID string) {
 	go func() {
 		defer s.bg.Done()
 		for {
-			_ = s.call(s.life, func(ctx context.Context) error {
+			_ = s.background(func(ctx context.Context) error {
 				_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 					p.ZIncrBy(ctx, key, 1, subject)
 					p.Expire(ctx, key, store.HourIndexRetention)
