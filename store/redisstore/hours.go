@@ -91,6 +91,9 @@ func (s *Store) writeHourIndex(subject, hourID string, done func(ok bool)) {
 		return // the metering call refuses it
 	}
 	key := s.activeKey(bucketOf(subject), hourID)
+	if s.life.Err() != nil {
+		return // closed
+	}
 	s.bg.Add(1)
 	go func() {
 		defer s.bg.Done()
@@ -164,8 +167,8 @@ func (s *Store) lateKey(b int) string { return s.prefix + s.tagAt(b) + "late" }
 // markLate records, after a metering call of subject for hourID ran,
 // that it was late: when hourID is before the current hour.
 func (s *Store) markLate(subject, hourID string) {
-	if hourID >= metering.TimeID(time.Now().UTC().Truncate(time.Hour)) {
-		return
+	if hourID >= metering.TimeID(time.Now().UTC().Truncate(time.Hour)) || s.life.Err() != nil {
+		return // not late, or closed
 	}
 	s.lateMu.Lock()
 	if st := s.late[subject]; st != nil {
