@@ -108,6 +108,11 @@ type App struct {
 	// Notify delivers quota threshold notifications. Nil: none (crossings
 	// are still recorded and listed by the admin API).
 	Notify *NotifyConfig `json:"notify,omitempty"`
+	// Meters are the meters besides the default one (the request's cost
+	// units): tokens a trusted upstream reports, request or response
+	// bytes. Each is counted for every tier; a tier's Meters give it
+	// included units and an over-quota behaviour. See docs/meters.md.
+	Meters []MeterConfig `json:"meters,omitempty"`
 	// Tiers are the plans customers can be on, in the order they are
 	// offered.
 	Tiers []Tier `json:"tiers,omitempty"`
@@ -121,6 +126,7 @@ type App struct {
 	maxUsageCost int64
 	idempotency  idempotency
 	tiers        []*tierRuntime
+	meters       []*meterRuntime // nil without meters
 	tierByName   map[string]*tierRuntime
 	shared       *shared
 	sharedKey    string

@@ -76,6 +76,16 @@ func parseApp(d *caddyfile.Dispenser, existing any) (any, error) {
 //			support        <word>
 //			sla            <percent>%           # as written, e.g. 99.9%
 //			on_store_error local | allow | deny
+//			meter          <name> {               # repeatable, once per meter
+//				included   <units>/month
+//				over_quota block | bill <price> | throttle <units>/<window> [burst <units>] [bill <price>]
+//				thresholds <percent>... | off
+//			}
+//		}
+//
+//		meter <name> {                       # a meter besides the cost units; repeatable
+//			source cost | header <Header-Name> max <units> | request_bytes [max <bytes>] | response_bytes [max <bytes>]
+//			stripe <event name>             # default: the meter's name
 //		}
 //
 //		customer <id> tier <tier> [stripe <cus_id>] [email <address>] [anchor <YYYY-MM-DD>]
@@ -95,12 +105,13 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Errf("api_monetize takes no arguments on its first line, got '%s'; its settings go in a { } block", d.Val())
 	}
 	p := appParser{
-		app:       a,
-		start:     d.Token(),
-		seen:      make(map[string]caddyfile.Token),
-		tiers:     make(map[string]caddyfile.Token),
-		customers: make(map[string]caddyfile.Token),
-		keys:      make(map[string]caddyfile.Token),
+		app:        a,
+		start:      d.Token(),
+		seen:       make(map[string]caddyfile.Token),
+		tiers:      make(map[string]caddyfile.Token),
+		customers:  make(map[string]caddyfile.Token),
+		keys:       make(map[string]caddyfile.Token),
+		tierMeters: make(map[string]caddyfile.Token),
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if err := p.option(d); err != nil {
@@ -126,6 +137,10 @@ type appParser struct {
 	// whole block is read, with the token to blame.
 	customerTiers []reference
 	keyCustomers  []reference
+	// meters are the meter declarations, in order; tierMeters the
+	// tiers' meter blocks, by "<tier>\x00<meter>".
+	meters     []declaration
+	tierMeters map[string]caddyfile.Token
 }
 
 // reference is a name used on a line, to check it is declared.
@@ -296,6 +311,8 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 		}
 	case "tier":
 		return p.tier(d)
+	case "meter":
+		return p.meter(d)
 	case "customer":
 		return p.customer(d)
 	case "key":
@@ -307,7 +324,7 @@ func (p *appParser) option(d *caddyfile.Dispenser) error {
 	case "idempotency":
 		return p.idempotency(d)
 	default:
-		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_cluster, redis_wait_replicas, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, auth_failures, tier, customer, key, stripe, notify", name)
+		return d.Errf("unrecognized api_monetize option '%s'; expected one of redis, redis_cluster, redis_wait_replicas, redis_prefix, store_path, store_timeout, store_flush_interval, key_secret, admin_api, upgrade_url, rate_limit_headers, currency, bill_on, usage_cost_header, thresholds, idempotency, auth_failures, meter, tier, customer, key, stripe, notify", name)
 	}
 	return nil
 }
@@ -368,6 +385,9 @@ func (p *appParser) tier(d *caddyfile.Dispenser) error {
 	if err := t.checkQuota(); err != nil {
 		return blame(err, seen, tok)
 	}
+	for _, tm := range t.Meters {
+		p.tierMeters[name+"\x00"+tm.Meter] = seen["meter "+tm.Meter]
+	}
 	for _, gap := range excludeGaps(t.Exclude) {
 		caddy.Log().Named("caddyfile.api_monetize").Warn(excludeGapAdvice(t.Name, gap), zap.String("file", tok.File), zap.Int("line", tok.Line))
 	}
@@ -414,6 +434,8 @@ func tierOption(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token
 			t.Features = append(t.Features, f)
 		}
 		return nil
+	case "meter":
+		return parseTierMeter(d, t, seen)
 	}
 
 	if err := once(d, seen); err != nil {
@@ -513,7 +535,7 @@ func tierOption(d *caddyfile.Dispenser, t *Tier, seen map[string]caddyfile.Token
 		}
 		t.Thresholds = ts
 	default:
-		return d.Errf("tier %s: unrecognized option '%s'; expected one of price, included, over_quota, period, thresholds, rate, endpoints, exclude, features, support, sla, on_store_error", t.Name, opt)
+		return d.Errf("tier %s: unrecognized option '%s'; expected one of price, included, over_quota, period, thresholds, rate, endpoints, exclude, features, meter, support, sla, on_store_error", t.Name, opt)
 	}
 	return nil
 }
@@ -616,6 +638,9 @@ func (p *appParser) key(d *caddyfile.Dispenser) error {
 func (p *appParser) check() error {
 	if len(p.tiers) == 0 {
 		return errAt(p.start, "api_monetize: no tier defined; add at least one 'tier <name> { ... }'")
+	}
+	if err := p.checkMeters(); err != nil {
+		return err
 	}
 	if err := p.app.validate(); err != nil {
 		return blame(err, p.seen, p.start)

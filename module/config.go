@@ -43,6 +43,10 @@ type Tier struct {
 	// non-nil list disables them: it is written as [] in JSON (omitzero
 	// omits only a nil list), so that it survives a round trip.
 	Thresholds []int `json:"thresholds,omitzero"`
+	// Meters give the tier included units and an over-quota behaviour for
+	// meters declared in the app's Meters, each at most once. A meter
+	// without one is counted, never limited.
+	Meters []TierMeter `json:"meters,omitempty"`
 	// OnStoreError decides admission when the store cannot be reached:
 	// "local" (default) decides with in-process rate-limit state, "allow"
 	// admits without limiting, "deny" answers 503.

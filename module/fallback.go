@@ -94,8 +94,10 @@ func (u *usageCache) observe(res store.Reservation, out store.Reserved, now int6
 	interval := int64(0)
 	if !out.Duplicate {
 		switch {
-		case out.Throttled && res.Quota.Throttle.Valid():
-			interval = res.Quota.Throttle.Interval()
+		case out.Throttled:
+			if p, _ := appliedThrottle(res, out); p.Valid() {
+				interval = p.Interval()
+			}
 		case !out.Throttled && res.Rate.Valid():
 			interval = res.Rate.Interval()
 		}
@@ -106,7 +108,18 @@ func (u *usageCache) observe(res store.Reservation, out store.Reserved, now int6
 	e := u.entry(res.Subject)
 	e.mu.Lock()
 	if res.Cost > 0 {
+		if e.period != res.Quota.PeriodID {
+			e.meters = nil
+		}
 		e.period, e.used = res.Quota.PeriodID, out.Used
+		if len(res.Meters) > 0 && len(out.Meters) == len(res.Meters) {
+			if e.meters == nil {
+				e.meters = make(map[string]int64, len(res.Meters))
+			}
+			for i, m := range res.Meters {
+				e.meters[m.Meter] = out.Meters[i].Used
+			}
+		}
 	}
 	if interval > 0 {
 		e.rateTAT, e.rateInterval = now+out.Rate.ResetAfter.Microseconds(), interval

@@ -71,6 +71,9 @@ func checkAccepted(t *testing.T, input string, app *App) {
 	if len(back.Tiers) == 0 {
 		return // Provision refuses an app without tiers, with a clear error
 	}
+	if err := back.checkMeters(); err != nil {
+		t.Fatalf("%q: the Caddyfile accepted meters Provision refuses: %v", input, err)
+	}
 	if err := back.compileMetering(); err != nil {
 		t.Fatalf("%q: the Caddyfile accepted what Provision refuses: %v", input, err)
 	}
@@ -132,6 +135,37 @@ func FuzzTierOption(f *testing.F) {
 		if err != nil {
 			if !positioned.MatchString(err.Error()) {
 				t.Fatalf("%q: error without a position: %v", line, err)
+			}
+			return
+		}
+		checkAccepted(t, input, app)
+	})
+}
+
+// FuzzMeterBlocks fuzzes one line of a global meter block and one line of
+// a tier's meter block (source, stripe, included, over_quota,
+// thresholds). Same properties as FuzzParseApp.
+func FuzzMeterBlocks(f *testing.F) {
+	for _, lines := range [][2]string{
+		{"source header X-Tokens-Used max 100000", "included 2000000/month"},
+		{"source request_bytes", "over_quota bill 0.000010"},
+		{"source response_bytes max 1048576", "over_quota throttle 10/hour burst 5 bill 0.5"},
+		{"source cost", "thresholds 50 80 100"},
+		{"stripe ai_tokens", "thresholds off"},
+		{"source header X_Bad max 1", "over_quota block"},
+	} {
+		f.Add(lines[0], lines[1])
+	}
+	f.Fuzz(func(t *testing.T, global, tier string) {
+		input := "api_monetize {\n\tmeter m {\n\t\tsource header X-M max 9\n\t\t" + global +
+			"\n\t}\n\ttier t {\n\t\trate 50/min\n\t\tmeter m {\n\t\t\tincluded 100/month\n\t\t\t" + tier + "\n\t\t}\n\t}\n}"
+		if !startsWith(input, "api_monetize") {
+			return
+		}
+		app, err := parseGlobal(input)
+		if err != nil {
+			if !positioned.MatchString(err.Error()) {
+				t.Fatalf("%q / %q: error without a position: %v", global, tier, err)
 			}
 			return
 		}

@@ -148,10 +148,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	if !(degraded && tier.onStoreError == storeErrorAllow) {
-		setMeterHeaders(w.Header(), app.headers, tier, out, period, now)
+		throttle := tier
+		if out.Throttled && len(res.Meters) > 0 {
+			_, idx := appliedThrottle(res, out)
+			throttle = tier.throttleOf(idx)
+		}
+		setMeterHeaders(w.Header(), app.headers, tier, throttle, out, period, now)
 	}
 	if !out.Allowed {
-		h.denied(w, r, tier, out, cost, period, now)
+		h.denied(w, r, tier, res, out, cost, period, now)
 		return nil
 	}
 	switch {
@@ -169,7 +174,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		costHeader:            app.UsageCostHeader,
 		maxCost:               app.maxUsageCost,
 	}
+	if len(res.Meters) > 0 {
+		mw.tally = newMeterTally(tier, r)
+	}
 	err = next.ServeHTTP(mw, r)
+	if mw.tally != nil {
+		mw.tally.readTrailers(mw.Header())
+		if mw.tally.ignored != "" {
+			logIgnored(h.logger, tier.Name, mw.tally.ignored)
+		}
+	}
 	app.settle(st, res, out, degraded, mw, err)
 	return err
 }
@@ -210,8 +224,12 @@ func (h *Handler) forbidden(w http.ResponseWriter, r *http.Request, tier *tierRu
 // denied answers a reservation that was not admitted: 429 for a used-up
 // quota (until the period ends) or a rate limit, 403 when the cost can
 // never fit the burst.
-func (h *Handler) denied(w http.ResponseWriter, r *http.Request, tier *tierRuntime, out store.Reserved, cost int64, period metering.Period, now time.Time) {
+func (h *Handler) denied(w http.ResponseWriter, r *http.Request, tier *tierRuntime, res store.Reservation, out store.Reserved, cost int64, period metering.Period, now time.Time) {
 	tier.metrics.rateLimited.Inc()
+	if out.QuotaExceeded && out.QuotaExceededMeter != "" {
+		h.meterExhausted(w, r, tier, out, period, now)
+		return
+	}
 	if out.QuotaExceeded {
 		left := time.Duration(period.SecondsLeft(now)) * time.Second
 		writeProblem(w, r, problem{
@@ -224,7 +242,9 @@ func (h *Handler) denied(w http.ResponseWriter, r *http.Request, tier *tierRunti
 	}
 	name, policy := tier.rateName, tier.policy
 	if out.Throttled {
-		name, policy = tier.throttleName, tier.throttle
+		_, idx := appliedThrottle(res, out)
+		th := tier.throttleOf(idx)
+		name, policy = th.throttleName, th.throttle
 	}
 	upgrade := h.fasterTiers(tier, cost)
 	if out.Rate.CostExceedsBurst {
@@ -245,6 +265,45 @@ func (h *Handler) denied(w http.ResponseWriter, r *http.Request, tier *tierRunti
 		Type: problemQuotaExceeded, Title: "Rate limit exceeded", Status: http.StatusTooManyRequests,
 		Detail: detail, Tier: tier.Name, ViolatedPolicies: []string{name}, Upgrade: upgrade,
 	}, out.Rate.RetryAfter)
+}
+
+// meterExhausted answers 429 for a meter whose block quota is used up,
+// naming the meter's policy ("<tier>-<meter>-month") and the tiers with
+// more of that meter.
+func (h *Handler) meterExhausted(w http.ResponseWriter, r *http.Request, tier *tierRuntime, out store.Reserved, period metering.Period, now time.Time) {
+	idx := -1
+	for i, tm := range tier.meters {
+		if tm.name == out.QuotaExceededMeter {
+			idx = i
+		}
+	}
+	if idx < 0 { // a meter this configuration no longer has
+		writeProblem(w, r, problem{
+			Type: problemQuotaExceeded, Title: "Monthly quota exceeded", Status: http.StatusTooManyRequests,
+			Detail: fmt.Sprintf("The %s meter's monthly quota is used up.", out.QuotaExceededMeter), Tier: tier.Name,
+		}, time.Duration(period.SecondsLeft(now))*time.Second)
+		return
+	}
+	tm := tier.meters[idx]
+	var used int64
+	if idx < len(out.Meters) {
+		used = out.Meters[idx].Used
+	}
+	var larger []string
+	for _, o := range h.app.tiers {
+		if o == tier || idx >= len(o.meters) {
+			continue
+		}
+		if q := o.meters[idx].quota; q.included > tm.quota.included || q.quotaMode != store.QuotaBlock {
+			larger = append(larger, o.Name)
+		}
+	}
+	writeProblem(w, r, problem{
+		Type: problemQuotaExceeded, Title: "Monthly quota exceeded", Status: http.StatusTooManyRequests,
+		Detail: fmt.Sprintf("The %s plan includes %d %s per period and %d are used. The quota renews at %s.",
+			tier.Name, tm.quota.included, tm.name, used, period.End.UTC().Format(time.RFC3339)),
+		Tier: tier.Name, ViolatedPolicies: []string{tm.quota.quotaName}, Upgrade: hint(larger, h.app.UpgradeURL),
+	}, time.Duration(period.SecondsLeft(now))*time.Second)
 }
 
 // fasterTiers lists the tiers with a higher rate than t whose burst fits

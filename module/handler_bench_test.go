@@ -50,10 +50,13 @@ func benchHandler(b testing.TB, storeLine func(app *App)) (*Handler, func()) {
 }
 
 func benchServe(b *testing.B, h *Handler) {
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+	benchServeNext(b, h, caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
 		w.WriteHeader(http.StatusOK)
 		return nil
-	})
+	}))
+}
+
+func benchServeNext(b *testing.B, h *Handler, next caddyhttp.Handler) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
@@ -75,6 +78,47 @@ func BenchmarkHandlerEmbedded(b *testing.B) {
 	h, stop := benchHandler(b, func(app *App) { app.StorePath = filepath.Join(b.TempDir(), "store.db") })
 	defer stop()
 	benchServe(b, h)
+}
+
+// benchMeters adds two meters to the benchmark's app: tokens a trusted
+// upstream reports (billed beyond 1e12 included) and response bytes (only
+// metered).
+func benchMeters(app *App) {
+	app.Meters = []MeterConfig{
+		{Name: "tokens", Source: MeterSource{Kind: "header", Header: "X-Tokens-Used", Max: 100000}},
+		{Name: "download", Source: MeterSource{Kind: "response_bytes"}},
+	}
+	app.Tiers[0].Meters = []TierMeter{{Meter: "tokens", Included: &Included{Units: 1_000_000_000_000, Interval: "month"}, OverQuota: &OverQuota{Mode: "bill", PriceMicros: 10}}}
+}
+
+// BenchmarkHandlerEmbeddedTwoMeters is BenchmarkHandlerEmbedded with two
+// meters whose amounts stay 0 (the upstream reports no tokens and writes
+// no body): the reservation carries them, the headers list the tokens
+// quota, no settlement is needed.
+func BenchmarkHandlerEmbeddedTwoMeters(b *testing.B) {
+	h, stop := benchHandler(b, func(app *App) {
+		app.StorePath = filepath.Join(b.TempDir(), "store.db")
+		benchMeters(app)
+	})
+	defer stop()
+	benchServe(b, h)
+}
+
+// BenchmarkHandlerEmbeddedTwoMetersReported is the same with an upstream
+// that reports 42 tokens and writes a 2-byte body: every request is
+// settled once more (both meters changed).
+func BenchmarkHandlerEmbeddedTwoMetersReported(b *testing.B) {
+	h, stop := benchHandler(b, func(app *App) {
+		app.StorePath = filepath.Join(b.TempDir(), "store.db")
+		benchMeters(app)
+	})
+	defer stop()
+	benchServeNext(b, h, caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.Header().Set("X-Tokens-Used", "42")
+		w.WriteHeader(http.StatusOK)
+		_, err := w.Write([]byte("ok"))
+		return err
+	}))
 }
 
 // BenchmarkHandlerRedis is the same on Redis (one round trip per request
@@ -130,7 +174,7 @@ func BenchmarkResponseHeaders(b *testing.B) {
 			for b.Loop() {
 				hdr := make(http.Header)
 				hdr["Server"] = []string{"Caddy"}
-				setMeterHeaders(hdr, set, tier, out, period, now)
+				setMeterHeaders(hdr, set, tier, tier, out, period, now)
 				for _, k := range upstream {
 					hdr.Add(k, "x")
 				}

@@ -60,30 +60,41 @@ type policyState struct {
 //
 // It runs on every request, so all values are built in one buffer and
 // share one string.
-func setMeterHeaders(h http.Header, set headerSet, t *tierRuntime, out store.Reserved, period metering.Period, now time.Time) {
+func setMeterHeaders(h http.Header, set headerSet, t, throttle *tierRuntime, out store.Reserved, period metering.Period, now time.Time) {
 	if set == 0 {
 		return
 	}
-	var items [2]policyState
-	n := 0
+	var arr [2]policyState
+	items := arr[:0]
 	switch {
 	case out.Throttled:
-		items[n] = rateState(t.throttleQuoted, t.throttleHeader, t.throttle, out.Rate)
-		n++
+		items = append(items, rateState(throttle.throttleQuoted, throttle.throttleHeader, throttle.throttle, out.Rate))
 	case t.hasRate && !out.QuotaExceeded:
-		items[n] = rateState(t.rateQuoted, t.policyHeader, t.policy, out.Rate)
-		n++
+		items = append(items, rateState(t.rateQuoted, t.policyHeader, t.policy, out.Rate))
 	}
 	if t.quotaMode != store.QuotaMeter {
-		items[n] = policyState{
+		items = append(items, policyState{
 			quotedName: t.quotaQuoted,
 			limit:      t.included,
 			remaining:  max(0, t.included-out.Used),
 			wait:       period.SecondsLeft(now),
 			window:     period.Seconds(),
-		}
-		n++
+		})
 	}
+	for i, tm := range t.meters { // one quota item per meter with included units
+		if !tm.hasQuota() || i >= len(out.Meters) {
+			continue
+		}
+		q := tm.quota
+		items = append(items, policyState{
+			quotedName: q.quotaQuoted,
+			limit:      q.included,
+			remaining:  max(0, q.included-out.Meters[i].Used),
+			wait:       period.SecondsLeft(now),
+			window:     period.Seconds(),
+		})
+	}
+	n := len(items)
 	if n == 0 {
 		return
 	}
@@ -92,7 +103,7 @@ func setMeterHeaders(h http.Header, set headerSet, t *tierRuntime, out store.Res
 	var ends [5]int
 	k := 0
 	if set&headersIETF != 0 {
-		for i, it := range items[:n] {
+		for i, it := range items {
 			if i > 0 {
 				buf = append(buf, ", "...)
 			}
@@ -107,7 +118,7 @@ func setMeterHeaders(h http.Header, set headerSet, t *tierRuntime, out store.Res
 			}
 		}
 		ends[k], k = len(buf), k+1
-		for i, it := range items[:n] {
+		for i, it := range items {
 			if i > 0 {
 				buf = append(buf, ", "...)
 			}
@@ -121,8 +132,10 @@ func setMeterHeaders(h http.Header, set headerSet, t *tierRuntime, out store.Res
 	}
 	if set&headersLegacy != 0 {
 		m := items[0]
-		if n == 2 && moreRestrictive(items[1], items[0]) {
-			m = items[1]
+		for _, it := range items[1:] {
+			if moreRestrictive(it, m) {
+				m = it
+			}
 		}
 		buf = strconv.AppendInt(buf, m.limit, 10)
 		ends[k], k = len(buf), k+1

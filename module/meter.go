@@ -38,6 +38,12 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 	if t.hasRate {
 		res.Rate = t.policy
 	}
+	if len(t.meters) > 0 && cost > 0 {
+		res.Meters = make([]store.MeterReservation, len(t.meters))
+		for i, tm := range t.meters {
+			res.Meters[i] = tm.reservation(tm.advance(r, cost))
+		}
+	}
 	a.idempotency.apply(&res, r, cost)
 	if cost > 0 {
 		o := a.shared.liveOrigin()
@@ -89,11 +95,15 @@ func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Rese
 	}
 	out := store.Reserved{Allowed: true}
 	used := a.shared.usage.get(res.Subject, res.Quota.PeriodID)
+	var meterUsed []int64
+	if len(res.Meters) > 0 {
+		meterUsed = a.shared.usage.getMeters(res.Subject, res.Quota.PeriodID, res.Meters)
+	}
 	q := res.Quota
 	if t.onStoreError == storeErrorLocal {
-		adm := res.Admit(used) // the stores' decision (store/admission.go)
+		adm := res.AdmitMeters(used, meterUsed) // the stores' decision (store/admission.go)
 		if adm.QuotaExceeded {
-			return store.Reserved{QuotaExceeded: true, Used: used}, nil
+			return store.Reserved{QuotaExceeded: true, QuotaExceededMeter: adm.QuotaExceededMeter, Used: used, Meters: meterOutcomes(res.Meters, meterUsed)}, nil
 		}
 		policy := adm.Policy
 		out.Throttled = adm.Throttled
@@ -109,15 +119,38 @@ func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Rese
 	}
 	if !out.Allowed || res.Cost == 0 {
 		out.Used = used
+		out.Meters = meterOutcomes(res.Meters, meterUsed)
 		return out, nil
 	}
 	if q.Mode != store.QuotaMeter {
 		out.Overage = metering.Overage(used, res.Cost, q.Included)
 	}
 	out.Used = a.shared.usage.add(res.Subject, q.PeriodID, res.Cost)
+	if len(res.Meters) > 0 {
+		out.Meters = make([]store.MeterReserved, len(res.Meters))
+		for i, m := range res.Meters {
+			if m.Mode != store.QuotaMeter {
+				out.Meters[i].Overage = metering.Overage(meterUsed[i], m.Amount, m.Included)
+			}
+			out.Meters[i].Used = a.shared.usage.addMeter(res.Subject, q.PeriodID, m.Meter, m.Amount)
+		}
+	}
 	res.Replay = true
 	a.shared.keep(spool.Record{Reservation: &res})
 	return out, nil
+}
+
+// meterOutcomes reports the meters' usage, unchanged, for a reservation
+// decided without the store and not counted.
+func meterOutcomes(ms []store.MeterReservation, used []int64) []store.MeterReserved {
+	if len(ms) == 0 {
+		return nil
+	}
+	out := make([]store.MeterReserved, len(ms))
+	for i := range ms {
+		out[i].Used = used[i]
+	}
+	return out
 }
 
 // settle corrects the reservation once the response is known: a response
@@ -126,22 +159,30 @@ func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Rese
 // call.
 func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, degraded bool, mw *meteredWriter, serveErr error) {
 	actual := res.Cost
+	billable := serveErr == nil && mw.status != 0 && a.billOn.Billable(mw.status)
 	switch {
-	case serveErr != nil || mw.status == 0 || !a.billOn.Billable(mw.status):
+	case !billable:
 		actual = 0
 	case mw.hasReported:
 		actual = mw.reported
 	}
-	if actual == res.Cost {
+	var meters []store.MeterSettlement
+	if len(res.Meters) > 0 {
+		meters = mw.tally.settlements(res, out, billable, actual)
+	}
+	if actual == res.Cost && len(meters) == 0 {
 		return
 	}
 	s := store.Settlement{
 		Subject: res.Subject, Quota: res.Quota,
 		IdempotencyKey: res.IdempotencyKey, IdempotencyFingerprint: res.IdempotencyFingerprint,
 		Reserved: res.Cost, Overage: out.Overage, Actual: actual,
-		Origin: res.Origin, Seq: res.Seq,
+		Origin: res.Origin, Seq: res.Seq, Meters: meters,
 	}
 	a.shared.usage.add(res.Subject, res.Quota.PeriodID, actual-res.Cost)
+	for _, ms := range meters {
+		a.shared.usage.addMeter(res.Subject, res.Quota.PeriodID, ms.Meter, ms.Actual-ms.Reserved)
+	}
 	if !degraded {
 		ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
 		err := m.Settle(ctx, s)
@@ -167,6 +208,9 @@ type usageEntry struct {
 	mu     sync.Mutex
 	period string
 	used   int64
+	// meters are the other meters' usage in period, by name; nil until a
+	// meter is seen.
+	meters map[string]int64
 	// rateTAT and rateInterval are the customer's rate state as the store
 	// last reported it (see usageCache.observe); rateInterval is 0 until
 	// then.
@@ -208,11 +252,43 @@ func (u *usageCache) add(subject, period string, delta int64) int64 {
 	e := u.entry(subject)
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.period != period {
-		e.period, e.used = period, 0
-	}
+	e.setPeriod(period)
 	e.used += delta
 	return e.used
+}
+
+// setPeriod starts period's usage at zero if e holds another period's.
+func (e *usageEntry) setPeriod(period string) {
+	if e.period != period {
+		e.period, e.used, e.meters = period, 0, nil
+	}
+}
+
+// getMeters returns a subject's usage of each of ms in period.
+func (u *usageCache) getMeters(subject, period string, ms []store.MeterReservation) []int64 {
+	used := make([]int64, len(ms))
+	e := u.entry(subject)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.period == period {
+		for i, m := range ms {
+			used[i] = e.meters[m.Meter]
+		}
+	}
+	return used
+}
+
+// addMeter adjusts a subject's usage of meter by delta and returns it.
+func (u *usageCache) addMeter(subject, period, meter string, delta int64) int64 {
+	e := u.entry(subject)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.setPeriod(period)
+	if e.meters == nil {
+		e.meters = make(map[string]int64)
+	}
+	e.meters[meter] += delta
+	return e.meters[meter]
 }
 
 // seqs numbers this process's reservations per subject (see

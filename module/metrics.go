@@ -37,6 +37,9 @@ type metrics struct {
 	spooled     prometheus.Counter
 	replayed    prometheus.Counter
 	lostUsage   prometheus.Counter
+	// ignoredUsage counts meter header values that were not whole numbers
+	// ≥ 0, by tier and meter (meter names come from the configuration).
+	ignoredUsage *prometheus.CounterVec
 	// liveInstances is how many instances the shared store last counted.
 	liveInstances prometheus.Gauge
 }
@@ -74,6 +77,10 @@ func getMetrics() *metrics {
 				Namespace: ns, Subsystem: sub, Name: "lost_usage_records_total",
 				Help: "Usage records that could be neither stored nor kept for replay (spool or in-memory buffer full, or kept in memory when Caddy stopped).",
 			}),
+			ignoredUsage: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "ignored_usage_values_total",
+				Help: "Meter header values a trusted upstream sent that were not whole numbers of at least 0, ignored (the meter kept its reserved amount), by tier and meter.",
+			}, []string{"tier", "meter"}),
 			liveInstances: prometheus.NewGauge(prometheus.GaugeOpts{
 				Namespace: ns, Subsystem: sub, Name: "live_instances",
 				Help: "Instances sharing the Redis store at its last heartbeat; each takes this share of a budget while Redis is unreachable.",
@@ -90,7 +97,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	m := getMetrics()
-	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors, m.spooled, m.replayed, m.lostUsage, m.liveInstances} {
+	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors, m.spooled, m.replayed, m.lostUsage, m.ignoredUsage, m.liveInstances} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -102,9 +102,21 @@ func (a *App) notificationPayload(c store.Customer, ev store.ThresholdEvent) not
 	policy := ""
 	if t, ok := a.tierByName[c.Tier]; ok {
 		policy = t.quotaMode
+		if ev.Meter != "" {
+			policy = ""
+			for _, tm := range t.meters {
+				if tm.name == ev.Meter {
+					policy = tm.quota.quotaMode
+				}
+			}
+		}
 		if !period.Start.IsZero() {
 			period.End = t.periodRule.Period(period.Start, c.BillingAnchor()).End
 		}
 	}
-	return notify.NewPayload(ev.Subject, c.Tier, period, ev.Used, ev.Included, ev.Threshold, policy, ev.At)
+	p := notify.NewPayload(ev.Subject, c.Tier, period, ev.Used, ev.Included, ev.Threshold, policy, ev.At)
+	if ev.Meter != "" {
+		p = p.ForMeter(ev.Meter)
+	}
+	return p
 }

@@ -312,12 +312,19 @@ func (b portalBackend) Usage(ctx context.Context, customerID, month string) (por
 	default:
 		return portal.Usage{}, errors.New(msg)
 	}
-	return portal.Usage{
+	u := portal.Usage{
 		Tier: v.Tier, PeriodID: v.Period.ID, Start: v.Period.Start, End: v.Period.End,
 		Used: v.Billed, Requests: v.Requests, Included: v.Included, Remaining: v.Remaining,
-		Overage: v.Overage, OverageCharge: v.OverageCharge, Currency: strings.ToUpper(v.Currency),
+		Overage: v.Overage, OverageCharge: v.OverageCharge, Currency: strings.ToUpper(b.app.currency()),
 		OverQuota: v.OverQuota, Thresholds: v.Thresholds, Hours: v.Hours,
-	}, nil
+	}
+	for _, m := range v.Meters {
+		u.Meters = append(u.Meters, portal.MeterUsage{
+			Meter: m.Meter, Used: m.Billed, Included: m.Included, Remaining: m.Remaining,
+			Overage: m.Overage, OverageCharge: m.OverageCharge, OverQuota: m.OverQuota,
+		})
+	}
+	return u, nil
 }
 
 func (b portalBackend) OwnerTransferred(ctx context.Context, customerID, from, to, remote string) {

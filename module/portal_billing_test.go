@@ -147,12 +147,28 @@ func TestPortalCheckoutIsValidForStripe(t *testing.T) {
 		{Price: stripe.String("price_base"), Quantity: stripe.Int64(1)},
 		{Price: stripe.String("price_usage")},
 	}
-	s, err := sc.V1CheckoutSessions.Create(context.Background(), checkoutParams("c-1", "dev@example.com", items, "https://portal.example.com/plans", portal.CheckoutAttempt{Key: "am_checkout_test", Created: time.Now()}))
+	s, err := sc.V1CheckoutSessions.Create(context.Background(), checkoutParams("c-1", "", "dev@example.com", items, "https://portal.example.com/plans", portal.CheckoutAttempt{Key: "am_checkout_test", Created: time.Now()}))
 	if err != nil {
 		t.Fatalf("checkout session: %v", err)
 	}
 	if s.URL == "" || s.Mode != stripe.CheckoutSessionModeSubscription || s.ClientReferenceID != "c-1" {
 		t.Fatalf("checkout session %+v", s)
+	}
+	// A customer whose subscription ended subscribes again as the same
+	// Stripe customer.
+	again := checkoutParams("c-1", "cus_1", "dev@example.com", items, "https://portal.example.com/plans", portal.CheckoutAttempt{Key: "am_checkout_test_again", Created: time.Now()})
+	if again.Customer == nil || *again.Customer != "cus_1" || again.CustomerEmail != nil {
+		t.Fatalf("checkout for an existing Stripe customer: customer %v, customer_email %v", again.Customer, again.CustomerEmail)
+	}
+	if _, err := sc.V1CheckoutSessions.Create(context.Background(), again); err != nil {
+		t.Fatalf("checkout session for an existing Stripe customer: %v", err)
+	}
+	// Cancel this checkout: expire it, and read it back when refused.
+	if _, err := sc.V1CheckoutSessions.Expire(context.Background(), "cs_test_1", &stripe.CheckoutSessionExpireParams{}); err != nil {
+		t.Fatalf("checkout session expire: %v", err)
+	}
+	if _, err := sc.V1CheckoutSessions.Retrieve(context.Background(), "cs_test_1", nil); err != nil {
+		t.Fatalf("checkout session retrieve: %v", err)
 	}
 	p, err := sc.V1BillingPortalSessions.Create(context.Background(), &stripe.BillingPortalSessionCreateParams{
 		Customer: stripe.String("cus_1"), ReturnURL: stripe.String("https://portal.example.com/plans"),

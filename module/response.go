@@ -24,6 +24,8 @@ type meteredWriter struct {
 	// reported is the cost the upstream reported, when hasReported.
 	reported    int64
 	hasReported bool
+	// tally counts the request's other meters; nil without meters.
+	tally *meterTally
 }
 
 func (w *meteredWriter) WriteHeader(code int) {
@@ -36,6 +38,9 @@ func (w *meteredWriter) WriteHeader(code int) {
 			}
 			h.Del(w.costHeader)
 		}
+		if w.tally != nil {
+			w.tally.readHeaders(w.Header())
+		}
 	}
 	w.ResponseWriterWrapper.WriteHeader(code)
 }
@@ -44,7 +49,11 @@ func (w *meteredWriter) Write(b []byte) (int, error) {
 	if w.status == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
-	return w.ResponseWriterWrapper.Write(b)
+	n, err := w.ResponseWriterWrapper.Write(b)
+	if w.tally != nil {
+		w.tally.respBytes += int64(n)
+	}
+	return n, err
 }
 
 // ReadFrom keeps the wrapped writer's fast path without skipping
@@ -53,7 +62,11 @@ func (w *meteredWriter) ReadFrom(r io.Reader) (int64, error) {
 	if w.status == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
-	return w.ResponseWriterWrapper.ReadFrom(r)
+	n, err := w.ResponseWriterWrapper.ReadFrom(r)
+	if w.tally != nil {
+		w.tally.respBytes += n
+	}
+	return n, err
 }
 
 // FlushError sends the header first, so an early flush is recorded.

@@ -145,6 +145,7 @@ func (a *App) newReporter(s stripeSettings) *stripereport.Reporter {
 	return &stripereport.Reporter{
 		Client:      stripereport.NewClient(s.secretKey, s.apiBase, stripeRequestTimeout),
 		Meter:       s.meter,
+		Meters:      a.meterEvents(),
 		Namespace:   s.namespace,
 		SettleGrace: s.settleGrace,
 		Holder:      hex.EncodeToString(newSecret()[:12]),
@@ -154,6 +155,16 @@ func (a *App) newReporter(s stripeSettings) *stripereport.Reporter {
 		MinInterval: 50 * time.Millisecond,
 		Logger:      a.logger.Named("stripe"),
 	}
+}
+
+// meterEvents are the meters reported besides the default one, with
+// their Stripe event names.
+func (a *App) meterEvents() []stripereport.MeterEvent {
+	var out []stripereport.MeterEvent
+	for _, m := range a.meters {
+		out = append(out, stripereport.MeterEvent{Meter: m.name, Event: m.stripeEvent})
+	}
+	return out
 }
 
 // reportPeriods are the ids of a customer's current and previous periods:

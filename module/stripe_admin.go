@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/apimonetize/caddy-api-monetize/metering"
@@ -19,7 +20,8 @@ type reconciliationView struct {
 	// Namespace is the namespace of this deployment's meter event
 	// identifiers (configured, or generated and kept in the store).
 	Namespace string `json:"namespace"`
-	// LedgerUnits and ReportedUnits total the rows.
+	// LedgerUnits and ReportedUnits total the default meter's rows (each
+	// other meter's are totalled in Meters).
 	LedgerUnits   int64 `json:"ledger_units"`
 	ReportedUnits int64 `json:"reported_units"`
 	// PendingUnits are units Stripe is not expected to have yet: hours
@@ -30,8 +32,21 @@ type reconciliationView struct {
 	// is what the caddy_api_monetize_unreported_units metric counts, so an
 	// alert on it does not fire for the hour in progress.
 	UnreportedUnits int64 `json:"unreported_units"`
-	// Hours are the customer hours, by customer then hour.
+	// Meters total the rows of each other meter (docs/meters.md), in the
+	// order their rows come.
+	Meters []meterReconciliation `json:"meters,omitempty"`
+	// Hours are the customer hours, by customer, then meter (the default
+	// meter's first), then hour.
 	Hours []stripereport.ReconcileRow `json:"hours"`
+}
+
+// meterReconciliation totals one meter's rows of the reconciliation.
+type meterReconciliation struct {
+	Meter           string `json:"meter"`
+	LedgerUnits     int64  `json:"ledger_units"`
+	ReportedUnits   int64  `json:"reported_units"`
+	PendingUnits    int64  `json:"pending_units"`
+	UnreportedUnits int64  `json:"unreported_units"`
 }
 
 // stripeReconciliation lists, per customer with a Stripe id and ledger
@@ -91,10 +106,23 @@ func (a *adminAPI) stripeReconciliation(w http.ResponseWriter, r *http.Request) 
 	}
 	v := reconciliationView{Period: month, Namespace: ns, Hours: rows}
 	for _, row := range rows {
-		v.LedgerUnits += row.LedgerUnits
-		v.ReportedUnits += row.ReportedUnits
-		v.PendingUnits += row.PendingUnits()
-		v.UnreportedUnits += row.UnreportedUnits()
+		if row.Meter == "" {
+			v.LedgerUnits += row.LedgerUnits
+			v.ReportedUnits += row.ReportedUnits
+			v.PendingUnits += row.PendingUnits()
+			v.UnreportedUnits += row.UnreportedUnits()
+			continue
+		}
+		i := slices.IndexFunc(v.Meters, func(m meterReconciliation) bool { return m.Meter == row.Meter })
+		if i < 0 {
+			i = len(v.Meters)
+			v.Meters = append(v.Meters, meterReconciliation{Meter: row.Meter})
+		}
+		m := &v.Meters[i]
+		m.LedgerUnits += row.LedgerUnits
+		m.ReportedUnits += row.ReportedUnits
+		m.PendingUnits += row.PendingUnits()
+		m.UnreportedUnits += row.UnreportedUnits()
 	}
 	writeJSON(w, http.StatusOK, v)
 	return nil

@@ -119,6 +119,9 @@ func (a *App) stripeCatalog(meter string) (stripereport.Catalog, error) {
 		currency = c
 	}
 	cat := stripereport.Catalog{Currency: currency, Meter: meter}
+	for _, m := range a.meters {
+		cat.Meters = append(cat.Meters, stripereport.CatalogMeter{Name: m.name, Event: m.stripeEvent})
+	}
 	for _, t := range a.tiers {
 		ct := stripereport.CatalogTier{Name: t.Name}
 		if p := t.Price; p != nil {
@@ -129,6 +132,11 @@ func (a *App) stripeCatalog(meter string) (stripereport.Catalog, error) {
 		}
 		if t.quotaMode == store.QuotaBill || t.quotaMode == store.QuotaThrottle {
 			ct.OverageMicros = t.overagePriceMic
+		}
+		for _, tm := range t.meters {
+			if q := tm.quota; (q.quotaMode == store.QuotaBill || q.quotaMode == store.QuotaThrottle) && q.overagePriceMic > 0 {
+				ct.Meters = append(ct.Meters, stripereport.CatalogTierMeter{Meter: tm.name, IncludedUnits: q.included, OverageMicros: q.overagePriceMic})
+			}
 		}
 		cat.Tiers = append(cat.Tiers, ct)
 	}

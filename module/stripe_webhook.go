@@ -194,7 +194,10 @@ func (w *StripeWebhook) apply(ctx context.Context, st store.Store, ev stripe.Eve
 // subscription is canceled at once, so it bills nothing more, and the
 // audit trail records it (its first payment is for the operator to
 // refund). A customer whose linked Stripe customer has no live
-// subscription left (it canceled) is relinked to the new one. Two
+// subscription left (it canceled) is relinked to the new one. A checkout
+// the portal opened for the linked Stripe customer itself (its
+// subscription had ended) keeps the link; its subscription is canceled
+// only if that Stripe customer has an older live one. Two
 // completions racing (on any instances) are ordered by a link record
 // written only if absent: the first links, the second is the duplicate.
 func (w *StripeWebhook) checkoutCompleted(ctx context.Context, st store.Store, customer, stripeID, subscription string) error {
@@ -237,6 +240,18 @@ func (w *StripeWebhook) checkoutCompleted(ctx context.Context, st store.Store, c
 			return err
 		}
 	}
+	if c.StripeCustomerID == stripeID && subscription != "" {
+		// A checkout for the Stripe customer linked already (its
+		// subscription had ended): the link stays. Should it have another
+		// live subscription by now, the customer keeps the older one.
+		older, err := w.olderLiveSubscription(ctx, stripeID, subscription)
+		if err != nil {
+			return err
+		}
+		if older != "" {
+			return w.cancelDuplicate(ctx, st, c, stripeID, stripeID, subscription)
+		}
+	}
 	if c.StripeCustomerID != stripeID {
 		// UpsertConfigCustomer with the stored customer changes only its
 		// contact fields: here the Stripe id.
@@ -257,15 +272,38 @@ func (w *StripeWebhook) checkoutCompleted(ctx context.Context, st store.Store, c
 // hasLiveSubscription reports whether a Stripe customer has a
 // subscription that is not canceled or expired.
 func (w *StripeWebhook) hasLiveSubscription(ctx context.Context, stripeID string) (bool, error) {
+	return liveSubscription(ctx, w.client, stripeID, "")
+}
+
+// olderLiveSubscription returns a live subscription of the Stripe
+// customer created before subscription (by creation time, then id), or
+// "". Two completions racing see the same subscriptions, so they agree on
+// which one is the duplicate.
+func (w *StripeWebhook) olderLiveSubscription(ctx context.Context, stripeID, subscription string) (string, error) {
+	var live []*stripe.Subscription
+	var self *stripe.Subscription
 	for sub, err := range w.client.V1Subscriptions.List(ctx, &stripe.SubscriptionListParams{Customer: stripe.String(stripeID)}).All(ctx) {
 		if err != nil {
-			return false, fmt.Errorf("listing the subscriptions of %s: %w", stripeID, err)
+			return "", fmt.Errorf("listing the subscriptions of %s: %w", stripeID, err)
 		}
-		if sub.Status != stripe.SubscriptionStatusCanceled && sub.Status != stripe.SubscriptionStatusIncompleteExpired {
-			return true, nil
+		if sub.Status == stripe.SubscriptionStatusCanceled || sub.Status == stripe.SubscriptionStatusIncompleteExpired {
+			continue
+		}
+		if sub.ID == subscription {
+			self = sub
+			continue
+		}
+		live = append(live, sub)
+	}
+	if self == nil {
+		return "", nil // canceled already, or not this customer's
+	}
+	for _, sub := range live {
+		if sub.Created < self.Created || (sub.Created == self.Created && sub.ID < self.ID) {
+			return sub.ID, nil
 		}
 	}
-	return false, nil
+	return "", nil
 }
 
 // cancelDuplicate cancels the subscription of a second completed checkout
@@ -353,6 +391,15 @@ func (w *StripeWebhook) tierOf(sub *stripe.Subscription) string {
 		key := stripereport.TierOfLookupKey(it.Price.LookupKey)
 		if _, ok := w.app.tierByName[key]; ok {
 			return key
+		}
+		// A meter's price, am_<tier>_<meter>_usage: the only price of a
+		// tier that bills nothing but that meter.
+		for _, m := range w.app.meters {
+			if tier, ok := strings.CutSuffix(key, "_"+m.name); ok {
+				if _, ok := w.app.tierByName[tier]; ok {
+					return tier
+				}
+			}
 		}
 	}
 	return ""

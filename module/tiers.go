@@ -59,9 +59,13 @@ type tierRuntime struct {
 	thresholds      []int
 	quotaName       string
 	overagePriceMic int64
+	// meters is the tier's view of every declared meter, in declaration
+	// order; nil without meters.
+	meters []tierMeter
 }
 
 func (a *App) compileTiers() error {
+	a.compileMeters()
 	a.tierByName = make(map[string]*tierRuntime, len(a.Tiers))
 	a.tiers = make([]*tierRuntime, 0, len(a.Tiers))
 	if len(a.Tiers) == 0 {
@@ -109,6 +113,9 @@ func (a *App) compileTiers() error {
 			}
 		}
 		if err := rt.compileQuota(a.Thresholds); err != nil {
+			return fmt.Errorf("tier %q: %w", t.Name, err)
+		}
+		if err := rt.compileTierMeters(a.meters); err != nil {
 			return fmt.Errorf("tier %q: %w", t.Name, err)
 		}
 		rt.compileFeatures()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -112,6 +113,46 @@ type usageView struct {
 	OverageCharge string `json:"overage_charge,omitempty"`
 	Currency      string `json:"currency,omitempty"`
 	store.PeriodUsage
+	// Meters are the other meters (see docs/meters.md): the tier's, in
+	// configuration order, then any other the period has usage of. The
+	// fields above are the default meter's.
+	Meters []meterView `json:"meters,omitempty"`
+}
+
+// meterView is one meter's usage for a period, with the tier's quota of
+// it, as usageView is the default meter's.
+type meterView struct {
+	Meter         string `json:"meter"`
+	Included      *int64 `json:"included_units,omitempty"`
+	Remaining     *int64 `json:"remaining_units,omitempty"`
+	OverQuota     string `json:"over_quota,omitempty"`
+	OverageCharge string `json:"overage_charge,omitempty"`
+	Currency      string `json:"currency,omitempty"`
+	store.MeterUsage
+}
+
+// meterViews lists the meters of u with t's quota of each.
+func (a *App) meterViews(t *tierRuntime, u store.PeriodUsage) []meterView {
+	var views []meterView
+	for _, tm := range t.meters {
+		v := meterView{Meter: tm.name, MeterUsage: u.Meter(tm.name)}
+		if q := tm.quota; q.quotaMode != store.QuotaMeter {
+			included, remaining := q.included, max(0, q.included-v.Billed)
+			v.Included, v.Remaining, v.OverQuota = &included, &remaining, q.quotaMode
+			if q.overagePriceMic > 0 {
+				if charge, err := metering.OverageCharge(v.Overage, q.overagePriceMic); err == nil {
+					v.OverageCharge, v.Currency = metering.FormatMicros(charge), a.currency()
+				}
+			}
+		}
+		views = append(views, v)
+	}
+	for _, m := range u.Meters {
+		if !slices.ContainsFunc(t.meters, func(tm tierMeter) bool { return tm.name == m.Meter }) {
+			views = append(views, meterView{Meter: m.Meter, MeterUsage: m})
+		}
+	}
+	return views
 }
 
 // usageView builds a customer's usage for the period starting in month
@@ -150,6 +191,7 @@ func (a *App) usageView(ctx context.Context, st store.Store, c store.Customer, m
 			}
 		}
 	}
+	v.Meters = a.meterViews(t, u)
 	return v, http.StatusOK, ""
 }
 

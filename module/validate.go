@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"net/http"
 	"net/mail"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -14,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/apimonetize/caddy-api-monetize/metering"
+	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
 // The rules about what a configuration means live here, next to the config
@@ -88,7 +91,7 @@ func (a *App) validate() error {
 	if a.MaxUsageCost < 0 {
 		return optionErr("usage_cost_header", fmt.Errorf("usage_cost_header %s: max must be a whole number of units ≥ 1, got %d", a.UsageCostHeader, a.MaxUsageCost))
 	}
-	return nil
+	return a.checkMeters()
 }
 
 // validate checks a tier's own options and their consistency: its name,
@@ -123,7 +126,10 @@ func (t *Tier) validate() error {
 	if err := t.checkFeatures(); err != nil {
 		return err
 	}
-	return t.checkQuota()
+	if err := t.checkQuota(); err != nil {
+		return err
+	}
+	return t.checkMeterBlocks()
 }
 
 // checkQuota checks a tier's quota options against each other.
@@ -265,12 +271,17 @@ func checkUpgradeURL(v string) error {
 
 // checkCostHeader accepts the name of usage_cost_header: a valid header
 // name without '_' or '.'.
-func checkCostHeader(name string) error {
+func checkCostHeader(name string) error { return checkUsageHeader("usage_cost_header", name) }
+
+// checkUsageHeader accepts the name of a response header an upstream
+// reports usage in (usage_cost_header, a meter's header source), as option
+// writes it: a valid header name without '_' or '.'.
+func checkUsageHeader(option, name string) error {
 	if strings.ContainsAny(name, "_.") {
-		return fmt.Errorf("usage_cost_header %s: header names with '_' or '.' are refused, as for key_from: Caddy drops such request headers, and CGI-style backends confuse them with the hyphenated name; use a hyphen instead, e.g. %s", name, strings.NewReplacer("_", "-", ".", "-").Replace(name))
+		return fmt.Errorf("%s %s: header names with '_' or '.' are refused, as for key_from: Caddy drops such request headers, and CGI-style backends confuse them with the hyphenated name; use a hyphen instead, e.g. %s", option, name, strings.NewReplacer("_", "-", ".", "-").Replace(name))
 	}
 	if !validHeaderName(name) {
-		return fmt.Errorf("usage_cost_header: '%s' is not a valid header name", name)
+		return fmt.Errorf("%s: '%s' is not a valid header name", option, name)
 	}
 	return nil
 }
@@ -322,4 +333,175 @@ func checkEmail(v string) error {
 		return errors.New("expected a plain address such as billing@example.com")
 	}
 	return nil
+}
+
+// validate checks one meter declaration on its own: its name, its source
+// and its Stripe event name. App.checkMeters checks them against each
+// other.
+func (m *MeterConfig) validate() error {
+	if err := checkName(m.Name); err != nil {
+		return optionErr("meter", fmt.Errorf("meter '%s': %v", m.Name, err))
+	}
+	if m.Name == store.DefaultMeter {
+		return optionErr("meter", fmt.Errorf("meter '%s': the name is the default meter's (the request's cost units); choose another", m.Name))
+	}
+	if err := m.Source.validate(m.Name); err != nil {
+		return optionErr("source", err)
+	}
+	if m.StripeEvent != "" {
+		if err := checkStripeEvent(m.StripeEvent); err != nil {
+			return optionErr("stripe", fmt.Errorf("meter %s: stripe: %v", m.Name, err))
+		}
+	}
+	return nil
+}
+
+// validate checks a meter's source: a known kind, a header (with a max)
+// only for a header source, a max only where it applies.
+func (s MeterSource) validate(meter string) error {
+	const usage = "expected 'source cost', 'source header <Header-Name> max <units>', 'source request_bytes [max <bytes>]' or 'source response_bytes [max <bytes>]'"
+	switch s.Kind {
+	case sourceCost:
+		if s.Header != "" || s.Max != 0 {
+			return fmt.Errorf("meter %s: a cost source has no header and no max; %s", meter, usage)
+		}
+	case sourceHeader:
+		if err := checkUsageHeader("meter "+meter+": source header", s.Header); err != nil {
+			return err
+		}
+		if s.Max < 1 {
+			return fmt.Errorf("meter %s: source header %s needs 'max <units>' (≥ 1): a trusted upstream's value is capped, which bounds what one request can add", meter, s.Header)
+		}
+	case sourceRequestBytes, sourceResponseBytes:
+		if s.Header != "" {
+			return fmt.Errorf("meter %s: a %s source has no header; %s", meter, s.Kind, usage)
+		}
+		if s.Max < 0 {
+			return fmt.Errorf("meter %s: source %s: max must be a whole number of bytes ≥ 1, got %d", meter, s.Kind, s.Max)
+		}
+	default:
+		return fmt.Errorf("meter %s: unknown source '%s'; %s", meter, s.Kind, usage)
+	}
+	return nil
+}
+
+// checkStripeEvent accepts a Stripe meter event name: 1 to 100 printable
+// ASCII characters without spaces.
+func checkStripeEvent(v string) error {
+	if len(v) == 0 || len(v) > 100 {
+		return errors.New("meter event names are 1 to 100 characters")
+	}
+	for i := 0; i < len(v); i++ {
+		if v[i] <= ' ' || v[i] >= 0x7f {
+			return fmt.Errorf("'%s' is not a meter event name: printable ASCII characters without spaces", v)
+		}
+	}
+	return nil
+}
+
+// stripeEvent is the meter's Stripe event name: StripeEvent, or its name.
+func (m *MeterConfig) stripeEvent() string {
+	if m.StripeEvent != "" {
+		return m.StripeEvent
+	}
+	return m.Name
+}
+
+// defaultStripeEvent is the default meter's Stripe event name.
+func (a *App) defaultStripeEvent() string {
+	if a.Stripe != nil && a.Stripe.Meter != "" {
+		return a.Stripe.Meter
+	}
+	return defaultStripeMeter
+}
+
+// checkMeters checks the app's meters (checkMeterDecls) and that every
+// tier's meter blocks name declared meters.
+func (a *App) checkMeters() error {
+	if _, err := a.checkMeterDecls(); err != nil {
+		return err
+	}
+	for _, t := range a.Tiers {
+		for _, tm := range t.Meters {
+			if !slices.ContainsFunc(a.Meters, func(m MeterConfig) bool { return m.Name == tm.Meter }) {
+				return optionErr("meter", fmt.Errorf("tier %s: meter '%s' is not declared; declare it with 'meter %s { source … }' in the api_monetize block", t.Name, tm.Meter, tm.Meter))
+			}
+		}
+	}
+	return nil
+}
+
+// checkMeterDecls checks the app's meter declarations: each on its own,
+// names declared once, header sources on distinct headers (and not
+// usage_cost_header), Stripe event names distinct from each other and
+// from the default meter's. On an error it returns the index of the
+// meter at fault.
+func (a *App) checkMeterDecls() (int, error) {
+	names := make(map[string]bool, len(a.Meters))
+	headers := map[string]string{}
+	if a.UsageCostHeader != "" {
+		headers[http.CanonicalHeaderKey(a.UsageCostHeader)] = "usage_cost_header"
+	}
+	events := map[string]string{a.defaultStripeEvent(): "the default meter"}
+	for i := range a.Meters {
+		m := &a.Meters[i]
+		if i == store.MaxMeters {
+			return i, optionErr("meter", fmt.Errorf("meter %s: at most %d meters besides the default one", m.Name, store.MaxMeters))
+		}
+		if err := m.validate(); err != nil {
+			return i, err
+		}
+		if names[m.Name] {
+			return i, optionErr("meter", fmt.Errorf("meter '%s' is declared twice", m.Name))
+		}
+		names[m.Name] = true
+		if m.Source.Kind == sourceHeader {
+			h := http.CanonicalHeaderKey(m.Source.Header)
+			if other, dup := headers[h]; dup {
+				return i, optionErr("source", fmt.Errorf("meter %s: header %s is already read by %s", m.Name, m.Source.Header, other))
+			}
+			headers[h] = "meter " + m.Name
+		}
+		ev := m.stripeEvent()
+		if other, dup := events[ev]; dup {
+			return i, optionErr("stripe", fmt.Errorf("meter %s: Stripe event name '%s' is already %s's; each meter is reported under its own event name (set 'stripe <event>' in the meter block)", m.Name, ev, other))
+		}
+		events[ev] = "meter " + m.Name
+	}
+	return -1, nil
+}
+
+// checkMeterBlocks checks a tier's meter blocks: each meter once, and
+// each block's options as the tier's own quota options are checked.
+func (t *Tier) checkMeterBlocks() error {
+	for i, tm := range t.Meters {
+		for _, prev := range t.Meters[:i] {
+			if prev.Meter == tm.Meter {
+				return optionErr("meter", fmt.Errorf("tier %s: meter '%s' has two blocks; merge them", t.Name, tm.Meter))
+			}
+		}
+		if err := tm.validate(t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// validate checks a tier's meter block with the rules of the tier's own
+// quota options (see Tier.checkQuota), the throttle against the tier's
+// rate.
+func (tm *TierMeter) validate(t *Tier) error {
+	if inc := tm.Included; inc != nil && inc.Interval != "month" {
+		return optionErr("included", fmt.Errorf("tier %s meter %s: included units are counted per month; write %d/month", t.Name, tm.Meter, inc.Units))
+	}
+	if inc := tm.Included; inc != nil && inc.Units < 0 {
+		return optionErr("included", fmt.Errorf("tier %s meter %s: included must not be negative", t.Name, tm.Meter))
+	}
+	return tm.asTier(t).checkQuota()
+}
+
+// asTier is the meter block as a tier's quota options, named "<tier>
+// meter <meter>" in messages, with the tier's rate (for the throttle rule).
+func (tm *TierMeter) asTier(t *Tier) *Tier {
+	return &Tier{Name: t.Name + " meter " + tm.Meter, Rate: t.Rate, Included: tm.Included, OverQuota: tm.OverQuota, Thresholds: tm.Thresholds}
 }

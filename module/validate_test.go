@@ -215,6 +215,101 @@ func TestJSONParity(t *testing.T) {
 			want:   "tier pro: feature 'bulk_export' is listed twice",
 		},
 		{
+			name:   "meter named cost",
+			global: "meter cost {\n\t\tsource request_bytes\n\t}\n\ttier pro",
+			line:   2,
+			edit:   func(a *App) { a.Meters = []MeterConfig{{Name: "cost", Source: MeterSource{Kind: "request_bytes"}}} },
+			want:   "meter 'cost': the name is the default meter's",
+		},
+		{
+			name:   "meter declared twice",
+			global: "meter m {\n\t\tsource cost\n\t\tstripe a\n\t}\n\tmeter m {\n\t\tsource cost\n\t\tstripe b\n\t}\n\ttier pro",
+			line:   6,
+			edit: func(a *App) {
+				a.Meters = []MeterConfig{{Name: "m", Source: MeterSource{Kind: "cost"}, StripeEvent: "a"}, {Name: "m", Source: MeterSource{Kind: "cost"}, StripeEvent: "b"}}
+			},
+			want: "meter 'm' is declared twice",
+		},
+		{
+			name:   "header meter without max",
+			global: "meter tokens {\n\t\tsource header X-Tokens\n\t}\n\ttier pro",
+			line:   3,
+			edit: func(a *App) {
+				a.Meters = []MeterConfig{{Name: "tokens", Source: MeterSource{Kind: "header", Header: "X-Tokens"}}}
+			},
+			want: "meter tokens: source header X-Tokens needs 'max <units>'",
+		},
+		{
+			name:   "meter header is usage_cost_header",
+			global: "usage_cost_header X-Cost\n\tmeter tokens {\n\t\tsource header x-cost max 5\n\t}\n\ttier pro",
+			line:   4,
+			edit: func(a *App) {
+				a.UsageCostHeader = "X-Cost"
+				a.Meters = []MeterConfig{{Name: "tokens", Source: MeterSource{Kind: "header", Header: "x-cost", Max: 5}}}
+			},
+			want: "meter tokens: header x-cost is already read by usage_cost_header",
+		},
+		{
+			name:   "meter Stripe event is the default meter's",
+			global: "meter tokens {\n\t\tsource cost\n\t\tstripe api_calls\n\t}\n\ttier pro",
+			line:   4,
+			edit: func(a *App) {
+				a.Meters = []MeterConfig{{Name: "tokens", Source: MeterSource{Kind: "cost"}, StripeEvent: "api_calls"}}
+			},
+			want: "meter tokens: Stripe event name 'api_calls' is already the default meter's",
+		},
+		{
+			name:   "tier meter not declared",
+			global: "tier pro {\n\t\tmeter tokens {\n\t\t\tincluded 5/month\n\t\t}\n\t}",
+			line:   3,
+			edit: func(a *App) {
+				a.Tiers[0].Meters = []TierMeter{{Meter: "tokens", Included: &Included{Units: 5, Interval: "month"}}}
+			},
+			want: "tier pro: meter 'tokens' is not declared",
+		},
+		{
+			name:   "tier meter over_quota without included",
+			global: "meter tokens {\n\t\tsource cost\n\t}\n\ttier pro {\n\t\tmeter tokens {\n\t\t\tover_quota block\n\t\t}\n\t}",
+			line:   7,
+			edit: func(a *App) {
+				a.Meters = []MeterConfig{{Name: "tokens", Source: MeterSource{Kind: "cost"}}}
+				a.Tiers[0].Meters = []TierMeter{{Meter: "tokens", OverQuota: &OverQuota{Mode: "block"}}}
+			},
+			want: "tier pro meter tokens: over_quota needs included",
+		},
+		{
+			name:   "tier meter thresholds without included",
+			global: "meter tokens {\n\t\tsource cost\n\t}\n\ttier pro {\n\t\tmeter tokens {\n\t\t\tthresholds 50\n\t\t}\n\t}",
+			line:   7,
+			edit: func(a *App) {
+				a.Meters = []MeterConfig{{Name: "tokens", Source: MeterSource{Kind: "cost"}}}
+				a.Tiers[0].Meters = []TierMeter{{Meter: "tokens", Thresholds: []int{50}}}
+			},
+			want: "tier pro meter tokens: thresholds needs included",
+		},
+		{
+			name:   "tier meter throttle not slower than the rate",
+			global: "meter tokens {\n\t\tsource cost\n\t}\n\ttier pro {\n\t\trate 5/min\n\t\tmeter tokens {\n\t\t\tincluded 10/month\n\t\t\tover_quota throttle 10/min\n\t\t}\n\t}",
+			line:   9,
+			edit: func(a *App) {
+				a.Meters = []MeterConfig{{Name: "tokens", Source: MeterSource{Kind: "cost"}}}
+				a.Tiers[0].Rate = &Rate{Limit: 5, Window: caddy.Duration(time.Minute)}
+				a.Tiers[0].Meters = []TierMeter{{Meter: "tokens", Included: &Included{Units: 10, Interval: "month"},
+					OverQuota: &OverQuota{Mode: "throttle", Throttle: &Rate{Limit: 10, Window: caddy.Duration(time.Minute)}}}}
+			},
+			want: "tier pro meter tokens: over_quota throttle 10/min is not slower than the tier's rate 5/min",
+		},
+		{
+			name:   "tier meter twice",
+			global: "meter tokens {\n\t\tsource cost\n\t}\n\ttier pro {\n\t\tmeter tokens {\n\t\t}\n\t\tmeter tokens {\n\t\t}\n\t}",
+			line:   8,
+			edit: func(a *App) {
+				a.Meters = []MeterConfig{{Name: "tokens", Source: MeterSource{Kind: "cost"}}}
+				a.Tiers[0].Meters = []TierMeter{{Meter: "tokens"}, {Meter: "tokens"}}
+			},
+			want: "meter 'tokens' has two blocks",
+		},
+		{
 			name:     "customer of an unknown tier",
 			global:   "tier pro\n\tcustomer acme tier gold",
 			line:     3,

@@ -36,7 +36,7 @@ var htmlBody = template.Must(template.New("email").Parse(`<!DOCTYPE html>
 <tr><td>Customer</td><td>{{.Customer}}</td></tr>
 <tr><td>Tier</td><td>{{.Tier}}</td></tr>
 <tr><td>Period</td><td>{{.Start}} to {{.End}}</td></tr>
-<tr><td>Usage</td><td>{{.Usage}} of {{.Included}} included API calls ({{.Percentage}}%)</td></tr>
+<tr><td>Usage</td><td>{{.Usage}} of {{.Included}} included {{.Units}} ({{.Percentage}}%)</td></tr>
 <tr><td>Over quota</td><td>{{.OverQuota}}</td></tr>
 </table>
 </body></html>
@@ -55,15 +55,16 @@ func RenderEmail(p Payload) Email {
 	fmt.Fprintf(&text, "Customer:   %s\n", d.Customer)
 	fmt.Fprintf(&text, "Tier:       %s\n", d.Tier)
 	fmt.Fprintf(&text, "Period:     %s to %s\n", start, end)
-	fmt.Fprintf(&text, "Usage:      %d of %d included API calls (%d%%)\n", d.Usage, d.Included, d.Percentage)
+	fmt.Fprintf(&text, "Usage:      %d of %d included %s (%d%%)\n", d.Usage, d.Included, d.units(), d.Percentage)
 	fmt.Fprintf(&text, "Over quota: %s\n", d.OverQuota)
 	var html bytes.Buffer
 	_ = htmlBody.Execute(&html, map[string]any{
 		"Message": d.Message, "Customer": d.Customer, "Tier": d.Tier, "Start": start, "End": end,
 		"Usage": d.Usage, "Included": d.Included, "Percentage": d.Percentage, "OverQuota": d.OverQuota,
+		"Units": d.units(),
 	}) // only fails on a bad template or writer
 	return Email{
-		Subject: "API usage alert: " + strconv.Itoa(d.Threshold) + "% of your included API calls",
+		Subject: "API usage alert: " + strconv.Itoa(d.Threshold) + "% of your included " + d.units(),
 		Text:    text.String(),
 		HTML:    html.String(),
 	}

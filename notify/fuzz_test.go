@@ -24,7 +24,8 @@ import (
 // non-negative usage; the email is a well-formed MIME message whose
 // headers are exactly the ones written (no field can add one, whatever
 // line breaks it holds) and whose two parts decode back to the rendered
-// text and HTML.
+// text and HTML; a meter's payload (odd thresholds) names the meter with
+// meter-name characters only.
 func FuzzPayload(f *testing.F) {
 	f.Add("acme", "pro", int64(800), int64(1000), 80, "bill", "billing@example.com")
 	f.Add("c\r\nBcc: victim@example.com", "t\nX: y", int64(1200), int64(1000), 120, "block", "a@b.example")
@@ -34,6 +35,13 @@ func FuzzPayload(f *testing.F) {
 		at := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
 		period := Period{Start: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), End: time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC)}
 		p := NewPayload(customer, tier, period, used, included, threshold, overQuota, at)
+		if threshold%2 != 0 {
+			// A meter's notification, named by the fuzzed tier string.
+			p = p.ForMeter(tier)
+			if strings.ContainsFunc(p.Data.Meter, func(r rune) bool { return r < '-' || r > 'z' }) {
+				t.Fatalf("meter name %q kept a character meter names never have", p.Data.Meter)
+			}
+		}
 
 		var back Payload
 		if err := json.Unmarshal(p.Marshal(), &back); err != nil {

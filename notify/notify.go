@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"math"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -57,6 +58,10 @@ type Data struct {
 	OverQuota string `json:"over_quota"`
 	// Message is a sentence for humans.
 	Message string `json:"message"`
+	// Meter names the meter whose threshold was crossed (e.g. "tokens");
+	// absent for the default meter (API calls, in cost units), so a
+	// receiver written before meters existed sees the same payload.
+	Meter string `json:"meter,omitempty"`
 }
 
 // Period is a billing period: Start <= t < End.
@@ -112,19 +117,52 @@ func percentage(used, included int64) int64 {
 // the threshold; at or above it, it names the included units and what the
 // over-quota policy does now.
 func Message(threshold int, included int64, overQuota string) string {
+	return message("API calls", threshold, included, overQuota)
+}
+
+// message is Message for units named noun.
+func message(noun string, threshold int, included int64, overQuota string) string {
 	if threshold < 100 {
-		return "You have used " + strconv.Itoa(threshold) + "% of your included API calls."
+		return "You have used " + strconv.Itoa(threshold) + "% of your included " + noun + "."
 	}
 	n := strconv.FormatInt(included, 10)
 	switch overQuota {
 	case PolicyBill:
-		return "You have exceeded your included " + n + " API calls. Overage billing is active."
+		return "You have exceeded your included " + n + " " + noun + ". Overage billing is active."
 	case PolicyThrottle:
-		return "You have exceeded your included " + n + " API calls. Requests are now throttled until the period ends."
+		return "You have exceeded your included " + n + " " + noun + ". Requests are now throttled until the period ends."
 	case PolicyBlock:
-		return "You have used all of your included " + n + " API calls. Further requests are blocked until the period ends."
+		return "You have used all of your included " + n + " " + noun + ". Further requests are blocked until the period ends."
 	}
-	return "You have used " + strconv.Itoa(threshold) + "% of your included " + n + " API calls."
+	return "You have used " + strconv.Itoa(threshold) + "% of your included " + n + " " + noun + "."
+}
+
+// ForMeter makes p the notification of a meter other than the default
+// one: Data.Meter names it and the message counts its units. Characters
+// other than ASCII letters, digits, '.', '_' and '-' are dropped from the
+// name (meter names have no others), so it can never add a header to an
+// email.
+func (p Payload) ForMeter(meter string) Payload {
+	meter = strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-' {
+			return r
+		}
+		return -1
+	}, meter)
+	if meter == "" {
+		return p
+	}
+	p.Data.Meter = meter
+	p.Data.Message = message(meter, p.Data.Threshold, p.Data.Included, p.Data.OverQuota)
+	return p
+}
+
+// units names what a payload counts: its meter, or API calls.
+func (d Data) units() string {
+	if d.Meter != "" {
+		return d.Meter
+	}
+	return "API calls"
 }
 
 // Marshal encodes a payload as its webhook body.

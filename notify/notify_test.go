@@ -266,3 +266,30 @@ func checkMail(t *testing.T, data []byte, to, subject, sentence string) {
 		t.Errorf("parts %v, want text/plain and text/html", types)
 	}
 }
+
+// TestPayloadForMeter checks a meter's notification: the payload names the
+// meter, its message and email count the meter's units, and a name cannot
+// add a header to the email.
+func TestPayloadForMeter(t *testing.T) {
+	start := time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+	p := notify.NewPayload("acme", "pro", notify.Period{Start: start, End: start.AddDate(0, 1, 0)},
+		1600000, 2000000, 80, notify.PolicyBill, start).ForMeter("tokens")
+	var got struct {
+		Data map[string]any `json:"data"`
+	}
+	if err := json.Unmarshal(p.Marshal(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Data["meter"] != "tokens" || got.Data["message"] != "You have used 80% of your included tokens." {
+		t.Errorf("data %v", got.Data)
+	}
+	e := notify.RenderEmail(p)
+	if e.Subject != "API usage alert: 80% of your included tokens" ||
+		!strings.Contains(e.Text, "Usage:      1600000 of 2000000 included tokens (80%)") ||
+		!strings.Contains(e.HTML, "1600000 of 2000000 included tokens") {
+		t.Errorf("email %q\n%s\n%s", e.Subject, e.Text, e.HTML)
+	}
+	if s := notify.RenderEmail(p.ForMeter("x\r\nBcc: a@b")).Subject; strings.ContainsAny(s, "\r\n") || strings.Contains(s, "Bcc:") {
+		t.Errorf("subject %q carries a header", s)
+	}
+}

@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
@@ -85,9 +87,11 @@ func attemptKey(customer, attempt string) string {
 // checkout opens a checkout for a plan and sends the browser there. A
 // customer has at most one open checkout: choosing the same plan again
 // (another window, a teammate, a double click) goes to the open one;
-// choosing another plan meanwhile is refused until it completes or
-// expires. A customer who already pays goes to the billing portal, where
-// plan changes keep the one subscription.
+// choosing another plan meanwhile is refused until it completes, expires
+// or is canceled (cancelCheckout). A customer who already pays (has a
+// live subscription) goes to the billing portal, where plan changes keep
+// the one subscription; a customer whose subscription ended gets a
+// checkout for the billing account it has.
 func (h *Handler) checkout(w http.ResponseWriter, r *http.Request, s *session) {
 	tier := r.PathValue("tier")
 	ctx := r.Context()
@@ -97,8 +101,15 @@ func (h *Handler) checkout(w http.ResponseWriter, r *http.Request, s *session) {
 		return
 	}
 	if c.StripeCustomerID != "" {
-		h.manageBilling(w, r, s)
-		return
+		live, err := h.cfg.Billing.Subscribed(ctx, s.Customer)
+		if err != nil {
+			h.failErr(w, r, s, err)
+			return
+		}
+		if live {
+			h.manageBilling(w, r, s)
+			return
+		}
 	}
 	recs, err := h.be.Records(ctx)
 	if err != nil {
@@ -125,8 +136,8 @@ func (h *Handler) checkout(w http.ResponseWriter, r *http.Request, s *session) {
 			return
 		}
 		if open.Tier != tier {
-			h.fail(w, r, s, http.StatusConflict, "A checkout for the "+open.Tier+" plan is already open. Finish it, or choose again after it expires at "+
-				open.Created.Add(CheckoutLifetime).Format("15:04 MST")+".")
+			h.fail(w, r, s, http.StatusConflict, "A checkout for the "+open.Tier+" plan is already open. Finish it, or cancel it on the plans page (it expires by itself at "+
+				open.Created.Add(CheckoutLifetime).Format("15:04 MST")+") and choose again.")
 			return
 		}
 		if open.URL != "" {
@@ -139,9 +150,10 @@ func (h *Handler) checkout(w http.ResponseWriter, r *http.Request, s *session) {
 	}
 	id, u, err := h.cfg.Billing.Checkout(ctx, s.Customer, tier, h.base.String()+"/plans", CheckoutAttempt{Key: attemptKey(s.Customer, p.Attempt), Created: p.Created})
 	if err != nil {
-		if mine {
+		if mine && !errors.Is(err, ErrBillingBusy) {
 			// Free the claim for a new attempt, unless a concurrent request
-			// of the same attempt opened the checkout meanwhile.
+			// of the same attempt opened the checkout meanwhile (or is
+			// opening it: the provider said the attempt is in progress).
 			if open, _ := h.openCheckout(ctx, s.Customer); open != nil && open.Attempt == p.Attempt && open.URL == "" {
 				_ = recs.DeleteRecord(ctx, recordKindPending, s.Customer)
 			}
@@ -166,4 +178,47 @@ func (h *Handler) manageBilling(w http.ResponseWriter, r *http.Request, s *sessi
 		return
 	}
 	http.Redirect(w, r, u, http.StatusSeeOther)
+}
+
+// cancelCheckout expires the customer's open checkout at the payment
+// provider and frees the claim, so another plan can be chosen at once.
+// The form names the checkout it cancels: a page older than the open
+// checkout cancels nothing. A checkout paid before it could be expired
+// stays pending (the payment provider's confirmation moves the tier).
+func (h *Handler) cancelCheckout(w http.ResponseWriter, r *http.Request, s *session) {
+	ctx := r.Context()
+	open, err := h.openCheckout(ctx, s.Customer)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	if open == nil || (open.Session != "" && !tokensEqual(r.PostFormValue("checkout"), open.Session)) {
+		// Completed, expired or canceled already, or not the one shown.
+		http.Redirect(w, r, h.link("/plans"), http.StatusSeeOther)
+		return
+	}
+	if open.Session == "" {
+		w.Header().Set("Retry-After", "1")
+		h.fail(w, r, s, http.StatusServiceUnavailable, "Your checkout is being prepared. Please try again in a moment.")
+		return
+	}
+	err = h.cfg.Billing.CancelCheckout(ctx, s.Customer, open.Session)
+	if errors.Is(err, ErrCheckoutCompleted) {
+		h.showPlans(w, r, s, http.StatusConflict, "This checkout was already paid, so it cannot be canceled: your plan changes as soon as the payment is confirmed.")
+		return
+	}
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	recs, err := h.be.Records(ctx)
+	if err == nil {
+		err = ClearPendingCheckout(ctx, recs, s.Customer, open.Session)
+	}
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return
+	}
+	h.log.Info("checkout canceled by a member", zap.String("customer", s.Customer), zap.String("checkout", open.Session))
+	http.Redirect(w, r, h.link("/plans"), http.StatusSeeOther)
 }

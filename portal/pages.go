@@ -2,6 +2,7 @@ package portal
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"html/template"
 	"net/http"
@@ -173,22 +174,46 @@ func (h *Handler) usagePage(w http.ResponseWriter, r *http.Request, s *session) 
 	h.render(w, r, http.StatusOK, "usage", s, map[string]any{"Usage": u, "Chart": dailyChart(u, time.Now()), "Hourly": hourlyChart(u, time.Now()), "Month": month})
 }
 
+// subscribedTimeout bounds how long the plans page waits for the payment
+// provider to say whether a subscription is live.
+const subscribedTimeout = 5 * time.Second
+
 func (h *Handler) plansPage(w http.ResponseWriter, r *http.Request, s *session) {
+	h.showPlans(w, r, s, http.StatusOK, "")
+}
+
+// showPlans renders the plans page with a status and a message. A
+// customer with a billing account gets Manage billing; one with a live
+// subscription changes plans there, any other chooses a plan (Checkout).
+// When the payment provider cannot say within subscribedTimeout whether
+// the subscription is live, the page offers Manage billing only.
+func (h *Handler) showPlans(w http.ResponseWriter, r *http.Request, s *session, status int, message string) {
 	c, err := h.be.Customer(r.Context(), s.Customer)
 	if err != nil {
 		h.failErr(w, r, s, err)
 		return
 	}
-	data := map[string]any{"Plans": h.be.Plans(), "Current": c.Tier, "Billing": h.cfg.Billing != nil, "Paying": c.StripeCustomerID != ""}
+	linked := c.StripeCustomerID != ""
+	data := map[string]any{"Plans": h.be.Plans(), "Current": c.Tier, "Billing": h.cfg.Billing != nil, "Linked": linked, "Paying": linked, "Message": message}
 	if h.cfg.Billing != nil {
+		if linked {
+			ctx, cancel := context.WithTimeout(r.Context(), subscribedTimeout)
+			live, err := h.cfg.Billing.Subscribed(ctx, s.Customer)
+			cancel()
+			if err != nil {
+				h.log.Warn("could not tell whether a customer's subscription is live", zap.String("customer", s.Customer), zap.Error(err))
+				live = true
+			}
+			data["Paying"] = live
+		}
 		p, err := h.openCheckout(r.Context(), s.Customer)
 		if err != nil {
 			h.failErr(w, r, s, err)
 			return
 		}
 		if p != nil && p.Tier != c.Tier {
-			data["Pending"], data["PendingURL"] = p.Tier, p.URL
+			data["Pending"], data["PendingURL"], data["PendingSession"] = p.Tier, p.URL, p.Session
 		}
 	}
-	h.render(w, r, http.StatusOK, "plans", s, data)
+	h.render(w, r, status, "plans", s, data)
 }

@@ -97,7 +97,31 @@ type Billing interface {
 	// invoices, plan changes, cancellation) and returns its URL; a
 	// customer without a billing account is an InputError.
 	ManageBilling(ctx context.Context, customerID, returnURL string) (string, error)
+	// Subscribed reports whether the customer has a live subscription
+	// (one that is not canceled or expired) at the payment provider: then
+	// plan changes go through ManageBilling, otherwise through Checkout
+	// (for the customer's existing billing account, if it has one).
+	Subscribed(ctx context.Context, customerID string) (bool, error)
+	// CancelCheckout expires the open checkout id of customerID at the
+	// payment provider, so it can no longer be paid. A checkout that
+	// expired already is not an error; one that completed meanwhile is
+	// ErrCheckoutCompleted.
+	CancelCheckout(ctx context.Context, customerID, id string) error
 }
+
+// ErrCheckoutCompleted is CancelCheckout's answer for a checkout that was
+// paid before it could be canceled.
+var ErrCheckoutCompleted = errors.New("portal: the checkout was completed")
+
+// ErrBillingBusy is a Billing answer (wrapped) meaning the payment
+// provider is still handling the same request (the same attempt's
+// idempotency key) for another request: retrying in a moment gets its
+// answer.
+var ErrBillingBusy = errors.New("portal: the payment provider is handling the same request")
+
+// ErrBillingUnavailable is a Billing answer (wrapped) meaning the payment
+// provider did not answer (unreachable, timed out, overloaded or failing).
+var ErrBillingUnavailable = errors.New("portal: the payment provider did not answer")
 
 // CheckoutAttempt is one attempt of a customer to open a checkout. The
 // portal keeps at most one per customer, so that two windows (or two
@@ -179,6 +203,25 @@ type Usage struct {
 	Thresholds []int
 	// Hours are the hours with usage, in order.
 	Hours []store.HourUsage
+	// Meters are the period's other meters (tokens, bytes…), each with
+	// the tier's quota of it; the fields above are the default meter's.
+	Meters []MeterUsage
+}
+
+// MeterUsage is one other meter's usage for a period.
+type MeterUsage struct {
+	// Meter is the meter's name.
+	Meter string
+	// Used is the meter's units this period.
+	Used int64
+	// Included and Remaining are nil when the tier only meters it.
+	Included  *int64
+	Remaining *int64
+	// Overage and OverageCharge are as in Usage; OverQuota is what
+	// happens beyond Included.
+	Overage       int64
+	OverageCharge string
+	OverQuota     string
 }
 
 // Plan is a tier as the plans page shows it, every field already
@@ -345,6 +388,7 @@ func (h *Handler) routes() *http.ServeMux {
 	if h.cfg.Billing != nil {
 		mux.HandleFunc("POST /plans/{tier}/checkout", h.member(h.checkout))
 		mux.HandleFunc("POST /billing", h.member(h.manageBilling))
+		mux.HandleFunc("POST /plans/checkout/cancel", h.member(h.cancelCheckout))
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, r, nil, http.StatusNotFound, "There is no such page.")
@@ -389,6 +433,15 @@ func (h *Handler) failErr(w http.ResponseWriter, r *http.Request, s *session, er
 		h.fail(w, r, s, http.StatusNotFound, "There is no such key.")
 	case errors.Is(err, store.ErrUnavailable):
 		h.fail(w, r, s, http.StatusServiceUnavailable, "The service is briefly unavailable. Please try again in a moment.")
+	case errors.Is(err, ErrBillingBusy):
+		// Two requests of one checkout attempt reached the payment
+		// provider at the same moment; the other one is opening it.
+		h.log.Debug("checkout being opened by a concurrent request", zap.String("path", r.URL.Path), zap.Error(err))
+		w.Header().Set("Retry-After", "1")
+		h.fail(w, r, s, http.StatusServiceUnavailable, "Your checkout is being prepared. Please try again in a moment.")
+	case errors.Is(err, ErrBillingUnavailable):
+		h.log.Warn("the payment provider did not answer", zap.String("path", r.URL.Path), zap.Error(err))
+		h.fail(w, r, s, http.StatusBadGateway, "The payment provider is not answering. Please try again in a minute.")
 	default:
 		h.log.Error("portal request failed", zap.String("path", r.URL.Path), zap.Error(err))
 		h.fail(w, r, s, http.StatusInternalServerError, "Something went wrong. Please try again.")

@@ -23,7 +23,10 @@ import (
 //     free or custom prices);
 //   - a metered Price on the meter with lookup key am_<tier>_usage, for
 //     tiers that bill overage: graduated tiers, the included units at 0,
-//     then the overage price per unit.
+//     then the overage price per unit;
+//   - for every other meter (docs/meters.md), one Meter found by its own
+//     event name, and per tier billing that meter's overage a metered
+//     Price on it with lookup key am_<tier>_<meter>_usage, built alike.
 //
 // Prices are immutable: a Price whose amount, tiers, interval, currency,
 // meter or product differs is replaced by a new Price that takes over the
@@ -55,14 +58,38 @@ type CatalogTier struct {
 	// OverageMicros is the price of one unit beyond IncludedUnits; 0 means
 	// the tier has no metered Price.
 	OverageMicros int64
+	// Meters are the tier's quotas of other meters than the default one
+	// that bill overage; each gets a metered Price on its meter.
+	Meters []CatalogTierMeter
+}
+
+// CatalogTierMeter is a tier's billed quota of another meter.
+type CatalogTierMeter struct {
+	// Meter names one of the Catalog's Meters.
+	Meter string
+	// IncludedUnits is the number of the meter's units per month the
+	// metered Price charges 0 for.
+	IncludedUnits int64
+	// OverageMicros is the price of one unit beyond IncludedUnits (> 0).
+	OverageMicros int64
+}
+
+// CatalogMeter is another meter than the default one and its event name.
+type CatalogMeter struct {
+	// Name is the meter's name.
+	Name string
+	// Event is its Stripe event name.
+	Event string
 }
 
 // Catalog is what the sync makes exist in Stripe.
 type Catalog struct {
 	// Currency is the lower-case ISO 4217 code of every price.
 	Currency string
-	// Meter is the meter's event name (the reporter's meter events).
+	// Meter is the default meter's event name (the reporter's meter events).
 	Meter string
+	// Meters are the other meters, each a Billing Meter of its own.
+	Meters []CatalogMeter
 	// Tiers are the tiers, in order.
 	Tiers []CatalogTier
 }
@@ -86,8 +113,10 @@ const (
 type Action struct {
 	// Kind is what the step does.
 	Kind ActionKind
-	// Tier is the tier the step is for (empty for the meter).
+	// Tier is the tier the step is for (empty for a meter).
 	Tier string
+	// Meter is the event name of the meter a CreateMeter step creates.
+	Meter string
 	// LookupKey is the price's lookup key (prices only).
 	LookupKey string
 	// Replaces is the id of the price whose lookup key moves (ReplacePrice).
@@ -106,7 +135,7 @@ type Plan struct {
 	Actions []Action
 
 	catalog  Catalog
-	meterID  string            // existing meter; "" until created
+	meterIDs map[string]string // event name → existing meter id; absent until created
 	products map[string]string // tier → existing product id
 }
 
@@ -117,6 +146,8 @@ type priceSpec struct {
 	lookupKey string
 	interval  string
 	metered   bool
+	// event is the event name of a metered price's meter.
+	event string
 	// amount is the per-unit amount (per_unit billing scheme).
 	amount string
 	// tiered: graduated tiers, the first included units at 0, then amount.
@@ -187,6 +218,35 @@ func (c Catalog) validate() error {
 	if c.Meter == "" || len(c.Meter) > 100 {
 		return errors.New("the meter event name must have 1 to 100 characters")
 	}
+	events, meters := map[string]bool{c.Meter: true}, map[string]bool{}
+	for _, m := range c.Meters {
+		switch {
+		case m.Name == "" || meters[m.Name]:
+			return fmt.Errorf("meter %q: a meter needs a name, once", m.Name)
+		case m.Event == "" || len(m.Event) > 100:
+			return fmt.Errorf("meter %q: the event name must have 1 to 100 characters", m.Name)
+		case events[m.Event]:
+			return fmt.Errorf("meter %q: event name %q is used by another meter", m.Name, m.Event)
+		}
+		events[m.Event], meters[m.Name] = true, true
+	}
+	keys := map[string]string{}
+	for _, t := range c.Tiers {
+		for _, k := range c.lookupKeys(t) {
+			if other, dup := keys[k]; dup {
+				return fmt.Errorf("the price lookup key %s of %s is also that of %s: rename a tier or a meter", k, t.Name, other)
+			}
+			keys[k] = t.Name
+		}
+		for _, m := range t.Meters {
+			if !meters[m.Meter] {
+				return fmt.Errorf("tier %q: meter %q is not in the catalog's meters", t.Name, m.Meter)
+			}
+			if m.IncludedUnits < 0 || m.OverageMicros <= 0 {
+				return fmt.Errorf("tier %q meter %q: included units must not be negative and the overage price must be positive", t.Name, m.Meter)
+			}
+		}
+	}
 	seen := map[string]bool{}
 	for _, t := range c.Tiers {
 		switch {
@@ -198,12 +258,34 @@ func (c Catalog) validate() error {
 			return fmt.Errorf("tier %q: amounts and included units must not be negative", t.Name)
 		case t.BaseMicros > 0 && !t.Custom && t.Interval != "month" && t.Interval != "year":
 			return fmt.Errorf("tier %q: the base price interval must be month or year, got %q", t.Name, t.Interval)
-		case len(UsageLookupKey(t.Name)) > 200:
-			return fmt.Errorf("tier %q: the name is too long for a Stripe lookup key", t.Name)
+		}
+		for _, k := range c.lookupKeys(t) {
+			if len(k) > 200 {
+				return fmt.Errorf("tier %q: the name is too long for a Stripe lookup key (%s)", t.Name, k)
+			}
 		}
 		seen[t.Name] = true
 	}
 	return nil
+}
+
+// lookupKeys are the lookup keys tier t's prices may have.
+func (c Catalog) lookupKeys(t CatalogTier) []string {
+	keys := []string{BaseLookupKey(t.Name), UsageLookupKey(t.Name)}
+	for _, m := range t.Meters {
+		keys = append(keys, MeterUsageLookupKey(t.Name, m.Meter))
+	}
+	return keys
+}
+
+// event is the event name of the meter named name.
+func (c Catalog) event(name string) string {
+	for _, m := range c.Meters {
+		if m.Name == name {
+			return m.Event
+		}
+	}
+	return ""
 }
 
 // desiredPrices returns the prices tier t needs.
@@ -217,11 +299,18 @@ func (c Catalog) desiredPrices(t CatalogTier) []priceSpec {
 	}
 	if t.OverageMicros > 0 {
 		out = append(out, priceSpec{
-			tier: t.Name, lookupKey: UsageLookupKey(t.Name), interval: usageInterval, metered: true,
+			tier: t.Name, lookupKey: UsageLookupKey(t.Name), interval: usageInterval, metered: true, event: c.Meter,
 			amount: MinorUnitDecimal(t.OverageMicros, c.Currency),
 			// Stripe's tiers need a positive up_to: without included units
 			// the price is a plain per-unit price.
 			tiered: t.IncludedUnits > 0, included: t.IncludedUnits,
+		})
+	}
+	for _, m := range t.Meters {
+		out = append(out, priceSpec{
+			tier: t.Name, lookupKey: MeterUsageLookupKey(t.Name, m.Meter), interval: usageInterval, metered: true, event: c.event(m.Meter),
+			amount: MinorUnitDecimal(m.OverageMicros, c.Currency),
+			tiered: m.IncludedUnits > 0, included: m.IncludedUnits,
 		})
 	}
 	return out
@@ -233,25 +322,31 @@ func PlanCatalog(ctx context.Context, sc *stripe.Client, cat Catalog) (*Plan, er
 	if err := cat.validate(); err != nil {
 		return nil, err
 	}
-	p := &Plan{catalog: cat, products: map[string]string{}}
+	p := &Plan{catalog: cat, products: map[string]string{}, meterIDs: map[string]string{}}
 
 	meters, err := listAll[stripeMeter](ctx, sc, "/v1/billing/meters", url.Values{"status": {"active"}})
 	if err != nil {
 		return nil, fmt.Errorf("listing meters: %w", err)
 	}
-	for _, m := range meters {
-		if m.EventName != cat.Meter || m.Status != "active" {
-			continue
-		}
-		if err := checkMeter(m); err != nil {
-			return nil, err
-		}
-		p.meterID = m.ID
-		break
+	events := []string{cat.Meter}
+	for _, m := range cat.Meters {
+		events = append(events, m.Event)
 	}
-	if p.meterID == "" {
-		p.Actions = append(p.Actions, Action{Kind: CreateMeter, Description: fmt.Sprintf(
-			"create meter %q: sum of payload value, customer by payload stripe_customer_id", cat.Meter)})
+	for _, event := range events {
+		for _, m := range meters {
+			if m.EventName != event || m.Status != "active" {
+				continue
+			}
+			if err := checkMeter(m); err != nil {
+				return nil, err
+			}
+			p.meterIDs[event] = m.ID
+			break
+		}
+		if p.meterIDs[event] == "" {
+			p.Actions = append(p.Actions, Action{Kind: CreateMeter, Meter: event, Description: fmt.Sprintf(
+				"create meter %q: sum of payload value, customer by payload stripe_customer_id", event)})
+		}
 	}
 
 	products, err := listAll[stripeProduct](ctx, sc, "/v1/products", url.Values{})
@@ -272,7 +367,7 @@ func PlanCatalog(ctx context.Context, sc *stripe.Client, cat Catalog) (*Plan, er
 
 	var keys []string
 	for _, t := range cat.Tiers {
-		keys = append(keys, BaseLookupKey(t.Name), UsageLookupKey(t.Name))
+		keys = append(keys, cat.lookupKeys(t)...)
 	}
 	existing, err := pricesByLookupKey(ctx, sc, keys)
 	if err != nil {
@@ -349,7 +444,7 @@ func (p *Plan) differs(have stripePrice, want priceSpec) string {
 		if r.UsageType != usage {
 			d = append(d, "usage type "+r.UsageType)
 		}
-		if want.metered && r.Meter != p.meterID {
+		if want.metered && r.Meter != p.meterIDs[want.event] {
 			d = append(d, "meter "+orNone(r.Meter))
 		}
 	}
@@ -381,9 +476,9 @@ func (p *Plan) describe(a Action) string {
 	if s.metered {
 		if s.tiered {
 			what = fmt.Sprintf("metered on %q, graduated: first %d units 0, then %s %s (minor units) per unit, per %s",
-				p.catalog.Meter, s.included, s.amount, p.catalog.Currency, s.interval)
+				s.event, s.included, s.amount, p.catalog.Currency, s.interval)
 		} else {
-			what = fmt.Sprintf("metered on %q, %s %s (minor units) per unit, per %s", p.catalog.Meter, s.amount, p.catalog.Currency, s.interval)
+			what = fmt.Sprintf("metered on %q, %s %s (minor units) per unit, per %s", s.event, s.amount, p.catalog.Currency, s.interval)
 		}
 	} else {
 		what = fmt.Sprintf("%s %s (minor units) per %s", s.amount, p.catalog.Currency, s.interval)
@@ -419,8 +514,8 @@ func (p *Plan) Apply(ctx context.Context, sc *stripe.Client, w io.Writer) error 
 		switch a.Kind {
 		case CreateMeter:
 			m, err := sc.V1BillingMeters.Create(ctx, &stripe.BillingMeterCreateParams{
-				DisplayName:        stripe.String(p.catalog.Meter),
-				EventName:          stripe.String(p.catalog.Meter),
+				DisplayName:        stripe.String(a.Meter),
+				EventName:          stripe.String(a.Meter),
 				DefaultAggregation: &stripe.BillingMeterCreateDefaultAggregationParams{Formula: stripe.String("sum")},
 				CustomerMapping: &stripe.BillingMeterCreateCustomerMappingParams{
 					Type: stripe.String("by_id"), EventPayloadKey: stripe.String("stripe_customer_id"),
@@ -428,10 +523,10 @@ func (p *Plan) Apply(ctx context.Context, sc *stripe.Client, w io.Writer) error 
 				ValueSettings: &stripe.BillingMeterCreateValueSettingsParams{EventPayloadKey: stripe.String("value")},
 			})
 			if err != nil {
-				return fmt.Errorf("creating meter %q: %w", p.catalog.Meter, err)
+				return fmt.Errorf("creating meter %q: %w", a.Meter, err)
 			}
-			p.meterID = m.ID
-			fmt.Fprintf(w, "created meter %s (%s)\n", m.ID, p.catalog.Meter)
+			p.meterIDs[a.Meter] = m.ID
+			fmt.Fprintf(w, "created meter %s (%s)\n", m.ID, a.Meter)
 		case CreateProduct:
 			pr, err := sc.V1Products.Create(ctx, &stripe.ProductCreateParams{
 				Name:     stripe.String(a.Tier),
@@ -458,7 +553,7 @@ func (p *Plan) Apply(ctx context.Context, sc *stripe.Client, w io.Writer) error 
 			// UnitAmountDecimal fields are float64.
 			if s.metered {
 				params.Recurring.UsageType = stripe.String("metered")
-				params.Recurring.Meter = stripe.String(p.meterID)
+				params.Recurring.Meter = stripe.String(p.meterIDs[s.event])
 			} else {
 				params.Recurring.UsageType = stripe.String("licensed")
 			}

@@ -15,6 +15,12 @@ func BaseLookupKey(tier string) string { return lookupPrefix + tier + lookupSuff
 // UsageLookupKey is the lookup key of a tier's metered overage price.
 func UsageLookupKey(tier string) string { return lookupPrefix + tier + lookupSuffixUse }
 
+// MeterUsageLookupKey is the lookup key of a tier's metered overage price
+// of another meter than the default one: am_<tier>_<meter>_usage.
+func MeterUsageLookupKey(tier, meter string) string {
+	return lookupPrefix + tier + "_" + meter + lookupSuffixUse
+}
+
 // TierOfLookupKey returns the tier a price lookup key names: the tier of
 // a key BaseLookupKey or UsageLookupKey made, otherwise the key itself (so
 // prices made by hand can use the tier's name as lookup key).

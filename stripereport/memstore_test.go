@@ -49,6 +49,11 @@ func (m *memStore) addUsage(customer, period, hour string, units int64) {
 	m.usage[k][hour] += units
 }
 
+// addMeterUsage adds units to an hour of another meter than the default.
+func (m *memStore) addMeterUsage(customer, period, meter, hour string, units int64) {
+	m.addUsage(customer, period+"|"+meter, hour, units)
+}
+
 func (m *memStore) ListCustomers(context.Context) ([]store.Customer, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -64,6 +69,20 @@ func (m *memStore) Usage(_ context.Context, subject, periodID string) (store.Per
 		u.Billed += v
 	}
 	sort.Slice(u.Hours, func(i, j int) bool { return u.Hours[i].HourID < u.Hours[j].HourID })
+	for k, hours := range m.usage {
+		meter, ok := strings.CutPrefix(k, subject+"|"+periodID+"|")
+		if !ok {
+			continue
+		}
+		mu := store.MeterUsage{Meter: meter}
+		for h, v := range hours {
+			mu.Hours = append(mu.Hours, store.HourUsage{HourID: h, Counters: store.Counters{Billed: v, Requests: 1}})
+			mu.Billed += v
+		}
+		sort.Slice(mu.Hours, func(i, j int) bool { return mu.Hours[i].HourID < mu.Hours[j].HourID })
+		u.Meters = append(u.Meters, mu)
+	}
+	sort.Slice(u.Meters, func(i, j int) bool { return u.Meters[i].Meter < u.Meters[j].Meter })
 	return u, nil
 }
 

@@ -7,11 +7,13 @@ import (
 	"github.com/apimonetize/caddy-api-monetize/store"
 )
 
-// ReconcileRow is one customer hour of the reconciliation.
+// ReconcileRow is one customer hour of one meter in the reconciliation.
 type ReconcileRow struct {
 	// Customer is the customer id; StripeCustomerID its Stripe id.
 	Customer         string `json:"customer"`
 	StripeCustomerID string `json:"stripe_customer_id"`
+	// Meter names the row's meter; empty for the default meter.
+	Meter string `json:"meter,omitempty"`
 	// Hour is the UTC hour (metering.TimeID form).
 	Hour string `json:"hour"`
 	// LedgerUnits is the hour's billed units in the ledger.
@@ -88,7 +90,7 @@ func (r *Reporter) Reconcile(ctx context.Context, in []ReconcileInput) ([]Reconc
 		}
 		for _, h := range hours {
 			row := ReconcileRow{
-				Customer: c.ID, StripeCustomerID: c.StripeCustomerID, Hour: h.hourID,
+				Customer: c.ID, StripeCustomerID: c.StripeCustomerID, Meter: h.meter, Hour: h.hourID,
 				LedgerUnits: h.billed, Identifier: r.identifier(ns, c, h), State: StatePending, Closed: h.closed,
 			}
 			switch {

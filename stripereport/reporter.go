@@ -88,8 +88,12 @@ type Reporter struct {
 	Client *stripe.Client
 	// Store holds the ledger, the marks and the lease.
 	Store Store
-	// Meter is the meter's event name.
+	// Meter is the default meter's event name.
 	Meter string
+	// Meters are the other meters to report, each under its own event
+	// name (see docs/meters.md): an hour of each is one meter event, and
+	// its mark is "<customer>|<meter>|<hour>".
+	Meters []MeterEvent
 	// Namespace sets this deployment's meter event identifiers apart from
 	// those of other deployments reporting to the same Stripe account.
 	// Empty: the namespace kept in the store (see StoredNamespace).
@@ -113,6 +117,15 @@ type Reporter struct {
 	Now func() time.Time
 	// Logger logs errors; nil logs nothing.
 	Logger *zap.Logger
+}
+
+// MeterEvent is a meter other than the default one and its Stripe event
+// name.
+type MeterEvent struct {
+	// Meter is the meter's name (store.MeterUsage.Meter).
+	Meter string
+	// Event is its Stripe meter event name.
+	Event string
 }
 
 // Result is what one Tick did.
@@ -139,6 +152,8 @@ type HourResult struct {
 	// Customer is the customer id; StripeCustomerID its Stripe id.
 	Customer         string `json:"customer"`
 	StripeCustomerID string `json:"stripe_customer_id"`
+	// Meter names the meter the hour is of; empty for the default meter.
+	Meter string `json:"meter,omitempty"`
 	// Hour is the UTC hour (metering.TimeID form).
 	Hour string `json:"hour"`
 	// Units is the hour's billed units: the event's value.
@@ -214,16 +229,16 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 				res.Unreported += h.unreported()
 				continue
 			}
-			id := c.ID + "|" + h.hourID
+			id := c.ID + "|" + h.key()
 			ident := r.identifier(ns, c, h)
-			hr := HourResult{Customer: c.ID, StripeCustomerID: c.StripeCustomerID, Hour: h.hourID, Units: h.billed, Identifier: ident}
+			hr := HourResult{Customer: c.ID, StripeCustomerID: c.StripeCustomerID, Meter: h.meter, Hour: h.hourID, Units: h.billed, Identifier: ident}
 			if now.Sub(h.timestamp) > MaxAge {
 				res.TooOld++
 				res.Unreported += h.billed
 				hr.Outcome = StateTooOld
 				res.Hours = append(res.Hours, hr)
 				r.logger().Error("usage hour is too old for Stripe and was never reported",
-					zap.String("customer", c.ID), zap.String("hour", h.hourID), zap.Int64("units", h.billed))
+					zap.String("customer", c.ID), zap.String("meter", h.meter), zap.String("hour", h.hourID), zap.Int64("units", h.billed))
 				if err := r.putMark(ctx, id, Mark{State: StateTooOld, Units: h.billed, Identifier: ident, At: now}, h.start); err != nil {
 					return res, err
 				}
@@ -257,7 +272,7 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 			}
 			last = time.Now()
 			out, sendErr := Send(ctx, r.Client, Event{
-				Meter: r.Meter, StripeCustomerID: c.StripeCustomerID, Value: h.billed,
+				Meter: h.event, StripeCustomerID: c.StripeCustomerID, Value: h.billed,
 				Timestamp: h.timestamp, Identifier: ident,
 			}, retry)
 			if out == Accepted {
@@ -281,7 +296,7 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 			hr.Outcome, hr.Error = StateFailed, sendErr.Error()
 			res.Hours = append(res.Hours, hr)
 			r.logger().Error("reporting usage to Stripe failed",
-				zap.String("customer", c.ID), zap.String("hour", h.hourID), zap.Int64("units", h.billed),
+				zap.String("customer", c.ID), zap.String("meter", h.meter), zap.String("hour", h.hourID), zap.Int64("units", h.billed),
 				zap.Bool("will_retry", true), zap.Error(sendErr))
 			data, _ := json.Marshal(failure{Error: sendErr.Error(), At: r.now()})
 			if _, err := r.Store.PutRecord(ctx, store.Record{Kind: KindFailed, ID: id, Data: data, Expires: h.start.Add(markTTL)}, false); err != nil {
@@ -305,8 +320,13 @@ func (r *Reporter) putMark(ctx context.Context, id string, m Mark, hour time.Tim
 	return nil
 }
 
-// hourState is one ledger hour of a customer with its report state.
+// hourState is one ledger hour of a customer's meter with its report
+// state.
 type hourState struct {
+	// meter is the meter's name, "" for the default meter; event its
+	// Stripe event name.
+	meter     string
+	event     string
 	hourID    string
 	start     time.Time
 	timestamp time.Time // the event timestamp: the hour's last second
@@ -315,6 +335,15 @@ type hourState struct {
 	mark      *Mark
 	failed    *failure
 	tried     string // the identifier pinned before the first try
+}
+
+// key identifies the hour among the customer's records: "<hour>" for the
+// default meter (as before meters existed), "<meter>|<hour>" for another.
+func (h hourState) key() string {
+	if h.meter == "" {
+		return h.hourID
+	}
+	return h.meter + "|" + h.hourID
 }
 
 // unreported is the units of the hour Stripe has not accepted, as far as
@@ -347,10 +376,10 @@ func (r *Reporter) identifier(ns string, c store.Customer, h hourState) string {
 		return h.mark.Identifier
 	case h.tried != "":
 		return h.tried
-	case h.failed != nil:
+	case h.failed != nil && h.meter == "":
 		return LegacyIdentifier(c.ID, r.Meter, h.hourID)
 	}
-	return Identifier(ns, c.ID, c.StripeCustomerID, r.Meter, h.hourID)
+	return Identifier(ns, c.ID, c.StripeCustomerID, h.event, h.hourID)
 }
 
 // hours reads a customer's ledger hours of the given periods with their
@@ -396,24 +425,30 @@ func (r *Reporter) hours(ctx context.Context, c store.Customer, periods []string
 		if err != nil {
 			return nil, fmt.Errorf("reading the usage of %q: %w", c.ID, err)
 		}
-		for _, h := range u.Hours {
-			start, err := metering.ParseTimeID(h.HourID)
-			if err != nil {
-				continue
+		add := func(meter, event string, hours []store.HourUsage) {
+			for _, h := range hours {
+				start, err := metering.ParseTimeID(h.HourID)
+				if err != nil {
+					continue
+				}
+				st := hourState{meter: meter, event: event, hourID: h.HourID}
+				// A period boundary inside a UTC hour (a zone with a
+				// half-hour offset) splits the hour over two periods:
+				// it is still one meter event.
+				if i, dup := index[st.key()]; dup {
+					out[i].billed += h.Billed
+					continue
+				}
+				index[st.key()] = len(out)
+				st.start, st.timestamp = start, start.Add(time.Hour-time.Second)
+				st.closed = !now.Before(start.Add(time.Hour + r.SettleGrace))
+				st.billed, st.mark, st.failed, st.tried = h.Billed, markBy[st.key()], failBy[st.key()], triedBy[st.key()]
+				out = append(out, st)
 			}
-			// A period boundary inside a UTC hour (a zone with a
-			// half-hour offset) splits the hour over two periods: it is
-			// still one meter event.
-			if i, dup := index[h.HourID]; dup {
-				out[i].billed += h.Billed
-				continue
-			}
-			index[h.HourID] = len(out)
-			out = append(out, hourState{
-				hourID: h.HourID, start: start, timestamp: start.Add(time.Hour - time.Second),
-				closed: !now.Before(start.Add(time.Hour + r.SettleGrace)),
-				billed: h.Billed, mark: markBy[h.HourID], failed: failBy[h.HourID], tried: triedBy[h.HourID],
-			})
+		}
+		add("", r.Meter, u.Hours)
+		for _, m := range r.Meters {
+			add(m.Meter, m.Event, u.Meter(m.Meter).Hours)
 		}
 	}
 	return out, nil

@@ -4,7 +4,10 @@
 // identifier dedupe (Stripe's "An event already exists with identifier"
 // refusal), injected faults (429, 500, a response that never comes, an
 // event accepted but its response lost), recorded events, products, prices
-// found by lookup key, meters, and subscriptions.
+// found by lookup key, meters, subscriptions, Checkout Sessions (open,
+// complete or expired; expiring one that is not open is refused, as
+// Stripe does) and idempotency keys (a repeat gets the first answer, a
+// request while another with the same key is in progress gets 409).
 package stripedouble
 
 import (
@@ -64,6 +67,8 @@ type Double struct {
 	meters   map[string]map[string]any
 	subs     map[string]map[string]any
 	seq      int
+	// subSeq orders subscriptions by creation ("created").
+	subSeq int64
 	// Creates counts objects created, by kind.
 	creates map[string]int
 	// sessions are the Checkout and Billing Portal sessions created, as
@@ -74,6 +79,20 @@ type Double struct {
 	idempotent map[string]idempotentAnswer
 	// canceled are the subscriptions canceled through the API, in order.
 	canceled []string
+	// sessionObjs are the Checkout Sessions by id, as answered.
+	sessionObjs map[string]map[string]any
+	// inFlight holds the idempotency keys of requests being handled.
+	inFlight map[string]bool
+	// hold, when set, holds the next Checkout Session request (after it
+	// is marked in flight) until release is closed.
+	hold *checkoutHold
+	// expired are the Checkout Sessions expired through the API, in order.
+	expired []string
+}
+
+// checkoutHold holds one Checkout Session request in flight.
+type checkoutHold struct {
+	held, release chan struct{}
 }
 
 // idempotentAnswer is what Stripe remembers of a request made with an
@@ -90,6 +109,7 @@ func New() *Double {
 		products: make(map[string]map[string]any), prices: make(map[string]map[string]any),
 		meters: make(map[string]map[string]any), subs: make(map[string]map[string]any),
 		creates: make(map[string]int), idempotent: make(map[string]idempotentAnswer),
+		sessionObjs: make(map[string]map[string]any), inFlight: make(map[string]bool),
 	}
 	d.Server = httptest.NewServer(http.HandlerFunc(d.serve))
 	return d
@@ -125,7 +145,8 @@ func (d *Double) Creates(kind string) int {
 }
 
 // SetSubscription stores a subscription of customer, with one item per
-// price lookup key, in status ("active", "past_due", "canceled", …).
+// price lookup key, in status ("active", "past_due", "canceled", …); a new
+// one's "created" is later than that of every subscription set before.
 func (d *Double) SetSubscription(id, customer, status string, lookupKeys ...string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -136,8 +157,13 @@ func (d *Double) SetSubscription(id, customer, status string, lookupKeys ...stri
 			"price": map[string]any{"id": "price_" + k, "object": "price", "lookup_key": k},
 		})
 	}
+	created, ok := d.subs[id]["created"]
+	if !ok {
+		d.subSeq++
+		created = d.subSeq
+	}
 	d.subs[id] = map[string]any{
-		"id": id, "object": "subscription", "customer": customer, "status": status,
+		"id": id, "object": "subscription", "customer": customer, "status": status, "created": created,
 		"items": map[string]any{"object": "list", "data": items},
 	}
 }
@@ -177,15 +203,82 @@ func (d *Double) Canceled() []string {
 	return append([]string(nil), d.canceled...)
 }
 
+// HoldNextCheckout holds the next Checkout Session request in progress
+// until release is called; held is closed once it is. Meanwhile a request
+// with the same Idempotency-Key gets Stripe's 409.
+func (d *Double) HoldNextCheckout() (held <-chan struct{}, release func()) {
+	h := &checkoutHold{held: make(chan struct{}), release: make(chan struct{})}
+	d.mu.Lock()
+	d.hold = h
+	d.mu.Unlock()
+	var once sync.Once
+	return h.held, func() { once.Do(func() { close(h.release) }) }
+}
+
+// CompleteCheckout marks a Checkout Session paid, as Stripe does when
+// the customer pays (the webhook event is the test's to send).
+func (d *Double) CompleteCheckout(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if s, ok := d.sessionObjs[id]; ok {
+		s["status"] = "complete"
+	}
+}
+
+// ExpiredCheckouts returns the ids of the Checkout Sessions expired
+// through the API, in order.
+func (d *Double) ExpiredCheckouts() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]string(nil), d.expired...)
+}
+
+// expireCheckout expires an open Checkout Session; Stripe refuses any
+// other with 400.
+func (d *Double) expireCheckout(w http.ResponseWriter, id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s, ok := d.sessionObjs[id]
+	if !ok {
+		writeErrorCode(w, http.StatusNotFound, "invalid_request_error", "resource_missing", "No such checkout.session: '"+id+"'")
+		return
+	}
+	if s["status"] != "open" {
+		writeError(w, http.StatusBadRequest, "invalid_request_error", fmt.Sprintf("Only Checkout Sessions with a status in [\"open\"] can be expired. This Checkout Session has a status of %q.", s["status"]))
+		return
+	}
+	s["status"] = "expired"
+	s["url"] = nil
+	d.expired = append(d.expired, id)
+	writeJSON(w, s)
+}
+
 // session records a Checkout or Billing Portal session and answers with
 // its id and a URL on the double. Like Stripe, a request repeating an
 // Idempotency-Key gets the first answer again (and creates nothing), or
-// 400 idempotency_error when its parameters differ.
+// 400 idempotency_error when its parameters differ, or 409 while the
+// first request with the key is still in progress.
 func (d *Double) session(w http.ResponseWriter, r *http.Request, object string, list *[]map[string]string) {
 	f := form(r)
 	key := r.Header.Get("Idempotency-Key")
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if key != "" && d.inFlight[object+" "+key] {
+		writeErrorCode(w, http.StatusConflict, "idempotency_error", "idempotency_key_in_use",
+			"There is currently another in-progress request using this Idempotency Key. Please try again later.")
+		return
+	}
+	if h := d.hold; h != nil && object == "checkout.session" {
+		d.hold = nil
+		if key != "" {
+			d.inFlight[object+" "+key] = true
+		}
+		d.mu.Unlock()
+		close(h.held)
+		<-h.release
+		d.mu.Lock()
+		delete(d.inFlight, object+" "+key)
+	}
 	if prev, ok := d.idempotent[object+" "+key]; ok && key != "" {
 		if !maps.Equal(prev.params, f) {
 			writeError(w, http.StatusBadRequest, "idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with.")
@@ -199,6 +292,10 @@ func (d *Double) session(w http.ResponseWriter, r *http.Request, object string, 
 	*list = append(*list, f)
 	answer := map[string]any{"id": id, "object": object, "url": d.URL + "/pay/" + id,
 		"client_reference_id": orNull(f["client_reference_id"]), "customer": orNull(f["customer"]), "mode": orNull(f["mode"])}
+	if object == "checkout.session" {
+		answer["status"] = "open"
+		d.sessionObjs[id] = maps.Clone(answer)
+	}
 	if key != "" {
 		d.idempotent[object+" "+key] = idempotentAnswer{params: f, answer: answer}
 	}
@@ -251,9 +348,12 @@ func (d *Double) serve(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.Path
 	d.mu.Lock()
 	route := r.Method + " " + path
-	for _, prefix := range []string{"/v1/products/", "/v1/subscriptions/", "/v1/prices/"} {
+	for _, prefix := range []string{"/v1/products/", "/v1/subscriptions/", "/v1/prices/", "/v1/checkout/sessions/"} {
 		if strings.HasPrefix(path, prefix) {
 			route = r.Method + " " + prefix + "{id}"
+			if strings.HasSuffix(path, "/expire") {
+				route += "/expire"
+			}
 		}
 	}
 	d.requests[route]++
@@ -281,6 +381,10 @@ func (d *Double) serve(w http.ResponseWriter, r *http.Request) {
 		d.createPrice(w, r)
 	case route == "POST /v1/checkout/sessions":
 		d.session(w, r, "checkout.session", &d.checkouts)
+	case route == "GET /v1/checkout/sessions/{id}":
+		d.get(w, d.sessionObjs, strings.TrimPrefix(path, "/v1/checkout/sessions/"))
+	case route == "POST /v1/checkout/sessions/{id}/expire":
+		d.expireCheckout(w, strings.TrimSuffix(strings.TrimPrefix(path, "/v1/checkout/sessions/"), "/expire"))
 	case route == "POST /v1/billing_portal/sessions":
 		d.session(w, r, "billing_portal.session", &d.portals)
 	case route == "GET /v1/billing/meters":
@@ -346,6 +450,7 @@ func (d *Double) meterEvent(w http.ResponseWriter, r *http.Request) {
 func (d *Double) get(w http.ResponseWriter, m map[string]map[string]any, id string) {
 	d.mu.Lock()
 	obj, ok := m[id]
+	obj = maps.Clone(obj) // answered after unlocking
 	d.mu.Unlock()
 	if !ok {
 		writeErrorCode(w, http.StatusNotFound, "invalid_request_error", "resource_missing", "No such object: '"+id+"'")
