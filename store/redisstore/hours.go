@@ -16,12 +16,14 @@ import (
 // reserved or settled in the UTC hour. It expires store.HourIndexRetention
 // after the hour's start.
 //
-// A subject's first metering call of an hour in this process starts the
-// index write in the background, just before the call's script, and the
+// A subject's first metering call of an hour in this process that counted
+// something (an admitted reservation of units, an applied settlement)
+// starts the index write in the background once its script ran, and the
 // request does not wait for it: it is one SADD per subject, hour and
-// process, off the request path. A write that fails is tried again by the
-// subject's next call. A crash between the script and the write loses the
-// index entry (never the usage): the reporter's daily full pass covers it.
+// process, off the request path. A denied call writes nothing. A write
+// that fails is tried again by the subject's next call. A crash between
+// the script and the write loses the index entry (never the usage): the
+// reporter's daily full pass covers it.
 
 // hourMemoHours is how many hours the memo of indexed subjects keeps.
 const hourMemoHours = 4
@@ -36,6 +38,13 @@ type hourMemo struct {
 // activeKey is bucket b's index of hourID.
 func (s *Store) activeKey(b int, hourID string) string {
 	return s.prefix + s.tagAt(b) + "active:" + hourID
+}
+
+// indexMetered indexes a metering call of subject for hourID that counted
+// something: in the hour's index, and as late when the hour is over.
+func (s *Store) indexMetered(subject, hourID string) {
+	s.indexHour(subject, hourID)
+	s.markLate(subject, hourID)
 }
 
 // indexHour starts the index write of (subject, hourID) unless this
