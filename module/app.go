@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/http"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -124,16 +125,18 @@ type App struct {
 	billOn       metering.BillOn
 	headers      headerSet
 	maxUsageCost int64
-	idempotency  idempotency
-	tiers        []*tierRuntime
-	meters       []*meterRuntime // nil without meters
-	tierByName   map[string]*tierRuntime
-	shared       *shared
-	sharedKey    string
-	keyHasher    *apikey.Hasher // for the configured secret; nil when the store keeps one
-	authGuard    *authGuard     // nil when auth_failures is off
-	timeout      time.Duration
-	logger       *zap.Logger
+	// costHeader is UsageCostHeader in canonical form.
+	costHeader  string
+	idempotency idempotency
+	tiers       []*tierRuntime
+	meters      []*meterRuntime // nil without meters
+	tierByName  map[string]*tierRuntime
+	shared      *shared
+	sharedKey   string
+	keyHasher   *apikey.Hasher // for the configured secret; nil when the store keeps one
+	authGuard   *authGuard     // nil when auth_failures is off
+	timeout     time.Duration
+	logger      *zap.Logger
 
 	// tasks are the background loops (Stripe reporter, notifier) Start runs
 	// until Stop; each returns when its context is done.
@@ -270,6 +273,9 @@ func (a *App) compileMetering() error {
 		a.billOn, _ = metering.ParseBillOn(classes) // parseBillOn checked each
 	}
 	a.maxUsageCost = a.MaxUsageCost
+	if a.UsageCostHeader != "" {
+		a.costHeader = http.CanonicalHeaderKey(a.UsageCostHeader)
+	}
 	if a.maxUsageCost <= 0 {
 		a.maxUsageCost = 1_000_000
 	}

@@ -102,12 +102,12 @@ func (u *usageCache) observe(res store.Reservation, out store.Reserved, now int6
 			interval = res.Rate.Interval()
 		}
 	}
-	if res.Cost == 0 && interval == 0 {
+	if res.Cost == 0 && len(res.Meters) == 0 && interval == 0 {
 		return
 	}
 	e := u.entry(res.Subject)
 	e.mu.Lock()
-	if res.Cost > 0 {
+	if res.Cost > 0 || len(res.Meters) > 0 {
 		if e.period != res.Quota.PeriodID {
 			e.meters = nil
 		}

@@ -165,19 +165,20 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	default:
 		tier.metrics.allowed.Inc()
 	}
-	if cost == 0 || out.Duplicate {
+	if cost == 0 && len(res.Meters) == 0 || out.Duplicate {
 		return next.ServeHTTP(w, r)
 	}
 	tier.metrics.units.Add(float64(cost))
 	mw := &meteredWriter{
 		ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-		costHeader:            app.UsageCostHeader,
+		costHeader:            app.costHeader,
 		maxCost:               app.maxUsageCost,
 	}
 	if len(res.Meters) > 0 {
 		mw.tally = newMeterTally(tier, r)
 	}
 	err = next.ServeHTTP(mw, r)
+	mw.readCostTrailer()
 	if mw.tally != nil {
 		mw.tally.readTrailers(mw.Header())
 		if mw.tally.ignored != "" {

@@ -78,10 +78,11 @@ func compileIdempotency(c *IdempotencyConfig) (idempotency, error) {
 
 // apply sets the idempotency fields of res for request r of this cost:
 // the key as its digest, and the request's fingerprint. Nothing when the
-// request sends no key, costs nothing or the option is off.
+// request sends no key, costs nothing and counts no other meter (res's
+// Meters are set first), or the option is off.
 func (i idempotency) apply(res *store.Reservation, r *http.Request, cost int64) {
 	k := r.Header.Get("Idempotency-Key")
-	if k == "" || cost <= 0 || i.repeats == 0 {
+	if k == "" || cost <= 0 && len(res.Meters) == 0 || i.repeats == 0 {
 		return
 	}
 	sum := sha256.Sum256([]byte(k))

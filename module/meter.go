@@ -38,14 +38,16 @@ func (a *App) reservation(c caller, cost int64, r *http.Request, now time.Time) 
 	if t.hasRate {
 		res.Rate = t.policy
 	}
-	if len(t.meters) > 0 && cost > 0 {
+	// A zero cost makes only the default meter free: the other meters are
+	// reserved, enforced and settled as for any cost.
+	if len(t.meters) > 0 {
 		res.Meters = make([]store.MeterReservation, len(t.meters))
 		for i, tm := range t.meters {
 			res.Meters[i] = tm.reservation(tm.advance(r, cost))
 		}
 	}
 	a.idempotency.apply(&res, r, cost)
-	if cost > 0 {
+	if cost > 0 || len(res.Meters) > 0 {
 		o := a.shared.liveOrigin()
 		res.Origin, res.Seq = o.id, o.seq.next(c.customer.ID)
 	}
@@ -112,12 +114,12 @@ func (a *App) reserveDegraded(res store.Reservation, t *tierRuntime) (store.Rese
 			// fallback.go).
 			now := time.Now().UnixMicro()
 			tat, interval := a.shared.usage.rateSeen(res.Subject)
-			share, floor := localShare(policy, a.shared.liveInstances(), res.Cost, tat, interval, now)
-			out.Rate = a.shared.local.AdmitFrom(res.Subject, share, res.Cost, now, floor)
+			share, floor := localShare(policy, a.shared.liveInstances(), adm.Units, tat, interval, now)
+			out.Rate = a.shared.local.AdmitFrom(res.Subject, share, adm.Units, now, floor)
 			out.Allowed = out.Rate.Allowed
 		}
 	}
-	if !out.Allowed || res.Cost == 0 {
+	if !out.Allowed || res.Cost == 0 && len(res.Meters) == 0 {
 		out.Used = used
 		out.Meters = meterOutcomes(res.Meters, meterUsed)
 		return out, nil
@@ -163,7 +165,7 @@ func (a *App) settle(m store.Meter, res store.Reservation, out store.Reserved, d
 	switch {
 	case !billable:
 		actual = 0
-	case mw.hasReported:
+	case mw.hasReported && res.Cost > 0: // a zero cost keeps the default meter free
 		actual = mw.reported
 	}
 	var meters []store.MeterSettlement

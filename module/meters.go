@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -34,6 +33,9 @@ type tierMeter struct {
 	*meterRuntime
 	// ignored counts the meter's header values that were ignored.
 	ignored prometheus.Counter
+	// units counts the meter's units counted in this tier (the final
+	// amounts of admitted requests: meter_units_total).
+	units prometheus.Counter
 	// quota holds the meter's included units, over-quota mode, throttle,
 	// thresholds and their policy names (quotaName "<tier>-<meter>-month"),
 	// compiled as a tier's own (see compileQuota).
@@ -60,7 +62,7 @@ func (t *tierRuntime) compileTierMeters(meters []*meterRuntime) error {
 	}
 	t.meters = make([]tierMeter, len(meters))
 	for i, m := range meters {
-		tm := tierMeter{meterRuntime: m, quota: new(tierRuntime)}
+		tm := tierMeter{meterRuntime: m, quota: new(tierRuntime), units: getMetrics().meterUnits.WithLabelValues(t.Name, m.name)}
 		if m.kind == sourceHeader {
 			tm.ignored = getMetrics().ignoredUsage.WithLabelValues(t.Name, m.name)
 		}
@@ -206,7 +208,7 @@ func (mt *meterTally) readHeaders(h http.Header) {
 		}
 		delete(h, tm.header)
 	}
-	mt.unannounce(h)
+	unannounce(h, mt.isMeterHeader)
 }
 
 // readTrailers reads the meter values an upstream sent as trailers,
@@ -236,29 +238,6 @@ func (mt *meterTally) readTrailers(h http.Header) {
 	}
 }
 
-// unannounce removes the meter headers from the response's Trailer
-// announcement, so the client is not told of trailers it will not get.
-func (mt *meterTally) unannounce(h http.Header) {
-	announced, ok := h["Trailer"]
-	if !ok {
-		return
-	}
-	var keep []string
-	for _, v := range announced {
-		for _, name := range strings.Split(v, ",") {
-			name = strings.TrimSpace(name)
-			if name != "" && !mt.isMeterHeader(http.CanonicalHeaderKey(name)) {
-				keep = append(keep, name)
-			}
-		}
-	}
-	if len(keep) == 0 {
-		delete(h, "Trailer")
-		return
-	}
-	h["Trailer"] = []string{strings.Join(keep, ", ")}
-}
-
 // isMeterHeader reports whether name (canonical) is a meter's header.
 func (mt *meterTally) isMeterHeader(name string) bool {
 	for _, tm := range mt.tier.meters {
@@ -272,7 +251,7 @@ func (mt *meterTally) isMeterHeader(name string) bool {
 // settlements are the meters of res whose final amount differs from the
 // reserved one: 0 for a response that is not billable, the default
 // meter's actual amount for a cost source, the header's value, the bytes
-// counted.
+// counted. It adds each meter's final amount to its units metric.
 func (mt *meterTally) settlements(res store.Reservation, out store.Reserved, billable bool, actual int64) []store.MeterSettlement {
 	var ms []store.MeterSettlement
 	for i, mr := range res.Meters {
@@ -291,6 +270,9 @@ func (mt *meterTally) settlements(res store.Reservation, out store.Reserved, bil
 			final = tm.capped(mt.respBytes)
 		case tm.kind == sourceRequestBytes && mt.body != nil:
 			final = tm.capped(mt.body.n.Load())
+		}
+		if final > 0 {
+			tm.units.Add(float64(final))
 		}
 		if final == mr.Amount {
 			continue

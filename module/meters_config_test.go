@@ -2,6 +2,7 @@ package module
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -12,10 +13,12 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stripe/stripe-go/v86"
 
 	"github.com/apimonetize/caddy-api-monetize/limiter"
 	"github.com/apimonetize/caddy-api-monetize/store"
+	"github.com/apimonetize/caddy-api-monetize/stripereport"
 )
 
 // metersGlobal declares two meters and gives tiers blocks for them.
@@ -250,6 +253,79 @@ func TestTierOfMeterPrice(t *testing.T) {
 	} {
 		if got := w.tierOf(sub(strings.Fields(keys)...)); got != want {
 			t.Errorf("tierOf(%s) = %q, want %q", keys, got, want)
+		}
+	}
+}
+
+// TestDegradedCostZeroWithMeters: without the store, a request costing 0
+// still counts and enforces its other meters (the default meter stays
+// free), as the stores do.
+func TestDegradedCostZeroWithMeters(t *testing.T) {
+	a := &App{shared: &shared{local: limiter.NewLocal()}}
+	tr := &tierRuntime{onStoreError: storeErrorLocal}
+	q := store.Quota{PeriodID: "20261101T000000Z", HourID: "20261101T000000Z", Mode: store.QuotaBlock, Included: 3}
+	res := store.Reservation{Subject: "c", Cost: 0, Quota: q, Meters: []store.MeterReservation{
+		{Meter: "upload", Amount: 40, Mode: store.QuotaBlock, Included: 100},
+	}}
+	a.shared.usage.observe(store.Reservation{Subject: "c", Cost: 1, Quota: q, Meters: res.Meters},
+		store.Reserved{Allowed: true, Used: 3, Meters: []store.MeterReserved{{Used: 20}}}, 0)
+	for _, want := range []int64{60, 100} {
+		out, err := a.reserveDegraded(res, tr)
+		if err != nil || !out.Allowed || out.Used != 3 || out.Meters[0].Used != want {
+			t.Fatalf("%+v, %v; want admitted at cost 0 with the default quota used up, upload at %d", out, err, want)
+		}
+	}
+	if got := a.shared.usage.get("c", q.PeriodID); got != 3 {
+		t.Errorf("default meter %d; want 3 (free calls add nothing)", got)
+	}
+	if out, err := a.reserveDegraded(res, tr); err != nil || out.Allowed || out.QuotaExceededMeter != "upload" {
+		t.Fatalf("upload 100+40 > 100: %+v, %v; want refused for upload", out, err)
+	}
+}
+
+// TestUnreportedPerMeter: the reporter's unreported units are published
+// per meter (cost for the default one) next to the total, every
+// configured meter with a series, a meter no longer configured without.
+func TestUnreportedPerMeter(t *testing.T) {
+	m := getStripeMetrics()
+	meters := []stripereport.MeterEvent{{Meter: "tokens", Event: "ai_tokens"}, {Meter: "upload", Event: "upload"}}
+	m.setUnreported(stripereport.Result{Unreported: 12, UnreportedByMeter: map[string]int64{"": 2, "tokens": 10}}, append(meters, stripereport.MeterEvent{Meter: "gone"}))
+	m.setUnreported(stripereport.Result{Unreported: 12, UnreportedByMeter: map[string]int64{"": 2, "tokens": 10}}, meters)
+	if got := testutil.ToFloat64(m.unreported); got != 12 {
+		t.Errorf("unreported_units %v; want the total 12", got)
+	}
+	for meter, want := range map[string]float64{"cost": 2, "tokens": 10, "upload": 0} {
+		if got := testutil.ToFloat64(m.unreportedMeter.WithLabelValues(meter)); got != want {
+			t.Errorf("unreported_meter_units{meter=%s} %v; want %v", meter, got, want)
+		}
+	}
+	if n := testutil.CollectAndCount(m.unreportedMeter); n != 3 {
+		t.Errorf("%d unreported_meter_units series; want 3 (cost, tokens, upload: not the meter no longer configured)", n)
+	}
+}
+
+// TestPlansListMeters: the portal's plans page gets each plan's other
+// meters with their included units, over-quota behaviour and price.
+func TestPlansListMeters(t *testing.T) {
+	a, err := parseGlobal(metersGlobal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.compileTiers(); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, p := range (portalBackend{app: a}).Plans() {
+		got[p.Name] = fmt.Sprint(p.Meters)
+	}
+	want := map[string]string{
+		"pro": "[{tokens 2000000 tokens per month slowed down to 10 units per min 0.00001 USD per unit} " +
+			"{upload 1000000 upload per month blocked } {download Counted, not limited  }]",
+		"free": "[{tokens 50000 tokens per month blocked } {upload Counted, not limited  } {download Counted, not limited  }]",
+	}
+	for name, w := range want {
+		if got[name] != w {
+			t.Errorf("plan %s meters\n got  %s\n want %s", name, got[name], w)
 		}
 	}
 }

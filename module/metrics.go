@@ -40,6 +40,9 @@ type metrics struct {
 	// ignoredUsage counts meter header values that were not whole numbers
 	// ≥ 0, by tier and meter (meter names come from the configuration).
 	ignoredUsage *prometheus.CounterVec
+	// meterUnits counts the units of the meters other than the default
+	// one, by tier and meter.
+	meterUnits *prometheus.CounterVec
 	// liveInstances is how many instances the shared store last counted.
 	liveInstances prometheus.Gauge
 }
@@ -81,6 +84,10 @@ func getMetrics() *metrics {
 				Namespace: ns, Subsystem: sub, Name: "ignored_usage_values_total",
 				Help: "Meter header values a trusted upstream sent that were not whole numbers of at least 0, ignored (the meter kept its reserved amount), by tier and meter.",
 			}, []string{"tier", "meter"}),
+			meterUnits: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "meter_units_total",
+				Help: "Units counted for the meters other than the default one (tokens, bytes), by tier and meter: each admitted request's final amount once its response is known (0 for a response outside bill_on). The default meter's cost units are in admitted_units_total.",
+			}, []string{"tier", "meter"}),
 			liveInstances: prometheus.NewGauge(prometheus.GaugeOpts{
 				Namespace: ns, Subsystem: sub, Name: "live_instances",
 				Help: "Instances sharing the Redis store at its last heartbeat; each takes this share of a budget while Redis is unreachable.",
@@ -97,7 +104,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	m := getMetrics()
-	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors, m.spooled, m.replayed, m.lostUsage, m.ignoredUsage, m.liveInstances} {
+	for _, c := range []prometheus.Collector{m.requests, m.units, m.storeErrors, m.spooled, m.replayed, m.lostUsage, m.ignoredUsage, m.meterUnits, m.liveInstances} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

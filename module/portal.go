@@ -321,7 +321,7 @@ func (b portalBackend) Usage(ctx context.Context, customerID, month string) (por
 	for _, m := range v.Meters {
 		u.Meters = append(u.Meters, portal.MeterUsage{
 			Meter: m.Meter, Used: m.Billed, Included: m.Included, Remaining: m.Remaining,
-			Overage: m.Overage, OverageCharge: m.OverageCharge, OverQuota: m.OverQuota,
+			Overage: m.Overage, OverageCharge: m.OverageCharge, OverQuota: m.OverQuota, Hours: m.Hours,
 		})
 	}
 	return u, nil
@@ -349,19 +349,16 @@ func (b portalBackend) Plans() []portal.Plan {
 			p.Price = displayMoney(t.Price.AmountMicros) + " " + cur + " per " + t.Price.Interval
 		}
 		if t.quotaMode != store.QuotaMeter {
-			p.Included = strconv.FormatInt(t.included, 10) + " units per billing period"
-			if t.Tier.Included != nil && t.Tier.Included.Interval != "" {
-				p.Included = strconv.FormatInt(t.included, 10) + " units per " + t.Tier.Included.Interval
-			}
-			p.OverQuota = map[string]string{store.QuotaBlock: "blocked", store.QuotaBill: "billed", store.QuotaThrottle: "slowed down"}[t.quotaMode]
-			if t.quotaMode == store.QuotaThrottle {
-				p.OverQuota += fmt.Sprintf(" to %d units per %s", t.throttle.Limit, windowName(t.throttle.Period))
-			}
-			if t.overagePriceMic > 0 {
-				p.OveragePrice = metering.FormatMicros(t.overagePriceMic) + " " + cur + " per unit"
-			}
+			p.Included, p.OverQuota, p.OveragePrice = planQuota(t, "units", cur)
 		} else {
 			p.OverQuota = "metered"
+		}
+		for _, tm := range t.meters {
+			pm := portal.PlanMeter{Name: tm.name, Included: "Counted, not limited"}
+			if tm.hasQuota() {
+				pm.Included, pm.OverQuota, pm.OveragePrice = planQuota(tm.quota, tm.name, cur)
+			}
+			p.Meters = append(p.Meters, pm)
 		}
 		if t.hasRate {
 			p.Rate = fmt.Sprintf("%d units per %s", t.policy.Limit, windowName(t.policy.Period))
@@ -378,6 +375,24 @@ func (b portalBackend) Plans() []portal.Plan {
 		plans = append(plans, p)
 	}
 	return plans
+}
+
+// planQuota describes for people the quota q (a tier's, or a tier's view
+// of a meter) counting unit: its included units, what happens beyond them
+// and the price of a unit beyond them, if any.
+func planQuota(q *tierRuntime, unit, cur string) (included, overQuota, price string) {
+	included = strconv.FormatInt(q.included, 10) + " " + unit + " per billing period"
+	if q.Tier.Included != nil && q.Tier.Included.Interval != "" {
+		included = strconv.FormatInt(q.included, 10) + " " + unit + " per " + q.Tier.Included.Interval
+	}
+	overQuota = map[string]string{store.QuotaBlock: "blocked", store.QuotaBill: "billed", store.QuotaThrottle: "slowed down"}[q.quotaMode]
+	if q.quotaMode == store.QuotaThrottle {
+		overQuota += fmt.Sprintf(" to %d units per %s", q.throttle.Limit, windowName(q.throttle.Period))
+	}
+	if q.overagePriceMic > 0 {
+		price = metering.FormatMicros(q.overagePriceMic) + " " + cur + " per unit"
+	}
+	return included, overQuota, price
 }
 
 // displayMoney formats an amount in micro-units with at least two

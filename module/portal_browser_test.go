@@ -33,6 +33,14 @@ func chromiumPath() string {
 	return ""
 }
 
+// browserMeter adds a meter of response bytes (counted in every tier) to
+// TestPortalBrowser's configuration, so its usage and plans pages show
+// one.
+const browserMeter = `
+		meter response {
+			source response_bytes
+		}`
+
 // TestPortalBrowser drives a real headless Chromium through the portal
 // served by Caddy: sign up by the emailed link, create a key, call the API
 // with it, see the usage, roll the key, compare the plans, invite a
@@ -60,7 +68,7 @@ func TestPortalBrowser(t *testing.T) {
 	t.Cleanup(func() { _ = provider.Shutdown() })
 	oc := provider.Config()
 	smtp := notifytest.NewSMTPServer(t, notifytest.SMTPOptions{})
-	startPortalWith(t, portalConfigFull("store_path "+t.TempDir()+"/store.db", "open", smtp.Addr, portalStripeBlock(double.URL),
+	startPortalWith(t, portalConfigFull("store_path "+t.TempDir()+"/store.db", "open", smtp.Addr, portalStripeBlock(double.URL)+browserMeter,
 		fmt.Sprintf("oidc %s %s %s", oc.Issuer, oc.ClientID, oc.ClientSecret)))
 
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
@@ -144,6 +152,7 @@ func TestPortalBrowser(t *testing.T) {
 	do("usage page",
 		chromedp.Navigate(portalBase+"/usage"),
 		chromedp.WaitVisible(chromedp.ID("used")),
+		chromedp.WaitVisible(chromedp.ID("meter-chart-response")),
 		shot("usage"),
 	)
 	used, remaining := text("used", chromedp.Text(chromedp.ID("used"))), text("remaining", chromedp.Text(chromedp.ID("remaining")))
@@ -178,6 +187,9 @@ func TestPortalBrowser(t *testing.T) {
 	)
 	if current := text("current plan", chromedp.Text(chromedp.CSS(".plan.current h2"))); !strings.HasPrefix(current, "free") {
 		t.Fatalf("current plan marked: %q", current)
+	}
+	if m := text("the plan's response meter", chromedp.Text(chromedp.CSS(".plan.current dd.meter"))); m != "Counted, not limited" {
+		t.Fatalf("the current plan's response meter: %q", m)
 	}
 
 	do("team page: invite a teammate",

@@ -18,7 +18,8 @@ type meteredWriter struct {
 	caddyhttp.ResponseWriterWrapper
 	// status is the final status sent; 0 while none has been.
 	status int
-	// costHeader is the usage-cost header to read and strip, if any.
+	// costHeader is the usage-cost header to read and strip, if any, in
+	// canonical form.
 	costHeader string
 	maxCost    int64
 	// reported is the cost the upstream reported, when hasReported.
@@ -37,6 +38,7 @@ func (w *meteredWriter) WriteHeader(code int) {
 				w.reported, w.hasReported = parseUsageCost(v, w.maxCost)
 			}
 			h.Del(w.costHeader)
+			unannounce(h, func(name string) bool { return name == w.costHeader })
 		}
 		if w.tally != nil {
 			w.tally.readHeaders(w.Header())
@@ -80,6 +82,53 @@ func (w *meteredWriter) FlushError() error {
 // Hijack is used by protocol upgrades after a 101 was written.
 func (w *meteredWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return http.NewResponseController(w.ResponseWriterWrapper.ResponseWriter).Hijack()
+}
+
+// readCostTrailer reads the usage cost an upstream sent as a trailer,
+// after the body (a streamed response knows its cost only then), and
+// removes it, so the client never sees it; the handler calls it once the
+// next handler returned, before net/http writes the trailers. A value sent
+// in the header wins. (The trailer was taken out of the Trailer
+// announcement at WriteHeader.)
+func (w *meteredWriter) readCostTrailer() {
+	if w.costHeader == "" || w.status == 0 {
+		return
+	}
+	h := w.Header()
+	for _, k := range [2]string{w.costHeader, http.TrailerPrefix + w.costHeader} {
+		vs, ok := h[k]
+		if !ok {
+			continue
+		}
+		if len(vs) > 0 && !w.hasReported {
+			w.reported, w.hasReported = parseUsageCost(vs[0], w.maxCost)
+		}
+		delete(h, k)
+	}
+}
+
+// unannounce removes the header names drop reports (given canonical)
+// from h's Trailer announcement, so the client is not told of trailers
+// it will not get.
+func unannounce(h http.Header, drop func(name string) bool) {
+	announced, ok := h["Trailer"]
+	if !ok {
+		return
+	}
+	var keep []string
+	for _, v := range announced {
+		for _, name := range strings.Split(v, ",") {
+			name = strings.TrimSpace(name)
+			if name != "" && !drop(http.CanonicalHeaderKey(name)) {
+				keep = append(keep, name)
+			}
+		}
+	}
+	if len(keep) == 0 {
+		delete(h, "Trailer")
+		return
+	}
+	h["Trailer"] = []string{strings.Join(keep, ", ")}
 }
 
 // parseUsageCost reads an upstream-reported cost: a non-negative decimal

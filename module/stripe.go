@@ -258,7 +258,7 @@ func (a *App) reportPass(ctx context.Context, rep *stripereport.Reporter) (strip
 	res, err := rep.Tick(ctx)
 	if res.Leader {
 		m := getStripeMetrics()
-		m.unreported.Set(float64(res.Unreported))
+		m.setUnreported(res, rep.Meters)
 		m.events.WithLabelValues(stripereport.StateSent).Add(float64(res.Sent))
 		m.events.WithLabelValues(stripereport.StateFailed).Add(float64(res.Failed))
 		m.events.WithLabelValues(stripereport.StateTooOld).Add(float64(res.TooOld))
@@ -272,7 +272,22 @@ func (a *App) reportPass(ctx context.Context, rep *stripereport.Reporter) (strip
 // stripeMetrics are the reporter's process-wide collectors.
 type stripeMetrics struct {
 	unreported prometheus.Gauge
-	events     *prometheus.CounterVec
+	// unreportedMeter is unreported split by meter (label meter: cost for
+	// the default meter, else the meter's name).
+	unreportedMeter *prometheus.GaugeVec
+	events          *prometheus.CounterVec
+}
+
+// setUnreported sets the unreported gauges from a pass's result: the
+// total, and each configured meter's share (0 when it has none); a meter
+// no longer configured loses its series.
+func (m *stripeMetrics) setUnreported(res stripereport.Result, meters []stripereport.MeterEvent) {
+	m.unreported.Set(float64(res.Unreported))
+	m.unreportedMeter.Reset()
+	m.unreportedMeter.WithLabelValues(store.DefaultMeter).Set(float64(res.UnreportedByMeter[""]))
+	for _, me := range meters {
+		m.unreportedMeter.WithLabelValues(me.Meter).Set(float64(res.UnreportedByMeter[me.Meter]))
+	}
 }
 
 var (
@@ -287,6 +302,10 @@ func getStripeMetrics() *stripeMetrics {
 				Namespace: "caddy", Subsystem: "api_monetize", Name: "unreported_units",
 				Help: "Billed units of closed hours that Stripe has not accepted (failed, left for the next run, too old to send, or settled after the hour was sent), as of the reporter's last run.",
 			}),
+			unreportedMeter: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+				Namespace: "caddy", Subsystem: "api_monetize", Name: "unreported_meter_units",
+				Help: "unreported_units by meter (cost: the default meter), as of the reporter's last run.",
+			}, []string{"meter"}),
 			events: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Namespace: "caddy", Subsystem: "api_monetize", Name: "stripe_hours_total",
 				Help: "Ledger hours handled by the Stripe reporter, by outcome: sent, failed (retried later) or too_old (never sent).",
@@ -301,7 +320,7 @@ func registerStripeMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	m := getStripeMetrics()
-	for _, c := range []prometheus.Collector{m.unreported, m.events} {
+	for _, c := range []prometheus.Collector{m.unreported, m.unreportedMeter, m.events} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -47,9 +47,30 @@ type day struct {
 	OverIncludedLine bool
 }
 
+// meterChart is the daily chart of one of the other meters.
+type meterChart struct {
+	// Meter is the meter's name, also the unit its chart counts.
+	Meter string
+	chart
+}
+
+// meterCharts builds the daily chart of each of u's other meters, in the
+// order of u.Meters, against its included units when the tier has some.
+func meterCharts(u Usage, now time.Time) []meterChart {
+	var out []meterChart
+	for _, m := range u.Meters {
+		mu := Usage{Start: u.Start, End: u.End, Hours: m.Hours, Included: m.Included}
+		out = append(out, meterChart{Meter: m.Meter, chart: dailyChartOf(mu, now, m.Meter)})
+	}
+	return out
+}
+
 // dailyChart builds the chart of u's period, from its start to the end of
 // today or of the period, whichever is first. Days are UTC days.
-func dailyChart(u Usage, now time.Time) chart {
+func dailyChart(u Usage, now time.Time) chart { return dailyChartOf(u, now, "units") }
+
+// dailyChartOf is dailyChart with the bars' titles counting unit.
+func dailyChartOf(u Usage, now time.Time, unit string) chart {
 	start := u.Start.UTC().Truncate(24 * time.Hour)
 	end := u.End.UTC()
 	if now.Before(end) {
@@ -88,7 +109,7 @@ func dailyChart(u Usage, now time.Time) chart {
 		if i%5 == 0 {
 			label = days[i].Date[8:]
 		}
-		return label, fmt.Sprintf("%s: %d units that day, %d in the period so far", days[i].Date, days[i].Units, days[i].Total)
+		return label, fmt.Sprintf("%s: %d %s that day, %d in the period so far", days[i].Date, days[i].Units, unit, days[i].Total)
 	})
 	c.Days = days
 	if u.Included != nil {

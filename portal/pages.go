@@ -171,7 +171,7 @@ func (h *Handler) usagePage(w http.ResponseWriter, r *http.Request, s *session) 
 	if month == "" {
 		month = u.Start.UTC().Format("2006-01")
 	}
-	h.render(w, r, http.StatusOK, "usage", s, map[string]any{"Usage": u, "Chart": dailyChart(u, time.Now()), "Hourly": hourlyChart(u, time.Now()), "Month": month})
+	h.render(w, r, http.StatusOK, "usage", s, map[string]any{"Usage": u, "Chart": dailyChart(u, time.Now()), "Hourly": hourlyChart(u, time.Now()), "MeterCharts": meterCharts(u, time.Now()), "Month": month})
 }
 
 // subscribedTimeout bounds how long the plans page waits for the payment

@@ -222,6 +222,8 @@ type MeterUsage struct {
 	Overage       int64
 	OverageCharge string
 	OverQuota     string
+	// Hours are the meter's hours with usage, in order.
+	Hours []store.HourUsage
 }
 
 // Plan is a tier as the plans page shows it, every field already
@@ -231,6 +233,22 @@ type Plan struct {
 	// Purchasable marks a plan members can buy through Billing (a fixed,
 	// non-zero price).
 	Purchasable bool
+	// Meters are the plan's other meters (tokens, bytes…), in
+	// configuration order.
+	Meters []PlanMeter
+}
+
+// PlanMeter is one other meter of a plan, formatted for people.
+type PlanMeter struct {
+	// Name is the meter's name.
+	Name string
+	// Included is the meter's included units ("2000000 tokens per billing
+	// period"), or that the plan only counts it.
+	Included string
+	// OverQuota is what happens beyond the included units ("" when the
+	// plan only counts the meter); OveragePrice the price of a unit
+	// beyond them, if any.
+	OverQuota, OveragePrice string
 }
 
 // Handler serves the portal.

@@ -22,13 +22,17 @@ type Admission struct {
 	// QuotaExceededMeter names the meter whose block quota refuses (see
 	// AdmitMeters): "" for the default meter.
 	QuotaExceededMeter string
+	// Units is what the applicable rate spends: the reservation's Cost,
+	// or, for a zero Cost with Meters that a meter's throttle applies to
+	// (one of its meters in QuotaThrottle mode is used up), 1.
+	Units int64
 }
 
 // Admit decides r's quota and the rate policy that applies, given used, the
 // period's billed units before r.
 func (r Reservation) Admit(used int64) Admission {
 	q := r.Quota
-	a := Admission{Policy: r.Rate}
+	a := Admission{Policy: r.Rate, Units: r.Cost}
 	if q.Mode == QuotaThrottle && used >= q.Included {
 		a.Policy, a.Throttled = q.Throttle, true
 	}
@@ -44,7 +48,10 @@ func (r Reservation) Admit(used int64) Admission {
 // the first refusing meter, the default one first, is reported. The
 // throttle applies when any throttle-mode meter (the default one included)
 // is used up; when several are, the slowest of their throttles applies
-// (see SlowerPolicy).
+// (see SlowerPolicy). A zero Cost makes the default meter free, not the
+// others: their block quotas refuse as for any Cost, and a zero-Cost
+// reservation a meter's throttle applies to spends one unit of the
+// throttle (Units).
 func (r Reservation) AdmitMeters(used int64, meterUsed []int64) Admission {
 	a := r.Admit(used)
 	for i, m := range r.Meters {
@@ -54,8 +61,11 @@ func (r Reservation) AdmitMeters(used int64, meterUsed []int64) Admission {
 				a.Policy = m.Throttle
 			}
 			a.Throttled = true
+			if a.Units == 0 {
+				a.Units = 1
+			}
 		}
-		if !a.QuotaExceeded && m.Mode == QuotaBlock && !r.Replay && r.Cost > 0 && m.Exceeds(u) {
+		if !a.QuotaExceeded && m.Mode == QuotaBlock && !r.Replay && m.Exceeds(u) {
 			a.QuotaExceeded, a.QuotaExceededMeter = true, m.Meter
 		}
 	}

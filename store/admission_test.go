@@ -38,6 +38,7 @@ func TestAdmit(t *testing.T) {
 		if c.mode == QuotaThrottle {
 			r.Quota.Throttle = thr
 		}
+		c.want.Units = c.cost
 		if got := r.Admit(c.used); got != c.want {
 			t.Errorf("%s: Admit(%d) = %+v, want %+v", c.name, c.used, got, c.want)
 		}
@@ -78,7 +79,16 @@ func TestAdmitMeters(t *testing.T) {
 			want: Admission{Policy: rate, QuotaExceeded: true, QuotaExceededMeter: "b"}},
 		{name: "default first", quota: Quota{Mode: QuotaBlock, Included: 1}, used: 1, meters: []MeterReservation{block("a", 0, 1)}, meterUsed: []int64{1}, cost: 1,
 			want: Admission{Policy: rate, QuotaExceeded: true}},
-		{name: "free never refused", meters: []MeterReservation{block("a", 0, 1)}, meterUsed: []int64{5}, cost: 0, want: Admission{Policy: rate}},
+		{name: "free refused by a meter", meters: []MeterReservation{block("a", 0, 1)}, meterUsed: []int64{5}, cost: 0,
+			want: Admission{Policy: rate, QuotaExceeded: true, QuotaExceededMeter: "a"}},
+		{name: "free, amount over", meters: []MeterReservation{block("a", 2, 5)}, meterUsed: []int64{4}, cost: 0,
+			want: Admission{Policy: rate, QuotaExceeded: true, QuotaExceededMeter: "a"}},
+		{name: "free, default block not", quota: Quota{Mode: QuotaBlock, Included: 1}, used: 1, meters: []MeterReservation{block("a", 1, 5)}, cost: 0,
+			meterUsed: []int64{0}, want: Admission{Policy: rate}},
+		{name: "free, meter throttle spends one", meters: []MeterReservation{throttle("a", 5, slow)}, meterUsed: []int64{5}, cost: 0,
+			want: Admission{Policy: slow, Throttled: true, Units: 1}},
+		{name: "free, default throttle spends none", quota: Quota{Mode: QuotaThrottle, Included: 1, Throttle: slow}, used: 1,
+			meters: []MeterReservation{throttle("a", 5, fast)}, meterUsed: []int64{4}, cost: 0, want: Admission{Policy: slow, Throttled: true}},
 		{name: "replay never refused", meters: []MeterReservation{block("a", 9, 1)}, meterUsed: []int64{5}, cost: 1, replay: true, want: Admission{Policy: rate}},
 		{name: "no overflow", meters: []MeterReservation{block("a", 1<<62, 1<<62)}, meterUsed: []int64{1<<62 - 1}, cost: 1,
 			want: Admission{Policy: rate, QuotaExceeded: true, QuotaExceededMeter: "a"}},
@@ -92,6 +102,9 @@ func TestAdmitMeters(t *testing.T) {
 			meters: []MeterReservation{throttle("a", 0, fast)}, meterUsed: []int64{0}, cost: 1, want: Admission{Policy: slow, Throttled: true}},
 	} {
 		r := Reservation{Rate: rate, Cost: c.cost, Replay: c.replay, Quota: c.quota, Meters: c.meters}
+		if c.want.Units == 0 {
+			c.want.Units = c.cost
+		}
 		if got := r.AdmitMeters(c.used, c.meterUsed); got != c.want {
 			t.Errorf("%s: AdmitMeters = %+v, want %+v", c.name, got, c.want)
 		}

@@ -69,7 +69,11 @@ type Reservation struct {
 	Subject string
 	// Rate is the tier's rate limit; a zero Limit means none.
 	Rate limiter.Policy
-	// Cost is the number of units to reserve (≥ 1).
+	// Cost is the number of units to reserve. A zero Cost makes the
+	// default meter free: without Meters the reservation only reports the
+	// rate and quota state (neither limited nor counted); with Meters it
+	// is decided and counted as any other for its meters only (see
+	// Meter.Reserve).
 	Cost int64
 	// Quota is the period the cost is counted in.
 	Quota Quota
@@ -453,8 +457,14 @@ type Meter interface {
 	// Reserve decides and reserves one request atomically (one round trip
 	// for a shared store): the idempotency check, the rate limit or the
 	// throttle, the quota, the period and hourly ledger and the threshold
-	// outbox. A zero Cost only reports the rate and quota state: it is
-	// neither limited nor counted. A denied reservation changes nothing.
+	// outbox. A zero Cost without Meters only reports the rate and quota
+	// state: it is neither limited nor counted. A zero Cost with Meters
+	// leaves the default meter alone (no units, request, overage or
+	// threshold; its block quota does not refuse; the tier's rate is not
+	// spent) and reserves, refuses and counts its other meters as with
+	// any Cost, its idempotency and replay window included; when a meter's
+	// throttle applies (see AdmitMeters) it spends one unit of it. A
+	// denied reservation changes nothing.
 	Reserve(ctx context.Context, r Reservation) (Reserved, error)
 	// Settle corrects a reservation (see Settlement).
 	Settle(ctx context.Context, s Settlement) error

@@ -94,6 +94,12 @@ func TestReportsEveryMeterOnce(t *testing.T) {
 	if len(rows) != 4 { // default h2, tokens h3, h2, h0 (pending)
 		t.Errorf("%d rows, want 4: %+v", len(rows), rows)
 	}
+	// The tick's unreported units, per meter as in total.
+	f.st.addUsage("acme", period, f.hour(3), 2)
+	f.double.Fail(stripedouble.ServerError, stripedouble.ServerError, stripedouble.ServerError, stripedouble.ServerError, stripedouble.ServerError)
+	if res := tick(t, r); res.Unreported != 7 || len(res.UnreportedByMeter) != 2 || res.UnreportedByMeter["tokens"] != 5 || res.UnreportedByMeter[""] != 2 {
+		t.Errorf("tick after late tokens and a failed default hour: unreported %d by meter %v; want 7: tokens 5, default 2", res.Unreported, res.UnreportedByMeter)
+	}
 }
 
 // metersCatalog is testCatalog with two more meters: pro bills tokens

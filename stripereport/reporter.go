@@ -143,8 +143,24 @@ type Result struct {
 	// Stripe stopped answering, or are too old, and the growth of sent
 	// hours since they were sent.
 	Unreported int64
+	// UnreportedByMeter splits Unreported by meter: "" for the default
+	// meter, a meter's name for another (MeterEvent.Meter); meters without
+	// unreported units are absent. Nil when Unreported is 0.
+	UnreportedByMeter map[string]int64
 	// Hours are the hours this tick tried or found too old, in order.
 	Hours []HourResult
+}
+
+// unreport counts n unreported units of meter ("" for the default one).
+func (res *Result) unreport(meter string, n int64) {
+	if n == 0 {
+		return
+	}
+	res.Unreported += n
+	if res.UnreportedByMeter == nil {
+		res.UnreportedByMeter = make(map[string]int64)
+	}
+	res.UnreportedByMeter[meter] += n
 }
 
 // HourResult is one hour a tick handled.
@@ -226,7 +242,7 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 		}
 		for _, h := range hours {
 			if h.mark != nil || !h.closed || h.billed <= 0 {
-				res.Unreported += h.unreported()
+				res.unreport(h.meter, h.unreported())
 				continue
 			}
 			id := c.ID + "|" + h.key()
@@ -234,7 +250,7 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 			hr := HourResult{Customer: c.ID, StripeCustomerID: c.StripeCustomerID, Meter: h.meter, Hour: h.hourID, Units: h.billed, Identifier: ident}
 			if now.Sub(h.timestamp) > MaxAge {
 				res.TooOld++
-				res.Unreported += h.billed
+				res.unreport(h.meter, h.billed)
 				hr.Outcome = StateTooOld
 				res.Hours = append(res.Hours, hr)
 				r.logger().Error("usage hour is too old for Stripe and was never reported",
@@ -245,7 +261,7 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 				continue
 			}
 			if halted {
-				res.Unreported += h.billed
+				res.unreport(h.meter, h.billed)
 				continue
 			}
 			// Renew the lease before each event, so a long backlog never
@@ -292,7 +308,7 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 				return res, ctx.Err()
 			}
 			res.Failed++
-			res.Unreported += h.billed
+			res.unreport(h.meter, h.billed)
 			hr.Outcome, hr.Error = StateFailed, sendErr.Error()
 			res.Hours = append(res.Hours, hr)
 			r.logger().Error("reporting usage to Stripe failed",

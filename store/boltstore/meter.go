@@ -573,7 +573,7 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 			res.Rate = m.rates.Admit(r.Subject, policy, 0, us)
 		}
 	}
-	if r.Cost == 0 {
+	if r.Cost == 0 && len(r.Meters) == 0 {
 		report()
 		res.Allowed = true
 		return res, nil
@@ -590,7 +590,7 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 		return res, nil
 	}
 	if !r.Replay && policy.Limit != 0 {
-		res.Rate = m.rates.Admit(r.Subject, policy, r.Cost, us)
+		res.Rate = m.rates.Admit(r.Subject, policy, adm.Units, us)
 		if !res.Rate.Allowed {
 			return res, nil
 		}
@@ -614,7 +614,9 @@ func (m *meter) reserve(r store.Reservation) (store.Reserved, error) {
 		periodEnd: q.PeriodEnd.UnixMicro(),
 		hourID:    q.HourID,
 		billed:    r.Cost,
-		requests:  1,
+	}
+	if r.Cost > 0 { // a zero Cost with meters leaves the default meter alone
+		d.requests = 1
 	}
 	if q.Mode != store.QuotaMeter {
 		d.overage = metering.Overage(used, r.Cost, q.Included)

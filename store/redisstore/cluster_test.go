@@ -714,3 +714,50 @@ func TestClusterDeadMasterCatalogueUnavailable(t *testing.T) {
 		}
 	}
 }
+
+// TestClusterConcurrentSeedClaimsAgree: instances starting together on an
+// empty cluster claim the seed marker at the same moment. A claim that
+// finds another's copies half written must complete that claim, not read
+// it as a data loss: every claim returns the same token, and the marker
+// reads as that token afterwards (before, a later claim replaced the first
+// one's token while it was writing its copies, so the first instance
+// reported "the store lost its data" on a fresh start).
+func TestClusterConcurrentSeedClaimsAgree(t *testing.T) {
+	c := rediscluster.Start(t, 3, 0)
+	ctx := t.Context()
+	for round := range 20 {
+		prefix := clusterPrefix()
+		const n = 4
+		stores := make([]*Store, n)
+		for i := range stores {
+			stores[i] = openCluster(t, c, prefix)
+		}
+		got := make([]string, n)
+		errs := make([]error, n)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for i := range stores {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				got[i], errs[i] = stores[i].ClaimSeedMarker(ctx, fmt.Sprintf("token-%d", i))
+			}()
+		}
+		close(start)
+		wg.Wait()
+		for i := range stores {
+			if errs[i] != nil {
+				t.Fatalf("round %d: claim %d: %v", round, i, errs[i])
+			}
+			if got[i] != got[0] {
+				t.Fatalf("round %d: concurrent claims returned different tokens %q", round, got)
+			}
+		}
+		for i, s := range stores {
+			if now, err := s.SeedMarker(ctx); err != nil || now != got[0] {
+				t.Fatalf("round %d: after the claims, store %d reads the seed marker %q (%v), want %q", round, i, now, err, got[0])
+			}
+		}
+	}
+}

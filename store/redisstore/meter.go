@@ -454,6 +454,9 @@ local function reply(allowed, throttled, qex, u, over, dup, crossed, applied, ok
 end
 
 local throttled = 0
+-- units is what the rate spends: cost, or 1 for a zero cost a meter's
+-- throttle applies to (store.Admission.Units).
+local units = cost
 if mode == 'throttle' and used >= included then
   throttled = 1
   interval, burst = tInterval, tBurst
@@ -467,6 +470,7 @@ for i = 1, M do
   mthr[i] = 0
   if mm == 3 and b >= inc then
     mthr[i] = 1
+    if units == 0 then units = 1 end
     local slower
     if ti == interval then slower = tb < burst
     elseif ti == -1 then slower = true
@@ -477,8 +481,10 @@ for i = 1, M do
   end
 end
 
--- A replay already applied applies no policy: 0, 1, 0, 0, 0, 0.
-if cost <= 0 then
+-- A zero cost without meters only reports; with meters it counts them
+-- (the default meter is left alone below). A replay already applied
+-- applies no policy: 0, 1, 0, 0, 0, 0.
+if cost <= 0 and M == 0 then
   return reply(1, throttled, 0, used, 0, 0, nil, rate(interval, burst, 0))
 end
 if replay and track and slot ~= '0' then
@@ -503,7 +509,7 @@ local applied, ok, avail, retry, reset, exceeds, nd = 0, 1, 0, 0, 0, 0, nil
 if replay then
   throttled = 0
 else
-  if mode == 'block' and used + cost > included then
+  if mode == 'block' and cost > 0 and used + cost > included then
     return reply(0, throttled, 1, used, 0, 0, nil, rate(interval, burst, 0))
   end
   for i = 1, M do
@@ -513,7 +519,7 @@ else
       return reply(0, throttled, 1, used, 0, 0, nil, rate(interval, burst, 0))
     end
   end
-  applied, ok, avail, retry, reset, exceeds, nd = rate(interval, burst, cost)
+  applied, ok, avail, retry, reset, exceeds, nd = rate(interval, burst, units)
   if ok == 0 then
     return reply(0, throttled, 0, used, 0, 0, nil, applied, ok, avail, retry, reset, exceeds)
   end
@@ -535,11 +541,14 @@ if dup then
   flush()
   return reply(1, throttled, 0, used, 0, 1, nil, applied, ok, avail, retry, reset, exceeds)
 end
-local over = overage(used, cost)
-count(cost, over, 1)
+local over, got = 0, nil
+if cost > 0 then
+  over = overage(used, cost)
+  count(cost, over, 1)
+end
 if idem and not held then redis.call('SET', KEYS[2], '0:' .. ARGV[9], 'PX', format('%d', idemTTL)) end
 if track then mark('1') end
-local got = crossAt(used + cost, included, level, 'crossed', p[2], ARGV[5], ARGV[8], '')
+if cost > 0 then got = crossAt(used + cost, included, level, 'crossed', p[2], ARGV[5], ARGV[8], '') end
 for i = 1, M do
   local m = mn[i]
   if m[1] > 0 then
@@ -578,7 +587,9 @@ local function taken(d)
   if r < 0 then r = 0 end
   return r
 end
-if actual <= 0 then
+if actual == reserved then
+  -- Only the other meters change (a zero cost's settlement).
+elseif actual <= 0 then
   billed, over, requests = -reserved, -taken(reserved), -1
   if idem and ARGV[9] and ARGV[9] ~= '' then
     -- Forget the key if this request stored it, so a retry is billed.

@@ -239,7 +239,7 @@ func metersMatchEmbedded(t *testing.T, seed uint64) {
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("step %d: Reserve(%+v)\n Redis    %+v\n embedded %+v", i, r, got, want)
 		}
-		if got.Allowed && !got.Duplicate && r.Cost > 0 {
+		if got.Allowed && !got.Duplicate && (r.Cost > 0 || len(r.Meters) > 0) {
 			open = append(open, held{r, got})
 		}
 		switch {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -23,9 +24,13 @@ import (
 // the same one, and none otherwise. A claim that finds the marker keeps
 // it; one that does not installs its own token (a new one even when some
 // copies survived, so that every instance that adopted the old token sees
-// the loss): it swaps bucket 0's copy for it, compare-and-set, and writes
-// bucket 0's token to every other copy. Concurrent claims agree on bucket
-// 0's token.
+// the loss). A claim runs in three steps: it swaps bucket 0's copy for
+// "<token>:pending" (compare-and-set, expiring after seedPendingTTL), writes
+// the token to every other copy, then swaps bucket 0's copy for the bare
+// token. A claim that finds a pending claim in bucket 0 completes that one
+// (same copies, same final swap) instead of reading its half-written copies
+// as a loss, so instances starting together agree on one token; a pending
+// claim whose instance died expires, and the next claim starts afresh.
 func (s *Store) seedKey(b int) string { return s.prefix + s.tagAt(b) + "seeded" }
 
 // SeedMarker returns the seed marker's token, "" when there is none.
@@ -80,12 +85,25 @@ func (s *Store) ClaimSeedMarker(ctx context.Context, token string) (string, erro
 	return got, err
 }
 
+// seedPending marks bucket 0's copy of a claim whose other copies are
+// still being written; seedPendingTTL bounds how long a claim whose
+// instance stopped half way blocks the next one.
+const (
+	seedPending    = ":pending"
+	seedPendingTTL = 10 * time.Second
+)
+
 // swapSeedScript sets KEYS[1] to ARGV[2] if it holds ARGV[1] ("" for
-// none), and returns what it holds then.
+// none), expiring after ARGV[3] milliseconds unless ARGV[3] is 0, and
+// returns what it holds then.
 var swapSeedScript = redis.NewScript(`
 local v = redis.call('GET', KEYS[1]) or ''
 if v == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2])
+  if ARGV[3] == '0' then
+    redis.call('SET', KEYS[1], ARGV[2])
+  else
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  end
   return ARGV[2]
 end
 return v
@@ -97,24 +115,61 @@ func (s *Store) claimSeedMarkerCluster(ctx context.Context, token string) (strin
 	if err != nil || got != "" {
 		return got, err
 	}
+	swap := func(ctx context.Context, from, to string, ttl time.Duration) (string, error) {
+		return swapSeedScript.Run(ctx, s.client, []string{s.seedKey(0)}, from, to, ttl.Milliseconds()).Text()
+	}
 	err = s.call(ctx, func(ctx context.Context) error {
 		first, err := s.client.Get(ctx, s.seedKey(0)).Result()
 		if err != nil && !errors.Is(err, redis.Nil) {
 			return err
 		}
-		// Bucket 0's copy as read: swapped for token unless another claim
-		// changed it meanwhile, whose token then wins.
-		got, err = swapSeedScript.Run(ctx, s.client, []string{s.seedKey(0)}, first, token).Text()
+		claim, pending := strings.CutSuffix(first, seedPending)
+		if !pending && first != "" {
+			// A finished claim: its copies were written before bucket 0's
+			// final token, so copies missing now were lost. Read them again,
+			// since the first read may have been made while that claim was
+			// still writing them.
+			now, err := s.SeedMarker(ctx)
+			if err != nil {
+				return err
+			}
+			if now == first {
+				got = now
+				return nil
+			}
+		}
+		if !pending {
+			// No claim in progress: bucket 0 is empty, or holds a finished
+			// claim some of whose copies are gone (a master lost its
+			// data). Start a claim of token, unless another claim changed
+			// bucket 0 meanwhile.
+			v, err := swapSeedScript.Run(ctx, s.client, []string{s.seedKey(0)}, first, token+seedPending, seedPendingTTL.Milliseconds()).Text()
+			if err != nil {
+				return err
+			}
+			if claim, pending = strings.CutSuffix(v, seedPending); !pending {
+				got = v // another claim finished meanwhile
+				return nil
+			}
+		}
+		// Complete the pending claim (ours or another's): its copies,
+		// then bucket 0's final token.
+		if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for b := 1; b < buckets; b++ {
+				p.Set(ctx, s.seedKey(b), claim, 0)
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		v, err := swap(ctx, claim+seedPending, claim, 0)
 		if err != nil {
 			return err
 		}
-		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for b := 1; b < buckets; b++ {
-				p.Set(ctx, s.seedKey(b), got, 0)
-			}
-			return nil
-		})
-		return err
+		// v is claim, unless the pending claim expired and another
+		// started: its token, which the caller's confirmation reads.
+		got, _ = strings.CutSuffix(v, seedPending)
+		return nil
 	})
 	if err != nil {
 		return "", err

@@ -96,12 +96,12 @@ func (c *meterClient) nextSeq(subject string) int64 {
 }
 
 // try reserves r, filling in the client's Origin and, for a positive cost
-// without one, the next Seq. It may be called from any goroutine.
+// or meters without one, the next Seq. It may be called from any goroutine.
 func (c *meterClient) try(r store.Reservation) (store.Reservation, store.Reserved, error) {
 	if r.Origin == "" {
 		r.Origin = c.origin
 	}
-	if r.Cost > 0 && r.Seq == 0 {
+	if (r.Cost > 0 || len(r.Meters) > 0) && r.Seq == 0 {
 		r.Seq = c.nextSeq(r.Subject)
 	}
 	out, err := c.m.Reserve(c.t.Context(), r)

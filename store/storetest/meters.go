@@ -358,13 +358,63 @@ func testMeters(t *testing.T, client func(t *testing.T) *meterClient) {
 		}
 		checkMeterEvents(t, c.events("acme"), []wantMeterEvent{{"acme", cur.ID(), "upload", 80, 91, 100}})
 	})
-	t.Run("CostZeroReports", func(t *testing.T) {
+	t.Run("CostZeroCountsMeters", func(t *testing.T) {
+		// A zero Cost makes only the default meter free: the other meters
+		// are reserved, enforced and settled as for any cost.
 		c := client(t)
-		q := quota(cur, store.QuotaBill, 10)
+		q := quota(cur, store.QuotaBlock, 10)
 		up := mq("upload", store.QuotaBlock, 4, 10)
 		c.mwant(mres("acme", q, 1, up), true, 4, 0)
-		c.mwant(mres("acme", q, 0, up), true, 4, 0)
-		c.meterWant("acme", cur.ID(), "upload", store.Counters{Billed: 4, Requests: 1})
+		c.mwant(mres("acme", q, 0, up), true, 8, 0)
+		if _, out := c.mwant(mres("acme", q, 0, up), false, 8, 0); !out.QuotaExceeded || out.QuotaExceededMeter != "upload" {
+			t.Fatalf("upload used up at cost 0: %+v; want denied by upload", out)
+		}
+		c.meterWant("acme", cur.ID(), "upload", store.Counters{Billed: 8, Requests: 2})
+		c.usageWant("acme", cur.ID(), store.Counters{Billed: 1, Requests: 1})
+		// Known after the response: settled, then enforced.
+		tokens := mq("tokens", store.QuotaBlock, 0, 5)
+		r, out := c.mwant(mres("acme", q, 0, tokens), true, 0, 0)
+		c.msettle(r, out, 0, map[string]int64{"tokens": 7})
+		c.meterWant("acme", cur.ID(), "tokens", store.Counters{Billed: 7, Overage: 2, Requests: 1})
+		if _, out := c.mwant(mres("acme", q, 0, tokens), false, 7, 0); out.QuotaExceededMeter != "tokens" {
+			t.Fatalf("tokens used up at cost 0: %+v; want denied by tokens", out)
+		}
+		// Not billable: every meter taken back, the default meter untouched.
+		bill := mq("upload", store.QuotaBill, 3, 100)
+		r, out = c.mwant(mres("beta", q, 1, bill), true, 3, 0)
+		r0, out0 := c.mwant(mres("beta", q, 0, bill), true, 6, 0)
+		c.msettle(r0, out0, 0, map[string]int64{"upload": 0})
+		c.meterWant("beta", cur.ID(), "upload", store.Counters{Billed: 3, Requests: 1})
+		c.usageWant("beta", cur.ID(), store.Counters{Billed: 1, Requests: 1})
+		c.msettle(r, out, 0, map[string]int64{"upload": 0})
+		c.usageWant("beta", cur.ID(), store.Counters{})
+		// Without meters a zero Cost still only reports.
+		c.want(res("gamma", q, 0), true, 0, 0)
+		c.usageWant("gamma", cur.ID(), store.Counters{})
+	})
+	t.Run("CostZeroThrottled", func(t *testing.T) {
+		// A meter's throttle spends one unit of a zero-Cost request; the
+		// tier's rate spends none.
+		c := client(t)
+		q := quota(cur, store.QuotaBill, 1000)
+		tokens := mq("tokens", store.QuotaThrottle, 0, 10)
+		tokens.Throttle = hourly(1, 1)
+		for range 3 {
+			if _, out := c.mwant(withRate(mres("acme", q, 0, tokens), hourly(1, 1)), true, 0, 0); out.Throttled {
+				t.Fatalf("tokens not used up: %+v", out)
+			}
+		}
+		r, out := c.mwant(withRate(mres("acme", q, 0, tokens), hourly(1, 1)), true, 0, 0)
+		c.msettle(r, out, 0, map[string]int64{"tokens": 10})
+		// The first throttled request fits the throttle's burst ...
+		if _, out := c.mwant(withRate(mres("acme", q, 0, tokens), hourly(1, 1)), true, 10, 0); !out.Throttled || !out.Meters[0].Throttled {
+			t.Fatalf("tokens used up: %+v; want the tokens throttle", out)
+		}
+		// ... and spends it.
+		if _, out := c.mwant(withRate(mres("acme", q, 0, tokens), hourly(1, 1)), false, 10, 0); !out.Throttled || out.Rate.RetryAfter <= 0 || out.QuotaExceeded {
+			t.Fatalf("throttle spent: %+v; want a throttle denial", out)
+		}
+		c.usageWant("acme", cur.ID(), store.Counters{})
 	})
 	t.Run("DuplicateCountsNoMeter", func(t *testing.T) {
 		c := client(t)
@@ -471,6 +521,23 @@ func testMetersShared(t *testing.T, clients func(t *testing.T) (ca, cb *meterCli
 			t.Errorf("upload after replays: %+v; want 12 units in 2 requests", u.Counters)
 		}
 		checkMeterEvents(t, ca.events("acme"), []wantMeterEvent{{"acme", cur.ID(), "tokens", 100, 110, 100}})
+	})
+	t.Run("CostZeroReplaysAppliedOnce", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		s := spooled(ca, mres("acme", q, 0, tokens, up))
+		_, sout := cb.mwant(s, true, 0, 0, 6, 0)
+		cb.mwant(s, true, 0, 0, 6, 0) // not applied again
+		for range 2 {
+			st := msettlement(s, sout, 0, map[string]int64{"tokens": 40})
+			st.Replay = true
+			if err := ca.m.Settle(t.Context(), st); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ca.usageWant("acme", cur.ID(), store.Counters{})
+		cb.meterWant("acme", cur.ID(), "tokens", store.Counters{Billed: 40, Requests: 1})
+		cb.meterWant("acme", cur.ID(), "upload", store.Counters{Billed: 6, Requests: 1})
 	})
 	t.Run("ExactAcrossHandles", func(t *testing.T) {
 		ca, cb := clients(t)
