@@ -209,7 +209,9 @@ func (r *Reporter) logger() *zap.Logger {
 // Tick takes or renews the lease and, when it holds it, reports every
 // closed, unsent hour with billed units of every customer with a Stripe
 // id. When Stripe stays unreachable for an event, the tick stops and the
-// rest waits for the next one.
+// rest waits for the next one. With a store that indexes the customers
+// metered per hour, a tick reads only the customers that may have such an
+// hour (see active.go).
 func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 	var res Result
 	ok, err := r.Lease().Renew(ctx, r.Store)
