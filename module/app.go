@@ -154,8 +154,11 @@ type App struct {
 	// removedKeysRevoked is set once keys dropped from the configuration
 	// have been revoked.
 	removedKeysRevoked bool
-	bgCancel           context.CancelFunc
-	bgWG               sync.WaitGroup
+	// syncedHash is the hash of the configured customers and keys this app
+	// last stored (configsync.go); empty before.
+	syncedHash string
+	bgCancel   context.CancelFunc
+	bgWG       sync.WaitGroup
 	// releaseRedisLog stops routing go-redis's log lines to this app's
 	// logger (see redisLogs); nil when the app does not use Redis.
 	releaseRedisLog func()
@@ -377,10 +380,12 @@ func (a *App) Start() error {
 }
 
 // configResyncInterval is how often the configured customers and keys are
-// written again, so a store that lost its data (a Redis restarted without
+// checked, so a store that lost its data (a Redis restarted without
 // persistence) gets them back without a reload, as a backstop: such a loss
 // is noticed within seedCheckInterval through the seed marker (reseed.go).
-// Unchanged customers are not rewritten.
+// Unchanged customers are not rewritten, and the whole configuration is
+// written again only when the store's configuration hash is not this
+// app's (see configUnchanged), or every configFullResyncInterval.
 // Tests shorten it, so it is atomic.
 var configResyncInterval atomic.Int64
 
@@ -397,7 +402,7 @@ func (a *App) resyncLoop(ctx context.Context, synced bool) {
 		a.shared.warnPersistence(ctx, st, a.logger)
 	}
 	backoff := 100 * time.Millisecond
-	lastSync := time.Now()
+	lastSync, lastFull := time.Now(), time.Now()
 	for {
 		wait := min(seedCheckInterval, time.Duration(configResyncInterval.Load()))
 		if !synced {
@@ -413,7 +418,8 @@ func (a *App) resyncLoop(ctx context.Context, synced bool) {
 		case <-a.shared.seed.kick:
 			t.Stop()
 		}
-		if synced && time.Since(lastSync) < time.Duration(configResyncInterval.Load()) {
+		due := time.Since(lastSync) >= time.Duration(configResyncInterval.Load())
+		if synced && !due {
 			st, err := a.store()
 			if err != nil {
 				continue
@@ -422,7 +428,18 @@ func (a *App) resyncLoop(ctx context.Context, synced bool) {
 				continue
 			}
 		}
+		if synced && due {
+			resyncChecks.Add(1)
+		}
+		// Due, not lost: one read when the store has this configuration.
+		if synced && due && time.Since(lastFull) < configFullResyncInterval && a.seedIntact(ctx) && a.configUnchanged(ctx) {
+			lastSync = time.Now()
+			continue
+		}
 		err := a.syncConfig(ctx)
+		if err == nil {
+			lastFull = time.Now()
+		}
 		switch {
 		case err == nil && !synced:
 			a.logger.Info("stored the configured customers and keys")
@@ -487,7 +504,9 @@ func (a *App) syncConfig(ctx context.Context) error {
 		return err
 	}
 	now := time.Now().UTC()
+	sum := sha256.New() // of what is stored, for configUnchanged
 	for _, c := range a.Customers {
+		fmt.Fprintf(sum, "c\x00%s\x00%s\x00%s\x00%s\x00%s\x00", c.ID, c.Tier, c.StripeCustomerID, c.Email, c.Anchor)
 		anchor := time.Time{}
 		if c.Anchor != "" {
 			anchor, _ = time.Parse(time.DateOnly, c.Anchor) // checked in Provision
@@ -507,6 +526,7 @@ func (a *App) syncConfig(ctx context.Context) error {
 		key := repl.ReplaceAll(k.Key, "")
 		hash := hasher.Hash(key)
 		declared[hash] = true
+		fmt.Fprintf(sum, "k\x00%s\x00%s\x00%s\x00", hash, k.Customer, k.Expires)
 		expires, _ := parseKeyExpiry(k.Expires) // checked in Provision
 		stored, err := st.PutKey(ctx, store.Key{
 			ID: apikey.ID(hash), Hash: hash, CustomerID: k.Customer,
@@ -531,7 +551,11 @@ func (a *App) syncConfig(ctx context.Context) error {
 		a.invalidateKeys()
 		a.removedKeysRevoked = true
 	}
-	return a.shared.confirmSeed(ctx, st, token)
+	if err := a.shared.confirmSeed(ctx, st, token); err != nil {
+		return err
+	}
+	a.recordConfigSynced(ctx, st, hex.EncodeToString(sum.Sum(nil)))
+	return nil
 }
 
 // revokeUndeclaredKeys revokes the keys an earlier configuration declared

@@ -19,8 +19,8 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "api-monetize",
-		Usage: "stripe-sync [--dry-run] --config <path> [--adapter <name>]",
-		Short: "Tools for the api_monetize app (Stripe catalog sync)",
+		Usage: "stripe-sync [--dry-run] --config <path> [--adapter <name>] | migrate-store --from <redis url> --to <redis cluster url>",
+		Short: "Tools for the api_monetize app (Stripe catalog sync, store migration)",
 		Long: `
 Tools for the api_monetize app.
 
@@ -35,6 +35,9 @@ metadata and lookup key: a run over an unchanged configuration creates
 nothing and prints "up to date". A changed price gets a new Price that takes
 over the lookup key; the old one is left as it is. --dry-run prints the plan
 and creates nothing.
+
+migrate-store copies a single Redis's data into a Redis Cluster's layout
+(see caddy api-monetize migrate-store --help).
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			sync := &cobra.Command{
@@ -53,6 +56,7 @@ and creates nothing.
 			sync.Flags().StringP("adapter", "a", "", "Name of the config adapter (default: caddyfile for Caddyfiles, else JSON)")
 			sync.Flags().Bool("dry-run", false, "Print the plan without creating anything")
 			cmd.AddCommand(sync)
+			addMigrateStoreCommand(cmd) // migrate_command.go
 		},
 	})
 }

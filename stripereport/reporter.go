@@ -209,7 +209,9 @@ func (r *Reporter) logger() *zap.Logger {
 // Tick takes or renews the lease and, when it holds it, reports every
 // closed, unsent hour with billed units of every customer with a Stripe
 // id. When Stripe stays unreachable for an event, the tick stops and the
-// rest waits for the next one.
+// rest waits for the next one. With a store that indexes the customers
+// metered per hour, a tick reads only the customers that may have such an
+// hour (see active.go).
 func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 	var res Result
 	ok, err := r.Lease().Renew(ctx, r.Store)
@@ -221,9 +223,9 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 	if err != nil {
 		return res, err
 	}
-	customers, err := r.Store.ListCustomers(ctx)
+	customers, commit, err := r.customers(ctx) // see active.go
 	if err != nil {
-		return res, fmt.Errorf("listing customers: %w", err)
+		return res, err
 	}
 	retry := r.Retry
 	if retry.Attempts == 0 {
@@ -320,6 +322,9 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 			}
 			halted = out == Retryable
 		}
+	}
+	if !halted {
+		return res, commit(ctx)
 	}
 	return res, nil
 }

@@ -28,6 +28,9 @@ import (
 //	P{b:NN}:recidx:<kind>, P{b:NN}:recexp:<kind>  the bucket's record indexes
 //	P{b:N(name)}:lease:<name>    a lease
 //	P{b:NN}:instances            the bucket's live instances (N of the instance id)
+//	P{b:N(s)}:active:<hour>      the subjects s metered in the UTC hour (see hours.go)
+//	P{b:NN}:late                 the bucket's subjects metered after their hour (hours.go)
+//	P{b:N(h)}:keyexp             active key hashes h by expiry (expiry.go); P{b:0}:keyexp:built
 //
 // An operation on one customer, key or record stays on one slot; one that
 // touches several (a key moved to another customer) takes several steps,

@@ -61,6 +61,7 @@ func (s *Store) modifyKey(ctx context.Context, keyID string, change func(k *stor
 			}
 			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
 				p.Set(ctx, key, data, 0)
+				s.indexExpiry(ctx, p, k)
 				s.publishIn(ctx, p, "key")
 				return nil
 			})
@@ -274,6 +275,7 @@ func (s *Store) putKeyCluster(ctx context.Context, in store.Key) (store.Key, err
 			}
 			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
 				p.Set(ctx, keyKey, data, 0)
+				s.indexExpiry(ctx, p, k)
 				return nil
 			})
 			return err

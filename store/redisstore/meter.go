@@ -911,8 +911,35 @@ func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserve
 	return out, err
 }
 
-// reserve is Reserve that also returns the Redis time of the decision (µs).
+// reserve is Reserve that also returns the Redis time of the decision
+// (µs). An admitted reservation that counted units is then indexed (see
+// hours.go); a denied one, a duplicate or one of no units wrote nothing.
+// A replay is indexed even when it was applied before: the original call,
+// whose outcome was unknown, may not have been.
 func (s *Store) reserve(ctx context.Context, r store.Reservation) (store.Reserved, int64, error) {
+	out, at, err := s.reserveOnce(ctx, r)
+	if err == nil && out.Allowed && (!out.Duplicate || r.Replay) && reservesUnits(r) {
+		s.indexMetered(r.Subject, r.Quota.HourID)
+	}
+	return out, at, err
+}
+
+// reservesUnits reports whether r counts units: its cost or a meter's
+// amount.
+func reservesUnits(r store.Reservation) bool {
+	if r.Cost > 0 {
+		return true
+	}
+	for _, m := range r.Meters {
+		if m.Amount > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// reserveOnce is reserve without the index.
+func (s *Store) reserveOnce(ctx context.Context, r store.Reservation) (store.Reserved, int64, error) {
 	if r.Cost < 0 || r.Cost >= maxExact {
 		return store.Reserved{}, 0, fmt.Errorf("redisstore: cost %d out of range", r.Cost)
 	}
@@ -1095,6 +1122,9 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 		return err
 	}
 	v, err := s.run(ctx, st.Subject, settleScript, c)
+	if err == nil && len(v) == 1 && v[0] >= 1 { // applied
+		s.indexMetered(st.Subject, st.Quota.HourID)
+	}
 	if err == nil && s.cluster != nil && len(v) == 1 && v[0] == 2 {
 		s.indexOutbox(ctx, st.Subject, st.Quota)
 	}

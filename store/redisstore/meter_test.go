@@ -189,7 +189,9 @@ func TestMeterKeys(t *testing.T) {
 	var keys []string
 	iter := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
 	for iter.Next(ctx) {
-		keys = append(keys, iter.Val())
+		if !meteredIndexKey(prefix, iter.Val()) { // written in the background: hours_test.go
+			keys = append(keys, iter.Val())
+		}
 	}
 	if err := iter.Err(); err != nil {
 		t.Fatal(err)

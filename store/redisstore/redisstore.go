@@ -25,6 +25,9 @@
 //	Pkeyid:<id>            key id -> key hash
 //	Pcustkeys:{<customer>} sorted set of a customer's key hashes, scored by creation µs
 //	Pchanges               pub/sub channel: one message per customer or key change
+//	Pactive:<hour>         set of the subjects metered in the UTC hour (see hours.go)
+//	Plate                  sorted set of the subjects metered after their hour (hours.go)
+//	Pkeyexp                sorted set of active key hashes by expiry (expiry.go)
 //	Pinstances             sorted set of live instance ids, scored by the end of their
 //	                       heartbeat's ttl (ms, Redis clock; see Heartbeat)
 //
@@ -49,6 +52,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -131,6 +135,16 @@ type Store struct {
 	// scripts sends the metering scripts (single Redis; in a cluster,
 	// cluster.shards has one batcher per master).
 	scripts *batcher
+	// hourMemo and bg are the hour index's writes (see hours.go): those
+	// made, and the goroutines making them.
+	hourMemo hourMemo
+	bg       sync.WaitGroup
+	// late are the subjects with a late increment in flight (hours.go).
+	lateMu sync.Mutex
+	late   map[string]*lateState
+	// expiryBuilt is set once the key expiry index holds every key
+	// (expiry.go).
+	expiryBuilt atomic.Bool
 
 	// life is cancelled by Close, ending every Watch.
 	life      context.Context
@@ -259,6 +273,7 @@ func (s *Store) Unreplicated() int64 {
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		s.end()
+		s.bg.Wait()
 		if s.cluster != nil {
 			s.cluster.close()
 		} else {
@@ -759,6 +774,7 @@ func (s *Store) PutKey(ctx context.Context, k store.Key) (store.Key, error) {
 					p.ZRem(ctx, s.custKeysKey(old.CustomerID), k.Hash)
 				}
 				p.ZAdd(ctx, s.custKeysKey(k.CustomerID), redis.Z{Score: float64(k.CreatedAt.UnixMicro()), Member: k.Hash})
+				s.indexExpiry(ctx, p, k)
 				p.Publish(ctx, s.changesChannel(), "key")
 				return nil
 			})
