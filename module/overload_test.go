@@ -170,8 +170,8 @@ func TestBurstOnThreeInstancesUnderCPULoad(t *testing.T) {
 	}
 	// Every admitted request is billed. A reservation that Redis ran
 	// after its caller stopped waiting (a store error) and that was then
-	// refused locally is billed too: at most one per store error (see
-	// the README, "Stores, reloads and failures").
+	// refused locally is billed too until the void its instance spooled
+	// is replayed: at most one per store error (see docs/failures.md).
 	u := eventually(10*time.Second, func() usageView {
 		v, _ := procs[0].tryUsage("over")
 		return v

@@ -1111,7 +1111,10 @@ const (
 // (their overage is metering.Overage(used now, added, Included)) and may
 // cross thresholds. A replayed settlement is applied only when its Seq is
 // in the replay window and marked reserved (not settled); a settlement
-// marks its Seq settled. A non-Replay settlement is always applied.
+// marks its Seq settled. A non-Replay settlement is always applied. A void
+// (store.Settlement.Void) is applied like a replayed settlement to 0, and,
+// when its Seq is in the window and was never reserved, marks it settled
+// so that the reservation, should it run later, counts nothing.
 func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 	if st.Reserved < 0 || st.Reserved >= maxExact || st.Actual < 0 || st.Actual >= maxExact ||
 		st.Overage < 0 || st.Overage > st.Reserved {
