@@ -271,8 +271,10 @@ type Settlement struct {
 	// meters, as a Settlement with Actual 0); if (Origin, Seq) was never
 	// seen, it is marked settled, so the original, should it run later,
 	// counts nothing; otherwise (already settled or voided, or more than
-	// SeqWindow below the highest Seq seen) nothing changes. A store that
-	// never loses a reply (the embedded one) ignores it.
+	// SeqWindow below the highest Seq seen) nothing changes. A reservation
+	// whose idempotency key (this fingerprint) already served a Duplicate
+	// stays counted: it pays for that repeat. A store that never loses a
+	// reply (the embedded one) ignores it.
 	Void bool `json:"Void,omitempty"`
 	// Meters are the settlements of the reservation's other meters: only
 	// those whose final amount differs from the reserved one, each named

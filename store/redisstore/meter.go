@@ -582,6 +582,18 @@ if replay and track and slot ~= '1' then
   end
   return 0
 end
+if void == 1 and idem and ARGV[9] and ARGV[9] ~= '' then
+  -- A repeat of the voided request served as its duplicate is paid for
+  -- by this reservation: it stays counted.
+  local rec = redis.call('GET', KEYS[2])
+  local n, f = nil, nil
+  if rec then n, f = string.match(rec, '^(%d+):(.*)$') end
+  if f == ARGV[9] and tonumber(n) > 0 then
+    mark('2')
+    flush()
+    return 0
+  end
+end
 local billed, over, requests = 0, 0, 0
 -- taken returns the overage to take back when d units are released: the
 -- reservation's own overage first, and as much more as keeps the period's

@@ -51,6 +51,20 @@ func testVoid(t *testing.T, clients func(t *testing.T) (ca, cb *meterClient)) {
 		}
 		_ = r
 	})
+	t.Run("DuplicateServedKeepsIt", func(t *testing.T) {
+		ca, cb := clients(t)
+		q := quota(cur, store.QuotaBill, 100)
+		// The lost reservation ran; its request was refused, and the
+		// client's retry with the same key was served as its duplicate:
+		// the reservation pays for that retry and stays counted.
+		r, _ := ca.want(withKey(res("acme", q, 3), "k"), true, 3, 0)
+		if _, o := cb.want(withKey(res("acme", q, 3), "k"), true, 3, 0); !o.Duplicate {
+			t.Fatalf("retry: %+v; want a Duplicate", o)
+		}
+		voided(t, cb, r)
+		voided(t, cb, r)
+		ca.usageWant("acme", cur.ID(), store.Counters{Billed: 3, Requests: 1})
+	})
 	t.Run("NothingLeft", func(t *testing.T) {
 		ca, cb := clients(t)
 		q := quota(cur, store.QuotaBill, 2)
