@@ -88,7 +88,10 @@ func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation,
 	}
 	getMetrics().storeErrors.WithLabelValues("reserve").Inc()
 	a.logStoreError("reserve", err)
-	unknown := !errors.Is(err, store.ErrNotSent)
+	// The outcome is unknown when the call may have been sent: the store
+	// did not answer in time or the caller gave up (not a refusal of its
+	// own checks, nor a call certainly never sent).
+	unknown := (errors.Is(err, store.ErrUnavailable) || errors.Is(err, context.Canceled)) && !errors.Is(err, store.ErrNotSent)
 	out, err = a.reserveDegraded(res, t)
 	if unknown && (err != nil || !out.Allowed) {
 		a.void(res)
