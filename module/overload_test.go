@@ -319,6 +319,7 @@ func TestRedisStalledUnderLoad(t *testing.T) {
 		t.Fatal("the instances did not replay their spools within 15 s")
 	}
 	for _, p := range procs {
+		t.Logf("%s: %d records spooled (admissions, settlements, voids) and replayed", p.name, p.metric(t, "caddy_api_monetize_spooled_records_total"))
 		if lost := p.metric(t, "caddy_api_monetize_lost_usage_records_total"); lost != 0 {
 			t.Errorf("%s lost %d usage records", p.name, lost)
 		}
