@@ -71,7 +71,7 @@ func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation,
 	if storeFailedBefore(ctx) && ctx.Err() != nil {
 		// The key lookup spent the request's deadline on an unreachable
 		// store: no time is left to ask it.
-		err = fmt.Errorf("%w: no time left after the key lookup: %w", store.ErrUnavailable, ctx.Err())
+		err = fmt.Errorf("%w: %w: no time left after the key lookup: %w", store.ErrUnavailable, store.ErrNotSent, ctx.Err())
 	} else {
 		out, err = m.Reserve(ctx, res)
 	}
@@ -88,8 +88,30 @@ func (a *App) reserve(ctx context.Context, m store.Meter, res store.Reservation,
 	}
 	getMetrics().storeErrors.WithLabelValues("reserve").Inc()
 	a.logStoreError("reserve", err)
+	// The outcome is unknown when the call may have been sent: the store
+	// did not answer in time or the caller gave up (not a refusal of its
+	// own checks, nor a call certainly never sent).
+	unknown := (errors.Is(err, store.ErrUnavailable) || errors.Is(err, context.Canceled)) && !errors.Is(err, store.ErrNotSent)
 	out, err = a.reserveDegraded(res, t)
+	if unknown && (err != nil || !out.Allowed) {
+		a.void(res)
+	}
 	return out, true, err
+}
+
+// void spools the release of res, a reservation whose call may have been
+// sent (its outcome is unknown) and whose request is refused without the
+// store: should the call still run when the store answers again, the
+// replayed void takes back what it counted, and if it has not run yet, its
+// (Origin, Seq) is marked so that it counts nothing when it does (see
+// store.Settlement.Void). Only a shared store (with a spool) can run a
+// call after its caller gave up on it.
+func (a *App) void(res store.Reservation) {
+	if res.Seq < 1 || res.Origin == "" || a.shared.spool.Load() == nil {
+		return
+	}
+	s := store.VoidOf(res)
+	a.shared.keep(spool.Record{Settlement: &s})
 }
 
 // reserveDegraded decides without the store, per the tier's

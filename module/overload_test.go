@@ -170,8 +170,8 @@ func TestBurstOnThreeInstancesUnderCPULoad(t *testing.T) {
 	}
 	// Every admitted request is billed. A reservation that Redis ran
 	// after its caller stopped waiting (a store error) and that was then
-	// refused locally is billed too: at most one per store error (see
-	// the README, "Stores, reloads and failures").
+	// refused locally is billed too until the void its instance spooled
+	// is replayed: at most one per store error (see docs/failures.md).
 	u := eventually(10*time.Second, func() usageView {
 		v, _ := procs[0].tryUsage("over")
 		return v
@@ -301,21 +301,37 @@ func TestRedisStalledUnderLoad(t *testing.T) {
 	}
 
 	// Once Redis answers again, the usage admitted during the stall is
-	// replayed: every 2xx is billed. (A reservation sent just before the
-	// stall and timed out runs when Redis resumes; if the instance then
-	// denied the request locally, it is billed without having been
-	// served: at most one per call in flight at the stall's start.)
+	// replayed: every 2xx is billed, and nothing else. A reservation sent
+	// just before the stall and timed out runs when Redis resumes; if the
+	// instance then refused the request locally, the void it spooled
+	// takes it back (see store.Settlement.Void). Checked once every
+	// instance has replayed all it spooled.
+	drained := eventually(15*time.Second, func() bool {
+		for _, p := range procs {
+			sp, rp := p.metric(t, "caddy_api_monetize_spooled_records_total"), p.metric(t, "caddy_api_monetize_replayed_records_total")
+			if sp != rp {
+				return false
+			}
+		}
+		return true
+	}, func(ok bool) bool { return ok })
+	if !drained {
+		t.Fatal("the instances did not replay their spools within 15 s")
+	}
+	for _, p := range procs {
+		t.Logf("%s: %d records spooled (admissions, settlements, voids) and replayed", p.name, p.metric(t, "caddy_api_monetize_spooled_records_total"))
+		if lost := p.metric(t, "caddy_api_monetize_lost_usage_records_total"); lost != 0 {
+			t.Errorf("%s lost %d usage records", p.name, lost)
+		}
+	}
 	for customer, admitted := range map[string]int64{
 		"fresh": int64(len(procs)) + loads[stallFresh].okUnits,
 		"spent": proLimit + loads[stallSpent].okUnits,
 	} {
-		u := eventually(15*time.Second, func() usageView {
-			v, _ := procs[0].tryUsage(customer)
-			return v
-		}, func(v usageView) bool { return v.Billed >= admitted })
-		t.Logf("%s: %d units admitted, %d billed", customer, admitted, u.Billed)
-		if u.Billed < admitted {
-			t.Errorf("%s: %d units billed after the replay, fewer than the %d admitted", customer, u.Billed, admitted)
+		u, _ := procs[0].tryUsage(customer)
+		t.Logf("%s: %d units admitted, %d billed in %d requests", customer, admitted, u.Billed, u.Requests)
+		if u.Billed != admitted || u.Requests != admitted {
+			t.Errorf("%s: %d units billed in %d requests after the replay, want exactly the %d admitted", customer, u.Billed, u.Requests, admitted)
 		}
 	}
 }

@@ -26,7 +26,14 @@ var ErrUnavailable = errors.New("store unavailable")
 // answer), but says nothing about the store's health: a circuit breaker
 // does not count it, and callers shed the request (503) instead of
 // deciding without the store. Check it before ErrUnavailable.
-var ErrBusy = fmt.Errorf("%w: this process is saturated, the call was not sent", ErrUnavailable)
+var ErrBusy = fmt.Errorf("%w: this process is saturated, the call was not sent: %w", ErrUnavailable, ErrNotSent)
+
+// ErrNotSent is wrapped by errors of calls that certainly never reached the
+// store (ErrBusy, an open circuit breaker, a call queued behind a stalled
+// connection): their outcome is known, nothing was written. Any other
+// error of a shared store's Reserve leaves the outcome unknown: the call
+// may still run (see Settlement.Void).
+var ErrNotSent = errors.New("the call was not sent")
 
 // Customer is an API consumer. Limits and usage belong to the customer: all
 // of a customer's keys share them.

@@ -261,10 +261,42 @@ type Settlement struct {
 	Origin string
 	Seq    int64
 	Replay bool
+	// Void marks a replayed release of a reservation whose outcome is
+	// unknown (its call failed after it may have been sent) and whose
+	// request was not served: Replay is set, Actual is 0, Overage is 0
+	// (the store's split is not known; the release rule of Actual 0
+	// applies) and each meter settles its Amount to 0. A shared store
+	// applies it once per (Origin, Seq): if the reservation was reserved
+	// and not settled, it is released (units, request, overage, hour and
+	// meters, as a Settlement with Actual 0); if (Origin, Seq) was never
+	// seen, it is marked settled, so the original, should it run later,
+	// counts nothing; otherwise (already settled or voided, or more than
+	// SeqWindow below the highest Seq seen) nothing changes. A reservation
+	// whose idempotency key (this fingerprint) already served a Duplicate
+	// stays counted: it pays for that repeat. A store that never loses a
+	// reply (the embedded one) ignores it.
+	Void bool `json:"Void,omitempty"`
 	// Meters are the settlements of the reservation's other meters: only
 	// those whose final amount differs from the reserved one, each named
 	// once. A Settlement whose Actual equals Reserved changes only these.
 	Meters []MeterSettlement `json:"Meters,omitempty"`
+}
+
+// VoidOf returns the void of r (see Settlement.Void): the release of all
+// it would have counted, its default meter and each meter with an Amount,
+// as a Replay of its (Origin, Seq).
+func VoidOf(r Reservation) Settlement {
+	s := Settlement{
+		Subject: r.Subject, Quota: r.Quota,
+		IdempotencyKey: r.IdempotencyKey, IdempotencyFingerprint: r.IdempotencyFingerprint,
+		Reserved: r.Cost, Origin: r.Origin, Seq: r.Seq, Replay: true, Void: true,
+	}
+	for _, m := range r.Meters {
+		if m.Amount > 0 {
+			s.Meters = append(s.Meters, MeterSettlement{Meter: m.Meter, Reserved: m.Amount, Quota: m})
+		}
+	}
+	return s
 }
 
 // MeterSettlement corrects one meter of a reservation.

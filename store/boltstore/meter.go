@@ -462,7 +462,14 @@ func (s *Store) Reserve(_ context.Context, r store.Reservation) (store.Reserved,
 }
 
 // Settle implements store.Meter.
+//
+// A void (store.Settlement.Void) is ignored: an error of this store's
+// Reserve means nothing was counted, so it never leaves an outcome
+// unknown, and nothing is voided.
 func (s *Store) Settle(_ context.Context, st store.Settlement) error {
+	if st.Void {
+		return nil
+	}
 	return s.meter.settle(st)
 }
 

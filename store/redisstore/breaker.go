@@ -11,7 +11,7 @@ import (
 
 // errBreakerOpen is returned, without contacting Redis, while the circuit
 // breaker is open.
-var errBreakerOpen = fmt.Errorf("redisstore: circuit breaker open: %w", store.ErrUnavailable)
+var errBreakerOpen = fmt.Errorf("redisstore: circuit breaker open: %w: %w", store.ErrUnavailable, store.ErrNotSent)
 
 // outcome is what one call through the breaker says about Redis.
 type outcome int

@@ -487,7 +487,9 @@ end
 if cost <= 0 and M == 0 then
   return reply(1, throttled, 0, used, 0, 0, nil, rate(interval, burst, 0))
 end
-if replay and track and slot ~= '0' then
+-- A seq already marked (a replay applied, a void, or this very call run
+-- before) counts nothing again; only a replay is skipped below the window.
+if track and slot ~= '0' and (replay or slot) then
   return reply(1, 0, 0, used, 0, 1, nil, 0, 1, 0, 0, 0, 0)
 end
 -- A repeat of a held key is decided like any request below; it is a
@@ -564,13 +566,34 @@ return reply(1, throttled, 0, used + cost, over, 0, got, applied, ok, avail, ret
 `)
 
 // settleScript is one settlement (see Store.Settle). Its own numbers:
-// reserved, the reservation's overage, actual; each other meter's:
+// reserved, the reservation's overage, actual, void (0/1, see
+// store.Settlement.Void); each other meter's:
 // reserved, the reservation's overage, actual, included, mode, level. It returns 1 when
 // applied, 2 when applied and a threshold was crossed, 0 when a replay was
 // skipped.
 var settleScript = meterScript(`
-local reserved, resOver, actual = sunpack('<i8i8i8', ARGV[2], 49)
-if replay and track and slot ~= '1' then return 0 end
+local reserved, resOver, actual, void = sunpack('<i8i8i8i8', ARGV[2], 49)
+if replay and track and slot ~= '1' then
+  -- A void of a seq never seen marks it settled: the original, should it
+  -- run later, counts nothing.
+  if void == 1 and slot == '0' then
+    mark('2')
+    flush()
+  end
+  return 0
+end
+if void == 1 and idem and ARGV[9] and ARGV[9] ~= '' then
+  -- A repeat of the voided request served as its duplicate is paid for
+  -- by this reservation: it stays counted.
+  local rec = redis.call('GET', KEYS[2])
+  local n, f = nil, nil
+  if rec then n, f = string.match(rec, '^(%d+):(.*)$') end
+  if f == ARGV[9] and tonumber(n) > 0 then
+    mark('2')
+    flush()
+    return 0
+  end
+end
 local billed, over, requests = 0, 0, 0
 -- taken returns the overage to take back when d units are released: the
 -- reservation's own overage first, and as much more as keeps the period's
@@ -904,8 +927,11 @@ func (s *Store) run(ctx context.Context, subject string, script *luaScript, args
 //   - A Replay is checked against its idempotency key too: if it repeats
 //     the held key's request within the bound, it is a Duplicate (and
 //     counts as a repeat).
-//   - A reservation whose Seq is already marked in the window (a non-Replay
-//     sent twice) is applied; only Replays are deduplicated.
+//   - A non-Replay reservation whose Seq is already marked in the window
+//     (voided, see store.Settlement.Void, or applied by its Replay first)
+//     is not applied either: reported Allowed and Duplicate (its caller,
+//     which gave up on it, is not listening). Below the window it is
+//     applied.
 func (s *Store) Reserve(ctx context.Context, r store.Reservation) (store.Reserved, error) {
 	out, _, err := s.reserve(ctx, r)
 	return out, err
@@ -1097,7 +1123,10 @@ const (
 // (their overage is metering.Overage(used now, added, Included)) and may
 // cross thresholds. A replayed settlement is applied only when its Seq is
 // in the replay window and marked reserved (not settled); a settlement
-// marks its Seq settled. A non-Replay settlement is always applied.
+// marks its Seq settled. A non-Replay settlement is always applied. A void
+// (store.Settlement.Void) is applied like a replayed settlement to 0, and,
+// when its Seq is in the window and was never reserved, marks it settled
+// so that the reservation, should it run later, counts nothing.
 func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 	if st.Reserved < 0 || st.Reserved >= maxExact || st.Actual < 0 || st.Actual >= maxExact ||
 		st.Overage < 0 || st.Overage > st.Reserved {
@@ -1117,7 +1146,19 @@ func (s *Store) Settle(ctx context.Context, st store.Settlement) error {
 				nums: [6]int64{m.Reserved, m.Overage, m.Actual, m.Quota.Included, modeCode(m.Quota.Mode), levelOf(m.Quota.Mode, m.Quota.Included, m.Quota.Thresholds)}}
 		}
 	}
-	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.IdempotencyFingerprint, st.Origin, st.Seq, st.Replay, []int64{st.Reserved, st.Overage, st.Actual}, ms)
+	void := int64(0)
+	if st.Void {
+		if !st.Replay || st.Actual != 0 || st.Overage != 0 || st.Origin == "" || st.Seq < 1 {
+			return errors.New("redisstore: a void is a Replay with an Origin and Seq, Actual 0 and Overage 0")
+		}
+		for _, m := range st.Meters {
+			if m.Actual != 0 || m.Overage != 0 {
+				return fmt.Errorf("redisstore: a void settles meter %q to 0 with Overage 0", m.Meter)
+			}
+		}
+		void = 1
+	}
+	c, err := s.newMeterCall(st.Subject, st.Quota, st.IdempotencyKey, st.IdempotencyFingerprint, st.Origin, st.Seq, st.Replay, []int64{st.Reserved, st.Overage, st.Actual, void}, ms)
 	if err != nil {
 		return err
 	}

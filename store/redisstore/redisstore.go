@@ -403,7 +403,7 @@ func finishOn(brk *breaker, ctx context.Context, probe bool, err error) error { 
 		// Not sent, but because Redis stopped answering the pipelines
 		// before it: unavailable, and already counted by those.
 		brk.done(probe, unknown)
-		return fmt.Errorf("redisstore: %w: %w", store.ErrUnavailable, err)
+		return fmt.Errorf("redisstore: %w: %w: %w", store.ErrUnavailable, store.ErrNotSent, err)
 	case notSent(err):
 		brk.done(probe, unknown)
 		return fmt.Errorf("redisstore: %w: %w", store.ErrBusy, err)

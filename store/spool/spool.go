@@ -151,6 +151,10 @@ const (
 // payload of a frame is the JSON of a Record, so store.Reservation and
 // store.Settlement's field names and types are part of the format:
 // changing one needs a new version here (and a way to read the old one).
+// (Settlement.Void was added, omitted when false, without one: a reader
+// that ignores it replays a void as a replayed release to 0, which takes
+// back a reservation that ran and only lacks the mark for one that did
+// not.)
 var segHeader = []byte("apimonetize-spool 1\n")
 
 // Framing.

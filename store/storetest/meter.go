@@ -1010,7 +1010,11 @@ func testRateAndQuota(t *testing.T, client func(t *testing.T) *meterClient) {
 //     succeeded, so it most likely ran. (The module replays its spool in
 //     order before new reservations of the subject, so this does not
 //     happen in normal operation.)
-//   - Non-Replay reservations and settlements are always applied.
+//   - Non-Replay settlements are always applied; a non-Replay reservation
+//     is applied unless its Seq is already marked in the window (a void,
+//     or its own Replay, came first).
+//   - A void (store.Settlement.Void) takes back what its reservation
+//     counted, or, sent first, makes the reservation count nothing.
 func RunMeterShared(t *testing.T, open func(t *testing.T) (a, b store.Store)) {
 	clients := func(t *testing.T) (ca, cb *meterClient) {
 		a, b := open(t)
@@ -1074,6 +1078,7 @@ func RunMeterShared(t *testing.T, open func(t *testing.T) (a, b store.Store)) {
 		})
 	})
 	t.Run("Replay", func(t *testing.T) { testReplay(t, clients) })
+	t.Run("Void", func(t *testing.T) { testVoid(t, clients) })
 	t.Run("Meters", func(t *testing.T) { testMetersShared(t, clients) })
 }
 
