@@ -476,3 +476,33 @@ func (c *Cluster) ReplicaOf(ctx context.Context, master *Node) *Node {
 	}
 	return nil
 }
+
+// StartServer starts one standalone redis-server (no cluster) on a free
+// loopback port, stopped at cleanup, for tests that must be its only
+// client (e.g. counting its commands while other packages' tests use the
+// shared Redis). It skips the test when redis-server is missing, or fails
+// it when RequiredEnv says so.
+func StartServer(t testing.TB) *Node {
+	t.Helper()
+	if err := Available(); err != nil {
+		Skip(t, err)
+	}
+	server, _ := exec.LookPath("redis-server")
+	port, err := freePort(map[int]bool{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(server, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", dir, "--logfile", filepath.Join(dir, "log"))
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting redis-server: %v", err)
+	}
+	n := &Node{Port: port, cmd: cmd, done: make(chan struct{}), dir: dir}
+	go func() { _ = cmd.Wait(); close(n.done) }()
+	t.Cleanup(n.Kill)
+	if err := waitPing(n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}

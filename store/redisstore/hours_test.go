@@ -157,7 +157,12 @@ func TestReporterTickCommandsIndependentOfIdleCustomers(t *testing.T) {
 		}
 	}
 	t.Run("redis", func(t *testing.T) {
-		run(t, func(t *testing.T) *Store { return openStore(t, Options{KeyPrefix: newPrefix(t)}) }, []string{rawClient(t).Options().Addr})
+		// A private server: INFO commandstats counts every client's
+		// commands, and other packages' tests use the shared Redis.
+		srv := rediscluster.StartServer(t)
+		run(t, func(t *testing.T) *Store {
+			return openStore(t, Options{URL: "redis://" + srv.Addr(), KeyPrefix: newPrefix(t)})
+		}, []string{srv.Addr()})
 	})
 	t.Run("cluster", func(t *testing.T) {
 		c := rediscluster.Start(t, 3, 0)
@@ -302,7 +307,12 @@ func TestNotifierTickCommandsIndependentOfIdleCustomers(t *testing.T) {
 		}
 	}
 	t.Run("redis", func(t *testing.T) {
-		run(t, func(t *testing.T) *Store { return openStore(t, Options{KeyPrefix: newPrefix(t)}) }, []string{rawClient(t).Options().Addr})
+		// A private server: INFO commandstats counts every client's
+		// commands, and other packages' tests use the shared Redis.
+		srv := rediscluster.StartServer(t)
+		run(t, func(t *testing.T) *Store {
+			return openStore(t, Options{URL: "redis://" + srv.Addr(), KeyPrefix: newPrefix(t)})
+		}, []string{srv.Addr()})
 	})
 	t.Run("cluster", func(t *testing.T) {
 		c := rediscluster.Start(t, 3, 0)
