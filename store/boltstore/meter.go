@@ -1136,48 +1136,36 @@ func (m *meter) restore(snap *snapshot) {
 			m.dirtyPeriods[pk] = struct{}{}
 		}
 	}
-	for pk, hm := range snap.hours {
-		if _, ok := m.periods[pk]; !ok {
-			continue // pruned since
-		}
-		cur := m.hours[pk]
-		if cur == nil {
-			m.hours[pk] = hm
-			continue
-		}
-		for h, c := range hm {
-			if n := cur[h]; n != nil {
-				n.Billed += c.Billed
-				n.Overage += c.Overage
-				n.Requests += c.Requests
-			} else {
-				cur[h] = c
-			}
-		}
-	}
-	for pk, hm := range snap.mhours {
-		if _, ok := m.periods[pk]; !ok {
-			continue // pruned since
-		}
-		cur := m.meterHours[pk]
-		if cur == nil {
-			m.meterHours[pk] = hm
-			continue
-		}
-		for h, c := range hm {
-			if n := cur[h]; n != nil {
-				n.Billed += c.Billed
-				n.Overage += c.Overage
-				n.Requests += c.Requests
-			} else {
-				cur[h] = c
-			}
-		}
-	}
+	restoreHours(m.hours, snap.hours, m.periods)
+	restoreHours(m.meterHours, snap.mhours, m.periods)
 	for k := range snap.idem {
 		m.dirtyIdem[k] = struct{}{}
 	}
 	m.unsaved = append(snap.events, m.unsaved...)
+}
+
+// restoreHours adds the hours of a snapshot whose write failed (snap)
+// back into the live hours (cur), for the periods still live.
+func restoreHours[K comparable](cur, snap map[periodKey]map[K]*store.Counters, periods map[periodKey]*periodState) {
+	for pk, hm := range snap {
+		if _, ok := periods[pk]; !ok {
+			continue // pruned since
+		}
+		live := cur[pk]
+		if live == nil {
+			cur[pk] = hm
+			continue
+		}
+		for h, c := range hm {
+			if n := live[h]; n != nil {
+				n.Billed += c.Billed
+				n.Overage += c.Overage
+				n.Requests += c.Requests
+			} else {
+				live[h] = c
+			}
+		}
+	}
 }
 
 // write applies the snapshot in a bbolt transaction: deletions first, so a

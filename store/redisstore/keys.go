@@ -254,19 +254,8 @@ func (s *Store) putKeyCluster(ctx context.Context, in store.Key) (store.Key, err
 		}
 		var old *store.Key
 		err = s.watchRetry(ctx, func(tx *redis.Tx) error {
-			k, old = in, nil
-			switch data, err := tx.Get(ctx, keyKey).Bytes(); {
-			case err == nil:
-				old = new(store.Key)
-				if err := decode("key", in.Hash, data, old); err != nil {
-					return err
-				}
-				k = k.MergeStored(*old)
-			case errors.Is(err, redis.Nil):
-				if k.CreatedAt.IsZero() {
-					k.CreatedAt = now()
-				}
-			default:
+			var err error
+			if k, old, err = mergeStoredKey(in, tx.Get(ctx, keyKey)); err != nil {
 				return err
 			}
 			data, err := json.Marshal(k)
@@ -302,4 +291,25 @@ func (s *Store) putKeyCluster(ctx context.Context, in store.Key) (store.Key, err
 		return store.Key{}, err
 	}
 	return k, nil
+}
+
+// mergeStoredKey is k as it is to be stored, given the stored copy's read
+// (stored): merged with the stored copy when there is one (returned as
+// old), or with its creation time set when there is none.
+func mergeStoredKey(k store.Key, stored *redis.StringCmd) (store.Key, *store.Key, error) {
+	switch data, err := stored.Bytes(); {
+	case err == nil:
+		old := new(store.Key)
+		if err := decode("key", k.Hash, data, old); err != nil {
+			return k, nil, err
+		}
+		return k.MergeStored(*old), old, nil
+	case errors.Is(err, redis.Nil):
+		if k.CreatedAt.IsZero() {
+			k.CreatedAt = now()
+		}
+		return k, nil, nil
+	default:
+		return k, nil, err
+	}
 }

@@ -746,18 +746,7 @@ func (s *Store) PutKey(ctx context.Context, k store.Key) (store.Key, error) {
 				return err
 			}
 			var old *store.Key
-			switch data, err := oldKey.Bytes(); {
-			case err == nil:
-				old = new(store.Key)
-				if err := decode("key", k.Hash, data, old); err != nil {
-					return err
-				}
-				k = k.MergeStored(*old)
-			case errors.Is(err, redis.Nil):
-				if k.CreatedAt.IsZero() {
-					k.CreatedAt = now()
-				}
-			default:
+			if k, old, err = mergeStoredKey(k, oldKey); err != nil {
 				return err
 			}
 			data, err := json.Marshal(k)
