@@ -125,31 +125,44 @@ func (h *Handler) invite(w http.ResponseWriter, r *http.Request, s *session) {
 // removeMember removes a teammate from the owner's customer; their
 // sessions end at their next request.
 func (h *Handler) removeMember(w http.ResponseWriter, r *http.Request, s *session) {
-	if s.role != roleOwner {
-		h.fail(w, r, s, http.StatusForbidden, "Only the account's owner can remove teammates.")
+	recs, email, _, ok := h.ownersTeammate(w, r, s, "Only the account's owner can remove teammates.")
+	if !ok {
 		return
 	}
-	email := normalizeEmail(r.PostFormValue("email"))
-	ctx := r.Context()
-	recs, err := h.be.Records(ctx)
-	if err != nil {
-		h.failErr(w, r, s, err)
-		return
-	}
-	m, err := readMember(ctx, recs, email)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && (m.Customer != s.Customer || m.Role == roleOwner)) {
-		h.fail(w, r, s, http.StatusNotFound, "There is no such teammate.")
-		return
-	}
-	if err != nil {
-		h.failErr(w, r, s, err)
-		return
-	}
-	if err := recs.DeleteRecord(ctx, recordKindMember, email); err != nil {
+	if err := recs.DeleteRecord(r.Context(), recordKindMember, email); err != nil {
 		h.failErr(w, r, s, err)
 		return
 	}
 	http.Redirect(w, r, h.link("/team"), http.StatusSeeOther)
+}
+
+// ownersTeammate reads the teammate a team form's POST names (email) for
+// an owner's action: a session that is not the owner's gets 403 with
+// notOwner; an address that is not a member (other than the owner) of the
+// owner's customer gets the same 404 as an unknown one. ok is false when
+// the answer was written.
+func (h *Handler) ownersTeammate(w http.ResponseWriter, r *http.Request, s *session, notOwner string) (recs store.Records, email string, m memberRecord, ok bool) {
+	if s.role != roleOwner {
+		h.fail(w, r, s, http.StatusForbidden, notOwner)
+		return nil, "", m, false
+	}
+	email = normalizeEmail(r.PostFormValue("email"))
+	ctx := r.Context()
+	recs, err := h.be.Records(ctx)
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return nil, "", m, false
+	}
+	m, err = readMember(ctx, recs, email)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && (m.Customer != s.Customer || m.Role == roleOwner)) || email == "" {
+		h.fail(w, r, s, http.StatusNotFound, "There is no such teammate.")
+		return nil, "", m, false
+	}
+	if err != nil {
+		h.failErr(w, r, s, err)
+		return nil, "", m, false
+	}
+	return recs, email, m, true
 }
 
 // recordKindTransfer is a short lock per customer held while ownership
@@ -162,26 +175,11 @@ const recordKindTransfer = "portal_transfer"
 // address that is not a member of the owner's customer gets the same 404
 // as an unknown one.
 func (h *Handler) transferOwnership(w http.ResponseWriter, r *http.Request, s *session) {
-	if s.role != roleOwner {
-		h.fail(w, r, s, http.StatusForbidden, "Only the account's owner can transfer ownership.")
+	recs, email, m, ok := h.ownersTeammate(w, r, s, "Only the account's owner can transfer ownership.")
+	if !ok {
 		return
 	}
-	email := normalizeEmail(r.PostFormValue("email"))
 	ctx := r.Context()
-	recs, err := h.be.Records(ctx)
-	if err != nil {
-		h.failErr(w, r, s, err)
-		return
-	}
-	m, err := readMember(ctx, recs, email)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && (m.Customer != s.Customer || m.Role == roleOwner)) || email == "" {
-		h.fail(w, r, s, http.StatusNotFound, "There is no such teammate.")
-		return
-	}
-	if err != nil {
-		h.failErr(w, r, s, err)
-		return
-	}
 	if r.PostFormValue("confirm") != "yes" {
 		h.showTeam(w, r, s, http.StatusOK, map[string]any{"ConfirmTransfer": email})
 		return
