@@ -43,6 +43,9 @@ const (
 	// auditOwnerTransferred: a portal owner made another member the
 	// owner (Detail names both addresses).
 	auditOwnerTransferred = "team.owner_transferred"
+	// auditCheckoutCanceled: a portal member canceled the customer's open
+	// Stripe Checkout Session (Detail names the member and the session).
+	auditCheckoutCanceled = "stripe.checkout_canceled"
 )
 
 // auditEntry records one change to a key (or, for the stripe.* and team.*
@@ -59,7 +62,8 @@ type auditEntry struct {
 	// RemoteAddr is the address the admin or portal request came from.
 	RemoteAddr string `json:"remote_addr,omitempty"`
 	// Action is key.created, key.rolled, key.updated, key.revoked,
-	// stripe.duplicate_subscription_canceled or team.owner_transferred.
+	// stripe.duplicate_subscription_canceled, stripe.checkout_canceled or
+	// team.owner_transferred.
 	Action string `json:"action"`
 	// KeyID is the key created, changed or revoked; for key.rolled, the
 	// new key. Empty for the stripe.* and team.* actions.

@@ -337,6 +337,16 @@ func (b portalBackend) OwnerTransferred(ctx context.Context, customerID, from, t
 		Detail: from + " made " + to + " the owner"})
 }
 
+func (b portalBackend) CheckoutCanceled(ctx context.Context, customerID, session, by, remote string) {
+	st, err := b.app.store()
+	if err != nil {
+		b.app.logger.Error("could not record a canceled checkout in the audit trail", zap.String("customer", customerID), zap.Error(err))
+		return
+	}
+	b.app.audit(ctx, st, auditEntry{Actor: actorPortal, RemoteAddr: remote, Action: auditCheckoutCanceled, Customer: customerID,
+		Detail: by + " canceled checkout " + session})
+}
+
 func (b portalBackend) Plans() []portal.Plan {
 	cur := strings.ToUpper(b.app.currency())
 	plans := make([]portal.Plan, 0, len(b.app.tiers))

@@ -214,6 +214,9 @@ func testPortalCancelCheckout(t *testing.T, storeLine string) {
 	if got := double.ExpiredCheckouts(); len(got) != 1 || got[0] != first {
 		t.Fatalf("expired at Stripe: %v", got)
 	}
+	if audit := admin(t, http.MethodGet, "/api_monetize/audit?customer="+customer, ""); !strings.Contains(audit.body, `"action":"stripe.checkout_canceled"`) || !strings.Contains(audit.body, first) {
+		t.Fatalf("the canceled checkout is not in the audit trail: %s", audit.body)
+	}
 	if strings.Contains(b.do("/plans", nil).body, `id="pending"`) {
 		t.Fatal("a canceled checkout is still pending")
 	}

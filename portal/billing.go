@@ -220,5 +220,6 @@ func (h *Handler) cancelCheckout(w http.ResponseWriter, r *http.Request, s *sess
 		return
 	}
 	h.log.Info("checkout canceled by a member", zap.String("customer", s.Customer), zap.String("checkout", open.Session))
+	h.be.CheckoutCanceled(ctx, s.Customer, open.Session, s.Email, h.cfg.ClientIP(r))
 	http.Redirect(w, r, h.link("/plans"), http.StatusSeeOther)
 }

@@ -167,6 +167,10 @@ type Backend interface {
 	// OwnerTransferred records in the audit trail that from made to the
 	// owner of customerID (a failure is logged: the change is made).
 	OwnerTransferred(ctx context.Context, customerID, from, to, remote string)
+	// CheckoutCanceled records in the audit trail that member by canceled
+	// customerID's open checkout session (a failure is logged: the
+	// checkout is canceled).
+	CheckoutCanceled(ctx context.Context, customerID, session, by, remote string)
 }
 
 // InputError is a mistake in what the member entered; its text is shown.
