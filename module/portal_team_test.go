@@ -51,16 +51,30 @@ func TestPortalTeam(t *testing.T) {
 		t.Fatalf("teammate removes the owner: %d", r.status)
 	}
 
-	// A member of another customer (rival, declared in the Caddyfile)
-	// cannot be pulled in.
+	// Another customer's contact address (rival's, declared in the
+	// Caddyfile) cannot be pulled in, even before its owner ever signed
+	// in: the invitation answers the same and changes nothing, and the
+	// address still lands in rival at its first sign-in.
+	mails := len(smtp.Mails())
+	res = owner.do("/team", url.Values{"csrf": {csrf(t, owner.do("/team", nil))}, "email": {"boss@rival.test"}})
+	if res.status != http.StatusOK || !strings.Contains(res.body, `id="invited"`) {
+		t.Fatalf("invite of another customer's contact address: %d %s", res.status, res.body)
+	}
+	if n := len(smtp.Mails()); n != mails {
+		t.Fatalf("%d emails sent for an invitation of another customer's contact address", n-mails)
+	}
 	other := newBrowser(t)
 	other.signIn(smtp, "boss@rival.test", 1)
-	mails := len(smtp.Mails())
+	if r := call(t, "/v1/basic/x", other.createKey("rival's")); !strings.HasPrefix(r.body, "ok customer=rival ") {
+		t.Fatalf("another customer's contact address was captured by an invitation: %s", r.body)
+	}
+	// Nor once it is a member of its own customer.
+	mails = len(smtp.Mails())
 	res = owner.do("/team", url.Values{"csrf": {csrf(t, owner.do("/team", nil))}, "email": {"boss@rival.test"}})
 	if res.status != http.StatusOK || !strings.Contains(res.body, `id="invited"`) {
 		t.Fatalf("invite of another customer's member: %d %s", res.status, res.body)
 	}
-	if r := call(t, "/v1/basic/x", other.createKey("rival's")); !strings.HasPrefix(r.body, "ok customer=rival ") {
+	if r := call(t, "/v1/basic/x", other.createKey("rival's 2")); !strings.HasPrefix(r.body, "ok customer=rival ") {
 		t.Fatalf("the other customer's member moved: %s", r.body)
 	}
 	if n := len(smtp.Mails()); n != mails {

@@ -107,6 +107,17 @@ func (h *Handler) invite(w http.ResponseWriter, r *http.Request, s *session) {
 		h.fail(w, r, s, http.StatusTooManyRequests, "Too many invitations. Please wait a few minutes and try again.")
 		return
 	}
+	// Another customer's contact address is that customer's: inviting it
+	// changes nothing (and answers the same), or an owner could capture
+	// it before its owner's first sign-in.
+	switch c, err := h.be.CustomerByEmail(ctx, email); {
+	case err == nil && c.ID != s.Customer:
+		h.showTeam(w, r, s, http.StatusOK, map[string]any{"Invited": email})
+		return
+	case err != nil && !errors.Is(err, store.ErrNotFound):
+		h.failErr(w, r, s, err)
+		return
+	}
 	data, _ := json.Marshal(memberRecord{Customer: s.Customer, Role: roleMember, Created: time.Now().UTC()})
 	added, err := recs.PutRecord(ctx, store.Record{Kind: recordKindMember, ID: email, Data: data}, true)
 	if err != nil {
