@@ -141,12 +141,13 @@ func (m *meterRuntime) advance(r *http.Request, cost int64) int64 {
 	return 0
 }
 
-// capped applies the meter's max, if any.
+// capped applies the meter's max, if any, and the stores' bound (a
+// client's Content-Length of 2^62 counts as store.MaxMeterAmount).
 func (m *meterRuntime) capped(n int64) int64 {
 	if m.max > 0 {
-		return min(n, m.max)
+		n = min(n, m.max)
 	}
-	return n
+	return min(n, store.MaxMeterAmount)
 }
 
 // hasQuota reports whether the tier gives the meter included units (else it only meters it).

@@ -3,6 +3,8 @@ package module
 import (
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -327,5 +329,25 @@ func TestPlansListMeters(t *testing.T) {
 		if got[name] != w {
 			t.Errorf("plan %s meters\n got  %s\n want %s", name, got[name], w)
 		}
+	}
+}
+
+// TestRequestBytesAdvanceBounded: a client's Content-Length is what a
+// request_bytes meter reserves in advance, capped by the meter's max and,
+// without one, by the stores' bound, so a claimed 2^62-byte body cannot
+// overflow a counter (two such reservations summed wrapped an int64 on
+// the embedded store).
+func TestRequestBytesAdvanceBounded(t *testing.T) {
+	r := httptest.NewRequest(http.MethodPost, "/upload", nil)
+	r.ContentLength = 1 << 62
+	if got := (&meterRuntime{kind: sourceRequestBytes}).advance(r, 1); got != store.MaxMeterAmount {
+		t.Fatalf("advance of Content-Length 2^62 without max = %d, want %d", got, store.MaxMeterAmount)
+	}
+	if got := (&meterRuntime{kind: sourceRequestBytes, max: 1000}).advance(r, 1); got != 1000 {
+		t.Fatalf("advance with max 1000 = %d", got)
+	}
+	r.ContentLength = 42
+	if got := (&meterRuntime{kind: sourceRequestBytes}).advance(r, 1); got != 42 {
+		t.Fatalf("advance of Content-Length 42 = %d", got)
 	}
 }

@@ -412,8 +412,14 @@ func ThresholdEventID(subject, periodID string, threshold int, meter string) str
 	return id
 }
 
+// MaxMeterAmount bounds a meter's amount, included units, reserved and
+// actual amounts: both stores count exactly up to it (Redis's scripts
+// compute in doubles), and no sum of two of them overflows an int64.
+const MaxMeterAmount = 1<<53 - 1
+
 // CheckMeters validates the meters of a reservation: valid distinct names,
-// at most MaxMeters, known modes, non-negative amounts and included units,
+// at most MaxMeters, known modes, amounts and included units from 0 to
+// MaxMeterAmount,
 // thresholds ascending and positive.
 func CheckMeters(ms []MeterReservation) error {
 	if len(ms) > MaxMeters {
@@ -443,8 +449,8 @@ func checkMeterQuota(m MeterReservation) error {
 	default:
 		return fmt.Errorf("meter %q: unknown over-quota mode %q", m.Meter, m.Mode)
 	}
-	if m.Amount < 0 || m.Included < 0 {
-		return fmt.Errorf("meter %q: negative amount %d or included %d", m.Meter, m.Amount, m.Included)
+	if m.Amount < 0 || m.Included < 0 || m.Amount > MaxMeterAmount || m.Included > MaxMeterAmount {
+		return fmt.Errorf("meter %q: amount %d or included %d out of range (0 to %d)", m.Meter, m.Amount, m.Included, MaxMeterAmount)
 	}
 	for i, t := range m.Thresholds {
 		if t < 1 || i > 0 && t <= m.Thresholds[i-1] {
@@ -455,8 +461,8 @@ func checkMeterQuota(m MeterReservation) error {
 }
 
 // CheckMeterSettlements validates the meters of a settlement: valid
-// distinct names, at most MaxMeters, 0 ≤ Overage ≤ Reserved, Actual ≥ 0,
-// and a valid Quota.
+// distinct names, at most MaxMeters, 0 ≤ Overage ≤ Reserved ≤
+// MaxMeterAmount, 0 ≤ Actual ≤ MaxMeterAmount, and a valid Quota.
 func CheckMeterSettlements(ms []MeterSettlement) error {
 	if len(ms) > MaxMeters {
 		return fmt.Errorf("%d meters, at most %d", len(ms), MaxMeters)
@@ -470,7 +476,7 @@ func CheckMeterSettlements(ms []MeterSettlement) error {
 				return fmt.Errorf("meter %q named twice", m.Meter)
 			}
 		}
-		if m.Reserved < 0 || m.Actual < 0 || m.Overage < 0 || m.Overage > m.Reserved {
+		if m.Reserved < 0 || m.Actual < 0 || m.Overage < 0 || m.Overage > m.Reserved || m.Reserved > MaxMeterAmount || m.Actual > MaxMeterAmount {
 			return fmt.Errorf("meter %q: settlement amounts out of range (reserved %d, overage %d, actual %d)", m.Meter, m.Reserved, m.Overage, m.Actual)
 		}
 		q := m.Quota

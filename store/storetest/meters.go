@@ -469,6 +469,8 @@ func testMeters(t *testing.T, client func(t *testing.T) *meterClient) {
 			{mq("x", store.QuotaBill, 1, 1), mq("x", store.QuotaBill, 1, 1)},
 			{mq("x", "sometimes", 1, 1)},
 			{mq("x", store.QuotaBill, -1, 1)},
+			{mq("x", store.QuotaBill, 1, store.MaxMeterAmount+1)},
+			{mq("x", store.QuotaBill, store.MaxMeterAmount+1, 1)},
 		} {
 			if _, out, err := c.try(mres("acme", q, 1, ms...)); err == nil {
 				t.Errorf("Reserve with meters %+v = %+v; want an error", ms, out)
