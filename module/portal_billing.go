@@ -21,6 +21,12 @@ type portalBilling struct {
 	client *stripe.Client
 }
 
+// checkoutCustomerKey is the Checkout Session metadata key naming the
+// customer a portal checkout is for: the webhook links a completed
+// checkout only when it equals client_reference_id, which Payment Links
+// let anyone set.
+const checkoutCustomerKey = "api_monetize_customer"
+
 // checkoutParams is a subscription-mode Checkout Session for customer
 // with the given line items, expiring portal.CheckoutLifetime after the
 // attempt began, sent with the attempt's idempotency key: a retry or a
@@ -38,7 +44,7 @@ func checkoutParams(customer, stripeCustomer, email string, items []*stripe.Chec
 		SuccessURL:        stripe.String(returnURL + "?checkout=done"),
 		CancelURL:         stripe.String(returnURL),
 		ExpiresAt:         stripe.Int64(attempt.Created.Add(portal.CheckoutLifetime).Unix()),
-		Metadata:          map[string]string{"api_monetize_customer": customer},
+		Metadata:          map[string]string{checkoutCustomerKey: customer},
 	}
 	p.SetIdempotencyKey(attempt.Key)
 	switch {

@@ -105,12 +105,27 @@ func TestPortalUpgradeThroughCheckout(t *testing.T) {
 		t.Error("the metered price has a quantity")
 	}
 	// A forged completion (bad signature) links nothing.
-	completed := fmt.Sprintf(`{"id":%q,"object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_NEW","subscription":"sub_NEW"}`, second, customer)
+	completed := fmt.Sprintf(`{"id":%q,"object":"checkout.session","mode":"subscription","client_reference_id":%q,"metadata":{"api_monetize_customer":%q},"customer":"cus_NEW","subscription":"sub_NEW"}`, second, customer, customer)
 	if r := sendStripeEvent(t, "whsec_wrong", "evt_forged", "checkout.session.completed", completed); r.status != http.StatusBadRequest {
 		t.Fatalf("forged event: %d", r.status)
 	}
 	if res := call(t, "/v1/pro-only", key); res.status != http.StatusForbidden {
 		t.Fatalf("after a forged event: %d", res.status)
+	}
+
+	// A completed checkout the portal did not open (a Payment Link or a
+	// pricing table, whose client_reference_id anyone can set in the URL)
+	// links nothing, however validly signed.
+	double.SetSubscription("sub_EVIL", "cus_EVIL", "active", stripereport.BaseLookupKey("pro"), stripereport.UsageLookupKey("pro"))
+	foreign := fmt.Sprintf(`{"id":"cs_link","object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_EVIL","subscription":"sub_EVIL"}`, customer)
+	if r := sendStripeEvent(t, "whsec_test_secret", "evt_link", "checkout.session.completed", foreign); r.status != http.StatusOK {
+		t.Fatalf("foreign completion event: %d %s", r.status, r.body)
+	}
+	if res := call(t, "/v1/pro-only", key); res.status != http.StatusForbidden {
+		t.Fatalf("after a checkout the portal did not open: %d (the customer was linked to the attacker's Stripe customer)", res.status)
+	}
+	if c := admin(t, http.MethodGet, "/api_monetize/customers/"+customer, ""); strings.Contains(c.body, "cus_EVIL") {
+		t.Fatalf("a checkout the portal did not open linked the customer: %s", c.body)
 	}
 
 	double.SetSubscription("sub_NEW", "cus_NEW", "active", stripereport.BaseLookupKey("pro"), stripereport.UsageLookupKey("pro"))
@@ -266,7 +281,7 @@ func TestPortalCheckoutOncePerCustomer(t *testing.T) {
 		codes := make([]int, 2)
 		for i, who := range []string{"A", "B"} {
 			wg.Go(func() {
-				obj := fmt.Sprintf(`{"id":"cs_%s","object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_%s","subscription":"sub_%s"}`, who, customer, who, who)
+				obj := fmt.Sprintf(`{"id":"cs_%s","object":"checkout.session","mode":"subscription","client_reference_id":%q,"metadata":{"api_monetize_customer":%q},"customer":"cus_%s","subscription":"sub_%s"}`, who, customer, customer, who, who)
 				codes[i] = sendStripeEvent(t, "whsec_test_secret", "evt_done_"+who, "checkout.session.completed", obj).status
 			})
 		}
@@ -299,7 +314,7 @@ func TestPortalCheckoutOncePerCustomer(t *testing.T) {
 		keptSub := map[string]string{"cus_A": "sub_A", "cus_B": "sub_B"}[kept]
 		double.SetSubscription(keptSub, kept, "canceled", stripereport.BaseLookupKey("pro"))
 		double.SetSubscription("sub_C", "cus_C", "active", stripereport.BaseLookupKey("pro"), stripereport.UsageLookupKey("pro"))
-		obj := fmt.Sprintf(`{"id":"cs_C","object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":"cus_C","subscription":"sub_C"}`, customer)
+		obj := fmt.Sprintf(`{"id":"cs_C","object":"checkout.session","mode":"subscription","client_reference_id":%q,"metadata":{"api_monetize_customer":%q},"customer":"cus_C","subscription":"sub_C"}`, customer, customer)
 		if r := sendStripeEvent(t, "whsec_test_secret", "evt_done_C", "checkout.session.completed", obj); r.status != http.StatusOK || len(double.Canceled()) != 1 {
 			t.Fatalf("completion after the subscription ended: %d %s, canceled %v", r.status, r.body, double.Canceled())
 		}

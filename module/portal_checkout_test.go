@@ -44,8 +44,8 @@ func choosePro(t *testing.T, b *browser, double *stripedouble.Double, token stri
 // completeCheckout sends Stripe's signed checkout.session.completed.
 func completeCheckout(t *testing.T, event, session, customer, stripeCustomer, subscription string) {
 	t.Helper()
-	obj := fmt.Sprintf(`{"id":%q,"object":"checkout.session","mode":"subscription","client_reference_id":%q,"customer":%q,"subscription":%q}`,
-		session, customer, stripeCustomer, subscription)
+	obj := fmt.Sprintf(`{"id":%q,"object":"checkout.session","mode":"subscription","client_reference_id":%q,"metadata":{"api_monetize_customer":%q},"customer":%q,"subscription":%q}`,
+		session, customer, customer, stripeCustomer, subscription)
 	if r := sendStripeEvent(t, "whsec_test_secret", event, "checkout.session.completed", obj); r.status != http.StatusOK {
 		t.Fatalf("completion %s: %d %s", event, r.status, r.body)
 	}

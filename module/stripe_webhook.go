@@ -157,6 +157,9 @@ func (w *StripeWebhook) apply(ctx context.Context, st store.Store, ev stripe.Eve
 		Subscription      string `json:"subscription"`
 		ClientReferenceID string `json:"client_reference_id"`
 		Mode              string `json:"mode"`
+		// Metadata carries checkoutCustomerKey on sessions the portal
+		// opened (see checkoutParams).
+		Metadata map[string]string `json:"metadata"`
 	}
 	if ev.Data == nil || json.Unmarshal(ev.Data.Raw, &obj) != nil {
 		return nil
@@ -170,6 +173,14 @@ func (w *StripeWebhook) apply(ctx context.Context, st store.Store, ev stripe.Eve
 		return w.paid(ctx, st, obj.Customer)
 	case "checkout.session.completed":
 		if obj.Mode != string(stripe.CheckoutSessionModeSubscription) {
+			return nil
+		}
+		if obj.ClientReferenceID == "" || obj.Metadata[checkoutCustomerKey] != obj.ClientReferenceID {
+			// Not a checkout the portal opened: a Payment Link or a pricing
+			// table lets anyone set client_reference_id in its URL, so it
+			// names no customer to link.
+			w.logger.Warn("checkout completed that the portal did not open; not linked to any customer",
+				zap.String("checkout", obj.ID), zap.String("client_reference_id", obj.ClientReferenceID))
 			return nil
 		}
 		if err := w.checkoutCompleted(ctx, st, obj.ClientReferenceID, obj.Customer, obj.Subscription); err != nil {
