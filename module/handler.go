@@ -165,10 +165,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	default:
 		tier.metrics.allowed.Inc()
 	}
-	if cost == 0 && len(tier.meters) == 0 || out.Duplicate {
+	if cost == 0 && len(tier.meters) == 0 {
 		return next.ServeHTTP(w, r)
 	}
-	tier.metrics.units.Add(float64(cost))
+	// A duplicate (an Idempotency-Key repeat) is counted nothing, but goes
+	// through the metered writer too, so the upstream's usage headers are
+	// removed from its response as from any other.
 	mw := &meteredWriter{
 		ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
 		costHeader:            app.costHeader,
@@ -185,6 +187,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			logIgnored(h.logger, tier.Name, mw.tally.ignored)
 		}
 	}
+	if out.Duplicate {
+		return err
+	}
+	tier.metrics.units.Add(float64(cost))
 	app.settle(st, res, out, degraded, mw, err)
 	return err
 }

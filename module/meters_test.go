@@ -207,6 +207,26 @@ func TestMeters(t *testing.T) {
 			}
 		})
 
+		t.Run("DuplicateStripped", func(t *testing.T) {
+			// An Idempotency-Key repeat of the same request is a duplicate
+			// (not counted again): the upstream's meter header is still
+			// removed before the client sees it.
+			before := meterOf(usageOf(t, "p1"), "tokens").Billed
+			h := http.Header{"X-Api-Key": {meterBilled}, "Idempotency-Key": {"dup-strip-1"}}
+			for i := range 2 {
+				r := do(t, http.MethodGet, testBase+"/v1/tok/7", h, "")
+				if r.status != http.StatusOK || r.body != "tok" {
+					t.Fatalf("request %d: %d %q", i+1, r.status, r.body)
+				}
+				if got := r.header.Values("X-Tokens-Used"); len(got) != 0 {
+					t.Fatalf("request %d (a duplicate: %v): X-Tokens-Used reached the client: %q", i+1, i > 0, got)
+				}
+			}
+			if got := meterOf(usageOf(t, "p1"), "tokens").Billed - before; got != 7 {
+				t.Errorf("tokens counted %d for a request and its duplicate, want 7 (once)", got)
+			}
+		})
+
 		t.Run("TokensInATrailer", func(t *testing.T) {
 			before := meterOf(usageOf(t, "p1"), "tokens").Billed
 			req, _ := http.NewRequest(http.MethodGet, testBase+"/v1/trailer/25", nil)
