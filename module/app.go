@@ -297,6 +297,11 @@ func (a *App) compileMetering() error {
 func (a *App) checkCustomers(repl *caddy.Replacer) error {
 	customers := make(map[string]bool, len(a.Customers))
 	for _, c := range a.Customers {
+		// Customer ids are parts of store keys and record ids ("|" separates
+		// a Stripe mark's customer, meter and hour): the Caddyfile's rule.
+		if err := checkName(c.ID); err != nil {
+			return fmt.Errorf("customer %q: %v", c.ID, err)
+		}
 		if _, ok := a.tierByName[c.Tier]; !ok {
 			return fmt.Errorf("customer %q: unknown tier %q", c.ID, c.Tier)
 		}

@@ -41,6 +41,14 @@ func TestJSONParity(t *testing.T) {
 			want: "tier pro: over_quota throttle 10/min is not slower than the tier's rate 5/min",
 		},
 		{
+			name:     "customer id with a separator",
+			global:   "tier pro\n\tcustomer acme|tokens tier pro",
+			line:     3,
+			edit:     func(a *App) { a.Customers[0].ID = "acme|tokens" },
+			want:     "customer 'acme|tokens': may only contain ASCII letters",
+			wantJSON: `customer "acme|tokens": may only contain ASCII letters`,
+		},
+		{
 			name:   "over_quota without included",
 			global: "tier pro {\n\t\tover_quota block\n\t}",
 			line:   3,
