@@ -124,7 +124,7 @@ func (h *Handler) createKey(w http.ResponseWriter, r *http.Request, s *session) 
 		}
 		expires = t
 	}
-	k, key, err := h.be.CreateKey(r.Context(), s.Customer, strings.TrimSpace(r.PostFormValue("name")), expires, r.RemoteAddr)
+	k, key, err := h.be.CreateKey(r.Context(), s.Customer, strings.TrimSpace(r.PostFormValue("name")), expires, h.cfg.ClientIP(r))
 	if _, bad := err.(InputError); bad {
 		h.showKeys(w, r, s, http.StatusBadRequest, err.Error())
 		return
@@ -145,7 +145,7 @@ func (h *Handler) rollKey(w http.ResponseWriter, r *http.Request, s *session) {
 		h.fail(w, r, s, http.StatusBadRequest, "Choose how long the old key keeps working.")
 		return
 	}
-	k, key, err := h.be.RollKey(r.Context(), s.Customer, r.PathValue("id"), overlap, r.RemoteAddr)
+	k, key, err := h.be.RollKey(r.Context(), s.Customer, r.PathValue("id"), overlap, h.cfg.ClientIP(r))
 	if err != nil {
 		h.failErr(w, r, s, err)
 		return
@@ -154,7 +154,7 @@ func (h *Handler) rollKey(w http.ResponseWriter, r *http.Request, s *session) {
 }
 
 func (h *Handler) revokeKey(w http.ResponseWriter, r *http.Request, s *session) {
-	if err := h.be.RevokeKey(r.Context(), s.Customer, r.PathValue("id"), r.RemoteAddr); err != nil {
+	if err := h.be.RevokeKey(r.Context(), s.Customer, r.PathValue("id"), h.cfg.ClientIP(r)); err != nil {
 		h.failErr(w, r, s, err)
 		return
 	}
