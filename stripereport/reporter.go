@@ -260,6 +260,11 @@ func (r *Reporter) Tick(ctx context.Context) (Result, error) {
 				if err := r.putMark(ctx, id, Mark{State: StateTooOld, Units: h.billed, Identifier: ident, At: now}, h.start); err != nil {
 					return res, err
 				}
+				if h.failed != nil {
+					// Settled: the index of failed hours need not bring
+					// this customer back every run.
+					_ = r.Store.DeleteRecord(ctx, KindFailed, id)
+				}
 				continue
 			}
 			if halted {
