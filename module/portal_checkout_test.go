@@ -182,6 +182,11 @@ func testPortalCancelCheckout(t *testing.T, storeLine string) {
 	double := stripedouble.New()
 	defer double.Close()
 	b, token := startCheckoutPortal(t, double, storeLine)
+	// A plan that cannot be bought is refused before it holds the
+	// customer's one open checkout.
+	if res := b.do("/plans/nosuch/checkout", url.Values{"csrf": {token}}); res.status != http.StatusBadRequest || len(double.CheckoutSessions()) != 0 {
+		t.Fatalf("Choose of an unknown plan: %d, %d checkouts", res.status, len(double.CheckoutSessions()))
+	}
 	first := choosePro(t, b, double, token)
 	customer := double.CheckoutSessions()[0]["client_reference_id"]
 	plans := b.do("/plans", nil)

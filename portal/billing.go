@@ -116,7 +116,7 @@ func (h *Handler) checkout(w http.ResponseWriter, r *http.Request, s *session) {
 		h.failErr(w, r, s, err)
 		return
 	}
-	now := time.Now().UTC()
+	now := h.now().UTC()
 	p := pending{Tier: tier, Attempt: randomToken(), Created: now}
 	data, _ := json.Marshal(p)
 	mine, err := recs.PutRecord(ctx, store.Record{Kind: recordKindPending, ID: s.Customer, Data: data, Expires: now.Add(CheckoutLifetime)}, true)
